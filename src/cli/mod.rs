@@ -1,0 +1,93 @@
+//! Command-line interface: clap types (one file per verb) over [`crate::ops`].
+//!
+//! Exit codes: 0 success, 1 failure (the error is printed), 2 invalid command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::home::XpmHome;
+use crate::printer::Printer;
+
+mod demo;
+mod extract;
+mod inspect;
+mod pack;
+mod unpack;
+mod verify;
+
+/// Train, ship, find and merge parameter-efficient experts.
+#[derive(Debug, Parser)]
+#[command(name = "xpm", version, about, long_about = None, max_term_width = 100)]
+pub struct Cli {
+    /// xpm's state directory [default: ~/.xpm]
+    #[arg(long, global = true, env = "XPM_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Print only results and errors: no status lines, no progress bars
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build a sparse (or dense) expert from a base and a fine-tuned checkpoint
+    Extract(Box<extract::Args>),
+    /// Pack an unpacked expert directory into a `.xpm` artifact
+    Pack(pack::Args),
+    /// Unpack a `.xpm` artifact into `manifest.json` + `tensors.safetensors`
+    Unpack(unpack::Args),
+    /// Show an artifact's manifest and per-tensor storage
+    Inspect(inspect::Args),
+    /// Check an artifact's integrity completely
+    Verify(verify::Args),
+    /// Run xpm's main job end to end on a small model it prepares itself
+    Demo(demo::Args),
+}
+
+/// What every command gets besides its own flags.
+pub struct Context {
+    pub home: XpmHome,
+    pub printer: Printer,
+}
+
+/// Parse the command line, run the command, print errors; the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = Context {
+        home: XpmHome::resolve(cli.home.clone()),
+        printer: Printer::new(cli.quiet),
+    };
+    let result = match cli.command {
+        Command::Extract(a) => extract::exec(*a, &ctx),
+        Command::Pack(a) => pack::exec(a, &ctx),
+        Command::Unpack(a) => unpack::exec(a, &ctx),
+        Command::Inspect(a) => inspect::exec(a, &ctx),
+        Command::Verify(a) => verify::exec(a, &ctx),
+        Command::Demo(a) => demo::exec(a, &ctx),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprint!("{}", render_error(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `error: …`, each cause as `  Caused by: …`, then the first hint found in the chain.
+pub fn render_error(e: &anyhow::Error) -> String {
+    let mut s = format!("error: {e}\n");
+    for cause in e.chain().skip(1) {
+        s.push_str(&format!("  Caused by: {cause}\n"));
+    }
+    if let Some(hint) = e.chain().find_map(|c| {
+        c.downcast_ref::<crate::Error>()
+            .and_then(crate::Error::hint)
+    }) {
+        s.push_str(&format!("  hint: {hint}\n"));
+    }
+    s
+}

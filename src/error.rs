@@ -1,0 +1,103 @@
+//! The library's error type.
+//!
+//! Every error names what failed and on which file, tensor or version; [`Error::hint`] gives the
+//! user something to try. The CLI prints `error: …`, the `Caused by:` chain, then `hint: …`.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong in xpm's library code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system level failure on a named path.
+    #[error("cannot {action} `{}`", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The artifact is damaged, truncated, or internally inconsistent.
+    #[error("`{}` is not a valid xpm artifact: {detail}", path.display())]
+    Corrupt { path: PathBuf, detail: String },
+    /// The artifact was written by a newer xpm with an incompatible format.
+    #[error(
+        "`{}` uses xpm format {found}, but this xpm reads format {supported}.x only",
+        path.display()
+    )]
+    UnsupportedFormat {
+        path: PathBuf,
+        found: String,
+        supported: u16,
+    },
+    /// The user gave something xpm cannot work with.
+    #[error("{message}")]
+    Input {
+        message: String,
+        hint: Option<String>,
+    },
+}
+
+impl Error {
+    /// A suggestion for the user, printed after the error chain.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Error::Io { source, .. } => match source.kind() {
+                io::ErrorKind::NotFound => Some("check that the path exists".into()),
+                io::ErrorKind::PermissionDenied => {
+                    Some("check the file permissions, or choose another location".into())
+                }
+                _ => None,
+            },
+            Error::Corrupt { path, .. } => Some(format!(
+                "the file is damaged or truncated; fetch it again or re-create it with `xpm pack`, \
+                 and run `xpm verify {}` to check it",
+                path.display()
+            )),
+            Error::UnsupportedFormat { .. } => {
+                Some("upgrade xpm (`cargo install --locked xpm`) to read this artifact".to_string())
+            }
+            Error::Input { hint, .. } => hint.clone(),
+        }
+    }
+
+    /// An I/O error on `path` while doing `action` (a verb: "open", "read", "write", …).
+    pub fn io(action: &'static str, path: impl AsRef<Path>, source: io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// A damaged or inconsistent artifact.
+    pub fn corrupt(path: impl AsRef<Path>, detail: impl Into<String>) -> Self {
+        Error::Corrupt {
+            path: path.as_ref().to_path_buf(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Bad user input, with an optional hint.
+    pub fn input(message: impl Into<String>, hint: Option<&str>) -> Self {
+        Error::Input {
+            message: message.into(),
+            hint: hint.map(str::to_string),
+        }
+    }
+}
+
+/// Adds the path to `std::io::Result`s.
+pub trait IoResultExt<T> {
+    /// Wrap an I/O error with the action and the path it concerned.
+    fn at(self, action: &'static str, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoResultExt<T> for io::Result<T> {
+    fn at(self, action: &'static str, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(action, path, e))
+    }
+}

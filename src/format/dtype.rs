@@ -1,0 +1,120 @@
+//! Element types of stored values, and conversion to and from `f32`.
+
+use half::{bf16, f16};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The element type of stored delta values (sparse values, LoRA factors, dense deltas).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+        }
+    }
+
+    /// The lowercase name used in manifests and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::BF16 => "bf16",
+        }
+    }
+
+    /// The matching safetensors dtype.
+    pub fn to_safetensors(self) -> safetensors::Dtype {
+        match self {
+            Dtype::F32 => safetensors::Dtype::F32,
+            Dtype::F16 => safetensors::Dtype::F16,
+            Dtype::BF16 => safetensors::Dtype::BF16,
+        }
+    }
+
+    /// The xpm dtype for a safetensors dtype, if values of that type can be stored.
+    pub fn from_safetensors(dtype: safetensors::Dtype) -> Option<Self> {
+        match dtype {
+            safetensors::Dtype::F32 => Some(Dtype::F32),
+            safetensors::Dtype::F16 => Some(Dtype::F16),
+            safetensors::Dtype::BF16 => Some(Dtype::BF16),
+            _ => None,
+        }
+    }
+
+    /// Decode little-endian bytes of this dtype into `f32`s.
+    pub fn to_f32(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        }
+    }
+
+    /// Encode `f32`s as little-endian bytes of this dtype (round to nearest even).
+    pub fn from_f32(self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * self.size());
+        match self {
+            Dtype::F32 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Dtype::F16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            Dtype::BF16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        }
+        out
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(Dtype::F32),
+            "f16" | "float16" => Ok(Dtype::F16),
+            "bf16" | "bfloat16" => Ok(Dtype::BF16),
+            other => Err(format!(
+                "unknown dtype `{other}` (expected f32, f16 or bf16)"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_exactly_representable_values() {
+        let vals = [0.0f32, 1.0, -2.5, 0.125, -1024.0];
+        for dt in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            assert_eq!(dt.to_f32(&dt.from_f32(&vals)), vals, "{dt}");
+        }
+    }
+}

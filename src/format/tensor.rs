@@ -1,0 +1,179 @@
+//! Decoded tensor deltas, as the packer takes them and the reader returns them.
+
+use super::dtype::Dtype;
+use super::manifest::{Delta, PartRole, TensorEntry};
+use super::mask::{self, MaskError};
+use crate::error::{Error, Result};
+
+/// One tensor's delta in memory: what `pack` encodes and what a reader decodes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorData {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub dtype: Dtype,
+    pub content: Content,
+}
+
+/// The kind-specific contents of a [`TensorData`]. Byte buffers are little-endian `dtype`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Content {
+    Sparse {
+        indices: Vec<u64>,
+        values: Vec<u8>,
+        block_size: Option<u32>,
+    },
+    Lora {
+        rank: u32,
+        alpha: f64,
+        a: Vec<u8>,
+        b: Vec<u8>,
+    },
+    Dense {
+        delta: Vec<u8>,
+    },
+}
+
+impl TensorData {
+    /// Number of elements of the dense delta.
+    pub fn numel(&self) -> u64 {
+        mask::numel(&self.shape)
+    }
+
+    /// The manifest entry describing this tensor (without storage details).
+    pub fn entry(&self) -> TensorEntry {
+        let delta = match &self.content {
+            Content::Sparse {
+                indices,
+                block_size,
+                ..
+            } => Delta::Sparse {
+                nnz: indices.len() as u64,
+                density: density(indices.len() as u64, self.numel()),
+                encoding: None,
+                block_size: *block_size,
+            },
+            Content::Lora { rank, alpha, .. } => Delta::Lora {
+                rank: *rank,
+                alpha: *alpha,
+            },
+            Content::Dense { .. } => Delta::Dense,
+        };
+        TensorEntry {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+            delta,
+            stored: Vec::new(),
+        }
+    }
+
+    /// Check that sizes, shapes and indices are consistent.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String, hint: &str| {
+            Err(Error::input(
+                format!("tensor `{}`: {what}", self.name),
+                Some(hint),
+            ))
+        };
+        if self.name.is_empty() {
+            return bad("empty tensor name".into(), "every tensor needs a name");
+        }
+        let n = self.numel();
+        let es = self.dtype.size() as u64;
+        match &self.content {
+            Content::Sparse {
+                indices, values, ..
+            } => {
+                if let Err(e) = mask::check_indices(indices, n) {
+                    let hint = match e {
+                        MaskError::OutOfRange { .. } => {
+                            "indices are flat row-major positions in 0..numel(shape)"
+                        }
+                        _ => "indices must be sorted in increasing order without repeats",
+                    };
+                    return bad(e.to_string(), hint);
+                }
+                let want = indices.len() as u64 * es;
+                if values.len() as u64 != want {
+                    return bad(
+                        format!(
+                            "{} indices but {} bytes of {} values (expected {want} bytes)",
+                            indices.len(),
+                            values.len(),
+                            self.dtype
+                        ),
+                        "give one value per index",
+                    );
+                }
+            }
+            Content::Lora { rank, a, b, .. } => {
+                let [out, inp] = self.shape[..] else {
+                    return bad(
+                        format!("LoRA needs a 2-D shape, got {:?}", self.shape),
+                        "LoRA applies to matrices (out × in)",
+                    );
+                };
+                let r = *rank as u64;
+                if r == 0 {
+                    return bad("LoRA rank 0".into(), "rank must be at least 1");
+                }
+                if a.len() as u64 != r * inp * es || b.len() as u64 != out * r * es {
+                    return bad(
+                        format!(
+                            "LoRA factors have {} and {} bytes; rank {r} and shape [{out}, {inp}] need A = [{r}, {inp}] and B = [{out}, {r}]",
+                            a.len(),
+                            b.len()
+                        ),
+                        "A is rank × in and B is out × rank",
+                    );
+                }
+            }
+            Content::Dense { delta } => {
+                if delta.len() as u64 != n * es {
+                    return bad(
+                        format!(
+                            "dense delta has {} bytes, shape {:?} of {} needs {}",
+                            delta.len(),
+                            self.shape,
+                            self.dtype,
+                            n * es
+                        ),
+                        "the delta must have the tensor's full shape",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The parts this tensor is stored as, with their shapes.
+    pub fn part_shapes(&self) -> Vec<(PartRole, Vec<u64>)> {
+        part_shapes(&self.entry())
+    }
+}
+
+/// `nnz / n`, 0 for an empty tensor.
+pub fn density(nnz: u64, n: u64) -> f64 {
+    if n == 0 { 0.0 } else { nnz as f64 / n as f64 }
+}
+
+/// The parts an entry is stored as, in order, with their element shapes (the mask's length is
+/// only known once encoded, so it is given as `[0]`).
+pub fn part_shapes(entry: &TensorEntry) -> Vec<(PartRole, Vec<u64>)> {
+    match &entry.delta {
+        Delta::Sparse { nnz, .. } => {
+            vec![(PartRole::Mask, vec![0]), (PartRole::Values, vec![*nnz])]
+        }
+        Delta::Lora { rank, .. } => {
+            let (out, inp) = match entry.shape[..] {
+                [o, i] => (o, i),
+                _ => (0, 0),
+            };
+            vec![
+                (PartRole::LoraA, vec![*rank as u64, inp]),
+                (PartRole::LoraB, vec![out, *rank as u64]),
+            ]
+        }
+        Delta::Dense => vec![(PartRole::Delta, entry.shape.clone())],
+    }
+}

@@ -1,0 +1,62 @@
+//! File-system helpers: atomic writes of files and directories.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoResultExt, Result};
+
+/// The directory a path lives in (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Write `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = parent_dir(path);
+    std::fs::create_dir_all(&dir).at("create directory", &dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".xpm-tmp-")
+        .tempfile_in(&dir)
+        .at("create a temporary file in", &dir)?;
+    std::io::Write::write_all(&mut tmp.as_file(), bytes).at("write", path)?;
+    tmp.as_file().sync_all().at("write", path)?;
+    tmp.persist(path)
+        .map_err(|e| Error::io("write", path, e.error))?;
+    Ok(())
+}
+
+/// Build a directory atomically: `fill` populates a temporary sibling directory, which is then
+/// renamed to `dest`. `dest` must not exist, or be an empty directory. On error nothing is left.
+pub fn build_dir_atomic<T>(dest: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    if dest.exists() {
+        let empty = dest.is_dir()
+            && std::fs::read_dir(dest)
+                .at("read directory", dest)?
+                .next()
+                .is_none();
+        if !empty {
+            return Err(Error::input(
+                format!("`{}` already exists and is not empty", dest.display()),
+                Some("choose another output directory, or remove this one first"),
+            ));
+        }
+    }
+    let parent = parent_dir(dest);
+    std::fs::create_dir_all(&parent).at("create directory", &parent)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".xpm-tmp-")
+        .tempdir_in(&parent)
+        .at("create a temporary directory in", &parent)?;
+    let out = fill(tmp.path())?;
+    if dest.exists() {
+        std::fs::remove_dir(dest).at("replace", dest)?;
+    }
+    let tmp_path = tmp.keep();
+    std::fs::rename(&tmp_path, dest).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&tmp_path);
+        Error::io("create", dest, e)
+    })?;
+    Ok(out)
+}

@@ -1,0 +1,21 @@
+//! xpm: train, ship, find and merge parameter-efficient experts.
+//!
+//! The library behind the `xpm` command. Layout by concern:
+//!
+//! - [`format`]: the expert manifest, mask codecs, the `.xpm` artifact and the unpacked layout;
+//! - [`checkpoint`]: safetensors model checkpoints (single or sharded) and the base digest;
+//! - [`ops`]: one operation per command; [`cli`]: flag parsing and rendering only;
+//! - [`printer`], [`error`], [`home`], [`digest`], [`fsutil`], [`select`]: shared plumbing.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod digest;
+pub mod error;
+pub mod format;
+pub mod fsutil;
+pub mod home;
+pub mod ops;
+pub mod printer;
+pub mod select;
+
+pub use error::{Error, Result};

@@ -1,0 +1,302 @@
+//! `xpm demo`: xpm's main job end to end on embedded defaults, with nothing to download.
+//!
+//! Prepares a small BERT-shaped base checkpoint (sharded, with an index file) and a fine-tuned
+//! copy of it, then extracts a sparse expert, inspects and verifies it, unpacks it and packs it
+//! again, and checks that the round trip is exact. It grows with xpm: as registry and merge
+//! land, the demo publishes, installs and merges too.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoResultExt, Result};
+use crate::format::st::{PlannedTensor, write_safetensors};
+use crate::format::{ArtifactReader, Content, ExpertKind};
+use crate::home::XpmHome;
+use crate::ops;
+use crate::printer::Printer;
+
+/// Marker file that lets `demo` safely clear its own directory on a re-run.
+const MARKER: &str = ".xpm-demo";
+
+/// What the demo did.
+#[derive(Debug, Clone)]
+pub struct DemoSummary {
+    pub dir: PathBuf,
+    pub artifact: PathBuf,
+    pub tensors: usize,
+    pub nnz: u64,
+    pub file_size: u64,
+    pub dense_bytes: u64,
+    /// Fraction of the fine-tuning delta's squared L2 norm the sparse expert keeps.
+    pub energy_kept: f64,
+}
+
+/// Run the demo in `dir` (created; a previous demo there is replaced).
+pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary> {
+    prepare_dir(dir)?;
+    let base = dir.join("base-model");
+    let tuned = dir.join("tuned-model");
+    printer.status(
+        "Preparing",
+        format!(
+            "a small base model and a fine-tune of it in {}",
+            dir.display()
+        ),
+    );
+    let names = write_models(&base, &tuned)?;
+
+    let artifact = dir.join("demo-expert-0.1.0.xpm");
+    let opts = ops::extract::ExtractOptions {
+        base: base.clone(),
+        tuned: tuned.clone(),
+        density: 0.05,
+        targets: vec!["*.attention.*.weight".into()],
+        kind: ExpertKind::Sparse,
+        name: "demo-expert".into(),
+        version: semver::Version::new(0, 1, 0),
+        out: artifact.clone(),
+        base_id: Some("xpm/demo-bert-tiny".into()),
+        values_dtype: None,
+        description: Some("A sparse expert extracted by `xpm demo`".into()),
+        license: Some("MIT".into()),
+        authors: vec!["xpm demo".into()],
+        level: crate::format::artifact::DEFAULT_LEVEL,
+    };
+    ops::extract::extract(&opts, home, printer)?;
+
+    let report = ops::inspect::inspect(&artifact)?;
+    printer.out(ops::inspect::render(&report));
+
+    printer.status("Verifying", artifact.display());
+    let v = ops::verify::verify(&artifact, printer)?;
+    printer.status("Verified", format!("{}@{} {}", v.name, v.version, v.sha256));
+
+    let unpacked = dir.join("unpacked");
+    ops::unpack::unpack(&artifact, &unpacked, printer)?;
+    let repacked = dir.join("repacked.xpm");
+    ops::pack::pack(
+        &unpacked,
+        &repacked,
+        crate::format::artifact::DEFAULT_LEVEL,
+        printer,
+    )?;
+    check_same_tensors(&artifact, &repacked)?;
+    printer.status("Checked", "unpack → pack reproduces every tensor exactly");
+
+    let energy_kept = energy_kept(&base, &tuned, &artifact, &names)?;
+    printer.status(
+        "Kept",
+        format!(
+            "{:.1} % of the fine-tuning delta's energy with {:.1} % of the attention weights",
+            energy_kept * 100.0,
+            report.totals.density * 100.0
+        ),
+    );
+    Ok(DemoSummary {
+        dir: dir.to_path_buf(),
+        artifact,
+        tensors: report.tensors.len(),
+        nnz: report.totals.nnz,
+        file_size: report.file_size,
+        dense_bytes: report.totals.dense_bytes,
+        energy_kept,
+    })
+}
+
+fn prepare_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)
+            .at("read directory", dir)?
+            .next()
+            .is_none();
+        if !empty && !dir.join(MARKER).exists() {
+            return Err(Error::input(
+                format!("`{}` exists and was not made by `xpm demo`", dir.display()),
+                Some("pass `--dir` with a new or empty directory"),
+            ));
+        }
+        std::fs::remove_dir_all(dir).at("clear", dir)?;
+    }
+    std::fs::create_dir_all(dir).at("create directory", dir)?;
+    std::fs::write(dir.join(MARKER), b"made by xpm demo; safe to delete\n")
+        .at("write", dir.join(MARKER))?;
+    Ok(())
+}
+
+/// SplitMix64: a small, fixed PRNG so the demo is the same everywhere.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-7);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+    }
+}
+
+/// Write the base (two shards + index) and the tuned model (one file); returns tensor names.
+fn write_models(base: &Path, tuned: &Path) -> Result<Vec<String>> {
+    let (hidden, ffn, vocab, layers) = (128usize, 512usize, 1000usize, 4usize);
+    let mut specs: Vec<(String, Vec<usize>)> = vec![(
+        "embeddings.word_embeddings.weight".into(),
+        vec![vocab, hidden],
+    )];
+    for l in 0..layers {
+        let p = format!("encoder.layer.{l}");
+        for m in ["query", "key", "value"] {
+            specs.push((
+                format!("{p}.attention.self.{m}.weight"),
+                vec![hidden, hidden],
+            ));
+            specs.push((format!("{p}.attention.self.{m}.bias"), vec![hidden]));
+        }
+        specs.push((
+            format!("{p}.attention.output.dense.weight"),
+            vec![hidden, hidden],
+        ));
+        specs.push((format!("{p}.intermediate.dense.weight"), vec![ffn, hidden]));
+        specs.push((format!("{p}.output.dense.weight"), vec![hidden, ffn]));
+        specs.push((format!("{p}.output.LayerNorm.weight"), vec![hidden]));
+    }
+    let mut rng = Rng(0x5eed);
+    let mut base_vals: Vec<Vec<f32>> = Vec::new();
+    let mut tuned_vals: Vec<Vec<f32>> = Vec::new();
+    for (name, shape) in &specs {
+        let n: usize = shape.iter().product();
+        let b: Vec<f32> = (0..n).map(|_| rng.normal() * 0.05).collect();
+        // The fine-tune: tiny noise everywhere, and larger moves on ~3 % of attention entries.
+        let t: Vec<f32> = b
+            .iter()
+            .map(|&v| {
+                let mut d = rng.normal() * 1e-4;
+                if name.contains(".attention.") && rng.uniform() < 0.03 {
+                    d += rng.normal() * 0.02;
+                }
+                v + d
+            })
+            .collect();
+        base_vals.push(b);
+        tuned_vals.push(t);
+    }
+    for d in [base, tuned] {
+        std::fs::create_dir_all(d).at("create directory", d)?;
+        let config = serde_json::json!({
+            "architectures": ["BertModel"], "model_type": "bert", "hidden_size": hidden,
+            "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": 4,
+            "vocab_size": vocab, "_name_or_path": "xpm/demo-bert-tiny"
+        });
+        std::fs::write(
+            d.join("config.json"),
+            serde_json::to_vec_pretty(&config).expect("json"),
+        )
+        .at("write", d.join("config.json"))?;
+    }
+    let plan = |idx: &[usize]| -> Vec<PlannedTensor> {
+        idx.iter()
+            .map(|&i| PlannedTensor {
+                name: specs[i].0.clone(),
+                dtype: safetensors::Dtype::F32,
+                shape: specs[i].1.clone(),
+            })
+            .collect()
+    };
+    let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    // Base: two shards and an index, the layout large Hugging Face models use.
+    let half = specs.len() / 2;
+    let shards = [
+        (0..half).collect::<Vec<_>>(),
+        (half..specs.len()).collect::<Vec<_>>(),
+    ];
+    let mut weight_map = serde_json::Map::new();
+    for (s, idx) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", s + 1);
+        write_safetensors(
+            &base.join(&file),
+            &plan(idx),
+            Some(HashMap::from([("format".to_string(), "pt".to_string())])),
+            |k| Ok(f32_bytes(&base_vals[idx[k]])),
+        )?;
+        for &i in idx {
+            weight_map.insert(specs[i].0.clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    let ip = base.join(crate::checkpoint::INDEX_FILE);
+    std::fs::write(&ip, serde_json::to_vec_pretty(&index).expect("json")).at("write", &ip)?;
+    let all: Vec<usize> = (0..specs.len()).collect();
+    write_safetensors(
+        &tuned.join(crate::checkpoint::SINGLE_FILE),
+        &plan(&all),
+        None,
+        |k| Ok(f32_bytes(&tuned_vals[k])),
+    )?;
+    Ok(specs.into_iter().map(|(n, _)| n).collect())
+}
+
+/// Both artifacts decode to identical tensors.
+fn check_same_tensors(a: &Path, b: &Path) -> Result<()> {
+    let (ra, rb) = (ArtifactReader::open(a)?, ArtifactReader::open(b)?);
+    let (ma, mb) = (ra.manifest(), rb.manifest());
+    if ma.tensors.len() != mb.tensors.len()
+        || ma.without_storage().tensors != mb.without_storage().tensors
+    {
+        return Err(Error::input(
+            format!(
+                "`{}` and `{}` describe different tensors",
+                a.display(),
+                b.display()
+            ),
+            None,
+        ));
+    }
+    for i in 0..ma.tensors.len() {
+        if ra.read_tensor(i)? != rb.read_tensor(i)? {
+            return Err(Error::input(
+                format!(
+                    "tensor `{}` differs after unpack and pack",
+                    ma.tensors[i].name
+                ),
+                Some("this is a bug in xpm; please report it"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Σ kept δ² / Σ δ² over the expert's tensors.
+fn energy_kept(base: &Path, tuned: &Path, artifact: &Path, _names: &[String]) -> Result<f64> {
+    let (b, t) = (
+        crate::checkpoint::Checkpoint::open(base)?,
+        crate::checkpoint::Checkpoint::open(tuned)?,
+    );
+    let r = ArtifactReader::open(artifact)?;
+    let (mut kept, mut total) = (0f64, 0f64);
+    for i in 0..r.manifest().tensors.len() {
+        let td = r.read_tensor(i)?;
+        let (bv, tv) = (b.to_f32(&td.name)?, t.to_f32(&td.name)?);
+        total += bv
+            .iter()
+            .zip(&tv)
+            .map(|(b, t)| ((t - b) as f64).powi(2))
+            .sum::<f64>();
+        if let Content::Sparse { values, .. } = &td.content {
+            kept += td
+                .dtype
+                .to_f32(values)
+                .iter()
+                .map(|v| (*v as f64).powi(2))
+                .sum::<f64>();
+        }
+    }
+    Ok(if total > 0.0 { kept / total } else { 1.0 })
+}

@@ -1,0 +1,63 @@
+//! `xpm pack DIR -o F.xpm`: an artifact from the unpacked layout.
+
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::format::manifest::{FORMAT_MAJOR, FORMAT_MINOR, validate_name};
+use crate::format::unpacked::UnpackedDir;
+use crate::format::{ArtifactWriter, Manifest, encode_tensor};
+use crate::printer::Printer;
+
+/// Pack the unpacked expert in `dir` into `out`. Returns the written manifest.
+pub fn pack(dir: &Path, out: &Path, level: i32, printer: &Printer) -> Result<Manifest> {
+    let src = UnpackedDir::open(dir)?;
+    let m = src.manifest();
+    validate_name(&m.name).map_err(|e| {
+        Error::input(
+            format!(
+                "`{}`: invalid expert name: {e}",
+                dir.join("manifest.json").display()
+            ),
+            Some("names use lowercase letters, digits, `-` and `_`, with an optional `namespace/`"),
+        )
+    })?;
+    if let Some((major, _)) = m.format()
+        && major > FORMAT_MAJOR
+    {
+        return Err(Error::input(
+            format!(
+                "`{}` is for xpm format {}, this xpm writes {FORMAT_MAJOR}.{FORMAT_MINOR}",
+                dir.display(),
+                m.format_version
+            ),
+            Some("upgrade xpm to pack it"),
+        ));
+    }
+    printer.status(
+        "Packing",
+        format!("{}@{} from {}", m.name, m.version, dir.display()),
+    );
+    let pb = printer.progress(m.tensors.len() as u64, "Packing");
+    let mut writer = ArtifactWriter::create(out, level)?;
+    let idx: Vec<usize> = (0..m.tensors.len()).collect();
+    let window = rayon::current_num_threads().max(1) * 2;
+    for chunk in idx.chunks(window) {
+        let encoded: Vec<Result<_>> = chunk
+            .par_iter()
+            .map(|&i| {
+                let e = src.tensor(i).and_then(|t| encode_tensor(&t, level));
+                pb.inc(1);
+                e
+            })
+            .collect();
+        for e in encoded {
+            writer.push(e?)?;
+        }
+    }
+    pb.finish_and_clear();
+    let manifest = writer.finish(m.clone())?;
+    printer.status("Wrote", out.display());
+    Ok(manifest)
+}

@@ -1,0 +1,62 @@
+//! Exact top-k selection with deterministic tie-breaking.
+
+/// Sorted flat indices of the `k` entries of `values` with the largest magnitude. Ties are broken
+/// by the lower index, so the result is a pure function of the input. `values` must be free of
+/// NaN (callers check and report which tensor is affected).
+pub fn top_k_abs(values: &[f32], k: usize) -> Vec<u64> {
+    let n = values.len();
+    let k = k.min(n);
+    if k == 0 {
+        return Vec::new();
+    }
+    if k == n {
+        return (0..n as u64).collect();
+    }
+    let mut out: Vec<u64> = if n <= u32::MAX as usize {
+        // One u64 key per entry: |v| bits (monotone for non-negative floats) above the inverted
+        // index, so a larger key means a larger magnitude, then a lower index.
+        let mut keys: Vec<u64> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| ((v.abs().to_bits() as u64) << 32) | (u32::MAX - i as u32) as u64)
+            .collect();
+        keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        keys.truncate(k);
+        keys.iter()
+            .map(|&key| (u32::MAX - (key as u32)) as u64)
+            .collect()
+    } else {
+        let mut idx: Vec<u64> = (0..n as u64).collect();
+        let key = |i: u64| (values[i as usize].abs().to_bits(), std::cmp::Reverse(i));
+        idx.select_nth_unstable_by(k - 1, |&a, &b| key(b).cmp(&key(a)));
+        idx.truncate(k);
+        idx
+    };
+    out.sort_unstable();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn ties_go_to_the_lower_index() {
+        assert_eq!(top_k_abs(&[1.0, -1.0, 1.0, 0.5], 2), vec![0, 1]);
+        assert_eq!(top_k_abs(&[0.0, 0.0, 0.0], 1), vec![0]);
+        assert_eq!(top_k_abs(&[0.1, -3.0, 2.0], 2), vec![1, 2]);
+    }
+
+    proptest! {
+        #[test]
+        fn matches_a_full_sort(values in prop::collection::vec(-4i8..4, 0..200), k in 0usize..220) {
+            let values: Vec<f32> = values.iter().map(|&v| v as f32 * 0.5).collect();
+            let mut order: Vec<usize> = (0..values.len()).collect();
+            order.sort_by(|&a, &b| values[b].abs().total_cmp(&values[a].abs()).then(a.cmp(&b)));
+            let mut want: Vec<u64> = order.iter().take(k).map(|&i| i as u64).collect();
+            want.sort_unstable();
+            prop_assert_eq!(top_k_abs(&values, k), want);
+        }
+    }
+}
