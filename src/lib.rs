@@ -16,6 +16,7 @@ pub mod fsutil;
 pub mod home;
 pub mod ops;
 pub mod printer;
+pub mod schema;
 pub mod select;
 
 pub use error::{Error, Result};

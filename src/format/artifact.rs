@@ -45,6 +45,9 @@ pub const MAX_HEADER_LEN: u64 = 100_000_000;
 /// Upper bound of zstd's compression ratio (an RLE block stores 128 KiB in 4 bytes); a frame
 /// declaring more than this is refused before anything is allocated.
 pub const MAX_FRAME_RATIO: u64 = 1 << 16;
+/// `__metadata__` key of the payload's safetensors header holding the tensor entries (without
+/// storage offsets) as JSON.
+pub const HEADER_TENSORS_KEY: &str = "xpm.tensors";
 /// Default zstd level.
 pub const DEFAULT_LEVEL: i32 = 3;
 
@@ -244,7 +247,14 @@ impl ArtifactWriter {
             ));
             data_off = end;
         }
-        let meta = Metadata::new(None, infos)
+        // The header also describes the expert tensors themselves (shape, kind, nnz, encoding),
+        // so the payload is self-describing and a manifest that disagrees with it is caught.
+        let described: Vec<&TensorEntry> = self.tensors.iter().map(|(e, _)| e).collect();
+        let header_meta = std::collections::HashMap::from([(
+            HEADER_TENSORS_KEY.to_string(),
+            serde_json::to_string(&described).expect("entries serialize"),
+        )]);
+        let meta = Metadata::new(Some(header_meta), infos)
             .map_err(|e| Error::input(format!("cannot build the safetensors header: {e}"), None))?;
         let mut header_json = serde_json::to_vec(&meta).expect("metadata serializes");
         header_json.resize(header_json.len().next_multiple_of(8), b' ');
@@ -582,6 +592,33 @@ impl ArtifactReader {
         }
         let meta: Metadata = serde_json::from_slice(&raw[8..])
             .map_err(|e| corrupt(format!("invalid header: {e}")))?;
+        let described: Vec<TensorEntry> = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(HEADER_TENSORS_KEY))
+            .and_then(|j| serde_json::from_str(j).ok())
+            .ok_or_else(|| corrupt(format!("no valid `{HEADER_TENSORS_KEY}` metadata")))?;
+        if described.len() != self.manifest.tensors.len() {
+            return Err(corrupt(format!(
+                "describes {} tensors, the manifest {}",
+                described.len(),
+                self.manifest.tensors.len()
+            )));
+        }
+        for (d, t) in described.iter().zip(&self.manifest.tensors) {
+            let t = TensorEntry {
+                stored: Vec::new(),
+                ..t.clone()
+            };
+            if *d != t {
+                return Err(corrupt(format!(
+                    "tensor `{}` is {} in the payload but {} in the manifest",
+                    t.name,
+                    serde_json::to_string(d).expect("serializes"),
+                    serde_json::to_string(&t).expect("serializes")
+                )));
+            }
+        }
         // Every stored part must appear with the same dtype, shape and size, at the offset its
         // frame position implies.
         let mut frames: Vec<(u64, u64, String, safetensors::Dtype, Vec<usize>)> = Vec::new();

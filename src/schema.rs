@@ -1,0 +1,28 @@
+//! JSON Schemas of every document xpm writes, generated from the Rust types.
+//!
+//! The committed copies live in `schemas/`; `tests/schemas.rs` fails when they drift from what
+//! these functions generate (run it with `XPM_BLESS=1` to rewrite them).
+
+use schemars::JsonSchema;
+
+/// `(file name in schemas/, schema)` for every published schema.
+pub fn all() -> Vec<(&'static str, serde_json::Value)> {
+    vec![
+        (
+            "manifest.schema.json",
+            schema::<crate::format::Manifest>("xpm expert manifest"),
+        ),
+        (
+            "inspect.schema.json",
+            schema::<crate::ops::inspect::InspectReport>("xpm inspect --json output"),
+        ),
+    ]
+}
+
+fn schema<T: JsonSchema>(title: &str) -> serde_json::Value {
+    let mut s = serde_json::to_value(schemars::schema_for!(T)).expect("schema serializes");
+    if let Some(obj) = s.as_object_mut() {
+        obj.insert("title".into(), title.into());
+    }
+    s
+}
