@@ -370,7 +370,7 @@ fn the_decompressed_payload_is_one_safetensors_file() {
         10,
         "a mask and a values tensor for each of 5 tensors"
     );
-    assert!(st.names().iter().any(|n| *n == "embed.weight.mask"));
+    assert!(st.names().contains(&"embed.weight.mask"));
 }
 
 #[test]
