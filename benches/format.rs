@@ -84,20 +84,43 @@ fn write_unpacked(dir: &Path, tensors: &[(String, Vec<u64>, Option<Vec<u64>>, Ve
     std::fs::create_dir_all(dir).unwrap();
     let mut entries = Vec::new();
     let mut planned = Vec::new();
-    for (name, shape, idx, vals) in tensors {
+    for (name, shape, idx, _) in tensors {
         let n: u64 = shape.iter().product();
         let delta = match idx {
             Some(i) => {
-                planned.push(PlannedTensor { name: format!("{name}.indices"), dtype: safetensors::Dtype::I64, shape: vec![i.len()] });
-                planned.push(PlannedTensor { name: format!("{name}.values"), dtype: safetensors::Dtype::F32, shape: vec![i.len()] });
-                Delta::Sparse { nnz: i.len() as u64, density: i.len() as f64 / n as f64, encoding: None, block_size: None }
+                planned.push(PlannedTensor {
+                    name: format!("{name}.indices"),
+                    dtype: safetensors::Dtype::I64,
+                    shape: vec![i.len()],
+                });
+                planned.push(PlannedTensor {
+                    name: format!("{name}.values"),
+                    dtype: safetensors::Dtype::F32,
+                    shape: vec![i.len()],
+                });
+                Delta::Sparse {
+                    nnz: i.len() as u64,
+                    density: i.len() as f64 / n as f64,
+                    encoding: None,
+                    block_size: None,
+                }
             }
             None => {
-                planned.push(PlannedTensor { name: format!("{name}.delta"), dtype: safetensors::Dtype::F32, shape: shape.iter().map(|&d| d as usize).collect() });
+                planned.push(PlannedTensor {
+                    name: format!("{name}.delta"),
+                    dtype: safetensors::Dtype::F32,
+                    shape: shape.iter().map(|&d| d as usize).collect(),
+                });
                 Delta::Dense
             }
         };
-        entries.push(xpm::format::TensorEntry { name: name.clone(), shape: shape.clone(), dtype: xpm::format::Dtype::F32, delta, stored: vec![] });
+        entries.push(xpm::format::TensorEntry {
+            name: name.clone(),
+            shape: shape.clone(),
+            dtype: xpm::format::Dtype::F32,
+            delta,
+            stored: vec![],
+        });
     }
     let m = manifest(entries);
     std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
@@ -107,7 +130,13 @@ fn write_unpacked(dir: &Path, tensors: &[(String, Vec<u64>, Option<Vec<u64>>, Ve
         let (base, suffix) = name.rsplit_once('.').unwrap();
         let t = tensors.iter().find(|t| t.0 == base).unwrap();
         Ok(match suffix {
-            "indices" => t.2.as_ref().unwrap().iter().flat_map(|&i| (i as i64).to_le_bytes()).collect(),
+            "indices" => {
+                t.2.as_ref()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|&i| (i as i64).to_le_bytes())
+                    .collect()
+            }
             _ => t.3.iter().flat_map(|v| v.to_le_bytes()).collect(),
         })
     })
@@ -121,12 +150,21 @@ fn throughput(label: &str, dir: &Path, work: &Path, reps: usize, out: &mut Strin
     let src = std::fs::read(dir.join("tensors.safetensors")).unwrap();
     let mb = src.len() as f64 / 1e6;
     let (t_zc, compressed) = best_of(reps, || zstd::bulk::compress(&src, LEVEL).unwrap());
-    let (t_zd, _) = best_of(reps, || zstd::bulk::decompress(&compressed, src.len()).unwrap());
+    let (t_zd, _) = best_of(reps, || {
+        zstd::bulk::decompress(&compressed, src.len()).unwrap()
+    });
     let art = work.join(format!("{label}.xpm"));
     let printer = Printer::silent();
-    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-    let (t_p1, _) = best_of(reps, || one.install(|| xpm::ops::pack::pack(dir, &art, LEVEL, &printer).unwrap()));
-    let (t_p, _) = best_of(reps, || xpm::ops::pack::pack(dir, &art, LEVEL, &printer).unwrap());
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let (t_p1, _) = best_of(reps, || {
+        one.install(|| xpm::ops::pack::pack(dir, &art, LEVEL, &printer).unwrap())
+    });
+    let (t_p, _) = best_of(reps, || {
+        xpm::ops::pack::pack(dir, &art, LEVEL, &printer).unwrap()
+    });
     let un = work.join(format!("{label}-un"));
     let (t_u, _) = best_of(reps, || {
         let _ = std::fs::remove_dir_all(&un);
@@ -150,12 +188,24 @@ fn throughput(label: &str, dir: &Path, work: &Path, reps: usize, out: &mut Strin
 
 /// Peak RSS (KiB) of the release binary running `args`, via GNU time.
 fn peak_rss(args: &[&str]) -> Option<u64> {
-    let out = Command::new("/usr/bin/time").arg("-f").arg("%M").arg(env!("CARGO_BIN_EXE_xpm")).args(args).arg("-q").output().ok()?;
+    let out = Command::new("/usr/bin/time")
+        .arg("-f")
+        .arg("%M")
+        .arg(env!("CARGO_BIN_EXE_xpm"))
+        .args(args)
+        .arg("-q")
+        .output()
+        .ok()?;
     if !out.status.success() {
         eprintln!("{}", String::from_utf8_lossy(&out.stderr));
         return None;
     }
-    String::from_utf8_lossy(&out.stderr).lines().last()?.trim().parse().ok()
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .last()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn main() {
@@ -185,7 +235,12 @@ fn main() {
             zbytes += zstd::bulk::compress(&bytes, LEVEL).unwrap().len() as u64;
             nnz += idx.len() as u64;
             enc = e.to_string();
-            tensors.push((format!("layer.{t}.weight"), vec![side, side], Some(idx), vals));
+            tensors.push((
+                format!("layer.{t}.weight"),
+                vec![side, side],
+                Some(idx),
+                vals,
+            ));
         }
         let total = n * n_tensors as u64;
         let bound = total as f64 * h(density) / 8.0;
@@ -201,7 +256,9 @@ fn main() {
         sparse_sets.push((density, tensors));
     }
 
-    report.push_str("\n## Pack and unpack throughput against zstd alone on the same bytes (level 3)\n\n");
+    report.push_str(
+        "\n## Pack and unpack throughput against zstd alone on the same bytes (level 3)\n\n",
+    );
     report.push_str("Input: the unpacked expert's `tensors.safetensors` (i64 indices + f32 values, or f32 dense deltas). \
 Pack reads that file, validates, encodes masks, compresses and writes a verified artifact; unpack verifies the whole file, \
 decodes and writes `tensors.safetensors`. Ratios are zstd time / xpm time (≥ 1 means xpm is faster); best of the runs.\n\n");
@@ -209,12 +266,23 @@ decodes and writes `tensors.safetensors`. Ratios are zstd time / xpm time (≥ 1
     for (density, tensors) in &sparse_sets {
         let dir = work.join(format!("sparse-{density}"));
         write_unpacked(&dir, tensors);
-        throughput(&format!("sparse {:.0} %", density * 100.0), &dir, &work, reps, &mut report);
+        throughput(
+            &format!("sparse {:.0} %", density * 100.0),
+            &dir,
+            &work,
+            reps,
+            &mut report,
+        );
     }
     let dense: Vec<_> = (0..n_tensors)
         .map(|t| {
             let n = (side * side) as usize;
-            (format!("layer.{t}.weight"), vec![side, side], None, (0..n).map(|_| rng.normal() * 1e-3).collect())
+            (
+                format!("layer.{t}.weight"),
+                vec![side, side],
+                None,
+                (0..n).map(|_| rng.normal() * 1e-3).collect(),
+            )
         })
         .collect();
     let dense_dir = work.join("dense");
@@ -227,31 +295,57 @@ decodes and writes `tensors.safetensors`. Ratios are zstd time / xpm time (≥ 1
     let big: Vec<_> = (0..many)
         .map(|t| {
             let n = (side * side) as usize;
-            (format!("big.{t}.weight"), vec![side, side], None, (0..n).map(|_| rng.normal() * 1e-3).collect::<Vec<f32>>())
+            (
+                format!("big.{t}.weight"),
+                vec![side, side],
+                None,
+                (0..n).map(|_| rng.normal() * 1e-3).collect::<Vec<f32>>(),
+            )
         })
         .collect();
     let big_dir = work.join("big");
     let big_bytes = write_unpacked(&big_dir, &big);
     drop(big);
     let big_art = work.join("big.xpm");
-    let pack_rss = peak_rss(&["pack", big_dir.to_str().unwrap(), "-o", big_art.to_str().unwrap()]);
-    let unpack_rss = peak_rss(&["unpack", big_art.to_str().unwrap(), "-o", work.join("big-un").to_str().unwrap()]);
+    let pack_rss = peak_rss(&[
+        "pack",
+        big_dir.to_str().unwrap(),
+        "-o",
+        big_art.to_str().unwrap(),
+    ]);
+    let unpack_rss = peak_rss(&[
+        "unpack",
+        big_art.to_str().unwrap(),
+        "-o",
+        work.join("big-un").to_str().unwrap(),
+    ]);
     let verify_rss = peak_rss(&["verify", big_art.to_str().unwrap()]);
     let tensor_mb = (side * side * 4) as f64 / 1e6;
     report.push_str(&format!(
         "\n## Peak memory (release binary, GNU time max RSS)\n\nDense expert: {many} tensors of {side}×{side} f32, {:.0} MB in all, largest tensor {tensor_mb:.0} MB.\n\n| command | peak RSS | peak / largest tensor | peak / expert |\n|---|---|---|---|\n",
         big_bytes as f64 / 1e6
     ));
-    for (cmd, rss) in [("xpm pack", pack_rss), ("xpm unpack", unpack_rss), ("xpm verify", verify_rss)] {
+    for (cmd, rss) in [
+        ("xpm pack", pack_rss),
+        ("xpm unpack", unpack_rss),
+        ("xpm verify", verify_rss),
+    ] {
         if let Some(kib) = rss {
             let mb = kib as f64 * 1024.0 / 1e6;
-            report.push_str(&format!("| {cmd} | {mb:.0} MB | {:.1}× | {:.2}× |\n", mb / tensor_mb, mb / (big_bytes as f64 / 1e6)));
+            report.push_str(&format!(
+                "| {cmd} | {mb:.0} MB | {:.1}× | {:.2}× |\n",
+                mb / tensor_mb,
+                mb / (big_bytes as f64 / 1e6)
+            ));
         } else {
             report.push_str(&format!("| {cmd} | (GNU time unavailable) | | |\n"));
         }
     }
     println!("{report}");
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("bench-format.md");
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("bench-format.md");
     std::fs::write(target, &report).unwrap();
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -359,7 +359,11 @@ fn the_decompressed_payload_is_one_safetensors_file() {
     extract(&ctx, &base, &tuned, &["-o", "a.xpm"]).success();
     let bytes = std::fs::read(ctx.path("a.xpm")).unwrap();
     let (_, manifest, payload) = split_artifact(&bytes);
-    let raw = zstd::stream::decode_all(&payload[..]).unwrap();
+    // The header frame (last in the payload) followed by the data frames decompresses, as one
+    // zstd stream, to a safetensors file.
+    let h = manifest["payload"]["header"]["offset"].as_u64().unwrap() as usize;
+    let reordered = [&payload[h..], &payload[..h]].concat();
+    let raw = zstd::stream::decode_all(&reordered[..]).unwrap();
     assert_eq!(
         raw.len() as u64,
         manifest["payload"]["raw_size"].as_u64().unwrap()

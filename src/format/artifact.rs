@@ -1,19 +1,22 @@
-//! The `.xpm` artifact: one file holding a manifest and a zstd-compressed safetensors payload.
+//! The `.xpm` artifact: one file holding a zstd-compressed safetensors payload and a manifest.
 //!
 //! ```text
-//! prelude   56 B   magic, format major/minor, flags, manifest length, manifest sha256
-//! manifest  M B    JSON (uncompressed, so it reads without touching the payload)
-//! payload   P B    zstd frames: the safetensors header, then one frame per tensor part;
-//!                  decompressed back to back they form one safetensors file
-//! trailer   40 B   sha256 of every byte before the trailer, end magic
+//! prelude   16 B   magic, format major/minor, flags
+//! payload   P B    zstd frames: one per tensor part, in manifest order, then the safetensors
+//!                  header; header + parts decompressed back to back form one safetensors file
+//! manifest  M B    JSON (uncompressed: it reads without touching the payload)
+//! trailer   80 B   manifest length, manifest sha256, sha256 of every byte before it, end magic
 //! ```
 //!
-//! Writing is bounded in memory: each tensor is encoded and compressed on its own into a spool
-//! file next to the destination, then the file is assembled by temp-file-and-rename. Reading is
-//! random access by frame, each frame checked against its sha256 before it is decompressed and
-//! checked against its declared size before anything is allocated. The byte-level specification
-//! is docs/format.md.
+//! Like a Parquet footer, the manifest comes last so a writer streams every frame straight to
+//! disk once, in one pass, hashing as it goes; a reader finds the manifest from the fixed-size
+//! trailer. Writing is bounded in memory (one encoded tensor per worker in flight) and atomic
+//! (temporary file, fsync, rename). Reading is random access by frame, each frame checked
+//! against its sha256 before it is decompressed, and its declared size checked against the
+//! zstd frame header before anything is allocated. The byte-level specification is
+//! docs/format.md.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -35,9 +38,9 @@ pub const MAGIC: [u8; 8] = *b"\x89XPM\r\n\x1a\n";
 /// Last eight bytes of every artifact.
 pub const END_MAGIC: [u8; 8] = *b"XPM-END\n";
 /// Length of the fixed prelude.
-pub const PRELUDE_LEN: u64 = 56;
+pub const PRELUDE_LEN: u64 = 16;
 /// Length of the fixed trailer.
-pub const TRAILER_LEN: u64 = 40;
+pub const TRAILER_LEN: u64 = 80;
 /// Largest manifest a reader accepts.
 pub const MAX_MANIFEST_LEN: u64 = 256 << 20;
 /// Largest safetensors header a reader accepts (the safetensors crate's own limit).
@@ -80,6 +83,9 @@ impl EncodedTensor {
     }
 }
 
+/// One part before compression: role, safetensors dtype, shape, bytes.
+type RawPart<'a> = (PartRole, safetensors::Dtype, Vec<usize>, Cow<'a, [u8]>);
+
 /// Validate, encode (choosing the smallest mask encoding) and compress one tensor.
 /// Pure and thread-safe: callers run it in parallel across tensors.
 pub fn encode_tensor(t: &TensorData, level: i32) -> Result<EncodedTensor> {
@@ -87,7 +93,7 @@ pub fn encode_tensor(t: &TensorData, level: i32) -> Result<EncodedTensor> {
     let mut entry = t.entry();
     let vdt = t.dtype.to_safetensors();
     let to_usize = |s: &[u64]| s.iter().map(|&d| d as usize).collect::<Vec<_>>();
-    let raw_parts: Vec<(PartRole, safetensors::Dtype, Vec<usize>, Vec<u8>)> = match &t.content {
+    let raw_parts: Vec<RawPart> = match &t.content {
         Content::Sparse {
             indices, values, ..
         } => {
@@ -100,20 +106,30 @@ pub fn encode_tensor(t: &TensorData, level: i32) -> Result<EncodedTensor> {
                     PartRole::Mask,
                     safetensors::Dtype::U8,
                     vec![bytes.len()],
-                    bytes,
+                    Cow::Owned(bytes),
                 ),
-                (PartRole::Values, vdt, vec![indices.len()], values.clone()),
+                (
+                    PartRole::Values,
+                    vdt,
+                    vec![indices.len()],
+                    Cow::Borrowed(values),
+                ),
             ]
         }
         Content::Lora { rank, a, b, .. } => {
             let r = *rank as usize;
             let (out, inp) = (t.shape[0] as usize, t.shape[1] as usize);
             vec![
-                (PartRole::LoraA, vdt, vec![r, inp], a.clone()),
-                (PartRole::LoraB, vdt, vec![out, r], b.clone()),
+                (PartRole::LoraA, vdt, vec![r, inp], Cow::Borrowed(a)),
+                (PartRole::LoraB, vdt, vec![out, r], Cow::Borrowed(b)),
             ]
         }
-        Content::Dense { delta } => vec![(PartRole::Delta, vdt, to_usize(&t.shape), delta.clone())],
+        Content::Dense { delta } => vec![(
+            PartRole::Delta,
+            vdt,
+            to_usize(&t.shape),
+            Cow::Borrowed(delta),
+        )],
     };
     let parts = raw_parts
         .into_iter()
@@ -139,44 +155,42 @@ fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>> {
 
 /// Writes an artifact: push encoded tensors, then [`ArtifactWriter::finish`].
 ///
-/// Nothing appears at the destination until `finish` succeeds; dropping the writer removes
-/// its temporary files.
+/// Frames go straight into a temporary file next to the destination, in push order, hashed as
+/// they are written; `finish` appends the safetensors header frame, the manifest and the
+/// trailer, then renames the file into place. Nothing appears at the destination unless
+/// `finish` succeeds; dropping the writer removes the temporary file.
 pub struct ArtifactWriter {
     dest: PathBuf,
-    dir: PathBuf,
-    spool: tempfile::NamedTempFile,
-    spool_len: u64,
-    tensors: Vec<(TensorEntry, Vec<SpooledPart>)>,
+    tmp: tempfile::NamedTempFile,
+    out: HashingWriter<BufWriter<File>>,
+    payload_len: u64,
+    tensors: Vec<(TensorEntry, Vec<WrittenPart>)>,
     names: HashSet<String>,
     level: i32,
 }
 
-struct SpooledPart {
-    role: PartRole,
+struct WrittenPart {
+    stored: StoredPart,
     st_dtype: safetensors::Dtype,
     shape: Vec<usize>,
-    raw_size: u64,
-    spool_offset: u64,
-    size: u64,
-    sha256: String,
 }
 
 impl ArtifactWriter {
     /// Start an artifact that will be written to `dest` with zstd `level`.
     pub fn create(dest: &Path, level: i32) -> Result<Self> {
-        let dir = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let spool = tempfile::Builder::new()
-            .prefix(".xpm-spool-")
+        let dir = crate::fsutil::parent_dir(dest);
+        let tmp = tempfile::Builder::new()
+            .prefix(".xpm-tmp-")
             .tempfile_in(&dir)
             .at("create a temporary file in", &dir)?;
+        let file = tmp.as_file().try_clone().at("open", tmp.path())?;
+        let mut out = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+        out.write_all(&prelude()).at("write", tmp.path())?;
         Ok(ArtifactWriter {
             dest: dest.to_path_buf(),
-            dir,
-            spool,
-            spool_len: 0,
+            tmp,
+            out,
+            payload_len: 0,
             tensors: Vec::new(),
             names: HashSet::new(),
             level,
@@ -196,59 +210,51 @@ impl ArtifactWriter {
                 Some("each tensor may appear once in an expert"),
             ));
         }
-        let mut spooled = Vec::with_capacity(t.parts.len());
-        let spool_path = self.spool.path().to_path_buf();
+        let mut written = Vec::with_capacity(t.parts.len());
         for p in t.parts {
-            self.spool
-                .as_file_mut()
-                .write_all(&p.frame)
-                .at("write", &spool_path)?;
-            spooled.push(SpooledPart {
-                role: p.role,
+            self.out.write_all(&p.frame).at("write", self.tmp.path())?;
+            written.push(WrittenPart {
+                stored: StoredPart {
+                    role: p.role,
+                    offset: self.payload_len,
+                    size: p.frame.len() as u64,
+                    raw_size: p.raw_size,
+                    sha256: p.sha256,
+                },
                 st_dtype: p.st_dtype,
                 shape: p.shape,
-                raw_size: p.raw_size,
-                spool_offset: self.spool_len,
-                size: p.frame.len() as u64,
-                sha256: p.sha256,
             });
-            self.spool_len += p.frame.len() as u64;
+            self.payload_len += p.frame.len() as u64;
         }
-        self.tensors.push((t.entry, spooled));
+        self.tensors.push((t.entry, written));
         Ok(())
     }
 
-    /// Assemble the artifact at the destination. `manifest` supplies everything but `tensors`,
+    /// Finish the artifact at the destination. `manifest` supplies everything but `tensors`,
     /// `payload` and `format_version`, which the writer fills in. Returns the final manifest.
-    pub fn finish(self, mut manifest: Manifest) -> Result<Manifest> {
-        // Payload order: like the safetensors crate, by descending alignment, then by name, so
-        // the decompressed image has every tensor aligned.
-        let mut order: Vec<(String, usize, usize)> = Vec::new();
-        for (ti, (entry, parts)) in self.tensors.iter().enumerate() {
-            for (pi, p) in parts.iter().enumerate() {
-                order.push((format!("{}.{}", entry.name, p.role.suffix()), ti, pi));
+    pub fn finish(mut self, mut manifest: Manifest) -> Result<Manifest> {
+        let tmp_path = self.tmp.path().to_path_buf();
+        let werr = |e| Error::io("write", &tmp_path, e);
+
+        // The safetensors header: parts in payload order, and the tensor entries themselves
+        // (shape, kind, nnz, encoding) so the payload is self-describing and a manifest that
+        // disagrees with it is caught.
+        let mut infos = Vec::new();
+        let mut data_off = 0usize;
+        for (entry, parts) in &self.tensors {
+            for p in parts {
+                let end = data_off + p.stored.raw_size as usize;
+                infos.push((
+                    format!("{}.{}", entry.name, p.stored.role.suffix()),
+                    TensorInfo {
+                        dtype: p.st_dtype,
+                        shape: p.shape.clone(),
+                        data_offsets: (data_off, end),
+                    },
+                ));
+                data_off = end;
             }
         }
-        let part = |&(_, ti, pi): &(String, usize, usize)| &self.tensors[ti].1[pi];
-        order.sort_by(|a, b| part(b).st_dtype.cmp(&part(a).st_dtype).then(a.0.cmp(&b.0)));
-
-        let mut infos = Vec::with_capacity(order.len());
-        let mut data_off = 0usize;
-        for o in &order {
-            let p = part(o);
-            let end = data_off + p.raw_size as usize;
-            infos.push((
-                o.0.clone(),
-                TensorInfo {
-                    dtype: p.st_dtype,
-                    shape: p.shape.clone(),
-                    data_offsets: (data_off, end),
-                },
-            ));
-            data_off = end;
-        }
-        // The header also describes the expert tensors themselves (shape, kind, nnz, encoding),
-        // so the payload is self-describing and a manifest that disagrees with it is caught.
         let described: Vec<&TensorEntry> = self.tensors.iter().map(|(e, _)| e).collect();
         let header_meta = std::collections::HashMap::from([(
             HEADER_TENSORS_KEY.to_string(),
@@ -261,98 +267,53 @@ impl ArtifactWriter {
         let mut header_raw = (header_json.len() as u64).to_le_bytes().to_vec();
         header_raw.extend_from_slice(&header_json);
         let header_frame = compress(&header_raw, self.level)?;
+        self.out.write_all(&header_frame).map_err(werr)?;
 
-        // Payload offsets, then the manifest.
-        let mut offset = header_frame.len() as u64;
-        let mut stored: Vec<Vec<Option<StoredPart>>> = self
-            .tensors
-            .iter()
-            .map(|(_, parts)| vec![None; parts.len()])
-            .collect();
-        for &(_, ti, pi) in &order {
-            let p = &self.tensors[ti].1[pi];
-            stored[ti][pi] = Some(StoredPart {
-                role: p.role,
-                offset,
-                size: p.size,
-                raw_size: p.raw_size,
-                sha256: p.sha256.clone(),
-            });
-            offset += p.size;
-        }
         manifest.format_version = format!("{FORMAT_MAJOR}.{FORMAT_MINOR}");
-        manifest.tensors = self
-            .tensors
-            .iter()
-            .zip(stored)
-            .map(|((entry, _), parts)| TensorEntry {
-                stored: parts
-                    .into_iter()
-                    .map(|p| p.expect("every part placed"))
-                    .collect(),
-                ..entry.clone()
-            })
-            .collect();
         manifest.payload = Some(Payload {
             compression: "zstd".into(),
-            size: offset,
+            size: self.payload_len + header_frame.len() as u64,
             raw_size: header_raw.len() as u64 + data_off as u64,
             header: Frame {
-                offset: 0,
+                offset: self.payload_len,
                 size: header_frame.len() as u64,
                 raw_size: header_raw.len() as u64,
                 sha256: digest::sha256(&header_frame),
             },
         });
+        manifest.tensors = std::mem::take(&mut self.tensors)
+            .into_iter()
+            .map(|(entry, parts)| TensorEntry {
+                stored: parts.into_iter().map(|p| p.stored).collect(),
+                ..entry
+            })
+            .collect();
         let manifest_json = serde_json::to_vec(&manifest).expect("manifest serializes");
-
-        // Assemble: prelude, manifest, payload frames (copied from the spool), trailer.
-        let tmp = tempfile::Builder::new()
-            .prefix(".xpm-tmp-")
-            .tempfile_in(&self.dir)
-            .at("create a temporary file in", &self.dir)?;
-        let tmp_path = tmp.path().to_path_buf();
-        let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp.as_file()));
-        let write_err = |e| Error::io("write", &tmp_path, e);
-        w.write_all(&prelude(&manifest_json)).map_err(write_err)?;
-        w.write_all(&manifest_json).map_err(write_err)?;
-        w.write_all(&header_frame).map_err(write_err)?;
-        let spool_path = self.spool.path().to_path_buf();
-        let mut spool = self.spool.as_file();
-        let mut buf = vec![0u8; 1 << 20];
-        for o in &order {
-            let p = part(o);
-            spool
-                .seek(SeekFrom::Start(p.spool_offset))
-                .at("read", &spool_path)?;
-            let mut left = p.size;
-            while left > 0 {
-                let n = left.min(buf.len() as u64) as usize;
-                spool.read_exact(&mut buf[..n]).at("read", &spool_path)?;
-                w.write_all(&buf[..n]).map_err(write_err)?;
-                left -= n as u64;
-            }
-        }
-        let (file_digest, mut inner) = w.finish();
-        inner.write_all(&file_digest).map_err(write_err)?;
-        inner.write_all(&END_MAGIC).map_err(write_err)?;
-        inner.flush().map_err(write_err)?;
-        drop(inner);
-        tmp.as_file().sync_all().map_err(write_err)?;
-        tmp.persist(&self.dest)
+        self.out.write_all(&manifest_json).map_err(werr)?;
+        self.out
+            .write_all(&(manifest_json.len() as u64).to_le_bytes())
+            .map_err(werr)?;
+        self.out
+            .write_all(&Sha256::digest(&manifest_json))
+            .map_err(werr)?;
+        let (file_digest, mut inner) = self.out.finish();
+        inner.write_all(&file_digest).map_err(werr)?;
+        inner.write_all(&END_MAGIC).map_err(werr)?;
+        let file = inner.into_inner().map_err(|e| werr(e.into_error()))?;
+        file.sync_all().map_err(werr)?;
+        self.tmp
+            .persist(&self.dest)
             .map_err(|e| Error::io("write", &self.dest, e.error))?;
         Ok(manifest)
     }
 }
 
-fn prelude(manifest_json: &[u8]) -> Vec<u8> {
+fn prelude() -> Vec<u8> {
     let mut p = Vec::with_capacity(PRELUDE_LEN as usize);
     p.extend_from_slice(&MAGIC);
     p.extend_from_slice(&FORMAT_MAJOR.to_le_bytes());
     p.extend_from_slice(&FORMAT_MINOR.to_le_bytes());
-    p.extend_from_slice(&0u32.to_le_bytes()); // flags, reserved
-    p.extend_from_slice(&(manifest_json.len() as u64).to_le_bytes());
-    p.extend_from_slice(&Sha256::digest(manifest_json));
+    p.extend_from_slice(&0u32.to_le_bytes()); // flags: none defined in 1.x
     debug_assert_eq!(p.len() as u64, PRELUDE_LEN);
     p
 }
@@ -399,6 +360,7 @@ impl ArtifactReader {
         }
         let major = u16::from_le_bytes([pre[8], pre[9]]);
         let minor = u16::from_le_bytes([pre[10], pre[11]]);
+        let flags = u32::from_le_bytes(pre[12..16].try_into().expect("4 bytes"));
         if major != FORMAT_MAJOR {
             return Err(Error::UnsupportedFormat {
                 path,
@@ -406,22 +368,47 @@ impl ArtifactReader {
                 supported: FORMAT_MAJOR,
             });
         }
-        let manifest_len = u64::from_le_bytes(pre[16..24].try_into().expect("8 bytes"));
-        if manifest_len > MAX_MANIFEST_LEN || manifest_len > len - PRELUDE_LEN - TRAILER_LEN {
+        if flags != 0 {
             return Err(corrupt(format!(
-                "the prelude declares a {manifest_len}-byte manifest but the file has {len} bytes; \
-                 it is truncated or the prelude is damaged"
+                "unknown flags {flags:#x} in the prelude (format {major}.{minor} defines none)"
             )));
         }
-        let mut manifest_bytes = vec![0u8; manifest_len as usize];
-        file.read_exact(&mut manifest_bytes).at("read", &path)?;
-        if Sha256::digest(&manifest_bytes)[..] != pre[24..56] {
+        let mut trailer = [0u8; TRAILER_LEN as usize];
+        crate::fsutil::read_exact_at(&file, &mut trailer, len - TRAILER_LEN).at("read", &path)?;
+        if trailer[72..80] != END_MAGIC {
             return Err(corrupt(
-                "the manifest does not match its sha256 in the prelude (flipped bits?)".into(),
+                "the file does not end with the `XPM-END` marker: it is truncated or damaged"
+                    .into(),
             ));
         }
-        let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
-            .map_err(|e| corrupt(format!("the manifest is not valid: {e}")))?;
+        let manifest_len = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
+        let room = len - PRELUDE_LEN - TRAILER_LEN;
+        if manifest_len > MAX_MANIFEST_LEN || manifest_len > room {
+            return Err(corrupt(format!(
+                "the trailer declares a {manifest_len}-byte manifest but the file has {len} bytes; \
+                 it is truncated or the trailer is damaged"
+            )));
+        }
+        let manifest_offset = len - TRAILER_LEN - manifest_len;
+        let mut manifest_bytes = vec![0u8; manifest_len as usize];
+        crate::fsutil::read_exact_at(&file, &mut manifest_bytes, manifest_offset)
+            .at("read", &path)?;
+        if Sha256::digest(&manifest_bytes)[..] != trailer[8..40] {
+            return Err(corrupt(
+                "the manifest does not match its sha256 in the trailer (flipped bits?)".into(),
+            ));
+        }
+        let manifest: Manifest = match serde_json::from_slice(&manifest_bytes) {
+            Ok(m) => m,
+            Err(e) if minor > FORMAT_MINOR => {
+                return Err(Error::UnsupportedFormat {
+                    path,
+                    found: format!("{major}.{minor} ({e})"),
+                    supported: FORMAT_MAJOR,
+                });
+            }
+            Err(e) => return Err(corrupt(format!("the manifest is not valid: {e}"))),
+        };
         if manifest.format() != Some((major, minor)) {
             return Err(corrupt(format!(
                 "the manifest says format {} but the prelude says {major}.{minor}",
@@ -432,28 +419,13 @@ impl ArtifactReader {
             .payload
             .clone()
             .ok_or_else(|| corrupt("the manifest has no `payload` section".into()))?;
-        let payload_start = PRELUDE_LEN + manifest_len;
-        let expected = payload_start
-            .checked_add(payload.size)
-            .and_then(|v| v.checked_add(TRAILER_LEN))
-            .ok_or_else(|| corrupt("payload size overflows".into()))?;
-        if len < expected {
+        if payload.size != manifest_offset - PRELUDE_LEN {
             return Err(corrupt(format!(
-                "the file is truncated: {len} bytes, the manifest describes {expected}"
+                "the manifest describes a {}-byte payload but the file holds {} bytes before the \
+                 manifest; it is truncated or damaged",
+                payload.size,
+                manifest_offset - PRELUDE_LEN
             )));
-        }
-        if len > expected {
-            return Err(corrupt(format!(
-                "{} unexpected bytes after the payload ({len} bytes, the manifest describes {expected})",
-                len - expected
-            )));
-        }
-        let mut end = [0u8; 8];
-        read_at(&file, &mut end, len - 8).at("read", &path)?;
-        if end != END_MAGIC {
-            return Err(corrupt(
-                "wrong end magic; the file is truncated or damaged".into(),
-            ));
         }
         check_manifest(&manifest, &payload).map_err(corrupt)?;
         let reader = ArtifactReader {
@@ -461,7 +433,7 @@ impl ArtifactReader {
             file,
             len,
             manifest,
-            payload_start,
+            payload_start: PRELUDE_LEN,
         };
         reader.check_safetensors_header(&payload)?;
         Ok(reader)
@@ -485,22 +457,21 @@ impl ArtifactReader {
     /// Hash the whole file and compare with the trailer. Returns the file's `sha256:<hex>` (the
     /// digest of the whole file, trailer included, as a registry would compute it).
     pub fn verify_file_digest(&self) -> Result<String> {
-        let body = self.len - TRAILER_LEN;
+        let body = self.len - 40;
         let mut f = &self.file;
         f.seek(SeekFrom::Start(0)).at("read", &self.path)?;
         let mut hasher = Sha256::new();
-        let mut whole = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut left = body;
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
             f.read_exact(&mut buf[..n]).at("read", &self.path)?;
             hasher.update(&buf[..n]);
-            whole.update(&buf[..n]);
             left -= n as u64;
         }
-        let mut trailer = [0u8; TRAILER_LEN as usize];
+        let mut trailer = [0u8; 40];
         f.read_exact(&mut trailer).at("read", &self.path)?;
+        let mut whole = hasher.clone();
         whole.update(trailer);
         if hasher.finalize()[..] != trailer[..32] {
             let located = self.locate_damage();
@@ -544,18 +515,48 @@ impl ArtifactReader {
 
     /// Read the compressed bytes of a frame and verify them against their sha256.
     fn frame_bytes(&self, offset: u64, size: u64, sha: &str, what: &str) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; size as usize];
-        read_at(&self.file, &mut buf, self.payload_start + offset).at("read", &self.path)?;
-        if digest::sha256(&buf) != sha {
+        let mut buf = Vec::new();
+        self.frame_bytes_into(offset, size, sha, what, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Read the compressed bytes of a frame into `buf` and verify them against their sha256.
+    fn frame_bytes_into(
+        &self,
+        offset: u64,
+        size: u64,
+        sha: &str,
+        what: &str,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        buf.clear();
+        buf.resize(size as usize, 0);
+        crate::fsutil::read_exact_at(&self.file, buf, self.payload_start + offset)
+            .at("read", &self.path)?;
+        if digest::sha256(buf) != sha {
             return Err(Error::corrupt(
                 &self.path,
                 format!("{what}: frame sha256 mismatch (flipped bits in the payload?)"),
             ));
         }
-        Ok(buf)
+        Ok(())
     }
 
     fn decompress(&self, frame: &[u8], raw_size: u64, what: &str) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.decompress_into(frame, raw_size, what, &mut out)?;
+        Ok(out)
+    }
+
+    /// Decompress one frame into `out`, refusing before allocating if the zstd frame header
+    /// disagrees with the size the manifest declares.
+    fn decompress_into(
+        &self,
+        frame: &[u8],
+        raw_size: u64,
+        what: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         let corrupt = |d: String| Error::corrupt(&self.path, format!("{what}: {d}"));
         match zstd::zstd_safe::get_frame_content_size(frame) {
             Ok(Some(n)) if n == raw_size => {}
@@ -566,7 +567,10 @@ impl ArtifactReader {
             }
             _ => return Err(corrupt("the zstd frame does not declare its size".into())),
         }
-        let out = zstd::bulk::decompress(frame, raw_size as usize)
+        out.clear();
+        out.reserve(raw_size as usize);
+        zstd::bulk::Decompressor::new()
+            .and_then(|mut d| d.decompress_to_buffer(frame, out))
             .map_err(|e| corrupt(format!("zstd: {e}")))?;
         if out.len() as u64 != raw_size {
             return Err(corrupt(format!(
@@ -574,7 +578,7 @@ impl ArtifactReader {
                 out.len()
             )));
         }
-        Ok(out)
+        Ok(())
     }
 
     fn check_safetensors_header(&self, payload: &Payload) -> Result<()> {
@@ -671,6 +675,20 @@ impl ArtifactReader {
 
     /// Decompressed bytes of one part of tensor `index`.
     pub fn read_part(&self, index: usize, role: PartRole) -> Result<Vec<u8>> {
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        self.read_part_into(index, role, &mut scratch, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`ArtifactReader::read_part`], reusing `scratch` for the compressed frame and
+    /// `out` for the result (no fresh allocation per part in streaming loops).
+    pub fn read_part_into(
+        &self,
+        index: usize,
+        role: PartRole,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         let t = &self.manifest.tensors[index];
         let p = t.stored.iter().find(|p| p.role == role).ok_or_else(|| {
             Error::corrupt(
@@ -679,8 +697,8 @@ impl ArtifactReader {
             )
         })?;
         let what = format!("tensor `{}` ({})", t.name, role.suffix());
-        let frame = self.frame_bytes(p.offset, p.size, &p.sha256, &what)?;
-        self.decompress(&frame, p.raw_size, &what)
+        self.frame_bytes_into(p.offset, p.size, &p.sha256, &what, scratch)?;
+        self.decompress_into(scratch, p.raw_size, &what, out)
     }
 
     /// Decode tensor `index` completely (mask decoded to indices, all sizes checked).
@@ -739,9 +757,6 @@ fn check_manifest(m: &Manifest, payload: &Payload) -> std::result::Result<(), St
         payload.header.raw_size,
         "the safetensors header".into(),
     )];
-    if payload.header.offset != 0 {
-        return Err("the safetensors header frame must come first".into());
-    }
     if !(8..=MAX_HEADER_LEN).contains(&payload.header.raw_size) {
         return Err(format!(
             "the safetensors header declares {} bytes (allowed: 8 to {MAX_HEADER_LEN})",
@@ -815,7 +830,8 @@ fn check_manifest(m: &Manifest, payload: &Payload) -> std::result::Result<(), St
                     return Err(format!("tensor `{name}`: LoRA needs a 2-D shape"));
                 };
                 let r = *rank as u64;
-                if raw(0) != r * inp * es || raw(1) != out * r * es {
+                let size = |a: u64, b: u64| a.checked_mul(b).and_then(|v| v.checked_mul(es));
+                if Some(raw(0)) != size(r, inp) || Some(raw(1)) != size(out, r) {
                     return Err(format!(
                         "tensor `{name}`: LoRA factor sizes do not match rank {r}"
                     ));
@@ -852,14 +868,19 @@ fn check_manifest(m: &Manifest, payload: &Payload) -> std::result::Result<(), St
                 "{what}: frame at payload offset {offset}, expected {at} (frames must be contiguous)"
             ));
         }
-        if *raw_size > (size + 1).saturating_mul(MAX_FRAME_RATIO) {
+        if *raw_size > size.saturating_add(1).saturating_mul(MAX_FRAME_RATIO) {
             return Err(format!(
                 "{what}: {size} compressed bytes cannot hold the declared {raw_size} bytes \
                  (decompression bomb?); refusing to decompress"
             ));
         }
-        at += size;
-        raw_total += raw_size;
+        at = at
+            .checked_add(*size)
+            .filter(|&end| end <= payload.size)
+            .ok_or_else(|| format!("{what}: frame runs past the end of the payload"))?;
+        raw_total = raw_total
+            .checked_add(*raw_size)
+            .ok_or_else(|| format!("{what}: sizes overflow"))?;
     }
     if at != payload.size {
         return Err(format!(
@@ -886,18 +907,4 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(got)
-}
-
-/// Positional read of exactly `buf.len()` bytes.
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
-    }
-    #[cfg(not(unix))]
-    {
-        let mut f = file;
-        f.seek(SeekFrom::Start(offset))?;
-        f.read_exact(buf)
-    }
 }

@@ -42,7 +42,7 @@ pub struct Manifest {
     pub base: BaseModel,
     /// The kind of the expert's target deltas.
     pub kind: ExpertKind,
-    /// One entry per stored tensor, in payload order.
+    /// One entry per stored tensor; their payload frames follow this order.
     pub tensors: Vec<TensorEntry>,
     /// How the trained entries were chosen (sparse experts).
     #[serde(default, skip_serializing_if = "Option::is_none")]

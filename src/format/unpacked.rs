@@ -11,13 +11,12 @@
 
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
 use safetensors::tensor::Metadata;
 
 use super::artifact::ArtifactReader;
 use super::manifest::{Delta, Manifest, PartRole};
 use super::mask;
-use super::st::{PlannedTensor, write_safetensors};
+use super::st::{PlannedTensor, SafetensorsWriter};
 use super::tensor::{Content, TensorData};
 use crate::error::{Error, IoResultExt, Result};
 use crate::fsutil;
@@ -66,6 +65,10 @@ fn planned(m: &Manifest) -> Vec<(usize, PartRole, PlannedTensor)> {
 
 /// Unpack an artifact into `out` (which must not exist or be empty), atomically.
 /// `progress(i)` is called after each stored tensor part is written.
+///
+/// Two threads: one reads, verifies and decodes part `k + 1` while the other writes part `k`;
+/// buffers are recycled, so memory stays at a small multiple of the largest part, whatever the
+/// size of the expert.
 pub fn unpack(reader: &ArtifactReader, out: &Path, mut progress: impl FnMut(usize)) -> Result<()> {
     let manifest = reader.manifest();
     let plan = planned(manifest);
@@ -73,28 +76,58 @@ pub fn unpack(reader: &ArtifactReader, out: &Path, mut progress: impl FnMut(usiz
     fsutil::build_dir_atomic(out, |dir| {
         let json = serde_json::to_vec_pretty(&manifest.without_storage()).expect("serializes");
         fsutil::write_atomic(&dir.join(MANIFEST_FILE), &json)?;
-        let mut done = 0;
-        write_safetensors(&dir.join(TENSORS_FILE), &tensors, None, |k| {
+        let mut w = SafetensorsWriter::create(&dir.join(TENSORS_FILE), tensors, None)?;
+        let order = w.order().to_vec();
+        let produce = |k: usize, scratch: &mut Vec<u8>, buf: &mut Vec<u8>| -> Result<()> {
             let (i, role, _) = &plan[k];
-            let bytes = match role {
+            match role {
                 PartRole::Mask => {
                     let t = &manifest.tensors[*i];
                     let Delta::Sparse { nnz, encoding, .. } = &t.delta else {
                         unreachable!("masks belong to sparse tensors")
                     };
-                    let raw = reader.read_part(*i, PartRole::Mask)?;
+                    let mut raw = Vec::new();
+                    reader.read_part_into(*i, PartRole::Mask, scratch, &mut raw)?;
                     let enc = encoding.unwrap_or(mask::MaskEncoding::DeltaRice);
                     let idx = mask::decode(enc, &raw, &t.shape, *nnz).map_err(|e| {
                         Error::corrupt(reader.path(), format!("tensor `{}`: {e}", t.name))
                     })?;
-                    idx.iter().flat_map(|&v| (v as i64).to_le_bytes()).collect()
+                    buf.clear();
+                    buf.extend(idx.iter().flat_map(|&v| (v as i64).to_le_bytes()));
+                    Ok(())
                 }
-                role => reader.read_part(*i, *role)?,
-            };
-            done += 1;
-            progress(done);
-            Ok(bytes)
-        })
+                role => reader.read_part_into(*i, *role, scratch, buf),
+            }
+        };
+        // A reader thread verifies and decodes part k + 1 while this thread writes part k; the
+        // two buffers in flight are recycled through `free`.
+        std::thread::scope(|s| -> Result<()> {
+            let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
+            let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            let _ = free_tx.send(Vec::new());
+            let _ = free_tx.send(Vec::new());
+            s.spawn(move || {
+                let mut scratch = Vec::new();
+                for &k in &order {
+                    let mut buf = free_rx.recv().unwrap_or_default();
+                    let r = produce(k, &mut scratch, &mut buf).map(|()| buf);
+                    let failed = r.is_err();
+                    if full_tx.send(r).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            for done in 1..=plan.len() {
+                let buf = full_rx
+                    .recv()
+                    .expect("the reader thread sends one result per part")?;
+                w.write_next(&buf)?;
+                let _ = free_tx.send(buf);
+                progress(done);
+            }
+            Ok(())
+        })?;
+        w.finish()
     })
 }
 
@@ -108,8 +141,8 @@ pub struct UnpackedDir {
     dir: PathBuf,
     tensors_path: PathBuf,
     manifest: Manifest,
-    mmap: Mmap,
-    header_len: usize,
+    file: std::fs::File,
+    data_start: u64,
     meta: Metadata,
 }
 
@@ -127,22 +160,15 @@ impl UnpackedDir {
             )
         })?;
         let file = std::fs::File::open(&tpath).at("open", &tpath)?;
-        // SAFETY: the map is read-only; xpm never writes to a file it has mapped, and a
-        // concurrent external writer can at worst make the bytes read here inconsistent, which
-        // every consumer validates.
-        let mmap = unsafe { Mmap::map(&file) }.at("map", &tpath)?;
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-            Error::input(
-                format!("`{}` is not a valid safetensors file: {e}", tpath.display()),
-                None,
-            )
-        })?;
+        // Read with positional reads rather than a memory map, so memory use stays at one
+        // tensor per worker however large the file is.
+        let (data_start, meta) = read_safetensors_header(&file, &tpath)?;
         let me = UnpackedDir {
             dir: dir.to_path_buf(),
             tensors_path: tpath,
             manifest,
-            mmap,
-            header_len,
+            file,
+            data_start,
             meta,
         };
         me.check_names()?;
@@ -172,7 +198,7 @@ impl UnpackedDir {
         &self.manifest
     }
 
-    fn raw(&self, name: &str) -> Result<(&[u8], &safetensors::tensor::TensorInfo)> {
+    fn raw(&self, name: &str) -> Result<(Vec<u8>, &safetensors::tensor::TensorInfo)> {
         let info = self.meta.info(name).ok_or_else(|| {
             Error::input(
                 format!(
@@ -182,11 +208,11 @@ impl UnpackedDir {
                 Some("sparse tensors need `NAME.indices` and `NAME.values`; see docs/format.md"),
             )
         })?;
-        let base = 8 + self.header_len;
-        Ok((
-            &self.mmap[base + info.data_offsets.0..base + info.data_offsets.1],
-            info,
-        ))
+        let (a, b) = info.data_offsets;
+        let mut buf = vec![0u8; b - a];
+        fsutil::read_exact_at(&self.file, &mut buf, self.data_start + a as u64)
+            .at("read", &self.tensors_path)?;
+        Ok((buf, info))
     }
 
     /// Load tensor `index` of the manifest, checking dtypes, shapes and counts.
@@ -213,14 +239,14 @@ impl UnpackedDir {
                     info.shape
                 )));
             }
-            Ok(bytes.to_vec())
+            Ok(bytes)
         };
         let content = match &t.delta {
             Delta::Sparse {
                 nnz, block_size, ..
             } => {
                 let (bytes, info) = self.raw(&format!("{}.{INDICES_SUFFIX}", t.name))?;
-                let indices = read_indices(bytes, info).map_err(bad)?;
+                let indices = read_indices(&bytes, info).map_err(bad)?;
                 if indices.len() as u64 != *nnz {
                     return Err(bad(format!(
                         "the manifest says nnz {nnz}, `indices` holds {}",
@@ -295,4 +321,41 @@ fn read_indices(bytes: &[u8], info: &safetensors::tensor::TensorInfo) -> Result<
             ));
         }
     })
+}
+
+/// Parse the header of a safetensors file without reading its data: the data section's offset
+/// and the validated metadata.
+pub fn read_safetensors_header(file: &std::fs::File, path: &Path) -> Result<(u64, Metadata)> {
+    let bad = |why: String| {
+        Error::input(
+            format!(
+                "`{}` is not a valid safetensors file: {why}",
+                path.display()
+            ),
+            None,
+        )
+    };
+    let len = file.metadata().at("read", path)?.len();
+    let mut n = [0u8; 8];
+    if len < 8 {
+        return Err(bad("shorter than 8 bytes".into()));
+    }
+    fsutil::read_exact_at(file, &mut n, 0).at("read", path)?;
+    let n = u64::from_le_bytes(n);
+    if n > 100_000_000 || n > len - 8 {
+        return Err(bad(format!(
+            "header length {n} is invalid for a {len}-byte file"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    fsutil::read_exact_at(file, &mut header, 8).at("read", path)?;
+    let meta: Metadata = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    if 8 + n + meta.data_len() as u64 != len {
+        return Err(bad(format!(
+            "the header describes {} data bytes, the file holds {}",
+            meta.data_len(),
+            len - 8 - n
+        )));
+    }
+    Ok((8 + n, meta))
 }

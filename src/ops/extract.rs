@@ -96,7 +96,7 @@ pub fn extract(opts: &ExtractOptions, home: &XpmHome, printer: &Printer) -> Resu
     );
     let pb = printer.progress(targets.len() as u64, "Extracting");
     let mut writer = ArtifactWriter::create(&opts.out, opts.level)?;
-    let window = rayon::current_num_threads().max(1) * 2;
+    let window = rayon::current_num_threads().max(1);
     for chunk in targets.chunks(window) {
         let encoded: Vec<Result<_>> = chunk
             .par_iter()

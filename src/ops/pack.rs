@@ -42,7 +42,7 @@ pub fn pack(dir: &Path, out: &Path, level: i32, printer: &Printer) -> Result<Man
     let pb = printer.progress(m.tensors.len() as u64, "Packing");
     let mut writer = ArtifactWriter::create(out, level)?;
     let idx: Vec<usize> = (0..m.tensors.len()).collect();
-    let window = rayon::current_num_threads().max(1) * 2;
+    let window = rayon::current_num_threads().max(1);
     for chunk in idx.chunks(window) {
         let encoded: Vec<Result<_>> = chunk
             .par_iter()

@@ -7,10 +7,14 @@ use crate::format::ArtifactReader;
 use crate::format::unpacked;
 use crate::printer::Printer;
 
-/// Verify `artifact` completely, then unpack it into `out` (which must not exist or be empty).
+/// Unpack `artifact` into `out` (which must not exist or be empty), atomically.
+///
+/// Every byte is checked before use without a separate pass over the file: the prelude and
+/// trailer fields structurally, the manifest against its sha256, and each frame against its own
+/// sha256 as it is read (frames are contiguous and cover the payload, so together these cover
+/// the whole file but the trailer's own file digest, which `xpm verify` checks).
 pub fn unpack(artifact: &Path, out: &Path, printer: &Printer) -> Result<()> {
     let reader = ArtifactReader::open(artifact)?;
-    reader.verify_file_digest()?;
     let m = reader.manifest();
     printer.status(
         "Unpacking",

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::format::ArtifactReader;
+use crate::format::{ArtifactReader, Content};
 use crate::printer::Printer;
 
 /// What a successful verification saw.
@@ -20,6 +20,7 @@ pub struct VerifyReport {
     /// `sha256:<hex>` of the whole file (what registries and lockfiles record).
     pub sha256: String,
     pub tensors: usize,
+    /// Stored entries: nnz for sparse, numel for dense, rank·(in+out) for LoRA.
     pub nnz: u64,
 }
 
@@ -32,11 +33,11 @@ pub fn verify(artifact: &Path, printer: &Printer) -> Result<VerifyReport> {
     let mut nnz = 0u64;
     for i in 0..m.tensors.len() {
         let t = reader.read_tensor(i)?;
-        if let crate::format::Content::Sparse { indices, .. } = &t.content {
-            nnz += indices.len() as u64;
-        } else {
-            nnz += t.numel();
-        }
+        nnz += match &t.content {
+            Content::Sparse { indices, .. } => indices.len() as u64,
+            Content::Lora { rank, .. } => *rank as u64 * t.shape.iter().sum::<u64>(),
+            Content::Dense { .. } => t.numel(),
+        };
         pb.inc(1);
     }
     pb.finish_and_clear();

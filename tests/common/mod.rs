@@ -184,26 +184,30 @@ pub fn base_and_tuned(ctx: &TestContext) -> (PathBuf, PathBuf, Tensors, Tensors)
     (b, t, base, tuned)
 }
 
-/// Split an artifact into (prelude, manifest JSON, payload) — payload without the trailer.
+/// Split an artifact into (prelude, manifest JSON, payload).
 pub fn split_artifact(bytes: &[u8]) -> (Vec<u8>, serde_json::Value, Vec<u8>) {
-    let mlen = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
-    let manifest: serde_json::Value = serde_json::from_slice(&bytes[56..56 + mlen]).unwrap();
-    (
-        bytes[..56].to_vec(),
-        manifest,
-        bytes[56 + mlen..bytes.len() - 40].to_vec(),
-    )
+    let t = bytes.len() - 80;
+    let mlen = u64::from_le_bytes(bytes[t..t + 8].try_into().unwrap()) as usize;
+    let manifest: serde_json::Value = serde_json::from_slice(&bytes[t - mlen..t]).unwrap();
+    (bytes[..16].to_vec(), manifest, bytes[16..t - mlen].to_vec())
+}
+
+/// Byte range of the manifest in an artifact.
+pub fn manifest_range(bytes: &[u8]) -> std::ops::Range<usize> {
+    let t = bytes.len() - 80;
+    let mlen = u64::from_le_bytes(bytes[t..t + 8].try_into().unwrap()) as usize;
+    t - mlen..t
 }
 
 /// Rebuild an artifact from parts, recomputing the manifest digest and the trailer, as a
 /// (buggy or malicious) writer that gets every digest right would.
 pub fn assemble_artifact(prelude: &[u8], manifest: &serde_json::Value, payload: &[u8]) -> Vec<u8> {
     let m = serde_json::to_vec(manifest).unwrap();
-    let mut out = prelude[..16].to_vec();
+    let mut out = prelude.to_vec();
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&m);
     out.extend_from_slice(&(m.len() as u64).to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&m));
-    out.extend_from_slice(&m);
-    out.extend_from_slice(payload);
     let d = Sha256::digest(&out);
     out.extend_from_slice(&d);
     out.extend_from_slice(b"XPM-END\n");
