@@ -80,7 +80,10 @@ fn manifest(tensors: Vec<xpm::format::TensorEntry>) -> Manifest {
 }
 
 /// Write an unpacked expert directory; returns the byte size of tensors.safetensors.
-fn write_unpacked(dir: &Path, tensors: &[(String, Vec<u64>, Option<Vec<u64>>, Vec<f32>)]) -> u64 {
+/// (name, shape, sparse indices or `None` for dense, values)
+type BenchTensor = (String, Vec<u64>, Option<Vec<u64>>, Vec<f32>);
+
+fn write_unpacked(dir: &Path, tensors: &[BenchTensor]) -> u64 {
     std::fs::create_dir_all(dir).unwrap();
     let mut entries = Vec::new();
     let mut planned = Vec::new();
