@@ -226,11 +226,20 @@ fn rice_plan(gaps: impl Iterator<Item = u64> + Clone) -> (u8, u64) {
     } else {
         0
     };
-    let cost =
-        |k: u32| -> u64 { gaps.clone().map(|g| (g >> k) + 1).sum::<u64>() + count * k as u64 };
-    (guess - 1..=guess + 1)
+    // One pass for the three candidate parameters around the guess.
+    let ks: Vec<u32> = (guess - 1..=guess + 1)
         .filter(|k| (0..=56).contains(k))
-        .map(|k| (k as u8, cost(k as u32)))
+        .map(|k| k as u32)
+        .collect();
+    let mut quotients = [0u64; 3];
+    for g in gaps {
+        for (q, &k) in quotients.iter_mut().zip(&ks) {
+            *q += g >> k;
+        }
+    }
+    ks.iter()
+        .zip(quotients)
+        .map(|(&k, q)| (k as u8, q + count * (k as u64 + 1)))
         .min_by_key(|&(k, bits)| (bits, k))
         .expect("at least one candidate")
 }
@@ -356,7 +365,7 @@ fn tile_area(t: u64, rows: u64, cols: u64, per_row: u64) -> u64 {
 /// Sorted tile ids if the mask is exactly a union of tiles.
 fn tile_ids(indices: &[u64], shape: &[u64]) -> Option<Vec<u64>> {
     let (rows, cols, per_row) = tile_grid(shape)?;
-    if indices.is_empty() {
+    if indices.is_empty() || !runs_fit_tiles(indices, cols) {
         return None;
     }
     let mut tiles: Vec<u64> = indices
@@ -371,6 +380,30 @@ fn tile_ids(indices: &[u64], shape: &[u64]) -> Option<Vec<u64>> {
         .sum();
     // Indices are distinct and each lies in one of the tiles, so equal counts mean equal sets.
     (covered == indices.len() as u64).then_some(tiles)
+}
+
+/// A cheap necessary condition for a union of tiles, so unstructured masks are rejected after
+/// looking at a handful of indices: within each row, every run of consecutive indices starts on
+/// a tile boundary and ends on one (or at the end of the row).
+fn runs_fit_tiles(indices: &[u64], cols: u64) -> bool {
+    let mut start = 0;
+    while start < indices.len() {
+        let first = indices[start];
+        let (row, col) = (first / cols, first % cols);
+        if col % BLOCK != 0 {
+            return false;
+        }
+        let mut end = start + 1;
+        while end < indices.len() && indices[end] == indices[end - 1] + 1 && indices[end] / cols == row {
+            end += 1;
+        }
+        let last_col = col + (end - start) as u64 - 1;
+        if (last_col + 1) % BLOCK != 0 && last_col + 1 != cols {
+            return false;
+        }
+        start = end;
+    }
+    true
 }
 
 fn block_encode(tiles: &[u64]) -> Vec<u8> {

@@ -275,19 +275,13 @@ impl UnpackedDir {
                 delta: values("delta", &t.shape)?,
             },
         };
-        let data = TensorData {
+        // Sizes and indices are validated by `encode_tensor`, once.
+        Ok(TensorData {
             name: t.name.clone(),
             shape: t.shape.clone(),
             dtype: t.dtype,
             content,
-        };
-        data.validate().map_err(|e| {
-            Error::input(
-                format!("`{}`: {e}", self.dir.display()),
-                e.hint().as_deref(),
-            )
-        })?;
-        Ok(data)
+        })
     }
 }
 
