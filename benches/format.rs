@@ -156,7 +156,8 @@ fn throughput(label: &str, dir: &Path, work: &Path, reps: usize, out: &mut Strin
     let mb = std::fs::metadata(&src_path).unwrap().len() as f64 / 1e6;
     let zpath = work.join(format!("{label}.zst"));
     let (t_zc, _) = best_of(reps, || {
-        let mut enc = zstd::stream::Encoder::new(std::fs::File::create(&zpath).unwrap(), LEVEL).unwrap();
+        let mut enc =
+            zstd::stream::Encoder::new(std::fs::File::create(&zpath).unwrap(), LEVEL).unwrap();
         enc.include_checksum(true).unwrap();
         std::io::copy(&mut std::fs::File::open(&src_path).unwrap(), &mut enc).unwrap();
         enc.finish().unwrap();

@@ -390,15 +390,18 @@ fn runs_fit_tiles(indices: &[u64], cols: u64) -> bool {
     while start < indices.len() {
         let first = indices[start];
         let (row, col) = (first / cols, first % cols);
-        if col % BLOCK != 0 {
+        if !col.is_multiple_of(BLOCK) {
             return false;
         }
         let mut end = start + 1;
-        while end < indices.len() && indices[end] == indices[end - 1] + 1 && indices[end] / cols == row {
+        while end < indices.len()
+            && indices[end] == indices[end - 1] + 1
+            && indices[end] / cols == row
+        {
             end += 1;
         }
         let last_col = col + (end - start) as u64 - 1;
-        if (last_col + 1) % BLOCK != 0 && last_col + 1 != cols {
+        if !(last_col + 1).is_multiple_of(BLOCK) && last_col + 1 != cols {
             return false;
         }
         start = end;
