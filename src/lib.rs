@@ -14,6 +14,7 @@ pub mod error;
 pub mod format;
 pub mod fsutil;
 pub mod home;
+pub mod merge;
 pub mod ops;
 pub mod printer;
 pub mod schema;

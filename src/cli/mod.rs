@@ -13,6 +13,7 @@ use crate::printer::Printer;
 mod demo;
 mod extract;
 mod inspect;
+mod merge;
 mod pack;
 mod unpack;
 mod verify;
@@ -41,6 +42,8 @@ pub enum Command {
     Unpack(unpack::Args),
     /// Show an artifact's manifest and per-tensor storage
     Inspect(inspect::Args),
+    /// Merge experts with a built-in strategy into a new expert
+    Merge(Box<merge::Args>),
     /// Check an artifact's integrity completely
     Verify(verify::Args),
     /// Run xpm's main job end to end on a small model it prepares itself
@@ -65,6 +68,7 @@ pub fn main() -> ExitCode {
         Command::Pack(a) => pack::exec(a, &ctx),
         Command::Unpack(a) => unpack::exec(a, &ctx),
         Command::Inspect(a) => inspect::exec(a, &ctx),
+        Command::Merge(a) => merge::exec(*a, &ctx),
         Command::Verify(a) => verify::exec(a, &ctx),
         Command::Demo(a) => demo::exec(a, &ctx),
     };

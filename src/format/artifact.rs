@@ -41,6 +41,8 @@ pub const END_MAGIC: [u8; 8] = *b"XPM-END\n";
 pub const PRELUDE_LEN: u64 = 16;
 /// Length of the fixed trailer.
 pub const TRAILER_LEN: u64 = 80;
+/// The last bytes of the trailer: the file sha256 and the end magic.
+const DIGEST_TAIL_LEN: u64 = 40;
 /// Largest manifest a reader accepts.
 pub const MAX_MANIFEST_LEN: u64 = 256 << 20;
 /// Largest safetensors header a reader accepts (the safetensors crate's own limit).
@@ -54,7 +56,7 @@ pub const HEADER_TENSORS_KEY: &str = "xpm.tensors";
 /// Default zstd level.
 pub const DEFAULT_LEVEL: i32 = 3;
 
-/// One tensor, encoded and compressed, ready to be spooled.
+/// One tensor, encoded and compressed, ready to be written.
 #[derive(Debug)]
 pub struct EncodedTensor {
     entry: TensorEntry,
@@ -368,6 +370,13 @@ impl ArtifactReader {
                 supported: FORMAT_MAJOR,
             });
         }
+        if flags != 0 && minor > FORMAT_MINOR {
+            return Err(Error::UnsupportedFormat {
+                path,
+                found: format!("{major}.{minor} (flags {flags:#x})"),
+                supported: FORMAT_MAJOR,
+            });
+        }
         if flags != 0 {
             return Err(corrupt(format!(
                 "unknown flags {flags:#x} in the prelude (format {major}.{minor} defines none)"
@@ -457,7 +466,7 @@ impl ArtifactReader {
     /// Hash the whole file and compare with the trailer. Returns the file's `sha256:<hex>` (the
     /// digest of the whole file, trailer included, as a registry would compute it).
     pub fn verify_file_digest(&self) -> Result<String> {
-        let body = self.len - 40;
+        let body = self.len - DIGEST_TAIL_LEN;
         let mut f = &self.file;
         f.seek(SeekFrom::Start(0)).at("read", &self.path)?;
         let mut hasher = Sha256::new();
@@ -469,7 +478,7 @@ impl ArtifactReader {
             hasher.update(&buf[..n]);
             left -= n as u64;
         }
-        let mut trailer = [0u8; 40];
+        let mut trailer = [0u8; DIGEST_TAIL_LEN as usize];
         f.read_exact(&mut trailer).at("read", &self.path)?;
         let mut whole = hasher.clone();
         whole.update(trailer);

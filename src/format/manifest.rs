@@ -1,7 +1,7 @@
 //! The expert manifest: what an expert is, what it was made from, and how its payload is stored.
 //!
 //! The same type is written as `manifest.json` in an unpacked directory (without the `stored`
-//! and `payload` sections) and at the front of every `.xpm` artifact (with them). Its JSON Schema
+//! and `payload` sections) and in the footer of every `.xpm` artifact (with them). Its JSON Schema
 //! is `schemas/manifest.schema.json`, generated from these types (`tests/schemas.rs` keeps it in
 //! sync).
 //!
@@ -195,7 +195,7 @@ pub struct Payload {
     pub size: u64,
     /// Total decompressed length (the size of the safetensors image).
     pub raw_size: u64,
-    /// The frame holding the safetensors header (always at offset 0).
+    /// The frame holding the safetensors header (writers put it last).
     pub header: Frame,
 }
 

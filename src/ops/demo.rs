@@ -39,11 +39,12 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
     printer.status(
         "Preparing",
         format!(
-            "a small base model and a fine-tune of it in {}",
+            "a small base model and two fine-tunes of it in {}",
             dir.display()
         ),
     );
-    let names = write_models(&base, &tuned)?;
+    let tuned_b = dir.join("tuned-model-b");
+    let names = write_models(&base, &[&tuned, &tuned_b])?;
 
     let artifact = dir.join("demo-expert-0.1.0.xpm");
     let opts = ops::extract::ExtractOptions {
@@ -82,6 +83,44 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
     )?;
     check_same_tensors(&artifact, &repacked)?;
     printer.status("Checked", "unpack → pack reproduces every tensor exactly");
+
+    // A second expert from the other fine-tune, then the paper's merge of the two.
+    let artifact_b = dir.join("demo-expert-b-0.1.0.xpm");
+    ops::extract::extract(
+        &ops::extract::ExtractOptions {
+            tuned: tuned_b,
+            name: "demo-expert-b".into(),
+            out: artifact_b.clone(),
+            ..opts.clone()
+        },
+        home,
+        printer,
+    )?;
+    let merged = dir.join("demo-merged-0.1.0.xpm");
+    ops::merge::merge(
+        &ops::merge::MergeOptions {
+            experts: vec![artifact.clone(), artifact_b],
+            weights: vec![],
+            strategy: crate::merge::Strategy::SparseMean,
+            params: crate::merge::MergeParams::default(),
+            name: "demo-merged".into(),
+            version: semver::Version::new(0, 1, 0),
+            out: merged.clone(),
+            level: crate::format::artifact::DEFAULT_LEVEL,
+        },
+        printer,
+    )?;
+    let merged_report = ops::inspect::inspect(&merged)?;
+    ops::verify::verify(&merged, printer)?;
+    printer.status(
+        "Merged",
+        format!(
+            "{} with `sparse-mean`: {} entries over the union of both masks ({:.1} % of the attention weights)",
+            merged.display(),
+            merged_report.totals.nnz,
+            merged_report.totals.density * 100.0
+        ),
+    );
 
     let energy_kept = energy_kept(&base, &tuned, &artifact, &names)?;
     printer.status(
@@ -144,8 +183,9 @@ impl Rng {
     }
 }
 
-/// Write the base (two shards + index) and the tuned model (one file); returns tensor names.
-fn write_models(base: &Path, tuned: &Path) -> Result<Vec<String>> {
+/// Write the base (two shards + index) and fine-tuned models (one file each); returns tensor
+/// names.
+fn write_models(base: &Path, tuned: &[&Path]) -> Result<Vec<String>> {
     let (hidden, ffn, vocab, layers) = (128usize, 512usize, 1000usize, 4usize);
     let mut specs: Vec<(String, Vec<usize>)> = vec![(
         "embeddings.word_embeddings.weight".into(),
@@ -169,26 +209,35 @@ fn write_models(base: &Path, tuned: &Path) -> Result<Vec<String>> {
         specs.push((format!("{p}.output.LayerNorm.weight"), vec![hidden]));
     }
     let mut rng = Rng(0x5eed);
-    let mut base_vals: Vec<Vec<f32>> = Vec::new();
-    let mut tuned_vals: Vec<Vec<f32>> = Vec::new();
-    for (name, shape) in &specs {
-        let n: usize = shape.iter().product();
-        let b: Vec<f32> = (0..n).map(|_| rng.normal() * 0.05).collect();
-        // The fine-tune: tiny noise everywhere, and larger moves on ~3 % of attention entries.
-        let t: Vec<f32> = b
-            .iter()
-            .map(|&v| {
-                let mut d = rng.normal() * 1e-4;
-                if name.contains(".attention.") && rng.uniform() < 0.03 {
-                    d += rng.normal() * 0.02;
-                }
-                v + d
-            })
-            .collect();
-        base_vals.push(b);
-        tuned_vals.push(t);
-    }
-    for d in [base, tuned] {
+    let base_vals: Vec<Vec<f32>> = specs
+        .iter()
+        .map(|(_, shape)| {
+            let n: usize = shape.iter().product();
+            (0..n).map(|_| rng.normal() * 0.05).collect()
+        })
+        .collect();
+    // Each fine-tune: tiny noise everywhere, and larger moves on ~3 % of attention entries.
+    let tuned_vals: Vec<Vec<Vec<f32>>> = tuned
+        .iter()
+        .map(|_| {
+            specs
+                .iter()
+                .zip(&base_vals)
+                .map(|((name, _), b)| {
+                    b.iter()
+                        .map(|&v| {
+                            let mut d = rng.normal() * 1e-4;
+                            if name.contains(".attention.") && rng.uniform() < 0.03 {
+                                d += rng.normal() * 0.02;
+                            }
+                            v + d
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    for d in std::iter::once(base).chain(tuned.iter().copied()) {
         std::fs::create_dir_all(d).at("create directory", d)?;
         let config = serde_json::json!({
             "architectures": ["BertModel"], "model_type": "bert", "hidden_size": hidden,
@@ -234,12 +283,14 @@ fn write_models(base: &Path, tuned: &Path) -> Result<Vec<String>> {
     let ip = base.join(crate::checkpoint::INDEX_FILE);
     std::fs::write(&ip, serde_json::to_vec_pretty(&index).expect("json")).at("write", &ip)?;
     let all: Vec<usize> = (0..specs.len()).collect();
-    write_safetensors(
-        &tuned.join(crate::checkpoint::SINGLE_FILE),
-        &plan(&all),
-        None,
-        |k| Ok(f32_bytes(&tuned_vals[k])),
-    )?;
+    for (dir, vals) in tuned.iter().zip(&tuned_vals) {
+        write_safetensors(
+            &dir.join(crate::checkpoint::SINGLE_FILE),
+            &plan(&all),
+            None,
+            |k| Ok(f32_bytes(&vals[k])),
+        )?;
+    }
     Ok(specs.into_iter().map(|(n, _)| n).collect())
 }
 

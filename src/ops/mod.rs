@@ -4,6 +4,7 @@
 pub mod demo;
 pub mod extract;
 pub mod inspect;
+pub mod merge;
 pub mod pack;
 pub mod unpack;
 pub mod verify;

@@ -1,0 +1,560 @@
+//! The merge engine: one target tensor at a time, on the union of the experts' supports.
+//!
+//! Each expert's delta is first sparsified on its own entries (top-k, DARE, breadcrumbs, DELLA),
+//! then a k-way walk over the experts' sorted index lists combines the entries position by
+//! position. Sparse inputs stay sparse: memory is proportional to the entries, never to the
+//! dense tensor, and a position outside every mask is never touched (so stays exactly zero).
+//! Dense inputs take the same path with every position present. Randomness comes from a
+//! counter-based stream keyed by (seed, expert, tensor, position), so results are bit-identical
+//! whatever the thread count, tensor order or set of other tensors.
+
+use super::params::{Divisor, MergeParams, Rescale, SignRule, Strategy};
+use crate::select::top_k_abs;
+
+/// One expert's delta for one tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// Sorted flat indices (the mask) and the delta's values there.
+    Sparse { indices: Vec<u64>, values: Vec<f32> },
+    /// The full delta, row-major.
+    Dense { values: Vec<f32> },
+    /// The expert has no delta for this tensor (a zero delta with an empty mask).
+    Absent,
+}
+
+/// The merged delta of one tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Sparse { indices: Vec<u64>, values: Vec<f32> },
+    Dense { values: Vec<f32> },
+}
+
+/// One expert's (possibly sparsified) entries: `indices == None` means every position.
+struct Entries {
+    indices: Option<Vec<u64>>,
+    values: Vec<f32>,
+}
+
+impl Entries {
+    fn index(&self, k: usize) -> u64 {
+        self.indices.as_ref().map_or(k as u64, |ix| ix[k])
+    }
+}
+
+/// Merge one tensor. `weights[i]` belongs to `inputs[i]`; `tensor` names the tensor for the
+/// random streams.
+pub fn merge_tensor(
+    tensor: &str,
+    shape: &[u64],
+    inputs: &[Input],
+    weights: &[f64],
+    strategy: Strategy,
+    p: &MergeParams,
+) -> Output {
+    let n: u64 = shape.iter().product();
+    let dense = inputs.iter().any(|i| matches!(i, Input::Dense { .. }));
+    let entries: Vec<Entries> = inputs
+        .iter()
+        .enumerate()
+        .map(|(e, input)| sparsify(strategy, p, tensor, e as u64, shape, n, input))
+        .collect();
+    let total_w: f64 = weights.iter().sum();
+
+    let mut cursor = vec![0usize; entries.len()];
+    let mut out_idx = Vec::new();
+    let mut out_val = Vec::new();
+    // Contributions at the current position: (weight, value).
+    let mut here: Vec<(f64, f64)> = Vec::with_capacity(entries.len());
+    loop {
+        let mut pos = u64::MAX;
+        for (e, en) in entries.iter().enumerate() {
+            if cursor[e] < en.values.len() {
+                pos = pos.min(en.index(cursor[e]));
+            }
+        }
+        if pos == u64::MAX {
+            break;
+        }
+        here.clear();
+        for (e, en) in entries.iter().enumerate() {
+            if cursor[e] < en.values.len() && en.index(cursor[e]) == pos {
+                here.push((weights[e], en.values[cursor[e]] as f64));
+                cursor[e] += 1;
+            }
+        }
+        let v = combine(strategy, p, &here, total_w);
+        if strategy.keeps_union() || v != 0.0 {
+            out_idx.push(pos);
+            out_val.push(v as f32);
+        }
+    }
+    if dense {
+        let mut full = vec![0f32; n as usize];
+        for (i, v) in out_idx.iter().zip(out_val) {
+            full[*i as usize] = v;
+        }
+        Output::Dense { values: full }
+    } else {
+        Output::Sparse {
+            indices: out_idx,
+            values: out_val,
+        }
+    }
+}
+
+/// Combine the contributions at one position.
+fn combine(strategy: Strategy, p: &MergeParams, here: &[(f64, f64)], total_w: f64) -> f64 {
+    let weighted_sum = || here.iter().map(|(w, v)| w * v).sum::<f64>();
+    match strategy {
+        Strategy::SparseMean => {
+            let den: f64 = here.iter().map(|(w, _)| w).sum();
+            if den == 0.0 {
+                0.0
+            } else {
+                p.lambda * weighted_sum() / den
+            }
+        }
+        Strategy::Mean => {
+            if total_w == 0.0 {
+                0.0
+            } else {
+                weighted_sum() / total_w
+            }
+        }
+        Strategy::Linear => {
+            let s = p.lambda * weighted_sum();
+            if p.normalize && total_w != 0.0 {
+                s / total_w
+            } else {
+                s
+            }
+        }
+        Strategy::TaskArithmetic
+        | Strategy::MagnitudePrune
+        | Strategy::DareLinear
+        | Strategy::Breadcrumbs => p.lambda * weighted_sum(),
+        Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della => {
+            let vote: f64 = here
+                .iter()
+                .filter(|(_, v)| *v != 0.0)
+                .map(|(w, v)| match p.sign {
+                    SignRule::Total => *v,
+                    SignRule::Weighted => w * v,
+                    SignRule::Frequency => v.signum(),
+                })
+                .sum();
+            let positive = vote >= 0.0; // sgn⁺: ties go to +1
+            let agree = here
+                .iter()
+                .filter(|(_, v)| *v != 0.0 && (*v > 0.0) == positive);
+            let (mut num, mut count, mut wsum) = (0.0f64, 0.0f64, 0.0f64);
+            for (w, v) in agree {
+                num += w * v;
+                count += 1.0;
+                wsum += w;
+            }
+            let den = match p.divisor {
+                Divisor::Count => count.max(1.0),
+                Divisor::Weights if wsum == 0.0 => 1.0,
+                Divisor::Weights => wsum,
+            };
+            p.lambda * num / den
+        }
+    }
+}
+
+/// One expert's entries after the strategy's per-expert sparsification.
+fn sparsify(
+    strategy: Strategy,
+    p: &MergeParams,
+    tensor: &str,
+    expert: u64,
+    shape: &[u64],
+    n: u64,
+    input: &Input,
+) -> Entries {
+    let (indices, values): (Option<Vec<u64>>, Vec<f32>) = match input {
+        Input::Sparse { indices, values } => (Some(indices.clone()), values.clone()),
+        Input::Dense { values } => (None, values.clone()),
+        Input::Absent => (Some(Vec::new()), Vec::new()),
+    };
+    let e = Entries { indices, values };
+    let k = crate::ops::extract::keep_count(p.density, n as usize);
+    match strategy {
+        Strategy::MagnitudePrune | Strategy::Ties => {
+            let keep = top_k_abs(&e.values, k);
+            subset(&e, &keep, |_, v| v)
+        }
+        Strategy::DareLinear | Strategy::DareTies => {
+            let rng = Stream::new(p.seed, expert, tensor);
+            let keep: Vec<u64> = (0..e.values.len() as u64)
+                .filter(|&j| rng.uniform(e.index(j as usize)) < p.density)
+                .collect();
+            let kept = subset(&e, &keep, |_, v| v);
+            rescale(p, &e, kept, |_| p.density)
+        }
+        Strategy::Breadcrumbs | Strategy::BreadcrumbsTies => {
+            let drop_top = crate::ops::extract::keep_count(p.gamma, n as usize);
+            // Order by descending magnitude, ties to the lower index; skip the outliers,
+            // keep the next k.
+            let mut order: Vec<usize> = (0..e.values.len()).collect();
+            order.sort_by(|&a, &b| {
+                e.values[b]
+                    .abs()
+                    .total_cmp(&e.values[a].abs())
+                    .then(a.cmp(&b))
+            });
+            let mut keep: Vec<u64> = order
+                .iter()
+                .skip(drop_top)
+                .take(k)
+                .map(|&j| j as u64)
+                .collect();
+            keep.sort_unstable();
+            subset(&e, &keep, |_, v| v)
+        }
+        Strategy::Della => della(p, tensor, expert, shape, n, &e),
+        _ => e,
+    }
+}
+
+/// Entries at positions `keep` (sorted offsets into `e`), mapped by `f(offset, value)`.
+fn subset(e: &Entries, keep: &[u64], f: impl Fn(usize, f32) -> f32) -> Entries {
+    Entries {
+        indices: Some(keep.iter().map(|&j| e.index(j as usize)).collect()),
+        values: keep
+            .iter()
+            .map(|&j| f(j as usize, e.values[j as usize]))
+            .collect(),
+    }
+}
+
+/// DARE rescaling of the kept entries: divide by the keep probability (`Bernoulli`), or scale
+/// to the undropped L1 norm (`L1`).
+fn rescale(
+    p: &MergeParams,
+    all: &Entries,
+    mut kept: Entries,
+    prob: impl Fn(u64) -> f64,
+) -> Entries {
+    match p.rescale {
+        Rescale::Bernoulli => {
+            let ix = kept.indices.clone().unwrap_or_default();
+            for (v, i) in kept.values.iter_mut().zip(ix) {
+                *v = (*v as f64 / prob(i)) as f32;
+            }
+        }
+        Rescale::L1 => {
+            let before: f64 = all.values.iter().map(|v| v.abs() as f64).sum();
+            let after: f64 = kept.values.iter().map(|v| v.abs() as f64).sum();
+            let s = if after > 0.0 { before / after } else { 0.0 };
+            kept.values
+                .iter_mut()
+                .for_each(|v| *v = (*v as f64 * s) as f32);
+        }
+    }
+    kept
+}
+
+/// DELLA: per row, rank entries by ascending magnitude among all the row's positions
+/// (positions outside the mask are zeros and take the lowest ranks), keep entry of rank r with
+/// probability p_r = d − ε + 2ε(r − 1)/(L − 1), rescale by 1/p_r.
+fn della(
+    p: &MergeParams,
+    tensor: &str,
+    expert: u64,
+    shape: &[u64],
+    n: u64,
+    e: &Entries,
+) -> Entries {
+    let row_len = match shape {
+        [] | [_] => n.max(1),
+        [_, rest @ ..] => rest.iter().product::<u64>().max(1),
+    };
+    let rng = Stream::new(p.seed, expert, tensor);
+    let mut probs: Vec<(u64, f64)> = Vec::new(); // (offset into e, p)
+    let mut start = 0usize;
+    while start < e.values.len() {
+        let row = e.index(start) / row_len;
+        let mut end = start + 1;
+        while end < e.values.len() && e.index(end) / row_len == row {
+            end += 1;
+        }
+        let mut order: Vec<usize> = (start..end).collect();
+        order.sort_by(|&a, &b| {
+            e.values[a]
+                .abs()
+                .total_cmp(&e.values[b].abs())
+                .then(a.cmp(&b))
+        });
+        let below = row_len - (end - start) as u64; // out-of-mask zeros rank lowest
+        for (r0, &j) in order.iter().enumerate() {
+            let r = below + r0 as u64; // 0-based rank
+            let prob = if row_len > 1 {
+                p.density - p.epsilon + 2.0 * p.epsilon * r as f64 / (row_len - 1) as f64
+            } else {
+                p.density
+            };
+            probs.push((j as u64, prob));
+        }
+        start = end;
+    }
+    probs.sort_unstable_by_key(|&(j, _)| j);
+    let keep: Vec<(u64, f64)> = probs
+        .into_iter()
+        .filter(|&(j, prob)| prob > 0.0 && rng.uniform(e.index(j as usize)) < prob)
+        .collect();
+    let offsets: Vec<u64> = keep.iter().map(|&(j, _)| j).collect();
+    let kept = subset(e, &offsets, |_, v| v);
+    let by_index: std::collections::HashMap<u64, f64> = keep
+        .iter()
+        .map(|&(j, prob)| (e.index(j as usize), prob))
+        .collect();
+    rescale(p, e, kept, |i| by_index[&i])
+}
+
+/// A counter-based random stream for one (seed, expert, tensor): `uniform(position)` is a pure
+/// function, so no draw depends on the order in which positions are visited.
+pub struct Stream {
+    key: u64,
+}
+
+impl Stream {
+    pub fn new(seed: u64, expert: u64, tensor: &str) -> Self {
+        let mut key = splitmix(seed ^ 0x5851_f42d_4c95_7f2d);
+        key = splitmix(key ^ expert.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for chunk in tensor.as_bytes().chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            key = splitmix(key ^ u64::from_le_bytes(b));
+        }
+        Stream { key }
+    }
+
+    /// Uniform in [0, 1) for a position.
+    pub fn uniform(&self, position: u64) -> f64 {
+        (splitmix(self.key ^ splitmix(position)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::params::Preset;
+    use proptest::prelude::{Strategy as _, prop, prop_assert, prop_assert_eq, proptest};
+
+    fn dense(v: &[f32]) -> Input {
+        Input::Dense { values: v.to_vec() }
+    }
+
+    fn run(strategy: Strategy, p: &MergeParams, inputs: &[Input], w: &[f64]) -> Vec<f32> {
+        match merge_tensor("t", &[4], inputs, w, strategy, p) {
+            Output::Dense { values } => values,
+            Output::Sparse { indices, values } => {
+                let mut full = vec![0.0; 4];
+                for (i, v) in indices.iter().zip(values) {
+                    full[*i as usize] = v;
+                }
+                full
+            }
+        }
+    }
+
+    fn worked() -> Vec<Input> {
+        // MERGING.md: τ1 = [1, −2, 0.5, 0], τ2 = [−0.5, −1, 2, 0.1], τ3 = [0.2, 3, −1, 0]
+        vec![
+            dense(&[1.0, -2.0, 0.5, 0.0]),
+            dense(&[-0.5, -1.0, 2.0, 0.1]),
+            dense(&[0.2, 3.0, -1.0, 0.0]),
+        ]
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+    }
+
+    #[test]
+    fn merging_md_task_arithmetic() {
+        let got = run(
+            Strategy::TaskArithmetic,
+            &MergeParams::default(),
+            &worked(),
+            &[1.0, 2.0, 0.5],
+        );
+        assert!(close(&got, &[0.1, -2.5, 4.0, 0.2]), "{got:?}");
+    }
+
+    #[test]
+    fn merging_md_magnitude_prune() {
+        let p = MergeParams {
+            density: 0.5,
+            ..MergeParams::default()
+        };
+        let got = run(Strategy::MagnitudePrune, &p, &worked(), &[1.0, 2.0, 0.5]);
+        assert!(close(&got, &[1.0, -2.5, 3.5, 0.0]), "{got:?}");
+    }
+
+    #[test]
+    fn merging_md_ties_peft_and_mergekit_agree() {
+        for preset in [Preset::Peft, Preset::Mergekit] {
+            let p = MergeParams {
+                density: 0.5,
+                ..MergeParams::preset(preset)
+            };
+            let got = run(Strategy::Ties, &p, &worked(), &[1.0, 1.0, 1.0]);
+            assert!(close(&got, &[1.0, 3.0, 2.0, 0.0]), "{preset:?}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn merging_md_sparse_mean_counts_membership_not_nonzero() {
+        let inputs = vec![
+            Input::Sparse {
+                indices: vec![0, 1, 2, 3],
+                values: vec![1.0, -2.0, 0.5, 0.0],
+            },
+            Input::Sparse {
+                indices: vec![0, 1, 2, 3],
+                values: vec![-0.5, -1.0, 2.0, 0.1],
+            },
+            Input::Sparse {
+                indices: vec![1, 2],
+                values: vec![3.0, -1.0],
+            },
+        ];
+        let got = run(
+            Strategy::SparseMean,
+            &MergeParams::default(),
+            &inputs,
+            &[1.0, 1.0, 1.0],
+        );
+        assert!(close(&got, &[0.25, 0.0, 0.5, 0.05]), "{got:?}");
+    }
+
+    #[test]
+    fn dare_is_deterministic_and_keeps_about_d() {
+        let n = 20_000;
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i % 7) as f32 - 3.0) * 0.1 + 0.05)
+            .collect();
+        let p = MergeParams {
+            density: 0.3,
+            seed: 7,
+            ..MergeParams::default()
+        };
+        let a = merge_tensor(
+            "w",
+            &[n as u64],
+            &[dense(&v)],
+            &[1.0],
+            Strategy::DareLinear,
+            &p,
+        );
+        let b = merge_tensor(
+            "w",
+            &[n as u64],
+            &[dense(&v)],
+            &[1.0],
+            Strategy::DareLinear,
+            &p,
+        );
+        assert_eq!(a, b);
+        let Output::Dense { values } = a else {
+            panic!()
+        };
+        let kept = values.iter().filter(|x| **x != 0.0).count() as f64 / n as f64;
+        assert!((kept - 0.3).abs() < 0.02, "{kept}");
+        // Kept entries are rescaled by 1/d.
+        let i = values.iter().position(|x| *x != 0.0).unwrap();
+        assert!((values[i] - v[i] / 0.3).abs() < 1e-5);
+        // Another seed draws another mask.
+        let c = merge_tensor(
+            "w",
+            &[n as u64],
+            &[dense(&v)],
+            &[1.0],
+            Strategy::DareLinear,
+            &MergeParams {
+                seed: 8,
+                ..p.clone()
+            },
+        );
+        assert_ne!(
+            c,
+            merge_tensor(
+                "w",
+                &[n as u64],
+                &[dense(&v)],
+                &[1.0],
+                Strategy::DareLinear,
+                &p
+            )
+        );
+    }
+
+    #[test]
+    fn breadcrumbs_drops_outliers_and_keeps_the_band() {
+        let v: Vec<f32> = (1..=100).map(|i| i as f32).collect();
+        let p = MergeParams {
+            density: 0.1,
+            gamma: 0.05,
+            ..MergeParams::default()
+        };
+        let Output::Dense { values } =
+            merge_tensor("w", &[100], &[dense(&v)], &[1.0], Strategy::Breadcrumbs, &p)
+        else {
+            panic!()
+        };
+        let kept: Vec<f32> = values.into_iter().filter(|x| *x != 0.0).collect();
+        assert_eq!(kept, (86..=95).map(|i| i as f32).collect::<Vec<_>>());
+    }
+
+    fn sparse_input() -> impl proptest::strategy::Strategy<Value = (Vec<u64>, Vec<f32>)> {
+        prop::collection::btree_map(0u64..64, -4i8..4, 0..40).prop_map(|m| {
+            let (i, v): (Vec<u64>, Vec<i8>) = m.into_iter().unzip();
+            (i, v.into_iter().map(|x| x as f32 * 0.25).collect())
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn properties(experts in prop::collection::vec(sparse_input(), 1..5), s in 0usize..11, seed in 0u64..4) {
+            let strategy = Strategy::ALL[s];
+            let p = MergeParams { density: 0.5, seed, ..MergeParams::default() };
+            let inputs: Vec<Input> = experts.iter().map(|(i, v)| Input::Sparse { indices: i.clone(), values: v.clone() }).collect();
+            let w = vec![1.0; inputs.len()];
+            let out = merge_tensor("t", &[8, 8], &inputs, &w, strategy, &p);
+            let Output::Sparse { indices, values } = &out else { panic!("sparse in, sparse out") };
+            // Support ⊆ union of supports; sorted.
+            let union: std::collections::BTreeSet<u64> = experts.iter().flat_map(|(i, _)| i.iter().copied()).collect();
+            prop_assert!(indices.iter().all(|i| union.contains(i)));
+            prop_assert!(indices.windows(2).all(|w| w[0] < w[1]));
+            prop_assert!(values.iter().all(|v| v.is_finite()));
+            // An extra expert of weight 0 changes nothing (for strategies whose divisor ignores it).
+            if !matches!(strategy, Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della) {
+                let mut more = inputs.clone();
+                more.push(Input::Sparse { indices: (0..64).collect(), values: vec![1.0; 64] });
+                let mut w0 = w.clone();
+                w0.push(0.0);
+                let out0 = merge_tensor("t", &[8, 8], &more, &w0, strategy, &p);
+                let (Output::Sparse { values: a, indices: ia }, Output::Sparse { values: b, indices: ib }) = (&out, &out0) else { panic!() };
+                let nz = |ix: &[u64], v: &[f32]| ix.iter().zip(v).filter(|(_, v)| **v != 0.0).map(|(i, v)| (*i, *v)).collect::<Vec<_>>();
+                prop_assert_eq!(nz(ia, a), nz(ib, b));
+            }
+            // One expert under `mean` / identical experts under `sparse-mean` return the expert.
+            let (i0, v0) = &experts[0];
+            let one = merge_tensor("t", &[8, 8], &inputs[..1], &[1.0], Strategy::Mean, &p);
+            prop_assert_eq!(one, Output::Sparse { indices: i0.clone(), values: v0.clone() });
+            let twins = vec![inputs[0].clone(), inputs[0].clone(), inputs[0].clone()];
+            let sm = merge_tensor("t", &[8, 8], &twins, &[1.0, 2.0, 0.5], Strategy::SparseMean, &p);
+            prop_assert_eq!(sm, Output::Sparse { indices: i0.clone(), values: v0.clone() });
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Merging experts: built-in strategies over the union of the experts' supports.
+//! Semantics: docs/merging.md.
+
+pub mod engine;
+pub mod params;
+
+pub use engine::{Input, Output, merge_tensor};
+pub use params::{MergeParams, Preset, Strategy};

@@ -1,0 +1,312 @@
+//! Merge strategies and their parameters (semantics: docs/merging.md).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A built-in merge strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// The paper's method: per entry, the weighted mean over the experts whose mask holds it.
+    SparseMean,
+    /// Σ w τ / Σ w.
+    Mean,
+    /// λ Σ w τ (divided by Σ w with `normalize=true`).
+    Linear,
+    /// λ Σ w τ.
+    TaskArithmetic,
+    /// λ Σ w top_k(τ).
+    MagnitudePrune,
+    /// Trim (top-k), elect signs, disjoint merge.
+    Ties,
+    /// DARE drop and rescale, then λ Σ w δ.
+    DareLinear,
+    /// DARE drop and rescale, then the TIES elect and disjoint merge.
+    DareTies,
+    /// Drop the largest γ·n and keep the next d·n magnitudes, then task arithmetic.
+    Breadcrumbs,
+    /// Breadcrumbs sparsification, then the TIES elect and disjoint merge.
+    BreadcrumbsTies,
+    /// Magnitude-ranked random drop per row (DELLA), rescale, then TIES elect and merge.
+    Della,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 11] = [
+        Strategy::SparseMean,
+        Strategy::Mean,
+        Strategy::Linear,
+        Strategy::TaskArithmetic,
+        Strategy::MagnitudePrune,
+        Strategy::Ties,
+        Strategy::DareLinear,
+        Strategy::DareTies,
+        Strategy::Breadcrumbs,
+        Strategy::BreadcrumbsTies,
+        Strategy::Della,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::SparseMean => "sparse-mean",
+            Strategy::Mean => "mean",
+            Strategy::Linear => "linear",
+            Strategy::TaskArithmetic => "task-arithmetic",
+            Strategy::MagnitudePrune => "magnitude-prune",
+            Strategy::Ties => "ties",
+            Strategy::DareLinear => "dare-linear",
+            Strategy::DareTies => "dare-ties",
+            Strategy::Breadcrumbs => "breadcrumbs",
+            Strategy::BreadcrumbsTies => "breadcrumbs-ties",
+            Strategy::Della => "della",
+        }
+    }
+
+    /// Whether the strategy draws random numbers (and so depends on the seed).
+    pub fn is_random(self) -> bool {
+        matches!(
+            self,
+            Strategy::DareLinear | Strategy::DareTies | Strategy::Della
+        )
+    }
+
+    /// Whether the result keeps the whole union of the inputs' masks as its mask (the averaging
+    /// strategies), rather than only the entries the strategy kept.
+    pub fn keeps_union(self) -> bool {
+        matches!(
+            self,
+            Strategy::SparseMean | Strategy::Mean | Strategy::Linear | Strategy::TaskArithmetic
+        )
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Strategy::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| {
+                Error::input(
+                    format!("unknown merge strategy `{s}`"),
+                    Some(&format!(
+                        "built-in strategies: {}",
+                        Strategy::ALL.map(|x| x.as_str()).join(", ")
+                    )),
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which values vote in the TIES sign election.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignRule {
+    /// s = sgn⁺(Σ δ_i) (peft `total`).
+    Total,
+    /// s = sgn⁺(Σ w_i δ_i) (mergekit).
+    Weighted,
+    /// s = sgn⁺(Σ sgn δ_i) (peft `frequency`).
+    Frequency,
+}
+
+/// What the TIES disjoint merge divides by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Divisor {
+    /// max(1, number of agreeing experts) (peft).
+    Count,
+    /// Σ of the agreeing experts' weights, 1 when that is 0 (mergekit `normalize=true`).
+    Weights,
+}
+
+/// How DARE rescales the kept entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rescale {
+    /// Divide by the keep probability d (peft).
+    Bernoulli,
+    /// Scale so the L1 norm equals the undropped one (mergekit).
+    L1,
+}
+
+/// Every knob of the built-in strategies, with xpm's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeParams {
+    /// λ: scale of the merged delta.
+    pub lambda: f64,
+    /// d: kept fraction for top-k, DARE, breadcrumbs and DELLA.
+    pub density: f64,
+    /// γ: fraction of the largest magnitudes breadcrumbs drops.
+    pub gamma: f64,
+    /// ε: DELLA's spread of keep probabilities around d.
+    pub epsilon: f64,
+    pub sign: SignRule,
+    pub divisor: Divisor,
+    pub rescale: Rescale,
+    /// `linear` only: divide by Σ w.
+    pub normalize: bool,
+    pub seed: u64,
+}
+
+impl Default for MergeParams {
+    fn default() -> Self {
+        MergeParams {
+            lambda: 1.0,
+            density: 0.2,
+            gamma: 0.01,
+            epsilon: 0.15,
+            sign: SignRule::Total,
+            divisor: Divisor::Count,
+            rescale: Rescale::Bernoulli,
+            normalize: false,
+            seed: 0,
+        }
+    }
+}
+
+/// A set of defaults that reproduces another library's choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    Peft,
+    Mergekit,
+}
+
+impl std::str::FromStr for Preset {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "peft" => Ok(Preset::Peft),
+            "mergekit" => Ok(Preset::Mergekit),
+            other => Err(Error::input(
+                format!("unknown preset `{other}`"),
+                Some("presets: `peft`, `mergekit`"),
+            )),
+        }
+    }
+}
+
+impl MergeParams {
+    /// The defaults of a preset.
+    pub fn preset(p: Preset) -> Self {
+        match p {
+            Preset::Peft => MergeParams::default(),
+            Preset::Mergekit => MergeParams {
+                sign: SignRule::Weighted,
+                divisor: Divisor::Weights,
+                rescale: Rescale::L1,
+                ..MergeParams::default()
+            },
+        }
+    }
+
+    /// Apply `key=value` overrides (`lambda`, `density`, `gamma`, `epsilon`, `sign`, `divisor`,
+    /// `rescale`, `normalize`, `seed`).
+    pub fn apply(&mut self, overrides: &BTreeMap<String, String>) -> Result<()> {
+        for (k, v) in overrides {
+            let bad = |what: &str| {
+                Error::input(
+                    format!("invalid value `{v}` for merge parameter `{k}`: expected {what}"),
+                    None,
+                )
+            };
+            let num = || {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| bad("a number"))
+            };
+            match k.as_str() {
+                "lambda" | "scale" => self.lambda = num()?,
+                "density" => self.density = num()?,
+                "gamma" => self.gamma = num()?,
+                "epsilon" => self.epsilon = num()?,
+                "seed" => self.seed = v.parse().map_err(|_| bad("an unsigned integer"))?,
+                "normalize" => self.normalize = v.parse().map_err(|_| bad("true or false"))?,
+                "sign" => {
+                    self.sign = match v.as_str() {
+                        "total" => SignRule::Total,
+                        "weighted" => SignRule::Weighted,
+                        "frequency" => SignRule::Frequency,
+                        _ => return Err(bad("total, weighted or frequency")),
+                    }
+                }
+                "divisor" => {
+                    self.divisor = match v.as_str() {
+                        "count" => Divisor::Count,
+                        "weights" => Divisor::Weights,
+                        _ => return Err(bad("count or weights")),
+                    }
+                }
+                "rescale" => {
+                    self.rescale = match v.as_str() {
+                        "bernoulli" => Rescale::Bernoulli,
+                        "l1" => Rescale::L1,
+                        _ => return Err(bad("bernoulli or l1")),
+                    }
+                }
+                _ => {
+                    return Err(Error::input(
+                        format!("unknown merge parameter `{k}`"),
+                        Some(
+                            "parameters: lambda, density, gamma, epsilon, sign, divisor, rescale, normalize, seed",
+                        ),
+                    ));
+                }
+            }
+        }
+        self.validate()
+    }
+
+    /// Range checks for the parameters `strategy` uses.
+    pub fn validate_for(&self, strategy: Strategy) -> Result<()> {
+        self.validate()?;
+        if strategy == Strategy::Della
+            && !(0.0..=self.density.min(1.0 - self.density)).contains(&self.epsilon)
+        {
+            return Err(Error::input(
+                format!(
+                    "epsilon {} must keep every DELLA probability d ± ε inside [0, 1] (d = {})",
+                    self.epsilon, self.density
+                ),
+                Some("lower `--param epsilon`"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Range checks.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.density > 0.0 && self.density <= 1.0) {
+            return Err(Error::input(
+                format!("merge density {} is outside (0, 1]", self.density),
+                Some("e.g. `--param density=0.2`"),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.gamma) || self.gamma + self.density > 1.0 + 1e-12 {
+            return Err(Error::input(
+                format!(
+                    "gamma {} must be in [0, 1) with gamma + density ≤ 1",
+                    self.gamma
+                ),
+                None,
+            ));
+        }
+        if !(0.0..1.0).contains(&self.epsilon) {
+            return Err(Error::input(
+                format!("epsilon {} must be in [0, 1)", self.epsilon),
+                None,
+            ));
+        }
+        Ok(())
+    }
+}
