@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use safetensors::tensor::{Metadata, TensorInfo};
@@ -287,25 +286,14 @@ struct DigestCacheEntry {
 
 /// Convert little-endian float bytes to `f32` (F32, F16, BF16, F64); `None` for other dtypes.
 pub fn to_f32(dtype: safetensors::Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    use safetensors::Dtype as D;
-    Some(match dtype {
-        D::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-            .collect(),
-        D::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        D::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        D::F64 => bytes
+    if let Some(dt) = crate::format::Dtype::from_safetensors(dtype) {
+        return Some(dt.to_f32(bytes));
+    }
+    (dtype == safetensors::Dtype::F64).then(|| {
+        bytes
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().expect("8")) as f32)
-            .collect(),
-        _ => return None,
+            .collect()
     })
 }
 
