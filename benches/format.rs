@@ -12,24 +12,9 @@ use xpm::format::manifest::{BaseModel, Delta, ExpertKind, Manifest};
 use xpm::format::mask;
 use xpm::format::st::{PlannedTensor, write_safetensors};
 use xpm::printer::Printer;
+use xpm::rng::SplitMix64;
 
 const LEVEL: i32 = 3;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn normal(&mut self) -> f32 {
-        let u1 = ((self.next() >> 11) as f64 / (1u64 << 53) as f64).max(1e-12);
-        let u2 = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-}
 
 /// Binary entropy in bits.
 fn h(d: f64) -> f64 {
@@ -37,7 +22,7 @@ fn h(d: f64) -> f64 {
 }
 
 /// The top-k mask of a Gaussian delta: what `xpm extract` keeps from a dense fine-tune.
-fn topk_mask(n: usize, density: f64, rng: &mut Rng) -> (Vec<u64>, Vec<f32>) {
+fn topk_mask(n: usize, density: f64, rng: &mut SplitMix64) -> (Vec<u64>, Vec<f32>) {
     let delta: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
     let k = (density * n as f64).floor() as usize;
     let idx = xpm::select::top_k_abs(&delta, k);
@@ -231,7 +216,7 @@ fn main() {
     let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-format");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
-    let mut rng = Rng(42);
+    let mut rng = SplitMix64(42);
     let mut report = String::new();
     report.push_str(&format!(
         "## Mask size: {n_tensors} tensors of {side}×{side} (n = {} entries), top-k of a Gaussian delta\n\n",

@@ -12,16 +12,29 @@ pub fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// Write `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// A temporary file in the directory of `path` (so a rename onto `path` is atomic), and a
+/// buffered writer on it. The file is removed if dropped before being persisted.
+pub fn temp_file_beside(
+    path: &Path,
+) -> Result<(tempfile::NamedTempFile, std::io::BufWriter<std::fs::File>)> {
     let dir = parent_dir(path);
     std::fs::create_dir_all(&dir).at("create directory", &dir)?;
     let tmp = tempfile::Builder::new()
         .prefix(".xpm-tmp-")
         .tempfile_in(&dir)
         .at("create a temporary file in", &dir)?;
-    std::io::Write::write_all(&mut tmp.as_file(), bytes).at("write", path)?;
-    tmp.as_file().sync_all().at("write", path)?;
+    let file = tmp.as_file().try_clone().at("open", tmp.path())?;
+    Ok((tmp, std::io::BufWriter::with_capacity(1 << 20, file)))
+}
+
+/// Write `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let (tmp, mut w) = temp_file_beside(path)?;
+    std::io::Write::write_all(&mut w, bytes).at("write", path)?;
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io("write", path, e.into_error()))?;
+    file.sync_all().at("write", path)?;
     tmp.persist(path)
         .map_err(|e| Error::io("write", path, e.error))?;
     Ok(())

@@ -17,6 +17,7 @@ pub mod home;
 pub mod merge;
 pub mod ops;
 pub mod printer;
+pub mod rng;
 pub mod schema;
 pub mod select;
 

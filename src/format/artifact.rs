@@ -78,11 +78,6 @@ impl EncodedTensor {
     pub fn entry(&self) -> &TensorEntry {
         &self.entry
     }
-
-    /// Compressed bytes of all parts.
-    pub fn stored_bytes(&self) -> u64 {
-        self.parts.iter().map(|p| p.frame.len() as u64).sum()
-    }
 }
 
 /// One part before compression: role, safetensors dtype, shape, bytes.
@@ -180,13 +175,8 @@ struct WrittenPart {
 impl ArtifactWriter {
     /// Start an artifact that will be written to `dest` with zstd `level`.
     pub fn create(dest: &Path, level: i32) -> Result<Self> {
-        let dir = crate::fsutil::parent_dir(dest);
-        let tmp = tempfile::Builder::new()
-            .prefix(".xpm-tmp-")
-            .tempfile_in(&dir)
-            .at("create a temporary file in", &dir)?;
-        let file = tmp.as_file().try_clone().at("open", tmp.path())?;
-        let mut out = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+        let (tmp, file) = crate::fsutil::temp_file_beside(dest)?;
+        let mut out = HashingWriter::new(file);
         out.write_all(&prelude()).at("write", tmp.path())?;
         Ok(ArtifactWriter {
             dest: dest.to_path_buf(),
@@ -197,11 +187,6 @@ impl ArtifactWriter {
             names: HashSet::new(),
             level,
         })
-    }
-
-    /// The zstd level this writer was created with.
-    pub fn level(&self) -> i32 {
-        self.level
     }
 
     /// Append one encoded tensor.

@@ -78,13 +78,7 @@ impl SafetensorsWriter {
         })?;
         let mut header = serde_json::to_vec(&meta).expect("metadata serializes");
         header.resize(header.len().next_multiple_of(8), b' ');
-        let dir = crate::fsutil::parent_dir(path);
-        let tmp = tempfile::Builder::new()
-            .prefix(".xpm-tmp-")
-            .tempfile_in(&dir)
-            .at("create a temporary file in", &dir)?;
-        let file = tmp.as_file().try_clone().at("open", tmp.path())?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let (tmp, mut out) = crate::fsutil::temp_file_beside(path)?;
         out.write_all(&(header.len() as u64).to_le_bytes())
             .at("write", path)?;
         out.write_all(&header).at("write", path)?;

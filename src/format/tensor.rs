@@ -145,11 +145,6 @@ impl TensorData {
         }
         Ok(())
     }
-
-    /// The parts this tensor is stored as, with their shapes.
-    pub fn part_shapes(&self) -> Vec<(PartRole, Vec<u64>)> {
-        part_shapes(&self.entry())
-    }
 }
 
 /// `nnz / n`, 0 for an empty tensor.

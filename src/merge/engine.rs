@@ -9,6 +9,7 @@
 //! whatever the thread count, tensor order or set of other tensors.
 
 use super::params::{Divisor, MergeParams, Rescale, SignRule, Strategy};
+use crate::rng::splitmix64;
 use crate::select::top_k_abs;
 
 /// One expert's delta for one tensor.
@@ -321,27 +322,20 @@ pub struct Stream {
 
 impl Stream {
     pub fn new(seed: u64, expert: u64, tensor: &str) -> Self {
-        let mut key = splitmix(seed ^ 0x5851_f42d_4c95_7f2d);
-        key = splitmix(key ^ expert.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut key = splitmix64(seed ^ 0x5851_f42d_4c95_7f2d);
+        key = splitmix64(key ^ expert.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         for chunk in tensor.as_bytes().chunks(8) {
             let mut b = [0u8; 8];
             b[..chunk.len()].copy_from_slice(chunk);
-            key = splitmix(key ^ u64::from_le_bytes(b));
+            key = splitmix64(key ^ u64::from_le_bytes(b));
         }
         Stream { key }
     }
 
     /// Uniform in [0, 1) for a position.
     pub fn uniform(&self, position: u64) -> f64 {
-        (splitmix(self.key ^ splitmix(position)) >> 11) as f64 / (1u64 << 53) as f64
+        (splitmix64(self.key ^ splitmix64(position)) >> 11) as f64 / (1u64 << 53) as f64
     }
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use crate::format::{ArtifactReader, Content, ExpertKind};
 use crate::home::XpmHome;
 use crate::ops;
 use crate::printer::Printer;
+use crate::rng::SplitMix64;
 
 /// Marker file that lets `demo` safely clear its own directory on a re-run.
 const MARKER: &str = ".xpm-demo";
@@ -44,7 +45,7 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
         ),
     );
     let tuned_b = dir.join("tuned-model-b");
-    let names = write_models(&base, &[&tuned, &tuned_b])?;
+    write_models(&base, &[&tuned, &tuned_b])?;
 
     let artifact = dir.join("demo-expert-0.1.0.xpm");
     let opts = ops::extract::ExtractOptions {
@@ -122,7 +123,7 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
         ),
     );
 
-    let energy_kept = energy_kept(&base, &tuned, &artifact, &names)?;
+    let energy_kept = energy_kept(&base, &tuned, &artifact)?;
     printer.status(
         "Kept",
         format!(
@@ -162,30 +163,8 @@ fn prepare_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// SplitMix64: a small, fixed PRNG so the demo is the same everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-7);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-    }
-}
-
-/// Write the base (two shards + index) and fine-tuned models (one file each); returns tensor
-/// names.
-fn write_models(base: &Path, tuned: &[&Path]) -> Result<Vec<String>> {
+/// Write the base (two shards + index) and fine-tuned models (one file each).
+fn write_models(base: &Path, tuned: &[&Path]) -> Result<()> {
     let (hidden, ffn, vocab, layers) = (128usize, 512usize, 1000usize, 4usize);
     let mut specs: Vec<(String, Vec<usize>)> = vec![(
         "embeddings.word_embeddings.weight".into(),
@@ -208,7 +187,7 @@ fn write_models(base: &Path, tuned: &[&Path]) -> Result<Vec<String>> {
         specs.push((format!("{p}.output.dense.weight"), vec![hidden, ffn]));
         specs.push((format!("{p}.output.LayerNorm.weight"), vec![hidden]));
     }
-    let mut rng = Rng(0x5eed);
+    let mut rng = SplitMix64(0x5eed);
     let base_vals: Vec<Vec<f32>> = specs
         .iter()
         .map(|(_, shape)| {
@@ -291,7 +270,7 @@ fn write_models(base: &Path, tuned: &[&Path]) -> Result<Vec<String>> {
             |k| Ok(f32_bytes(&vals[k])),
         )?;
     }
-    Ok(specs.into_iter().map(|(n, _)| n).collect())
+    Ok(())
 }
 
 /// Both artifacts decode to identical tensors.
@@ -325,7 +304,7 @@ fn check_same_tensors(a: &Path, b: &Path) -> Result<()> {
 }
 
 /// Σ kept δ² / Σ δ² over the expert's tensors.
-fn energy_kept(base: &Path, tuned: &Path, artifact: &Path, _names: &[String]) -> Result<f64> {
+fn energy_kept(base: &Path, tuned: &Path, artifact: &Path) -> Result<f64> {
     let (b, t) = (
         crate::checkpoint::Checkpoint::open(base)?,
         crate::checkpoint::Checkpoint::open(tuned)?,

@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use rayon::prelude::*;
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::error::{Error, Result};
@@ -96,22 +95,17 @@ pub fn extract(opts: &ExtractOptions, home: &XpmHome, printer: &Printer) -> Resu
     );
     let pb = printer.progress(targets.len() as u64, "Extracting");
     let mut writer = ArtifactWriter::create(&opts.out, opts.level)?;
-    let window = rayon::current_num_threads().max(1);
-    for chunk in targets.chunks(window) {
-        let encoded: Vec<Result<_>> = chunk
-            .par_iter()
-            .map(|name| {
-                let t = delta_tensor(&base, &tuned, name, opts)?;
-                let e = encode_tensor(&t, opts.level);
-                pb.inc(1);
-                pb.set_message(name.clone());
-                e
-            })
-            .collect();
-        for e in encoded {
-            writer.push(e?)?;
-        }
-    }
+    super::map_ordered(
+        &targets,
+        |name| {
+            let t = delta_tensor(&base, &tuned, name, opts)?;
+            let e = encode_tensor(&t, opts.level);
+            pb.inc(1);
+            pb.set_message(name.clone());
+            e
+        },
+        |e| writer.push(e),
+    )?;
     pb.finish_and_clear();
 
     let base_id = opts.base_id.clone().unwrap_or_else(|| {

@@ -3,8 +3,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
 use crate::format::manifest::{BaseModel, ExpertKind, Manifest, Provenance, ProvenanceInput};
 use crate::format::{ArtifactReader, ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
@@ -134,52 +132,52 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
     let mut writer = ArtifactWriter::create(&opts.out, opts.level)?;
     let mut densified = Vec::new();
     let mut kinds = std::collections::BTreeSet::new();
-    let window = rayon::current_num_threads().max(1);
-    for chunk in names.chunks(window) {
-        let results: Vec<Result<(TensorData, bool)>> = chunk
-            .par_iter()
-            .map(|name| {
-                let (shape, dtype) = info[name].clone();
-                let mut inputs = Vec::with_capacity(readers.len());
-                let mut dense_input = false;
-                for r in &readers {
-                    let (input, dense) = load_input(r, name)?;
-                    dense_input |= dense;
-                    inputs.push(input);
-                }
-                let out =
-                    merge_tensor(name, &shape, &inputs, &weights, opts.strategy, &opts.params);
-                let content = match out {
-                    Output::Sparse { indices, values } => Content::Sparse {
+    super::map_ordered(
+        &names,
+        |name| {
+            let (shape, dtype) = info[name].clone();
+            let mut inputs = Vec::with_capacity(readers.len());
+            let mut dense_input = false;
+            for r in &readers {
+                let (input, dense) = load_input(r, name)?;
+                dense_input |= dense;
+                inputs.push(input);
+            }
+            let out = merge_tensor(name, &shape, &inputs, &weights, opts.strategy, &opts.params);
+            let (content, sparse) = match out {
+                Output::Sparse { indices, values } => (
+                    Content::Sparse {
                         values: dtype.from_f32(&values),
                         indices,
                         block_size: None,
                     },
-                    Output::Dense { values } => Content::Dense {
+                    true,
+                ),
+                Output::Dense { values } => (
+                    Content::Dense {
                         delta: dtype.from_f32(&values),
                     },
-                };
-                pb.inc(1);
-                Ok((
-                    TensorData {
-                        name: name.clone(),
-                        shape,
-                        dtype,
-                        content,
-                    },
-                    dense_input,
-                ))
-            })
-            .collect();
-        for r in results {
-            let (t, dense) = r?;
+                    false,
+                ),
+            };
+            let t = TensorData {
+                name: name.clone(),
+                shape,
+                dtype,
+                content,
+            };
+            let encoded = encode_tensor(&t, opts.level)?;
+            pb.inc(1);
+            Ok((encoded, dense_input, sparse))
+        },
+        |(encoded, dense, sparse)| {
             if dense {
-                densified.push(t.name.clone());
+                densified.push(encoded.entry().name.clone());
             }
-            kinds.insert(matches!(t.content, Content::Sparse { .. }));
-            writer.push(encode_tensor(&t, opts.level)?)?;
-        }
-    }
+            kinds.insert(sparse);
+            writer.push(encoded)
+        },
+    )?;
     pb.finish_and_clear();
     let kind = if kinds.contains(&true) {
         ExpertKind::Sparse

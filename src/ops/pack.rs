@@ -2,8 +2,6 @@
 
 use std::path::Path;
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
 use crate::format::manifest::{FORMAT_MAJOR, FORMAT_MINOR, validate_name};
 use crate::format::unpacked::UnpackedDir;
@@ -42,20 +40,15 @@ pub fn pack(dir: &Path, out: &Path, level: i32, printer: &Printer) -> Result<Man
     let pb = printer.progress(m.tensors.len() as u64, "Packing");
     let mut writer = ArtifactWriter::create(out, level)?;
     let idx: Vec<usize> = (0..m.tensors.len()).collect();
-    let window = rayon::current_num_threads().max(1);
-    for chunk in idx.chunks(window) {
-        let encoded: Vec<Result<_>> = chunk
-            .par_iter()
-            .map(|&i| {
-                let e = src.tensor(i).and_then(|t| encode_tensor(&t, level));
-                pb.inc(1);
-                e
-            })
-            .collect();
-        for e in encoded {
-            writer.push(e?)?;
-        }
-    }
+    super::map_ordered(
+        &idx,
+        |&i| {
+            let e = src.tensor(i).and_then(|t| encode_tensor(&t, level));
+            pb.inc(1);
+            e
+        },
+        |e| writer.push(e),
+    )?;
     pb.finish_and_clear();
     let manifest = writer.finish(m.clone())?;
     printer.status("Wrote", out.display());
