@@ -39,6 +39,21 @@ pub enum Error {
         message: String,
         hint: Option<String>,
     },
+    /// The request conflicts with what exists (e.g. publishing a version that exists).
+    #[error("{message}")]
+    Conflict {
+        message: String,
+        hint: Option<String>,
+    },
+    /// A registry refused a request, could not be reached, or sent something wrong.
+    #[error("{message} ({url})")]
+    Registry {
+        url: String,
+        message: String,
+        hint: Option<String>,
+        /// Worth retrying (connection refused or reset, timeout, 5xx, 429).
+        transient: bool,
+    },
 }
 
 impl Error {
@@ -60,7 +75,9 @@ impl Error {
             Error::UnsupportedFormat { .. } => {
                 Some("upgrade xpm (`cargo install --locked xpm`) to read this artifact".to_string())
             }
-            Error::Input { hint, .. } => hint.clone(),
+            Error::Input { hint, .. }
+            | Error::Conflict { hint, .. }
+            | Error::Registry { hint, .. } => hint.clone(),
         }
     }
 
@@ -87,6 +104,33 @@ impl Error {
             message: message.into(),
             hint: hint.map(str::to_string),
         }
+    }
+}
+
+impl Error {
+    /// A registry error that is not worth retrying.
+    pub fn registry(
+        url: impl Into<String>,
+        message: impl Into<String>,
+        hint: Option<&str>,
+    ) -> Self {
+        Error::Registry {
+            url: url.into(),
+            message: message.into(),
+            hint: hint.map(str::to_string),
+            transient: false,
+        }
+    }
+
+    /// Whether retrying the same request may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Registry {
+                transient: true,
+                ..
+            }
+        )
     }
 }
 

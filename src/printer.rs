@@ -82,4 +82,22 @@ impl Printer {
         pb.enable_steady_tick(Duration::from_millis(200));
         pb
     }
+
+    /// A progress bar over `total` bytes (hidden when not on a terminal or quiet).
+    pub fn progress_bytes(&self, total: u64, message: &str) -> ProgressBar {
+        if !self.progress {
+            return ProgressBar::hidden();
+        }
+        let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>12.cyan.bold} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {wide_msg:.dim} ({eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        pb.set_prefix(message.to_string());
+        pb.enable_steady_tick(Duration::from_millis(200));
+        pb
+    }
 }

@@ -12,11 +12,19 @@ use crate::printer::Printer;
 
 mod demo;
 mod extract;
+mod init;
 mod inspect;
+mod install;
+mod list;
 mod merge;
 mod pack;
+mod publish;
+mod registry_args;
+mod search;
+mod serve;
 mod unpack;
 mod verify;
+mod yank;
 
 /// Train, ship, find and merge parameter-efficient experts.
 #[derive(Debug, Parser)]
@@ -46,6 +54,20 @@ pub enum Command {
     Merge(Box<merge::Args>),
     /// Check an artifact's integrity completely
     Verify(verify::Args),
+    /// Publish an artifact to a registry (verified completely first)
+    Publish(publish::Args),
+    /// Yank a published version (or un-yank it with --undo)
+    Yank(yank::Args),
+    /// Search a registry by name and description
+    Search(search::Args),
+    /// Write an xpm.toml for a project
+    Init(init::Args),
+    /// Resolve, download, verify and lock experts
+    Install(install::Args),
+    /// List installed experts
+    List(list::Args),
+    /// Run the registry server (the `xpm-registry` binary)
+    Registry(serve::Args),
     /// Run xpm's main job end to end on a small model it prepares itself
     Demo(demo::Args),
 }
@@ -71,6 +93,13 @@ pub fn main() -> ExitCode {
         Command::Merge(a) => merge::exec(*a, &ctx),
         Command::Verify(a) => verify::exec(a, &ctx),
         Command::Demo(a) => demo::exec(a, &ctx),
+        Command::Publish(a) => publish::exec(a, &ctx),
+        Command::Yank(a) => yank::exec(a, &ctx),
+        Command::Search(a) => search::exec(a, &ctx),
+        Command::Init(a) => init::exec(a, &ctx),
+        Command::Install(a) => install::exec(a, &ctx),
+        Command::List(a) => list::exec(a, &ctx),
+        Command::Registry(a) => serve::exec(a, &ctx),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -304,6 +304,14 @@ impl Manifest {
 
 /// Check an expert name: lowercase ASCII letters, digits, `-` and `_`, optionally one
 /// `namespace/` prefix of the same alphabet; 1–64 characters per segment.
+/// Name segments that are refused: Windows device names (a file by that name cannot be created
+/// there) and the top-level paths of a registry.
+pub const RESERVED_NAMES: &[&str] = &[
+    "con", "prn", "aux", "nul", "com1", "com2", "com3", "com4", "com5", "com6", "com7", "com8",
+    "com9", "lpt1", "lpt2", "lpt3", "lpt4", "lpt5", "lpt6", "lpt7", "lpt8", "lpt9", "api", "blobs",
+    "index", "config",
+];
+
 pub fn validate_name(name: &str) -> Result<(), String> {
     let segs: Vec<&str> = name.split('/').collect();
     if segs.len() > 2 {
@@ -331,6 +339,11 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         {
             return Err(format!("`{name}` must start with a letter or digit"));
         }
+        if RESERVED_NAMES.contains(seg) {
+            return Err(format!(
+                "`{name}` is reserved (it names a device on some systems or a registry path)"
+            ));
+        }
     }
     Ok(())
 }
@@ -343,7 +356,17 @@ mod tests {
     fn names() {
         assert!(validate_name("sst2-expert").is_ok());
         assert!(validate_name("team/sst2_expert").is_ok());
-        for bad in ["", "A", "../x", "a/b/c", "a b", "-x", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "A",
+            "../x",
+            "a/b/c",
+            "a b",
+            "-x",
+            "nul",
+            "team/con",
+            &"x".repeat(65),
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }

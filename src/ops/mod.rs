@@ -3,11 +3,17 @@
 
 pub mod demo;
 pub mod extract;
+pub mod init;
 pub mod inspect;
+pub mod install;
+pub mod list;
 pub mod merge;
 pub mod pack;
+pub mod publish;
+pub mod search;
 pub mod unpack;
 pub mod verify;
+pub mod yank;
 
 use rayon::prelude::*;
 

@@ -4,6 +4,8 @@
 //! to test the checks that lie beyond the digests.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;

@@ -1,0 +1,11 @@
+//! The xpm registry server: the HTTP side of docs/registry-protocol.md.
+//!
+//! [`api::router`] serves a [`storage::Storage`]; [`storage::DiskStorage`] keeps everything on
+//! local disk in the same layout as a `file://` registry. The `xpm-registry` binary wires them
+//! to a TCP listener (`xpm-registry serve --root DIR --addr HOST:PORT`).
+
+pub mod api;
+pub mod storage;
+
+pub use api::{ServerConfig, router};
+pub use storage::{DiskStorage, Storage};

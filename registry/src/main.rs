@@ -1,0 +1,154 @@
+//! `xpm-registry serve --root DIR --addr HOST:PORT`: run a registry server.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use xpm_registry::{DiskStorage, ServerConfig, router};
+
+/// The xpm registry server.
+#[derive(Debug, Parser)]
+#[command(name = "xpm-registry", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve a registry stored in a directory
+    Serve(Serve),
+}
+
+#[derive(Debug, clap::Args)]
+struct Serve {
+    /// Directory holding the index and blobs (created if missing)
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// Address to listen on (port 0 picks a free port; the address is printed)
+    #[arg(long, default_value = "127.0.0.1:8417", value_name = "HOST:PORT")]
+    addr: String,
+    /// File with one accepted token per line (`#` starts a comment)
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Accepted tokens, comma-separated (prefer --token-file; never logged)
+    #[arg(
+        long,
+        env = "XPM_REGISTRY_TOKENS",
+        hide_env_values = true,
+        value_name = "TOKENS"
+    )]
+    tokens: Option<String>,
+    /// Allow publish and yank without a token (only for a private network)
+    #[arg(long)]
+    no_auth: bool,
+    /// Largest accepted upload, e.g. `1GiB`, `500MB`, `1048576`
+    #[arg(long, default_value = "2GiB", value_name = "SIZE")]
+    max_upload_size: String,
+    /// The URL clients reach the API at, if not the one they used for config.json
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
+    /// No access log
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("`{s}` is not a size"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "kib" => 1 << 10,
+        "mb" => 1000 * 1000,
+        "mib" => 1 << 20,
+        "gb" => 1000 * 1000 * 1000,
+        "gib" => 1 << 30,
+        u => bail!("unknown size unit `{u}` in `{s}` (use B, KB, KiB, MB, MiB, GB or GiB)"),
+    };
+    Ok(n * mult)
+}
+
+fn main() -> anyhow::Result<()> {
+    let Command::Serve(a) = Cli::parse().command;
+    let mut hashes = HashSet::new();
+    if let Some(f) = &a.token_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the token file `{}`", f.display()))?;
+        for line in text.lines() {
+            let t = line.split('#').next().unwrap_or("").trim();
+            if !t.is_empty() {
+                hashes.insert(ServerConfig::hash_token(t));
+            }
+        }
+    }
+    if let Some(list) = &a.tokens {
+        for t in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            hashes.insert(ServerConfig::hash_token(t));
+        }
+    }
+    if hashes.is_empty() && !a.no_auth {
+        bail!(
+            "no tokens configured: pass --token-file FILE or set XPM_REGISTRY_TOKENS \
+             (or --no-auth to let anyone publish)"
+        );
+    }
+    let cfg = ServerConfig {
+        token_hashes: hashes,
+        auth_required: !a.no_auth,
+        max_upload_size: parse_size(&a.max_upload_size)?,
+        public_url: a.public_url.clone(),
+        access_log: !a.quiet,
+    };
+    let storage = DiskStorage::open(&a.root)
+        .with_context(|| format!("cannot open the registry at `{}`", a.root.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&a.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", a.addr))?;
+        let addr = listener.local_addr()?;
+        println!(
+            "xpm-registry listening on http://{addr} (root {})",
+            a.root.display()
+        );
+        std::io::stdout().flush()?;
+        let app = router(Arc::new(storage), cfg);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let ctrl_c = tokio::signal::ctrl_c();
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("signal handler");
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            })
+            .await?;
+        anyhow::Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert!(parse_size("5 parsecs").is_err());
+    }
+}

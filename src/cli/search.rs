@@ -1,0 +1,33 @@
+use super::Context;
+use super::registry_args::RegistryArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Words that must all occur in the name or description
+    #[arg(required = true)]
+    words: Vec<String>,
+    /// Show at most this many results
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Print the results as JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
+    let location = a.registry.location(&ctx.home)?;
+    let query = a.words.join(" ");
+    let r =
+        crate::ops::search::search(&ctx.home, &query, a.limit, &location, &a.registry.client())?;
+    if a.json {
+        ctx.printer.out(serde_json::to_string_pretty(&r)?);
+    } else if r.experts.is_empty() {
+        ctx.printer
+            .status("Searched", format!("no expert matches `{query}`"));
+    } else {
+        ctx.printer.out(crate::ops::search::render(&r).trim_end());
+    }
+    Ok(())
+}

@@ -1,0 +1,371 @@
+//! `xpm install [SPEC…]`: resolve a set of experts on one base model, download what the store
+//! lacks in parallel (verifying every digest while streaming), commit everything at once, and
+//! write `xpm.lock`.
+//!
+//! Failure at any point leaves the store, the install records, `xpm.toml` and `xpm.lock` as they
+//! were: downloads go to temporary files and are renamed into the store only when all of them
+//! are verified.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::home::XpmHome;
+use crate::printer::Printer;
+use crate::project::{LOCK_VERSION, LockedExpert, Lockfile, Project};
+use crate::registry::{self, ClientOptions, IndexLine, Registry};
+use crate::resolve::{Constraints, Requirement, resolve};
+use crate::store::{Installed, Staged, Store};
+
+/// Parallel downloads by default.
+pub const DEFAULT_JOBS: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    /// Requirements from the command line (added to `xpm.toml` when there is one).
+    pub specs: Vec<String>,
+    /// `--registry` / `$XPM_REGISTRY`.
+    pub registry: Option<String>,
+    /// Install exactly what `xpm.lock` says; fail if it would change.
+    pub locked: bool,
+    /// Never touch the network.
+    pub offline: bool,
+    /// Pin the base model (digest or id).
+    pub base: Option<String>,
+    /// Parallel downloads.
+    pub jobs: usize,
+    /// The project directory to start from (its nearest `xpm.toml` upwards).
+    pub dir: PathBuf,
+}
+
+/// What `install` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstallReport {
+    pub registry: String,
+    pub base: crate::format::BaseModel,
+    pub experts: Vec<InstalledExpert>,
+    /// Where the lockfile was written.
+    pub lockfile: PathBuf,
+    /// Bytes downloaded.
+    pub downloaded_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstalledExpert {
+    pub name: String,
+    pub version: String,
+    pub cksum: String,
+    pub path: PathBuf,
+    /// Whether this run downloaded it (false: it was in the store already).
+    pub downloaded: bool,
+    pub yanked: bool,
+}
+
+/// Where a command talks to: the flag (or `$XPM_REGISTRY`), else `xpm.toml`, else the default.
+pub fn registry_location(flag: Option<&str>, project: &Project, home: &XpmHome) -> String {
+    if let Some(f) = flag {
+        return f.to_string();
+    }
+    if let Some(r) = project.manifest.as_ref().and_then(|m| m.registry.clone()) {
+        // A relative path in xpm.toml is relative to the project directory.
+        if r.contains("://") || Path::new(&r).is_absolute() {
+            return r;
+        }
+        return project.dir.join(r).display().to_string();
+    }
+    registry::default_location(home)
+}
+
+pub fn install(
+    home: &XpmHome,
+    opts: &InstallOptions,
+    client: &ClientOptions,
+    printer: &Printer,
+) -> Result<InstallReport> {
+    let project = Project::discover(&opts.dir)?;
+    let cli_reqs: Vec<Requirement> = opts
+        .specs
+        .iter()
+        .map(|s| Requirement::parse(s))
+        .collect::<Result<_>>()?;
+    let mut reqs = project.requirements()?;
+    reqs.extend(cli_reqs.iter().cloned());
+    let lock = project.read_lock()?;
+    let location = registry_location(opts.registry.as_deref(), &project, home);
+    let client = ClientOptions {
+        offline: opts.offline,
+        ..client.clone()
+    };
+    let reg = registry::open(&location, home, &client, false)?;
+    let store = Store::new(home);
+
+    let lines: Vec<IndexLine> = if opts.locked {
+        from_lock(&project, lock.as_ref(), &reqs, reg.source())?
+    } else {
+        if reqs.is_empty() {
+            return Err(Error::input(
+                "nothing to install: no requirements given and no [experts] in xpm.toml",
+                Some(
+                    "pass requirements like `xpm install sst2@^1.2`, or run `xpm init` and list them in xpm.toml",
+                ),
+            ));
+        }
+        printer.status(
+            "Resolving",
+            format!("{} requirement(s) against {}", reqs.len(), reg.source()),
+        );
+        let mut index = BTreeMap::new();
+        for r in &reqs {
+            if !index.contains_key(&r.name)
+                && let Some(lines) = reg.index(&r.name)?
+            {
+                index.insert(r.name.clone(), lines);
+            }
+        }
+        let pinned: HashMap<String, semver::Version> = lock
+            .as_ref()
+            .map(|l| {
+                l.experts
+                    .iter()
+                    .filter(|e| e.source == reg.source())
+                    .map(|e| (e.name.clone(), e.version.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let c = Constraints {
+            base: opts
+                .base
+                .clone()
+                .or_else(|| project.manifest.as_ref().and_then(|m| m.base.clone())),
+            locked: pinned,
+        };
+        resolve(&reqs, &index, &c)?
+    };
+
+    // Download what the store lacks.
+    let missing: Vec<&IndexLine> = lines
+        .iter()
+        .filter(|l| !store.has_blob(&l.cksum, l.size))
+        .collect();
+    let total: u64 = missing.iter().map(|l| l.size).sum();
+    if !missing.is_empty() {
+        printer.status(
+            "Downloading",
+            format!("{} artifact(s), {}", missing.len(), human_bytes(total)),
+        );
+    }
+    let staged = download_all(&store, reg.as_ref(), &missing, opts.jobs, printer)?;
+    let now = registry::index::now_rfc3339();
+    let records: Vec<Installed> = lines
+        .iter()
+        .map(|l| Installed {
+            name: l.name.clone(),
+            version: l.vers.clone(),
+            cksum: l.cksum.clone(),
+            size: l.size,
+            base: l.base.clone(),
+            kind: l.kind,
+            source: reg.source().to_string(),
+            installed_at: now.clone(),
+        })
+        .collect();
+    store.commit(staged, &records)?;
+
+    let base = lines[0].base.clone();
+    let mut experts: Vec<LockedExpert> = lines
+        .iter()
+        .map(|l| LockedExpert {
+            name: l.name.clone(),
+            version: l.vers.clone(),
+            source: reg.source().to_string(),
+            cksum: l.cksum.clone(),
+            size: l.size,
+            kind: l.kind,
+        })
+        .collect();
+    experts.sort_by(|a, b| a.name.cmp(&b.name));
+    let new_lock = Lockfile {
+        version: LOCK_VERSION,
+        base: base.clone(),
+        experts,
+    };
+    if !opts.locked && lock.as_ref() != Some(&new_lock) {
+        project.write_lock(&new_lock)?;
+    }
+    if project.manifest.is_some() && !cli_reqs.is_empty() {
+        project.add_requirements(&cli_reqs)?;
+    }
+    let missing_ids: Vec<String> = missing.iter().map(|l| l.id()).collect();
+    Ok(InstallReport {
+        registry: reg.source().to_string(),
+        base,
+        experts: lines
+            .iter()
+            .map(|l| InstalledExpert {
+                name: l.name.clone(),
+                version: l.vers.to_string(),
+                cksum: l.cksum.clone(),
+                path: store.blob_path(&l.cksum),
+                downloaded: missing_ids.contains(&l.id()),
+                yanked: l.yanked,
+            })
+            .collect(),
+        lockfile: project.lock_path(),
+        downloaded_bytes: total,
+    })
+}
+
+/// The lines `--locked` installs: exactly the lockfile's, which must cover the requirements.
+fn from_lock(
+    project: &Project,
+    lock: Option<&Lockfile>,
+    reqs: &[Requirement],
+    source: &str,
+) -> Result<Vec<IndexLine>> {
+    let lock = lock.ok_or_else(|| {
+        Error::input(
+            format!(
+                "--locked needs {}, which does not exist",
+                project.lock_path().display()
+            ),
+            Some("run `xpm install` without --locked once to write it"),
+        )
+    })?;
+    let stale = |why: String| {
+        Error::input(
+            format!("{} is out of date: {why}", project.lock_path().display()),
+            Some("run `xpm install` without --locked to update it"),
+        )
+    };
+    for r in reqs {
+        match lock.get(&r.name) {
+            None => return Err(stale(format!("it has no entry for `{}`", r.name))),
+            Some(e) if !r.req.matches(&e.version) => {
+                return Err(stale(format!(
+                    "it pins {}@{}, which does not match {r}",
+                    e.name, e.version
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    if !reqs.is_empty() {
+        for e in &lock.experts {
+            if !reqs.iter().any(|r| r.name == e.name) {
+                return Err(stale(format!(
+                    "it pins `{}`, which is no longer required",
+                    e.name
+                )));
+            }
+        }
+    }
+    if lock.experts.is_empty() {
+        return Err(stale("it locks no experts".into()));
+    }
+    lock.experts
+        .iter()
+        .map(|e| {
+            if e.source != source {
+                return Err(stale(format!(
+                    "`{}` is locked to registry {}, not {source}",
+                    e.name, e.source
+                )));
+            }
+            Ok(IndexLine {
+                name: e.name.clone(),
+                vers: e.version.clone(),
+                cksum: e.cksum.clone(),
+                size: e.size,
+                base: lock.base.clone(),
+                kind: e.kind,
+                density: 0.0,
+                targets: Vec::new(),
+                yanked: false,
+                pubtime: String::new(),
+                format: String::new(),
+                description: None,
+                v: registry::index::INDEX_LINE_VERSION,
+            })
+        })
+        .collect()
+}
+
+/// Fetch every line with up to `jobs` downloads at once; all or nothing.
+fn download_all(
+    store: &Store,
+    reg: &dyn Registry,
+    lines: &[&IndexLine],
+    jobs: usize,
+    printer: &Printer,
+) -> Result<Vec<Staged>> {
+    if lines.is_empty() {
+        return Ok(Vec::new());
+    }
+    let total: u64 = lines.iter().map(|l| l.size).sum();
+    let pb = printer.progress_bytes(total, "Downloading");
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<Staged>>>> =
+        Mutex::new((0..lines.len()).map(|_| None).collect());
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let progress = |n: i64| {
+        if n >= 0 {
+            pb.inc(n as u64)
+        } else {
+            pb.dec((-n) as u64)
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, lines.len()) {
+            s.spawn(|| {
+                loop {
+                    if failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(line) = lines.get(i) else { break };
+                    let r = store.fetch(reg, line, &progress);
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    results.lock().expect("no poisoned lock")[i] = Some(r);
+                }
+            });
+        }
+    });
+    pb.finish_and_clear();
+    let mut out = Vec::with_capacity(lines.len());
+    for r in results
+        .into_inner()
+        .expect("no poisoned lock")
+        .into_iter()
+        .flatten()
+    {
+        out.push(r?);
+    }
+    if out.len() != lines.len() {
+        // Only reachable if a worker stopped early because another failed; the error above
+        // returned first.
+        return Err(Error::input("the download was interrupted", None));
+    }
+    Ok(out)
+}
+
+/// `1.5 MB`-style sizes.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

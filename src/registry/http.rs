@@ -1,0 +1,407 @@
+//! The HTTP registry client (blocking `reqwest`), for the server in `registry/`.
+//!
+//! Index files are cached under `$XPM_HOME/cache/index-v1/<registry>/` with their ETag and
+//! revalidated with `If-None-Match`; `--offline` reads only that cache. Requests that fail for a
+//! transient reason (connection refused or reset, timeout, 5xx, 429) are retried with
+//! exponential backoff.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::blocking::{Client, RequestBuilder, Response};
+use serde::Deserialize;
+
+use crate::digest::sha256;
+use crate::error::{Error, Result};
+use crate::fsutil::write_atomic;
+use crate::home::XpmHome;
+
+use super::index::{IndexLine, RegistryConfig, SearchResults, index_rel_path, parse_index};
+use super::{ClientOptions, Registry};
+
+/// Attempts per request (the first try and its retries).
+pub const ATTEMPTS: u32 = 4;
+/// Delay before the first retry; doubled on each further one.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// A registry reached over HTTP.
+pub struct HttpRegistry {
+    base: String,
+    client: Client,
+    token: Option<String>,
+    offline: bool,
+    cache: PathBuf,
+    config: OnceLock<RegistryConfig>,
+}
+
+/// The error body every registry API response carries on failure.
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    error: String,
+    #[serde(default)]
+    hint: Option<String>,
+}
+
+impl HttpRegistry {
+    pub fn new(url: &str, home: &XpmHome, opts: &ClientOptions) -> Result<Self> {
+        let base = url.trim_end_matches('/').to_string();
+        reqwest::Url::parse(&base)
+            .map_err(|e| Error::input(format!("`{url}` is not a valid registry URL: {e}"), None))?;
+        let client = Client::builder()
+            .user_agent(concat!("xpm/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(None::<Duration>)
+            .build()
+            .map_err(|e| {
+                Error::registry(&base, format!("cannot start an HTTP client: {e}"), None)
+            })?;
+        let key = &sha256(base.as_bytes())["sha256:".len()..][..16];
+        Ok(HttpRegistry {
+            cache: home.cache.join("index-v1").join(key),
+            base,
+            client,
+            token: opts.token.clone(),
+            offline: opts.offline,
+            config: OnceLock::new(),
+        })
+    }
+
+    fn offline_error(&self, what: &str) -> Error {
+        Error::registry(
+            &self.base,
+            format!("{what} is not in the cache and --offline forbids the network"),
+            Some("run the command once without --offline"),
+        )
+    }
+
+    /// Send a request, retrying transient failures.
+    fn send(&self, what: &str, build: impl Fn() -> RequestBuilder) -> Result<Response> {
+        retry(|| {
+            let resp = build().send().map_err(|e| self.transport_error(what, e))?;
+            let status = resp.status();
+            if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                return Err(Error::Registry {
+                    url: self.base.clone(),
+                    message: format!("{what}: the registry answered {status}"),
+                    hint: Some("the registry is having trouble; try again later".into()),
+                    transient: true,
+                });
+            }
+            Ok(resp)
+        })
+    }
+
+    fn transport_error(&self, what: &str, e: reqwest::Error) -> Error {
+        // Never show the URL with credentials or the token: reqwest errors carry the URL only.
+        Error::Registry {
+            url: self.base.clone(),
+            message: format!("{what}: {}", error_chain(&e)),
+            hint: Some("check that the registry is running and reachable".into()),
+            transient: true,
+        }
+    }
+
+    /// Turn a non-success response into an error carrying the server's message and hint.
+    fn refused(&self, what: &str, resp: Response) -> Error {
+        let status = resp.status();
+        let body: Option<ErrorBody> = resp.json().ok();
+        let (detail, server_hint) = match body {
+            Some(b) => (b.error, b.hint),
+            None => (status.to_string(), None),
+        };
+        let hint = server_hint.or_else(|| match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                Some("pass a token the registry accepts with --token or $XPM_TOKEN".to_string())
+            }
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                Some("the registry limits upload size; ask its operator".to_string())
+            }
+            _ => None,
+        });
+        Error::Registry {
+            url: self.base.clone(),
+            message: format!("{what}: {detail}"),
+            hint,
+            transient: false,
+        }
+    }
+
+    fn config(&self) -> Result<&RegistryConfig> {
+        if let Some(c) = self.config.get() {
+            return Ok(c);
+        }
+        let cached = self.cache.join("config.json");
+        let cfg: RegistryConfig = if self.offline {
+            let bytes = std::fs::read(&cached).map_err(|_| self.offline_error("config.json"))?;
+            serde_json::from_slice(&bytes).map_err(|e| self.bad_response("config.json", e))?
+        } else {
+            let url = format!("{}/config.json", self.base);
+            let resp = self.send("fetching config.json", || self.client.get(&url))?;
+            if !resp.status().is_success() {
+                let e = self.refused("fetching config.json", resp);
+                return Err(match e {
+                    Error::Registry { url, message, .. } => Error::Registry {
+                        url,
+                        message: format!("{message}; is this an xpm registry?"),
+                        hint: Some("check the --registry URL".into()),
+                        transient: false,
+                    },
+                    e => e,
+                });
+            }
+            let bytes = resp
+                .bytes()
+                .map_err(|e| self.transport_error("reading config.json", e))?;
+            let cfg =
+                serde_json::from_slice(&bytes).map_err(|e| self.bad_response("config.json", e))?;
+            write_atomic(&cached, &bytes)?;
+            cfg
+        };
+        Ok(self.config.get_or_init(|| cfg))
+    }
+
+    fn bad_response(&self, what: &str, e: impl std::fmt::Display) -> Error {
+        Error::registry(
+            &self.base,
+            format!("the registry sent an invalid {what}: {e}"),
+            Some("check that the URL points at an xpm registry"),
+        )
+    }
+
+    /// The API base URL, or an error for a read-only registry.
+    fn api(&self) -> Result<String> {
+        match &self.config()?.api {
+            Some(a) => Ok(resolve(&self.base, a)),
+            None => Err(Error::registry(
+                &self.base,
+                "this registry is read-only (its config.json names no API)",
+                None,
+            )),
+        }
+    }
+
+    fn authed(&self, rb: RequestBuilder) -> RequestBuilder {
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    fn require_online(&self, what: &str) -> Result<()> {
+        if self.offline {
+            return Err(Error::input(
+                format!("{what} needs the network, and --offline is set"),
+                None,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Resolve a possibly relative `path` against the registry base URL.
+fn resolve(base: &str, path: &str) -> String {
+    if path.trim_matches('/').is_empty() {
+        base.to_string()
+    } else if path.starts_with("http://") || path.starts_with("https://") {
+        path.trim_end_matches('/').to_string()
+    } else {
+        format!(
+            "{}/{}",
+            base,
+            path.trim_start_matches('/').trim_end_matches('/')
+        )
+    }
+}
+
+/// `e` and its sources on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+/// Run `f` up to [`ATTEMPTS`] times while it fails transiently, sleeping with exponential
+/// backoff in between.
+pub fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut delay = FIRST_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match f() {
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                std::thread::sleep(delay);
+                delay *= 2;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A cached index file: its ETag (first line) and its body.
+fn read_cached(path: &Path) -> Option<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).ok()?;
+    let nl = bytes.iter().position(|&b| b == b'\n')?;
+    let etag = String::from_utf8(bytes[..nl].to_vec()).ok()?;
+    Some((etag, bytes[nl + 1..].to_vec()))
+}
+
+fn write_cached(path: &Path, etag: &str, body: &[u8]) -> Result<()> {
+    let mut out = Vec::with_capacity(etag.len() + 1 + body.len());
+    out.extend_from_slice(etag.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(body);
+    write_atomic(path, &out)
+}
+
+impl Registry for HttpRegistry {
+    fn source(&self) -> &str {
+        &self.base
+    }
+
+    fn index(&self, name: &str) -> Result<Option<Vec<IndexLine>>> {
+        let rel = index_rel_path(name)?;
+        let cached_path = self.cache.join("index").join(&rel);
+        let cached = read_cached(&cached_path);
+        let source = format!("{}/index/{rel}", self.base);
+        if self.offline {
+            return match cached {
+                Some((_, body)) => Ok(Some(parse_index(&body, &source)?)),
+                None => Err(self.offline_error(&format!("the index of `{name}`"))),
+            };
+        }
+        let what = format!("fetching the index of `{name}`");
+        let resp = self.send(&what, || {
+            let rb = self.client.get(&source);
+            match &cached {
+                Some((etag, _)) if !etag.is_empty() => rb.header("If-None-Match", etag),
+                _ => rb,
+            }
+        })?;
+        match resp.status() {
+            StatusCode::NOT_MODIFIED => {
+                let (_, body) = cached.expect("304 only answers a conditional request");
+                Ok(Some(parse_index(&body, &source)?))
+            }
+            StatusCode::NOT_FOUND => {
+                let _ = std::fs::remove_file(&cached_path);
+                Ok(None)
+            }
+            s if s.is_success() => {
+                let etag = resp
+                    .headers()
+                    .get("etag")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let body = resp.bytes().map_err(|e| self.transport_error(&what, e))?;
+                let lines = parse_index(&body, &source)?;
+                write_cached(&cached_path, &etag, &body)?;
+                Ok(Some(lines))
+            }
+            _ => Err(self.refused(&what, resp)),
+        }
+    }
+
+    fn open_blob(&self, line: &IndexLine) -> Result<Box<dyn Read + Send>> {
+        if self.offline {
+            return Err(self.offline_error(&format!("the artifact of {}", line.id())));
+        }
+        let url = resolve(&self.base, &self.config()?.blob_location(&line.cksum));
+        let what = format!("downloading {}", line.id());
+        let resp = self.send(&what, || self.client.get(&url))?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Err(Error::registry(
+                &self.base,
+                format!("{what}: the registry has no blob {}", line.cksum),
+                Some("the registry is damaged; ask its operator to publish the version again"),
+            ));
+        }
+        if !resp.status().is_success() {
+            return Err(self.refused(&what, resp));
+        }
+        Ok(Box::new(resp))
+    }
+
+    fn publish(&self, artifact: &Path, line: &IndexLine) -> Result<IndexLine> {
+        self.require_online("publishing")?;
+        let url = format!("{}/api/v1/experts/new", self.api()?);
+        let cfg = self.config()?;
+        if cfg.auth_required && self.token.is_none() {
+            return Err(Error::registry(
+                &self.base,
+                format!("publishing {}: this registry requires a token", line.id()),
+                Some("pass one with --token or $XPM_TOKEN"),
+            ));
+        }
+        if let Some(max) = cfg.max_upload_size
+            && line.size > max
+        {
+            return Err(Error::registry(
+                &self.base,
+                format!(
+                    "publishing {}: the artifact is {} bytes, over this registry's limit of {max}",
+                    line.id(),
+                    line.size
+                ),
+                Some("ask the registry's operator to raise --max-upload-size"),
+            ));
+        }
+        let what = format!("publishing {}", line.id());
+        let resp = self.send(&what, || {
+            let file = std::fs::File::open(artifact);
+            let body = match file {
+                Ok(f) => reqwest::blocking::Body::sized(f, line.size),
+                Err(_) => reqwest::blocking::Body::from(Vec::new()),
+            };
+            self.authed(self.client.put(&url))
+                .header("X-Xpm-Sha256", &line.cksum)
+                .header("Content-Type", "application/octet-stream")
+                .body(body)
+        })?;
+        if !resp.status().is_success() {
+            return Err(self.refused(&what, resp));
+        }
+        resp.json()
+            .map_err(|e| self.bad_response("publish response", e))
+    }
+
+    fn set_yanked(&self, name: &str, version: &semver::Version, yanked: bool) -> Result<IndexLine> {
+        self.require_online("yanking")?;
+        let verb = if yanked { "yank" } else { "unyank" };
+        let url = format!("{}/api/v1/{verb}", self.api()?);
+        let what = format!("{verb} {name}@{version}");
+        let body = serde_json::json!({ "name": name, "vers": version.to_string() });
+        let resp = self.send(&what, || self.authed(self.client.post(&url)).json(&body))?;
+        if !resp.status().is_success() {
+            return Err(self.refused(&what, resp));
+        }
+        resp.json()
+            .map_err(|e| self.bad_response("yank response", e))
+    }
+
+    fn search(&self, query: &str, limit: usize) -> Result<SearchResults> {
+        self.require_online("searching")?;
+        let mut url = reqwest::Url::parse(&format!("{}/api/v1/search", self.api()?))
+            .map_err(|e| Error::registry(&self.base, format!("bad API URL: {e}"), None))?;
+        url.query_pairs_mut()
+            .append_pair("q", query)
+            .append_pair("limit", &limit.to_string());
+        let resp = self.send("searching", || self.client.get(url.clone()))?;
+        if !resp.status().is_success() {
+            return Err(self.refused("searching", resp));
+        }
+        resp.json()
+            .map_err(|e| self.bad_response("search response", e))
+    }
+}

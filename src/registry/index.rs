@@ -1,0 +1,274 @@
+//! The sparse index: one file per expert, one JSON line per published version, plus the
+//! registry's `config.json`. Spec: docs/registry-protocol.md; schemas:
+//! `schemas/index-line.schema.json` and `schemas/registry-config.schema.json`.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::format::manifest::validate_name;
+use crate::format::{BaseModel, ExpertKind, Manifest};
+
+/// Version of the index line layout this build writes (`v` in every line).
+pub const INDEX_LINE_VERSION: u32 = 1;
+
+/// One published version of an expert. Immutable once published, except `yanked`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct IndexLine {
+    /// Expert name (`namespace/name` or `name`).
+    pub name: String,
+    /// Semantic version.
+    #[schemars(with = "String")]
+    pub vers: semver::Version,
+    /// `sha256:<hex>` of the whole `.xpm` file; the blob's address.
+    pub cksum: String,
+    /// Size of the `.xpm` file in bytes.
+    pub size: u64,
+    /// The base model the expert applies to; experts merge only with equal base digests.
+    pub base: BaseModel,
+    /// Kind of the expert's deltas.
+    pub kind: ExpertKind,
+    /// Stored entries over target elements: nnz / numel for sparse, 1 for dense, the LoRA
+    /// factors' size over the dense size for LoRA.
+    pub density: f64,
+    /// The base tensors the expert changes.
+    pub targets: Vec<String>,
+    /// Yanked versions are skipped by resolution unless a lockfile pins them.
+    #[serde(default)]
+    pub yanked: bool,
+    /// When the registry accepted the version (RFC 3339, UTC).
+    pub pubtime: String,
+    /// Artifact format version (`MAJOR.MINOR`).
+    pub format: String,
+    /// The manifest's description, for search.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Index line layout version.
+    #[serde(default = "one")]
+    pub v: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl IndexLine {
+    /// The line for an artifact with this manifest, file digest and size, published now.
+    pub fn for_artifact(m: &Manifest, cksum: &str, size: u64) -> IndexLine {
+        let (stored, numel) = m.tensors.iter().fold((0u64, 0u64), |(s, n), t| {
+            let numel = t.numel();
+            let stored = match &t.delta {
+                crate::format::Delta::Sparse { nnz, .. } => *nnz,
+                crate::format::Delta::Lora { rank, .. } => {
+                    *rank as u64 * t.shape.iter().take(2).sum::<u64>()
+                }
+                crate::format::Delta::Dense => numel,
+            };
+            (s + stored, n + numel)
+        });
+        IndexLine {
+            name: m.name.clone(),
+            vers: m.version.clone(),
+            cksum: cksum.to_string(),
+            size,
+            base: m.base.clone(),
+            kind: m.kind,
+            density: if numel == 0 {
+                0.0
+            } else {
+                stored as f64 / numel as f64
+            },
+            targets: m.tensors.iter().map(|t| t.name.clone()).collect(),
+            yanked: false,
+            pubtime: now_rfc3339(),
+            format: m.format_version.clone(),
+            description: m.description.clone(),
+            v: INDEX_LINE_VERSION,
+        }
+    }
+
+    /// `name@version`.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.name, self.vers)
+    }
+
+    /// The hex part of `cksum`.
+    pub fn sha_hex(&self) -> &str {
+        self.cksum.strip_prefix("sha256:").unwrap_or(&self.cksum)
+    }
+}
+
+/// The current time as RFC 3339 (UTC, seconds).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// The registry's `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RegistryConfig {
+    /// Blob download template; `{sha256}` is replaced by the hex digest, `{prefix}` by its
+    /// first two hex digits. Relative templates resolve against the registry root.
+    pub dl: String,
+    /// Base URL of the HTTP API (publish, yank, search); absent for a read-only mirror or a
+    /// local directory registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// Whether publish and yank need a token.
+    #[serde(default, rename = "auth-required")]
+    pub auth_required: bool,
+    /// Largest artifact the registry accepts, in bytes.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "max-upload-size"
+    )]
+    pub max_upload_size: Option<u64>,
+}
+
+impl RegistryConfig {
+    /// The blob URL (or relative path) for a `sha256:` digest.
+    pub fn blob_location(&self, cksum: &str) -> String {
+        let hex = cksum.strip_prefix("sha256:").unwrap_or(cksum);
+        self.dl
+            .replace("{sha256}", hex)
+            .replace("{prefix}", &hex[..2.min(hex.len())])
+    }
+}
+
+/// The blob path below a registry root (and below the cache): `blobs/sha256/ab/<hex>`.
+pub fn blob_rel_path(cksum: &str) -> String {
+    let hex = cksum.strip_prefix("sha256:").unwrap_or(cksum);
+    format!("blobs/sha256/{}/{hex}", &hex[..2.min(hex.len())])
+}
+
+/// The index file of `name` relative to the index root, cargo-style: names of one, two and three
+/// characters go to `1/`, `2/` and `3/<first>/`, longer ones to `<first two>/<next two>/`. A
+/// namespaced name `ns/x` goes to `@ns/<path of x>` (`@` cannot start a name, so the two trees
+/// never collide). The name must be valid ([`validate_name`]).
+pub fn index_rel_path(name: &str) -> Result<String> {
+    validate_name(name)
+        .map_err(|e| Error::input(format!("invalid expert name: {e}"), Some(NAME_HINT)))?;
+    let (ns, base) = match name.split_once('/') {
+        Some((ns, b)) => (Some(ns), b),
+        None => (None, name),
+    };
+    let p = match base.len() {
+        1 => format!("1/{base}"),
+        2 => format!("2/{base}"),
+        3 => format!("3/{}/{base}", &base[..1]),
+        _ => format!("{}/{}/{base}", &base[..2], &base[2..4]),
+    };
+    Ok(match ns {
+        Some(ns) => format!("@{ns}/{p}"),
+        None => p,
+    })
+}
+
+/// What a valid name looks like.
+pub const NAME_HINT: &str = "names use lowercase ASCII letters, digits, `-` and `_` (at most 64 \
+    characters), start with a letter or digit, and may have one `namespace/` prefix";
+
+/// Parse an index file: one JSON line per version; blank lines are skipped.
+pub fn parse_index(bytes: &[u8], source: &str) -> Result<Vec<IndexLine>> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| Error::registry(source, "the index file is not UTF-8", None))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let l: IndexLine = serde_json::from_str(line).map_err(|e| {
+            Error::registry(
+                source,
+                format!("index line {} is not a valid index entry: {e}", i + 1),
+                Some("the registry's index is damaged; tell its operator"),
+            )
+        })?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Render index lines back into a file (one compact JSON object per line).
+pub fn render_index(lines: &[IndexLine]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for l in lines {
+        serde_json::to_writer(&mut out, l).expect("index lines serialize");
+        out.push(b'\n');
+    }
+    out
+}
+
+/// One search result: an expert and its newest non-yanked version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SearchHit {
+    pub name: String,
+    #[schemars(with = "String")]
+    pub max_version: semver::Version,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub base: BaseModel,
+    pub kind: ExpertKind,
+}
+
+/// A search response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SearchResults {
+    pub experts: Vec<SearchHit>,
+    /// Matches in all (the list may be cut to the requested limit).
+    pub total: usize,
+}
+
+/// Whether every word of `query` occurs in the name or description (case-insensitive).
+pub fn search_matches(query: &str, name: &str, description: Option<&str>) -> bool {
+    let hay = format!("{} {}", name, description.unwrap_or("")).to_lowercase();
+    query
+        .split_whitespace()
+        .all(|w| hay.contains(&w.to_lowercase()))
+}
+
+/// The search hit for an index file's lines (newest non-yanked version), if any.
+pub fn search_hit(lines: &[IndexLine]) -> Option<SearchHit> {
+    let best = lines
+        .iter()
+        .filter(|l| !l.yanked)
+        .max_by(|a, b| a.vers.cmp(&b.vers))?;
+    Some(SearchHit {
+        name: best.name.clone(),
+        max_version: best.vers.clone(),
+        description: best.description.clone(),
+        base: best.base.clone(),
+        kind: best.kind,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_paths() {
+        assert_eq!(index_rel_path("a").unwrap(), "1/a");
+        assert_eq!(index_rel_path("ab").unwrap(), "2/ab");
+        assert_eq!(index_rel_path("abc").unwrap(), "3/a/abc");
+        assert_eq!(index_rel_path("sst2-expert").unwrap(), "ss/t2/sst2-expert");
+        assert_eq!(index_rel_path("team/sst2").unwrap(), "@team/ss/t2/sst2");
+        for bad in ["../x", "A", "", "a/b/c", "x/../y", &"x".repeat(300)] {
+            assert!(index_rel_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn search_words() {
+        assert!(search_matches(
+            "Sentiment movie",
+            "sst2",
+            Some("Movie review sentiment")
+        ));
+        assert!(!search_matches(
+            "news",
+            "sst2",
+            Some("Movie review sentiment")
+        ));
+    }
+}

@@ -1,0 +1,262 @@
+//! A registry in a local directory (`file://…`): the embedded default at `$XPM_HOME/registry`,
+//! and the disk storage of the registry server. Layout (docs/registry-protocol.md):
+//!
+//! ```text
+//! config.json                 dl template, api, auth-required
+//! index/<prefix>/<name>       one JSON line per version
+//! blobs/sha256/ab/<hex>       the .xpm files, addressed by sha256
+//! .lock                       serialises publishers (an OS file lock, released on exit)
+//! ```
+//!
+//! Every write is a temporary file in the same directory, fsync, rename: a reader sees the old
+//! or the new index file, never a torn one, and a publish that fails leaves the index as it was.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoResultExt, Result};
+use crate::fsutil::write_atomic;
+
+use super::index::{
+    IndexLine, RegistryConfig, SearchHit, blob_rel_path, index_rel_path, parse_index, render_index,
+    search_hit, search_matches,
+};
+
+/// A registry rooted at a directory.
+#[derive(Debug, Clone)]
+pub struct LocalRegistry {
+    root: PathBuf,
+}
+
+/// An exclusive lock on the registry, held until dropped.
+pub struct RegistryLock {
+    _file: File,
+}
+
+impl LocalRegistry {
+    /// Open the registry at `root`, creating its layout and `config.json` if it does not exist.
+    pub fn open_or_init(root: &Path) -> Result<Self> {
+        let reg = LocalRegistry {
+            root: root.to_path_buf(),
+        };
+        let cfg = root.join("config.json");
+        if !cfg.exists() {
+            std::fs::create_dir_all(root.join("index")).at("create directory", root)?;
+            std::fs::create_dir_all(root.join("blobs")).at("create directory", root)?;
+            let config = RegistryConfig {
+                dl: "blobs/sha256/{prefix}/{sha256}".into(),
+                api: None,
+                auth_required: false,
+                max_upload_size: None,
+            };
+            let _lock = reg.lock()?;
+            if !cfg.exists() {
+                write_atomic(&cfg, &serde_json::to_vec_pretty(&config).expect("config"))?;
+            }
+        }
+        Ok(reg)
+    }
+
+    /// Open an existing registry; an error if `root` holds none.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.join("config.json").is_file() {
+            return Err(Error::input(
+                format!(
+                    "`{}` is not an xpm registry (no config.json)",
+                    root.display()
+                ),
+                Some(
+                    "check the --registry path; `xpm publish` creates a local registry on first use",
+                ),
+            ));
+        }
+        Ok(LocalRegistry {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Take the registry's exclusive lock (blocks while another publisher holds it).
+    pub fn lock(&self) -> Result<RegistryLock> {
+        std::fs::create_dir_all(&self.root).at("create directory", &self.root)?;
+        let path = self.root.join(".lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .at("open", &path)?;
+        file.lock().at("lock", &path)?;
+        Ok(RegistryLock { _file: file })
+    }
+
+    /// The registry's `config.json`.
+    pub fn config(&self) -> Result<RegistryConfig> {
+        let p = self.root.join("config.json");
+        let bytes = std::fs::read(&p).at("read", &p)?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            Error::input(
+                format!("`{}` is not a valid registry config: {e}", p.display()),
+                None,
+            )
+        })
+    }
+
+    /// Path of `name`'s index file.
+    pub fn index_path(&self, name: &str) -> Result<PathBuf> {
+        Ok(self.root.join("index").join(index_rel_path(name)?))
+    }
+
+    /// The raw index file of `name`, or `None` if nothing was published under it.
+    pub fn read_index_bytes(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let p = self.index_path(name)?;
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("read", &p, e)),
+        }
+    }
+
+    /// The parsed index of `name`.
+    pub fn read_index(&self, name: &str) -> Result<Option<Vec<IndexLine>>> {
+        match self.read_index_bytes(name)? {
+            Some(b) => Ok(Some(parse_index(
+                &b,
+                &self.index_path(name)?.display().to_string(),
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Where the blob with this `sha256:` digest lives.
+    pub fn blob_path(&self, cksum: &str) -> PathBuf {
+        self.root.join(blob_rel_path(cksum))
+    }
+
+    /// Add a version: store the artifact's bytes under its digest, then append `line` to the
+    /// index, under the registry lock. `take` moves `artifact` instead of copying it (it must
+    /// then be on the same file system). Refuses a version that exists already, yanked or not,
+    /// whatever its bytes: versions are immutable.
+    pub fn publish(&self, artifact: &Path, line: &IndexLine, take: bool) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut lines = self.read_index(&line.name)?.unwrap_or_default();
+        if let Some(old) = lines.iter().find(|l| l.vers == line.vers) {
+            return Err(Error::Conflict {
+                message: format!(
+                    "{} already exists in the registry (published {}{}); versions are immutable",
+                    line.id(),
+                    old.pubtime,
+                    if old.yanked { ", yanked" } else { "" }
+                ),
+                hint: Some("bump the version (e.g. with `--version`) and publish again".into()),
+            });
+        }
+        let blob = self.blob_path(&line.cksum);
+        let blob_ok = std::fs::metadata(&blob).is_ok_and(|m| m.len() == line.size);
+        if !blob_ok {
+            let dir = crate::fsutil::parent_dir(&blob);
+            std::fs::create_dir_all(&dir).at("create directory", &dir)?;
+            if take {
+                std::fs::rename(artifact, &blob).at("store", &blob)?;
+            } else {
+                // Hash while copying: the bytes stored are the bytes the line describes, even
+                // if the source file changed after it was verified.
+                let (tmp, w) = crate::fsutil::temp_file_beside(&blob)?;
+                let mut w = crate::digest::HashingWriter::new(w);
+                let mut src = File::open(artifact).at("open", artifact)?;
+                std::io::copy(&mut src, &mut w).at("copy", artifact)?;
+                let (digest, w) = w.finish();
+                if crate::digest::format_digest(&digest) != line.cksum {
+                    return Err(Error::input(
+                        format!(
+                            "`{}` changed while it was being published",
+                            artifact.display()
+                        ),
+                        Some("publish it again once nothing else writes to it"),
+                    ));
+                }
+                let f = w
+                    .into_inner()
+                    .map_err(|e| Error::io("write", &blob, e.into_error()))?;
+                f.sync_all().at("write", &blob)?;
+                tmp.persist(&blob)
+                    .map_err(|e| Error::io("store", &blob, e.error))?;
+            }
+        }
+        lines.push(line.clone());
+        write_atomic(&self.index_path(&line.name)?, &render_index(&lines))
+    }
+
+    /// Set or clear `yanked` on `name@version`; returns the updated line.
+    pub fn set_yanked(
+        &self,
+        name: &str,
+        version: &semver::Version,
+        yanked: bool,
+    ) -> Result<IndexLine> {
+        let _lock = self.lock()?;
+        let mut lines = self.read_index(name)?.ok_or_else(|| unknown_expert(name))?;
+        let Some(l) = lines.iter_mut().find(|l| &l.vers == version) else {
+            let known: Vec<String> = lines.iter().map(|l| l.vers.to_string()).collect();
+            return Err(Error::input(
+                format!("{name}@{version} is not in the registry"),
+                Some(&format!("published versions: {}", known.join(", "))),
+            ));
+        };
+        l.yanked = yanked;
+        let out = l.clone();
+        write_atomic(&self.index_path(name)?, &render_index(&lines))?;
+        Ok(out)
+    }
+
+    /// Every expert whose name or description contains all words of `query`.
+    pub fn search(&self, query: &str) -> Result<Vec<SearchHit>> {
+        let mut hits = Vec::new();
+        let index = self.root.join("index");
+        for path in walk_files(&index)? {
+            let bytes = std::fs::read(&path).at("read", &path)?;
+            let lines = parse_index(&bytes, &path.display().to_string())?;
+            if let Some(hit) = search_hit(&lines)
+                && search_matches(query, &hit.name, hit.description.as_deref())
+            {
+                hits.push(hit);
+            }
+        }
+        hits.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(hits)
+    }
+}
+
+/// The error for a name with no index file.
+pub fn unknown_expert(name: &str) -> Error {
+    Error::input(
+        format!("no expert named `{name}` in the registry"),
+        Some("check the spelling, or look with `xpm search WORDS`"),
+    )
+}
+
+fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io("read directory", dir, e)),
+    };
+    for e in rd {
+        let e = e.at("read directory", dir)?;
+        let p = e.path();
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if p.is_dir() {
+            out.extend(walk_files(&p)?);
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}

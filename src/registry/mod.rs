@@ -1,0 +1,129 @@
+//! Registries: where experts are published and found. One trait, [`Registry`], with two
+//! backends: a local directory ([`local::LocalRegistry`], `file://…`, the embedded default at
+//! `$XPM_HOME/registry`) and the HTTP registry server ([`http::HttpRegistry`], the `registry/`
+//! crate). The wire and on-disk protocol is docs/registry-protocol.md.
+
+pub mod http;
+pub mod index;
+pub mod local;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoResultExt, Result};
+use crate::home::XpmHome;
+
+pub use index::{IndexLine, RegistryConfig, SearchHit, SearchResults};
+pub use local::LocalRegistry;
+
+/// What every registry backend does.
+pub trait Registry: Send + Sync {
+    /// The canonical source string recorded in lockfiles (`file:///abs/path` or the base URL).
+    fn source(&self) -> &str;
+    /// Every published version of `name`, or `None` if the registry has no such expert.
+    fn index(&self, name: &str) -> Result<Option<Vec<IndexLine>>>;
+    /// A reader over the artifact's bytes. The caller verifies the digest while reading.
+    fn open_blob(&self, line: &IndexLine) -> Result<Box<dyn Read + Send>>;
+    /// Publish a verified artifact whose index line is `line`; returns the line the registry
+    /// recorded (with its publish time).
+    fn publish(&self, artifact: &Path, line: &IndexLine) -> Result<IndexLine>;
+    /// Yank (or un-yank) a version; returns the updated line.
+    fn set_yanked(&self, name: &str, version: &semver::Version, yanked: bool) -> Result<IndexLine>;
+    /// Experts whose name or description contains every word of `query`.
+    fn search(&self, query: &str, limit: usize) -> Result<SearchResults>;
+}
+
+/// How to reach a registry.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Token for publish and yank (`--token`, `$XPM_TOKEN`). Never printed.
+    pub token: Option<String>,
+    /// Use only what is cached; never touch the network.
+    pub offline: bool,
+}
+
+/// The registry to use: `--registry`, else `$XPM_REGISTRY`, else `xpm.toml`'s `registry`, else
+/// the embedded local registry at `$XPM_HOME/registry`.
+pub fn default_location(home: &XpmHome) -> String {
+    format!("file://{}", home.root.join("registry").display())
+}
+
+/// Open the registry at `location`: `http(s)://…`, `file://…` or a plain directory path.
+/// A local registry is created on first use when `create` is set (publish).
+pub fn open(
+    location: &str,
+    home: &XpmHome,
+    opts: &ClientOptions,
+    create: bool,
+) -> Result<Box<dyn Registry>> {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return Ok(Box::new(http::HttpRegistry::new(location, home, opts)?));
+    }
+    let path = PathBuf::from(location.strip_prefix("file://").unwrap_or(location));
+    let path = if path.is_absolute() {
+        path
+    } else {
+        std::env::current_dir().at("read", ".")?.join(path)
+    };
+    let reg = if create {
+        LocalRegistry::open_or_init(&path)?
+    } else {
+        LocalRegistry::open(&path)?
+    };
+    Ok(Box::new(LocalBackend {
+        source: format!("file://{}", path.display()),
+        reg,
+    }))
+}
+
+/// [`LocalRegistry`] as a [`Registry`].
+struct LocalBackend {
+    source: String,
+    reg: LocalRegistry,
+}
+
+impl Registry for LocalBackend {
+    fn source(&self) -> &str {
+        &self.source
+    }
+
+    fn index(&self, name: &str) -> Result<Option<Vec<IndexLine>>> {
+        self.reg.read_index(name)
+    }
+
+    fn open_blob(&self, line: &IndexLine) -> Result<Box<dyn Read + Send>> {
+        let p = self.reg.blob_path(&line.cksum);
+        let f = std::fs::File::open(&p).map_err(|e| {
+            Error::registry(
+                &self.source,
+                format!(
+                    "the artifact of {} is missing from the registry: {e}",
+                    line.id()
+                ),
+                Some("the registry is damaged; ask its owner to publish the version again"),
+            )
+        })?;
+        Ok(Box::new(f))
+    }
+
+    fn publish(&self, artifact: &Path, line: &IndexLine) -> Result<IndexLine> {
+        let mut line = line.clone();
+        line.pubtime = index::now_rfc3339();
+        self.reg.publish(artifact, &line, false)?;
+        Ok(line)
+    }
+
+    fn set_yanked(&self, name: &str, version: &semver::Version, yanked: bool) -> Result<IndexLine> {
+        self.reg.set_yanked(name, version, yanked)
+    }
+
+    fn search(&self, query: &str, limit: usize) -> Result<SearchResults> {
+        let mut hits = self.reg.search(query)?;
+        let total = hits.len();
+        hits.truncate(limit);
+        Ok(SearchResults {
+            experts: hits,
+            total,
+        })
+    }
+}

@@ -1,0 +1,272 @@
+//! The local store: verified artifacts in a content-addressed cache, and the record of which
+//! expert versions are installed.
+//!
+//! ```text
+//! $XPM_CACHE_DIR (default $XPM_HOME/cache)
+//!   blobs-v1/sha256/ab/<hex>.xpm      artifacts, named by the sha256 of their bytes
+//!   tmp-v1/                           downloads in flight (renamed into blobs-v1 when verified)
+//!   index-v1/<registry>/…             cached index files with their ETags
+//!   .lock                             held while an install commits
+//! $XPM_HOME/installed-v1/<name>/<version>.json   one record per installed version
+//! ```
+//!
+//! Bucket names carry a layout version, so a future layout lives beside this one. Downloads
+//! stream into a temporary file while hashing and are kept only if size and sha256 match the
+//! index; an install renames everything into place only after every download is verified, under
+//! the store lock, so a failed install leaves the store as it was and two processes can install
+//! into one `$XPM_HOME` at once.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::HashingWriter;
+use crate::error::{Error, IoResultExt, Result};
+use crate::format::{BaseModel, ExpertKind};
+use crate::fsutil::write_atomic;
+use crate::home::XpmHome;
+use crate::registry::http::retry;
+use crate::registry::{IndexLine, Registry};
+
+/// One installed expert version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Installed {
+    pub name: String,
+    #[schemars(with = "String")]
+    pub version: semver::Version,
+    /// `sha256:<hex>` of the artifact.
+    pub cksum: String,
+    pub size: u64,
+    pub base: BaseModel,
+    pub kind: ExpertKind,
+    /// The registry it came from.
+    pub source: String,
+    /// When it was installed (RFC 3339).
+    pub installed_at: String,
+}
+
+/// A downloaded, verified artifact waiting to be committed into the store.
+pub struct Staged {
+    tmp: tempfile::TempPath,
+    cksum: String,
+}
+
+/// The store under one `$XPM_HOME`.
+#[derive(Debug, Clone)]
+pub struct Store {
+    cache: PathBuf,
+    installed: PathBuf,
+}
+
+/// The store's exclusive lock, held until dropped.
+pub struct StoreLock {
+    _file: File,
+}
+
+impl Store {
+    pub fn new(home: &XpmHome) -> Self {
+        Store {
+            cache: home.cache.clone(),
+            installed: home.root.join("installed-v1"),
+        }
+    }
+
+    /// Where the artifact with this digest lives once installed.
+    pub fn blob_path(&self, cksum: &str) -> PathBuf {
+        let hex = cksum.strip_prefix("sha256:").unwrap_or(cksum);
+        self.cache
+            .join("blobs-v1/sha256")
+            .join(&hex[..2.min(hex.len())])
+            .join(format!("{hex}.xpm"))
+    }
+
+    /// Whether the artifact is in the store with the expected size.
+    pub fn has_blob(&self, cksum: &str, size: u64) -> bool {
+        std::fs::metadata(self.blob_path(cksum)).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
+
+    /// Take the store's exclusive lock (blocks while another process commits).
+    pub fn lock(&self) -> Result<StoreLock> {
+        std::fs::create_dir_all(&self.cache).at("create directory", &self.cache)?;
+        let path = self.cache.join(".lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .at("open", &path)?;
+        file.lock().at("lock", &path)?;
+        Ok(StoreLock { _file: file })
+    }
+
+    /// Download `line`'s artifact from `reg` into a temporary file, verifying size and sha256
+    /// while streaming; retried on transient failures. `progress` gets byte counts (and is
+    /// rewound with negative counts when a retry starts over).
+    pub fn fetch(
+        &self,
+        reg: &dyn Registry,
+        line: &IndexLine,
+        progress: &(dyn Fn(i64) + Sync),
+    ) -> Result<Staged> {
+        let tmp_dir = self.cache.join("tmp-v1");
+        std::fs::create_dir_all(&tmp_dir).at("create directory", &tmp_dir)?;
+        retry(|| {
+            let tmp = tempfile::Builder::new()
+                .prefix(".xpm-tmp-")
+                .tempfile_in(&tmp_dir)
+                .at("create a temporary file in", &tmp_dir)?;
+            let mut reader = reg.open_blob(line)?;
+            let file = tmp.as_file().try_clone().at("open", tmp.path())?;
+            let mut w = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = 0u64;
+            let result: Result<()> = (|| {
+                loop {
+                    let n = match reader.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            return Err(Error::Registry {
+                                url: reg.source().to_string(),
+                                message: format!(
+                                    "downloading {}: the connection broke after {got} of {} bytes: {e}",
+                                    line.id(),
+                                    line.size
+                                ),
+                                hint: Some("check that the registry is running; then retry".into()),
+                                transient: true,
+                            });
+                        }
+                    };
+                    got += n as u64;
+                    if got > line.size {
+                        return Err(Error::registry(
+                            reg.source(),
+                            format!(
+                                "downloading {}: the registry sent more than the {} bytes its index declares",
+                                line.id(),
+                                line.size
+                            ),
+                            Some("the registry's blob is damaged; tell its operator"),
+                        ));
+                    }
+                    w.write_all(&buf[..n]).at("write", tmp.path())?;
+                    progress(n as i64);
+                }
+                Ok(())
+            })();
+            if let Err(e) = result {
+                progress(-(got as i64));
+                return Err(e);
+            }
+            let (digest, inner) = w.finish();
+            let digest = crate::digest::format_digest(&digest);
+            let file = inner
+                .into_inner()
+                .map_err(|e| Error::io("write", tmp.path(), e.into_error()))?;
+            if got != line.size || digest != line.cksum {
+                progress(-(got as i64));
+                return Err(Error::registry(
+                    reg.source(),
+                    format!(
+                        "downloading {}: the artifact does not match the registry's index \
+                         (expected {} bytes with {}, got {got} bytes with {digest}); nothing was kept",
+                        line.id(),
+                        line.size,
+                        line.cksum
+                    ),
+                    Some("the registry's copy is damaged or was replaced; tell its operator"),
+                ));
+            }
+            file.sync_all().at("write", tmp.path())?;
+            Ok(Staged {
+                tmp: tmp.into_temp_path(),
+                cksum: line.cksum.clone(),
+            })
+        })
+    }
+
+    /// Move verified downloads into the store and write the install records, under the lock.
+    pub fn commit(&self, staged: Vec<Staged>, records: &[Installed]) -> Result<()> {
+        let _lock = self.lock()?;
+        for s in staged {
+            let dest = self.blob_path(&s.cksum);
+            let dir = crate::fsutil::parent_dir(&dest);
+            std::fs::create_dir_all(&dir).at("create directory", &dir)?;
+            s.tmp
+                .persist(&dest)
+                .map_err(|e| Error::io("store", &dest, e.error))?;
+        }
+        for r in records {
+            let p = self.record_path(&r.name, &r.version);
+            let json = serde_json::to_vec_pretty(r).expect("record serializes");
+            write_atomic(&p, &json)?;
+        }
+        Ok(())
+    }
+
+    fn record_path(&self, name: &str, version: &semver::Version) -> PathBuf {
+        self.installed.join(name).join(format!("{version}.json"))
+    }
+
+    /// Every installed version, sorted by name then version.
+    pub fn installed(&self) -> Result<Vec<Installed>> {
+        let mut out = Vec::new();
+        collect_records(&self.installed, &mut out)?;
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.version.cmp(&b.version)));
+        Ok(out)
+    }
+
+    /// The highest installed version of `name` matching `req` whose artifact is present.
+    pub fn find_installed(
+        &self,
+        name: &str,
+        req: &semver::VersionReq,
+    ) -> Result<Option<Installed>> {
+        let mut best: Option<Installed> = None;
+        let dir = self.installed.join(name);
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let mut recs = Vec::new();
+        collect_records(&dir, &mut recs)?;
+        for r in recs {
+            if r.name == name
+                && req.matches(&r.version)
+                && self.has_blob(&r.cksum, r.size)
+                && best.as_ref().is_none_or(|b| r.version > b.version)
+            {
+                best = Some(r);
+            }
+        }
+        Ok(best)
+    }
+}
+
+fn collect_records(dir: &Path, out: &mut Vec<Installed>) -> Result<()> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("read directory", dir, e)),
+    };
+    for e in rd {
+        let p = e.at("read directory", dir)?.path();
+        if p.is_dir() {
+            collect_records(&p, out)?;
+        } else if p.extension().is_some_and(|x| x == "json") {
+            let bytes = std::fs::read(&p).at("read", &p)?;
+            let rec: Installed = serde_json::from_slice(&bytes).map_err(|e| {
+                Error::input(
+                    format!("`{}` is not a valid install record: {e}", p.display()),
+                    Some("remove it and run `xpm install` again"),
+                )
+            })?;
+            out.push(rec);
+        }
+    }
+    Ok(())
+}
