@@ -16,6 +16,28 @@ pub fn all() -> Vec<(&'static str, serde_json::Value)> {
             "inspect.schema.json",
             schema::<crate::ops::inspect::InspectReport>("xpm inspect --json output"),
         ),
+        (
+            "index-line.schema.json",
+            schema::<crate::registry::IndexLine>("xpm registry index line"),
+        ),
+        (
+            "registry-config.schema.json",
+            schema::<crate::registry::RegistryConfig>("xpm registry config.json"),
+        ),
+        (
+            "search.schema.json",
+            schema::<crate::registry::SearchResults>(
+                "xpm registry search response (and xpm search --json)",
+            ),
+        ),
+        (
+            "lockfile.schema.json",
+            schema::<crate::project::Lockfile>("xpm.lock (TOML, described as JSON)"),
+        ),
+        (
+            "installed.schema.json",
+            schema::<Vec<crate::store::Installed>>("xpm list --json output"),
+        ),
     ]
 }
 

@@ -618,3 +618,54 @@ fn concurrent_publishers_and_installers_on_a_local_registry() {
         serde_json::from_str::<serde_json::Value>(l).unwrap();
     }
 }
+
+fn check_schema(file: &str, doc: &serde_json::Value) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("schemas")
+        .join(file);
+    let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let v = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> = v.iter_errors(doc).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{file}: {errors:?}\n{doc:#}");
+}
+
+#[test]
+fn documents_validate_against_their_schemas() {
+    let ctx = TestContext::new();
+    let srv = Server::start(&ctx.path("srv"));
+    publish(
+        &ctx,
+        &srv.url,
+        &expert(&ctx, "team/alpha", "1.0.0", "minilm"),
+    )
+    .success();
+    for l in srv.index_lines("@team/al/ph/alpha") {
+        check_schema("index-line.schema.json", &l);
+    }
+    let cfg: serde_json::Value = reqwest::blocking::get(format!("{}/config.json", srv.url))
+        .unwrap()
+        .json()
+        .unwrap();
+    check_schema("registry-config.schema.json", &cfg);
+    let out = ctx
+        .xpm()
+        .args(["search", "alpha", "--json", "--registry", &srv.url])
+        .output()
+        .unwrap();
+    check_schema(
+        "search.schema.json",
+        &serde_json::from_slice(&out.stdout).unwrap(),
+    );
+    ctx.xpm()
+        .args(["install", "team/alpha@1", "--registry", &srv.url])
+        .assert()
+        .success();
+    let lock: serde_json::Value =
+        toml_edit::de::from_str(&std::fs::read_to_string(ctx.path("xpm.lock")).unwrap()).unwrap();
+    check_schema("lockfile.schema.json", &lock);
+    let out = ctx.xpm().args(["list", "--json"]).output().unwrap();
+    check_schema(
+        "installed.schema.json",
+        &serde_json::from_slice(&out.stdout).unwrap(),
+    );
+}
