@@ -29,12 +29,24 @@ pub fn temp_file_beside(
 
 /// Write `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_impl(path, bytes, true)
+}
+
+/// [`write_atomic`] without the fsync: readers still see the old or the new file, never a torn
+/// one, but a power loss may lose the new content. For caches that are checked on use.
+pub fn write_atomic_nosync(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_impl(path, bytes, false)
+}
+
+fn write_atomic_impl(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     let (tmp, mut w) = temp_file_beside(path)?;
     std::io::Write::write_all(&mut w, bytes).at("write", path)?;
     let file = w
         .into_inner()
         .map_err(|e| Error::io("write", path, e.into_error()))?;
-    file.sync_all().at("write", path)?;
+    if sync {
+        file.sync_all().at("write", path)?;
+    }
     tmp.persist(path)
         .map_err(|e| Error::io("write", path, e.error))?;
     Ok(())

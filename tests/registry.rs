@@ -193,6 +193,18 @@ fn versions_are_immutable() {
     publish(&ctx, &srv.url, "other.xpm").failure().stderr(
         predicate::str::contains("already exists").and(predicate::str::contains("immutable")),
     );
+    // Build metadata does not make a new version.
+    make_expert(
+        &ctx.path("meta.xpm"),
+        "alpha",
+        "1.0.0+rebuild",
+        "minilm",
+        4096,
+        998,
+    );
+    publish(&ctx, &srv.url, "meta.xpm")
+        .failure()
+        .stderr(predicate::str::contains("already exists"));
     assert_eq!(srv.index_lines("al/ph/alpha").len(), 1);
     assert_eq!(srv.blobs(), before);
     no_tmp_left(&srv.root);
@@ -480,6 +492,18 @@ fn yank_project_lock_and_locked_installs() {
         .assert()
         .success()
         .stdout(predicate::str::contains("alpha@1.0.0"));
+    // A requirement on the command line replaces xpm.toml's for that name.
+    ctx.xpm()
+        .args(["install", "alpha@=1.0.0"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("alpha@1.0.0"));
+    let toml = std::fs::read_to_string(ctx.path("xpm.toml")).unwrap();
+    assert!(
+        toml.contains("alpha = \"=1.0.0\"") && !toml.contains("\"^1\""),
+        "{toml}"
+    );
+    ctx.xpm().args(["install", "alpha@^1"]).assert().success();
     // --locked refuses a lockfile that no longer covers xpm.toml.
     let toml = std::fs::read_to_string(ctx.path("xpm.toml")).unwrap();
     std::fs::write(

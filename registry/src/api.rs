@@ -80,11 +80,20 @@ impl ApiError {
                 error: message,
                 hint,
             },
-            E::Input { message, hint } | E::Registry { message, hint, .. } => ApiError {
+            E::Input { message, hint } => ApiError {
                 status: StatusCode::BAD_REQUEST,
                 error: message,
                 hint,
             },
+            // Only the server's own storage yields these (e.g. a damaged index file).
+            E::Registry { message, .. } => {
+                eprintln!("xpm-registry: storage error: {message}");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal storage error",
+                    None,
+                )
+            }
             E::Corrupt { detail, .. } => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 format!("the upload is not a valid xpm artifact: {detail}"),

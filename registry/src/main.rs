@@ -74,11 +74,12 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
         "gib" => 1 << 30,
         u => bail!("unknown size unit `{u}` in `{s}` (use B, KB, KiB, MB, MiB, GB or GiB)"),
     };
-    Ok(n * mult)
+    n.checked_mul(mult)
+        .with_context(|| format!("`{s}` is too large"))
 }
 
 fn main() -> anyhow::Result<()> {
-    let Command::Serve(a) = Cli::parse().command;
+    let Command::Serve(mut a) = Cli::parse().command;
     let mut hashes = HashSet::new();
     if let Some(f) = &a.token_file {
         let text = std::fs::read_to_string(f)
@@ -90,7 +91,8 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    if let Some(list) = &a.tokens {
+    // Keep only the hashes; the plaintext list is dropped here.
+    if let Some(list) = a.tokens.take() {
         for t in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             hashes.insert(ServerConfig::hash_token(t));
         }
@@ -125,19 +127,26 @@ fn main() -> anyhow::Result<()> {
         std::io::stdout().flush()?;
         let app = router(Arc::new(storage), cfg);
         axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let ctrl_c = tokio::signal::ctrl_c();
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("signal handler");
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
-                }
-            })
+            .with_graceful_shutdown(shutdown_signal())
             .await?;
         anyhow::Ok(())
     })
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 #[cfg(test)]

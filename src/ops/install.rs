@@ -2,9 +2,11 @@
 //! lacks in parallel (verifying every digest while streaming), commit everything at once, and
 //! write `xpm.lock`.
 //!
-//! Failure at any point leaves the store, the install records, `xpm.toml` and `xpm.lock` as they
-//! were: downloads go to temporary files and are renamed into the store only when all of them
-//! are verified.
+//! A failure while resolving or downloading leaves the store, the install records, `xpm.toml`
+//! and `xpm.lock` as they were: downloads go to temporary files and are renamed into the store
+//! only when all of them are verified. Then the store is committed (under its lock), then
+//! `xpm.lock` and `xpm.toml` are written, each atomically; a crash between those steps leaves
+//! verified artifacts in the store and the old lockfile, which the next `xpm install` fixes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -71,11 +73,12 @@ pub fn registry_location(flag: Option<&str>, project: &Project, home: &XpmHome) 
         return f.to_string();
     }
     if let Some(r) = project.manifest.as_ref().and_then(|m| m.registry.clone()) {
-        // A relative path in xpm.toml is relative to the project directory.
-        if r.contains("://") || Path::new(&r).is_absolute() {
+        // A relative path (plain or file://) in xpm.toml is relative to the project directory.
+        let path = r.strip_prefix("file://").unwrap_or(&r);
+        if r.starts_with("http://") || r.starts_with("https://") || Path::new(path).is_absolute() {
             return r;
         }
-        return project.dir.join(r).display().to_string();
+        return project.dir.join(path).display().to_string();
     }
     registry::default_location(home)
 }
@@ -92,7 +95,12 @@ pub fn install(
         .iter()
         .map(|s| Requirement::parse(s))
         .collect::<Result<_>>()?;
-    let mut reqs = project.requirements()?;
+    // A command-line requirement replaces xpm.toml's for the same name (as `cargo add` does).
+    let mut reqs: Vec<Requirement> = project
+        .requirements()?
+        .into_iter()
+        .filter(|r| !cli_reqs.iter().any(|c| c.name == r.name))
+        .collect();
     reqs.extend(cli_reqs.iter().cloned());
     let lock = project.read_lock()?;
     let location = registry_location(opts.registry.as_deref(), &project, home);
@@ -103,8 +111,27 @@ pub fn install(
     let reg = registry::open(&location, home, &client, false)?;
     let store = Store::new(home);
 
+    let pinned_base = opts
+        .base
+        .clone()
+        .or_else(|| project.manifest.as_ref().and_then(|m| m.base.clone()));
     let lines: Vec<IndexLine> = if opts.locked {
-        from_lock(&project, lock.as_ref(), &reqs, reg.source())?
+        let lines = from_lock(&project, lock.as_ref(), &reqs, reg.source())?;
+        if let Some(b) = &pinned_base
+            && lines[0].base.digest != *b
+            && lines[0].base.id != *b
+        {
+            return Err(Error::input(
+                format!(
+                    "{} locks base {} ({}), not the pinned base {b}",
+                    project.lock_path().display(),
+                    lines[0].base.id,
+                    lines[0].base.digest
+                ),
+                Some("run `xpm install` without --locked to re-resolve on the pinned base"),
+            ));
+        }
+        lines
     } else {
         if reqs.is_empty() {
             return Err(Error::input(
@@ -118,12 +145,14 @@ pub fn install(
             "Resolving",
             format!("{} requirement(s) against {}", reqs.len(), reg.source()),
         );
+        let mut names: Vec<&str> = reqs.iter().map(|r| r.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let fetched = parallel_map(&names, opts.jobs, |n| reg.index(n))?;
         let mut index = BTreeMap::new();
-        for r in &reqs {
-            if !index.contains_key(&r.name)
-                && let Some(lines) = reg.index(&r.name)?
-            {
-                index.insert(r.name.clone(), lines);
+        for (name, lines) in names.iter().zip(fetched) {
+            if let Some(lines) = lines {
+                index.insert(name.to_string(), lines);
             }
         }
         let pinned: HashMap<String, semver::Version> = lock
@@ -137,10 +166,7 @@ pub fn install(
             })
             .unwrap_or_default();
         let c = Constraints {
-            base: opts
-                .base
-                .clone()
-                .or_else(|| project.manifest.as_ref().and_then(|m| m.base.clone())),
+            base: pinned_base.clone(),
             locked: pinned,
         };
         resolve(&reqs, &index, &c)?
@@ -196,7 +222,7 @@ pub fn install(
     if !opts.locked && lock.as_ref() != Some(&new_lock) {
         project.write_lock(&new_lock)?;
     }
-    if project.manifest.is_some() && !cli_reqs.is_empty() {
+    if project.manifest.is_some() && !cli_reqs.is_empty() && !opts.locked {
         project.add_requirements(&cli_reqs)?;
     }
     let missing_ids: Vec<String> = missing.iter().map(|l| l.id()).collect();
@@ -307,10 +333,6 @@ fn download_all(
     }
     let total: u64 = lines.iter().map(|l| l.size).sum();
     let pb = printer.progress_bytes(total, "Downloading");
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<Staged>>>> =
-        Mutex::new((0..lines.len()).map(|_| None).collect());
-    let failed = std::sync::atomic::AtomicBool::new(false);
     let progress = |n: i64| {
         if n >= 0 {
             pb.inc(n as u64)
@@ -318,40 +340,55 @@ fn download_all(
             pb.dec((-n) as u64)
         }
     };
+    let results = parallel_map(lines, jobs, |line| store.fetch(reg, line, &progress));
+    pb.finish_and_clear();
+    results
+}
+
+/// `f` over `items` on up to `jobs` threads, results in input order; the first error (in input
+/// order) if any failed. After a failure no new item is started.
+fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    jobs: usize,
+    f: impl Fn(&T) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    let next = AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let slots: Mutex<Vec<Option<Result<R>>>> = Mutex::new((0..items.len()).map(|_| None).collect());
     std::thread::scope(|s| {
-        for _ in 0..jobs.clamp(1, lines.len()) {
+        for _ in 0..jobs.clamp(1, items.len().max(1)) {
             s.spawn(|| {
                 loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
                     if failed.load(Ordering::Relaxed) {
                         break;
                     }
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(line) = lines.get(i) else { break };
-                    let r = store.fetch(reg, line, &progress);
+                    let r = f(item);
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
                     }
-                    results.lock().expect("no poisoned lock")[i] = Some(r);
+                    slots.lock().expect("no poisoned lock")[i] = Some(r);
                 }
             });
         }
     });
-    pb.finish_and_clear();
-    let mut out = Vec::with_capacity(lines.len());
-    for r in results
-        .into_inner()
-        .expect("no poisoned lock")
-        .into_iter()
-        .flatten()
-    {
-        out.push(r?);
+    // Items after a failure never ran (None); the first error in input order wins.
+    let mut out = Vec::with_capacity(items.len());
+    let mut first_err = None;
+    for r in slots.into_inner().expect("no poisoned lock") {
+        match r {
+            Some(Ok(v)) => out.push(v),
+            Some(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            None => {}
+        }
     }
-    if out.len() != lines.len() {
-        // Only reachable if a worker stopped early because another failed; the error above
-        // returned first.
-        return Err(Error::input("the download was interrupted", None));
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(out),
     }
-    Ok(out)
 }
 
 /// `1.5 MB`-style sizes.

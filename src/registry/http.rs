@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::digest::sha256;
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic;
+use crate::fsutil::write_atomic_nosync;
 use crate::home::XpmHome;
 
 use super::index::{IndexLine, RegistryConfig, SearchResults, index_rel_path, parse_index};
@@ -26,6 +26,14 @@ use super::{ClientOptions, Registry};
 pub const ATTEMPTS: u32 = 4;
 /// Delay before the first retry; doubled on each further one.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// Whole-request limit for index files, config.json and API calls.
+const SMALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whole-request limit for moving `size` bytes: a minute plus 10 s per MB (100 kB/s), so a
+/// stalled transfer ends instead of hanging (blocking reqwest has no idle-read timeout).
+fn transfer_timeout(size: u64) -> Duration {
+    Duration::from_secs(60 + size / 100_000)
+}
 
 /// A registry reached over HTTP.
 pub struct HttpRegistry {
@@ -77,30 +85,34 @@ impl HttpRegistry {
         )
     }
 
-    /// Send a request, retrying transient failures.
+    /// Send a request once; 5xx and 429 answers become transient errors.
+    fn attempt(&self, what: &str, rb: RequestBuilder) -> Result<Response> {
+        let resp = rb.send().map_err(|e| self.transport_error(what, e))?;
+        let status = resp.status();
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(Error::Registry {
+                url: self.base.clone(),
+                message: format!("{what}: the registry answered {status}"),
+                hint: Some("the registry is having trouble; try again later".into()),
+                transient: true,
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Send a small request (index, config, API), retrying transient failures.
     fn send(&self, what: &str, build: impl Fn() -> RequestBuilder) -> Result<Response> {
-        retry(|| {
-            let resp = build().send().map_err(|e| self.transport_error(what, e))?;
-            let status = resp.status();
-            if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-                return Err(Error::Registry {
-                    url: self.base.clone(),
-                    message: format!("{what}: the registry answered {status}"),
-                    hint: Some("the registry is having trouble; try again later".into()),
-                    transient: true,
-                });
-            }
-            Ok(resp)
-        })
+        retry(|| self.attempt(what, build().timeout(SMALL_TIMEOUT)))
     }
 
     fn transport_error(&self, what: &str, e: reqwest::Error) -> Error {
-        // Never show the URL with credentials or the token: reqwest errors carry the URL only.
+        // Connection failures (refused, reset, DNS, TLS), timeouts and broken bodies are worth
+        // retrying; a request xpm could not even build is not. Errors never show the token.
         Error::Registry {
             url: self.base.clone(),
             message: format!("{what}: {}", error_chain(&e)),
             hint: Some("check that the registry is running and reachable".into()),
-            transient: true,
+            transient: !e.is_builder(),
         }
     }
 
@@ -157,7 +169,7 @@ impl HttpRegistry {
                 .map_err(|e| self.transport_error("reading config.json", e))?;
             let cfg =
                 serde_json::from_slice(&bytes).map_err(|e| self.bad_response("config.json", e))?;
-            write_atomic(&cached, &bytes)?;
+            write_atomic_nosync(&cached, &bytes)?;
             cfg
         };
         Ok(self.config.get_or_init(|| cfg))
@@ -261,7 +273,7 @@ fn write_cached(path: &Path, etag: &str, body: &[u8]) -> Result<()> {
     out.extend_from_slice(etag.as_bytes());
     out.push(b'\n');
     out.extend_from_slice(body);
-    write_atomic(path, &out)
+    write_atomic_nosync(path, &out)
 }
 
 impl Registry for HttpRegistry {
@@ -289,10 +301,17 @@ impl Registry for HttpRegistry {
             }
         })?;
         match resp.status() {
-            StatusCode::NOT_MODIFIED => {
-                let (_, body) = cached.expect("304 only answers a conditional request");
-                Ok(Some(parse_index(&body, &source)?))
-            }
+            StatusCode::NOT_MODIFIED => match cached {
+                Some((_, body)) => Ok(Some(parse_index(&body, &source)?)),
+                None => Err(Error::Registry {
+                    url: self.base.clone(),
+                    message: format!(
+                        "{what}: the registry answered 304 to an unconditional request"
+                    ),
+                    hint: Some("a proxy between xpm and the registry may be misbehaving".into()),
+                    transient: true,
+                }),
+            },
             StatusCode::NOT_FOUND => {
                 let _ = std::fs::remove_file(&cached_path);
                 Ok(None)
@@ -319,7 +338,11 @@ impl Registry for HttpRegistry {
         }
         let url = resolve(&self.base, &self.config()?.blob_location(&line.cksum));
         let what = format!("downloading {}", line.id());
-        let resp = self.send(&what, || self.client.get(&url))?;
+        // One attempt: the caller (Store::fetch) retries the whole download.
+        let resp = self.attempt(
+            &what,
+            self.client.get(&url).timeout(transfer_timeout(line.size)),
+        )?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Err(Error::registry(
                 &self.base,
@@ -358,17 +381,30 @@ impl Registry for HttpRegistry {
             ));
         }
         let what = format!("publishing {}", line.id());
-        let resp = self.send(&what, || {
-            let file = std::fs::File::open(artifact);
-            let body = match file {
-                Ok(f) => reqwest::blocking::Body::sized(f, line.size),
-                Err(_) => reqwest::blocking::Body::from(Vec::new()),
-            };
-            self.authed(self.client.put(&url))
+        let mut tries = 0;
+        let result = retry(|| {
+            tries += 1;
+            let file = std::fs::File::open(artifact).map_err(|e| Error::io("open", artifact, e))?;
+            let rb = self
+                .authed(self.client.put(&url))
+                .timeout(transfer_timeout(line.size))
                 .header("X-Xpm-Sha256", &line.cksum)
                 .header("Content-Type", "application/octet-stream")
-                .body(body)
-        })?;
+                .body(reqwest::blocking::Body::sized(file, line.size));
+            self.attempt(&what, rb)
+        });
+        let resp = result?;
+        if resp.status() == StatusCode::CONFLICT && tries > 1 {
+            // An earlier attempt may have been committed before its answer was lost: if the
+            // registry holds exactly these bytes under this version, that attempt succeeded.
+            if let Some(lines) = self.index(&line.name)?
+                && let Some(l) = lines
+                    .iter()
+                    .find(|l| l.vers == line.vers && l.cksum == line.cksum)
+            {
+                return Ok(l.clone());
+            }
+        }
         if !resp.status().is_success() {
             return Err(self.refused(&what, resp));
         }

@@ -168,13 +168,20 @@ pub fn index_rel_path(name: &str) -> Result<String> {
 pub const NAME_HINT: &str = "names use lowercase ASCII letters, digits, `-` and `_` (at most 64 \
     characters), start with a letter or digit, and may have one `namespace/` prefix";
 
-/// Parse an index file: one JSON line per version; blank lines are skipped.
+/// Parse an index file: one JSON line per version; blank lines are skipped, and so are lines
+/// of a newer layout (`v` above [`INDEX_LINE_VERSION`]), which this build cannot interpret —
+/// as Cargo does with its index.
 pub fn parse_index(bytes: &[u8], source: &str) -> Result<Vec<IndexLine>> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| Error::registry(source, "the index file is not UTF-8", None))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
+            continue;
+        }
+        if let Ok(probe) = serde_json::from_str::<VersionProbe>(line)
+            && probe.v > INDEX_LINE_VERSION
+        {
             continue;
         }
         let l: IndexLine = serde_json::from_str(line).map_err(|e| {
@@ -187,6 +194,12 @@ pub fn parse_index(bytes: &[u8], source: &str) -> Result<Vec<IndexLine>> {
         out.push(l);
     }
     Ok(out)
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    #[serde(default = "one")]
+    v: u32,
 }
 
 /// Render index lines back into a file (one compact JSON object per line).
@@ -256,6 +269,17 @@ mod tests {
         for bad in ["../x", "A", "", "a/b/c", "x/../y", &"x".repeat(300)] {
             assert!(index_rel_path(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn newer_line_layouts_are_skipped() {
+        let line = r#"{"name":"a","vers":"1.0.0","cksum":"sha256:00","size":1,"base":{"id":"m","digest":"sha256:11"},"kind":"sparse","density":0.1,"targets":[],"pubtime":"t","format":"1.0"}"#;
+        let future = r#"{"name":"a","vers":"2.0.0","v":2,"something":"new"}"#;
+        let text = format!("{line}\n\n{future}\n");
+        let lines = parse_index(text.as_bytes(), "test").unwrap();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].v, 1);
+        assert!(parse_index(b"{not json}\n", "test").is_err());
     }
 
     #[test]

@@ -143,7 +143,8 @@ impl LocalRegistry {
     pub fn publish(&self, artifact: &Path, line: &IndexLine, take: bool) -> Result<()> {
         let _lock = self.lock()?;
         let mut lines = self.read_index(&line.name)?.unwrap_or_default();
-        if let Some(old) = lines.iter().find(|l| l.vers == line.vers) {
+        // Build metadata does not make a new version (as in Cargo): 1.0.0+a is 1.0.0.
+        if let Some(old) = lines.iter().find(|l| same_version(&l.vers, &line.vers)) {
             return Err(Error::Conflict {
                 message: format!(
                     "{} already exists in the registry (published {}{}); versions are immutable",
@@ -155,8 +156,17 @@ impl LocalRegistry {
             });
         }
         let blob = self.blob_path(&line.cksum);
-        let blob_ok = std::fs::metadata(&blob).is_ok_and(|m| m.len() == line.size);
-        if !blob_ok {
+        // Another version may share these bytes; keep the stored copy only if it is intact
+        // (this also repairs a blob damaged on disk).
+        let blob_ok = std::fs::metadata(&blob).is_ok_and(|m| m.len() == line.size)
+            && File::open(&blob)
+                .and_then(crate::digest::sha256_reader)
+                .is_ok_and(|(d, _)| d == line.cksum);
+        if blob_ok {
+            if take {
+                std::fs::remove_file(artifact).at("remove", artifact)?;
+            }
+        } else {
             let dir = crate::fsutil::parent_dir(&blob);
             std::fs::create_dir_all(&dir).at("create directory", &dir)?;
             if take {
@@ -228,6 +238,11 @@ impl LocalRegistry {
         hits.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(hits)
     }
+}
+
+/// Equal versions, ignoring build metadata.
+pub fn same_version(a: &semver::Version, b: &semver::Version) -> bool {
+    (a.major, a.minor, a.patch, &a.pre) == (b.major, b.minor, b.patch, &b.pre)
 }
 
 /// The error for a name with no index file.
