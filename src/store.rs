@@ -254,6 +254,40 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The artifact a merge input names: an existing file path as is; otherwise a requirement
+    /// (`name`, `name@req`) resolved to the version the project's lockfile pins, else the
+    /// highest installed version that matches.
+    pub fn locate(&self, input: &str, lock: Option<&crate::project::Lockfile>) -> Result<PathBuf> {
+        let as_path = Path::new(input);
+        if as_path.exists() || input.ends_with(".xpm") {
+            return Ok(as_path.to_path_buf());
+        }
+        let Ok(req) = crate::resolve::Requirement::parse(input) else {
+            // Not a requirement either: let the reader report the missing file.
+            return Ok(as_path.to_path_buf());
+        };
+        if let Some(e) = lock.and_then(|l| l.get(&req.name))
+            && req.req.matches(&e.version)
+            && self.has_blob(&e.cksum, e.size)
+        {
+            return Ok(self.blob_path(&e.cksum));
+        }
+        match self.find_installed(&req.name, &req.req)? {
+            Some(r) => Ok(self.blob_path(&r.cksum)),
+            None => Err(Error::input(
+                format!(
+                    "no installed version of `{}` matches `{}`",
+                    req.name, req.req
+                ),
+                Some(&format!(
+                    "install it first with `xpm install {input}`, or give a path to a .xpm file"
+                )),
+            )),
+        }
+    }
+}
+
 fn collect_records(dir: &Path, out: &mut Vec<Installed>) -> Result<()> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,

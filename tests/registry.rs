@@ -693,3 +693,64 @@ fn documents_validate_against_their_schemas() {
         &serde_json::from_slice(&out.stdout).unwrap(),
     );
 }
+
+#[test]
+fn merge_takes_installed_experts_by_name() {
+    let ctx = TestContext::new();
+    for (n, v) in [("alpha", "1.0.0"), ("alpha", "1.1.0"), ("beta", "2.0.0")] {
+        let f = expert(&ctx, n, v, "minilm");
+        ctx.xpm().args(["publish", &f]).assert().success();
+    }
+    ctx.xpm()
+        .args(["merge", "alpha", "-o", "m0.xpm"])
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("no installed version of `alpha`")
+                .and(predicate::str::contains("xpm install alpha")),
+        );
+    ctx.xpm().args(["init"]).assert().success();
+    ctx.xpm()
+        .args(["install", "alpha@=1.0.0", "beta"])
+        .assert()
+        .success();
+    ctx.xpm()
+        .args(["install", "alpha@1.1.0", "--json"])
+        .assert()
+        .success();
+    // The lockfile now pins alpha 1.1.0, and xpm.toml says ^1.1.0.
+    ctx.xpm()
+        .args([
+            "merge",
+            "alpha",
+            "beta@2",
+            "--strategy",
+            "ties",
+            "-o",
+            "m.xpm",
+        ])
+        .assert()
+        .success();
+    let out = ctx
+        .xpm()
+        .args(["inspect", "m.xpm", "--json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = report.to_string();
+    assert!(
+        text.contains("alpha@1.1.0") && text.contains("beta@2.0.0"),
+        "{text}"
+    );
+    // An explicit requirement picks among installed versions.
+    ctx.xpm()
+        .args(["merge", "alpha@=1.0.0", "beta", "-o", "m1.xpm"])
+        .assert()
+        .success();
+    let out = ctx
+        .xpm()
+        .args(["inspect", "m1.xpm", "--json"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("alpha@1.0.0"));
+}

@@ -9,9 +9,10 @@ use crate::ops::merge::{MergeOptions, merge};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Experts to merge (`.xpm` files), all made from the same base model
+    /// Experts to merge, all made from the same base model: `.xpm` files, or installed
+    /// experts as `name` / `name@req` (the version xpm.lock pins, else the highest installed)
     #[arg(required = true, value_name = "EXPERT")]
-    experts: Vec<PathBuf>,
+    experts: Vec<String>,
     /// sparse-mean, mean, linear, task-arithmetic, magnitude-prune, ties, dare-linear,
     /// dare-ties, breadcrumbs, breadcrumbs-ties, della
     #[arg(long, default_value = "sparse-mean")]
@@ -54,8 +55,16 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         overrides.insert(k.trim().to_string(), v.trim().to_string());
     }
     params.apply(&overrides)?;
+    let project = crate::project::Project::discover(&std::env::current_dir()?)?;
+    let lock = project.read_lock()?;
+    let store = crate::store::Store::new(&ctx.home);
+    let experts = a
+        .experts
+        .iter()
+        .map(|e| store.locate(e, lock.as_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
     let opts = MergeOptions {
-        experts: a.experts,
+        experts,
         weights: a.weights,
         strategy: a.strategy,
         params,

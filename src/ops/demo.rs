@@ -85,22 +85,62 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
     check_same_tensors(&artifact, &repacked)?;
     printer.status("Checked", "unpack → pack reproduces every tensor exactly");
 
-    // A second expert from the other fine-tune, then the paper's merge of the two.
+    // A second expert from the other fine-tune.
     let artifact_b = dir.join("demo-expert-b-0.1.0.xpm");
-    ops::extract::extract(
-        &ops::extract::ExtractOptions {
-            tuned: tuned_b,
-            name: "demo-expert-b".into(),
-            out: artifact_b.clone(),
-            ..opts.clone()
-        },
+    let opts_b = ops::extract::ExtractOptions {
+        tuned: tuned_b,
+        name: "demo-expert-b".into(),
+        out: artifact_b.clone(),
+        ..opts.clone()
+    };
+    ops::extract::extract(&opts_b, home, printer)?;
+
+    // Publish both to the embedded local registry ($XPM_HOME/registry), then install them into
+    // a project from there, as a user would.
+    let registry = crate::registry::default_location(home);
+    let client = crate::registry::ClientOptions::default();
+    let mut specs = Vec::new();
+    for o in [&opts, &opts_b] {
+        let line = publish_once(home, o, &registry, &client, printer)?;
+        specs.push(format!("{}@={}", line.name, line.vers));
+    }
+    let project = dir.join("project");
+    std::fs::create_dir_all(&project).at("create directory", &project)?;
+    ops::init::init(&project, None, None)?;
+    let installed = ops::install::install(
         home,
+        &ops::install::InstallOptions {
+            specs,
+            registry: None,
+            locked: false,
+            offline: false,
+            base: None,
+            jobs: ops::install::DEFAULT_JOBS,
+            dir: project.clone(),
+        },
+        &client,
         printer,
     )?;
+    printer.status(
+        "Installed",
+        format!(
+            "{} into {} (locked in {})",
+            installed
+                .experts
+                .iter()
+                .map(|e| format!("{}@{}", e.name, e.version))
+                .collect::<Vec<_>>()
+                .join(", "),
+            project.display(),
+            installed.lockfile.display()
+        ),
+    );
+
+    // The paper's merge of the installed experts.
     let merged = dir.join("demo-merged-0.1.0.xpm");
     ops::merge::merge(
         &ops::merge::MergeOptions {
-            experts: vec![artifact.clone(), artifact_b],
+            experts: installed.experts.iter().map(|e| e.path.clone()).collect(),
             weights: vec![],
             strategy: crate::merge::Strategy::SparseMean,
             params: crate::merge::MergeParams::default(),
@@ -112,6 +152,7 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
         printer,
     )?;
     let merged_report = ops::inspect::inspect(&merged)?;
+    printer.out(ops::inspect::render(&merged_report));
     ops::verify::verify(&merged, printer)?;
     printer.status(
         "Merged",
@@ -141,6 +182,51 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
         dense_bytes: report.totals.dense_bytes,
         energy_kept,
     })
+}
+
+/// Publish the expert `opts` extracted unless the registry already holds its exact bytes (a
+/// re-run of the demo). If the version exists with other bytes (an older xpm wrote it), extract
+/// it again as the next free patch version and publish that: published versions are immutable.
+fn publish_once(
+    home: &XpmHome,
+    opts: &ops::extract::ExtractOptions,
+    registry: &str,
+    client: &crate::registry::ClientOptions,
+    printer: &Printer,
+) -> Result<crate::registry::IndexLine> {
+    let sha = ArtifactReader::open(&opts.out)?.verify_file_digest()?;
+    let reg = crate::registry::open(registry, home, client, true)?;
+    let lines = reg.index(&opts.name)?.unwrap_or_default();
+    if let Some(l) = lines.iter().find(|l| l.cksum == sha) {
+        printer.status(
+            "Published",
+            format!("{} already (same bytes) in {}", l.id(), reg.source()),
+        );
+        return Ok(l.clone());
+    }
+    let mut version = opts.version.clone();
+    while lines
+        .iter()
+        .any(|l| crate::registry::local::same_version(&l.vers, &version))
+    {
+        version.patch += 1;
+    }
+    let out = if version == opts.version {
+        opts.out.clone()
+    } else {
+        let again = ops::extract::ExtractOptions {
+            version: version.clone(),
+            out: opts
+                .out
+                .with_file_name(format!("{}-{version}.xpm", opts.name)),
+            ..opts.clone()
+        };
+        ops::extract::extract(&again, home, printer)?;
+        again.out
+    };
+    let line = ops::publish::publish(home, &out, registry, client, printer)?;
+    printer.status("Published", format!("{} to {}", line.id(), reg.source()));
+    Ok(line)
 }
 
 fn prepare_dir(dir: &Path) -> Result<()> {
