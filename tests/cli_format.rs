@@ -467,11 +467,28 @@ fn demo_runs_the_main_job_end_to_end() {
         .args(["verify", "demo/demo-expert-0.1.0.xpm"])
         .assert()
         .success();
-    // A second run replaces its own directory; a foreign directory is refused.
+    // It published both experts to the embedded registry, installed and locked them, and
+    // merged the installed copies.
+    assert!(ctx.path("home/registry/index/de/mo/demo-expert").is_file());
+    let lock = std::fs::read_to_string(ctx.path("demo/project/xpm.lock")).unwrap();
+    assert!(lock.contains("demo-expert-b") && lock.contains("cksum"), "{lock}");
     ctx.xpm()
-        .args(["demo", "--dir", "demo", "-q"])
+        .arg("list")
         .assert()
-        .success();
+        .success()
+        .stdout(predicate::str::contains("demo-expert-b"));
+    ctx.xpm()
+        .args(["inspect", "demo/demo-merged-0.1.0.xpm", "--json"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("demo-expert-b@0.1.0"));
+    // A second run replaces its own directory and finds its experts already published; a
+    // foreign directory is refused.
+    ctx.xpm()
+        .args(["demo", "--dir", "demo"])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("already (same bytes)"));
     std::fs::create_dir_all(ctx.path("mine")).unwrap();
     std::fs::write(ctx.path("mine/keep.txt"), "x").unwrap();
     ctx.xpm()
