@@ -471,7 +471,10 @@ fn demo_runs_the_main_job_end_to_end() {
     // merged the installed copies.
     assert!(ctx.path("home/registry/index/de/mo/demo-expert").is_file());
     let lock = std::fs::read_to_string(ctx.path("demo/project/xpm.lock")).unwrap();
-    assert!(lock.contains("demo-expert-b") && lock.contains("cksum"), "{lock}");
+    assert!(
+        lock.contains("demo-expert-b") && lock.contains("cksum"),
+        "{lock}"
+    );
     ctx.xpm()
         .arg("list")
         .assert()
