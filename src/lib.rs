@@ -27,5 +27,6 @@ pub mod rng;
 pub mod schema;
 pub mod select;
 pub mod store;
+pub mod units;
 
 pub use error::{Error, Result};

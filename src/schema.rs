@@ -17,6 +17,14 @@ pub fn all() -> Vec<(&'static str, serde_json::Value)> {
             schema::<crate::ops::inspect::InspectReport>("xpm inspect --json output"),
         ),
         (
+            "recipe.schema.json",
+            schema::<crate::merge::Recipe>("xpm merge recipe (merge.toml, described as JSON)"),
+        ),
+        (
+            "overlap.schema.json",
+            schema::<crate::ops::overlap::OverlapReport>("xpm overlap --json output"),
+        ),
+        (
             "index-line.schema.json",
             schema::<crate::registry::IndexLine>("xpm registry index line"),
         ),

@@ -58,24 +58,7 @@ struct Serve {
 }
 
 fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("`{s}` is not a size"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1000,
-        "kib" => 1 << 10,
-        "mb" => 1000 * 1000,
-        "mib" => 1 << 20,
-        "gb" => 1000 * 1000 * 1000,
-        "gib" => 1 << 30,
-        u => bail!("unknown size unit `{u}` in `{s}` (use B, KB, KiB, MB, MiB, GB or GiB)"),
-    };
-    n.checked_mul(mult)
-        .with_context(|| format!("`{s}` is too large"))
+    Ok(xpm::units::parse_size(s)?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -147,17 +130,4 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
-        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
-        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
-        assert!(parse_size("5 parsecs").is_err());
-    }
 }

@@ -4,19 +4,23 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 
 use super::Context;
-use crate::merge::{MergeParams, Preset, Strategy};
+use crate::merge::recipe::{Recipe, RecipeExpert, param_from_str, parse_override};
 use crate::ops::merge::{MergeOptions, merge};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Experts to merge, all made from the same base model: `.xpm` files, or installed
     /// experts as `name` / `name@req` (the version xpm.lock pins, else the highest installed)
-    #[arg(required = true, value_name = "EXPERT")]
+    #[arg(value_name = "EXPERT", required_unless_present = "recipe")]
     experts: Vec<String>,
+    /// Run a merge recipe (merge.toml: experts, weights, strategy, params, overrides, seed)
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["experts", "strategy", "weights", "params", "preset", "overrides"])]
+    recipe: Option<PathBuf>,
     /// sparse-mean, mean, linear, task-arithmetic, magnitude-prune, ties, dare-linear,
     /// dare-ties, breadcrumbs, breadcrumbs-ties, della
+    /// (LoRA experts, in LoRA space:) cat, svd
     #[arg(long, default_value = "sparse-mean")]
-    strategy: Strategy,
+    strategy: crate::merge::Strategy,
     /// One weight per expert, comma-separated [default: all 1]
     #[arg(long, value_delimiter = ',', value_name = "W,…")]
     weights: Vec<f64>,
@@ -26,55 +30,166 @@ pub struct Args {
     params: Vec<String>,
     /// Start from another library's defaults: `peft` or `mergekit`
     #[arg(long)]
-    preset: Option<Preset>,
+    preset: Option<crate::merge::Preset>,
+    /// Other settings for tensors matching a glob, repeatable, first match wins:
+    /// `GLOB:strategy=mean,density=0.5`
+    #[arg(long = "override", value_name = "GLOB:KEY=VALUE,…")]
+    overrides: Vec<String>,
     /// Seed of the random strategies (dare-*, della)
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Name of the merged expert
-    #[arg(long, default_value = "merged")]
-    name: String,
-    /// Version of the merged expert
-    #[arg(long, default_value = "0.1.0", value_name = "SEMVER")]
-    version: semver::Version,
-    /// Output artifact
-    #[arg(short, long, value_name = "FILE")]
+    /// Name of the merged expert [default: the recipe's, else `merged`]
+    #[arg(long)]
+    name: Option<String>,
+    /// Version of the merged expert [default: the recipe's, else 0.1.0]
+    #[arg(long, value_name = "SEMVER")]
+    version: Option<semver::Version>,
+    /// Output: the merged expert (`.xpm`), or with --apply-to the new model directory
+    #[arg(short, long, value_name = "PATH")]
     out: PathBuf,
+    /// Write base + merged delta to --out as a model directory (sharded safetensors, config
+    /// and tokenizer files copied) instead of an expert
+    #[arg(long, value_name = "BASE")]
+    apply_to: Option<PathBuf>,
+    /// With --apply-to: also keep the merged expert here
+    #[arg(long, value_name = "FILE", requires = "apply_to")]
+    save_expert: Option<PathBuf>,
+    /// With --apply-to: largest safetensors file before sharding
+    #[arg(
+        long,
+        default_value = "5GB",
+        value_name = "SIZE",
+        requires = "apply_to"
+    )]
+    max_shard_size: String,
     /// zstd level (1–22)
     #[arg(long, default_value_t = crate::format::artifact::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
     level: i32,
 }
 
-pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
-    let mut params = a.preset.map(MergeParams::preset).unwrap_or_default();
-    params.seed = a.seed;
-    let mut overrides = BTreeMap::new();
+/// The recipe the command line describes.
+fn recipe_from_flags(a: &Args) -> anyhow::Result<Recipe> {
+    if !a.weights.is_empty() && a.weights.len() != a.experts.len() {
+        anyhow::bail!(crate::Error::input(
+            format!(
+                "{} weights for {} experts",
+                a.weights.len(),
+                a.experts.len()
+            ),
+            Some("give one weight per expert, in the same order, e.g. `--weights 1,0.5`"),
+        ));
+    }
+    let mut params = BTreeMap::new();
     for kv in &a.params {
         let (k, v) = kv
             .split_once('=')
             .with_context(|| format!("`--param {kv}` is not KEY=VALUE"))?;
-        overrides.insert(k.trim().to_string(), v.trim().to_string());
+        params.insert(k.trim().to_string(), param_from_str(v.trim()));
     }
-    params.apply(&overrides)?;
-    let project = crate::project::Project::discover(&std::env::current_dir()?)?;
-    let lock = project.read_lock()?;
-    let store = crate::store::Store::new(&ctx.home);
-    let experts = a
-        .experts
-        .iter()
-        .map(|e| store.locate(e, lock.as_ref()))
-        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Recipe {
+        version: crate::merge::recipe::RECIPE_VERSION,
+        strategy: a.strategy.to_string(),
+        preset: a.preset.map(|p| p.to_string()),
+        seed: a.seed,
+        output: None,
+        params,
+        experts: a
+            .experts
+            .iter()
+            .enumerate()
+            .map(|(i, e)| RecipeExpert {
+                expert: e.clone(),
+                weight: a.weights.get(i).copied().unwrap_or(1.0),
+                sha256: None,
+            })
+            .collect(),
+        overrides: a
+            .overrides
+            .iter()
+            .map(|o| parse_override(o))
+            .collect::<crate::Result<_>>()?,
+    })
+}
+
+pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
+    let mut recipe = match &a.recipe {
+        Some(path) => {
+            let mut r = Recipe::read(path)?;
+            // An explicit --seed wins over the recipe's.
+            if a.seed != 0 {
+                r.seed = a.seed;
+            }
+            r
+        }
+        None => recipe_from_flags(&a)?,
+    };
+    let plan = recipe.plan()?;
+    let inputs: Vec<String> = recipe.experts.iter().map(|e| e.expert.clone()).collect();
+    let experts = locate_all(&inputs, ctx)?;
+    let name = a
+        .name
+        .clone()
+        .or_else(|| recipe.output.as_ref().map(|o| o.name.clone()))
+        .unwrap_or_else(|| "merged".into());
+    let version = match (&a.version, &recipe.output) {
+        (Some(v), _) => v.clone(),
+        (None, Some(o)) => o.version.parse().with_context(|| {
+            format!(
+                "the recipe's output version `{}` is not a semantic version",
+                o.version
+            )
+        })?,
+        (None, None) => semver::Version::new(0, 1, 0),
+    };
+    recipe.output = None;
+    // With --apply-to the merged expert goes to --save-expert, or to a temporary file beside
+    // the output directory.
+    let mut _tmp = None;
+    let artifact = match (&a.apply_to, &a.save_expert) {
+        (None, _) => a.out.clone(),
+        (Some(_), Some(f)) => f.clone(),
+        (Some(_), None) => {
+            let dir = crate::fsutil::parent_dir(&a.out);
+            std::fs::create_dir_all(&dir)?;
+            let t = tempfile::Builder::new()
+                .prefix(".xpm-tmp-")
+                .suffix(".xpm")
+                .tempfile_in(&dir)?
+                .into_temp_path();
+            let p = t.to_path_buf();
+            _tmp = Some(t);
+            p
+        }
+    };
+    let max_shard = crate::units::parse_size(&a.max_shard_size)?;
     let opts = MergeOptions {
         experts,
-        weights: a.weights,
-        strategy: a.strategy,
-        params,
-        name: a.name,
-        version: a.version,
-        out: a.out.clone(),
+        weights: plan.weights.clone(),
+        strategy: plan.strategy,
+        params: plan.params.clone(),
+        name,
+        version,
+        out: artifact.clone(),
         level: a.level,
+        overrides: plan.overrides.clone(),
+        recipe: Some(recipe),
     };
     let s = merge(&opts, &ctx.printer)
         .with_context(|| format!("cannot merge into `{}`", a.out.display()))?;
+    if let Some(base) = &a.apply_to {
+        let r =
+            crate::ops::apply::apply(base, &artifact, &a.out, max_shard, &ctx.home, &ctx.printer)?;
+        ctx.printer.out(format!(
+            "merged {} experts with `{}` and applied them to {}: {} ({} tensors changed, {} safetensors file(s))",
+            opts.experts.len(),
+            opts.strategy,
+            base.display(),
+            a.out.display(),
+            r.changed,
+            r.shards
+        ));
+        return Ok(());
+    }
     ctx.printer.out(format!(
         "merged {} experts with `{}` into {} ({} tensors)",
         opts.experts.len(),
@@ -83,4 +198,15 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         s.manifest.tensors.len()
     ));
     Ok(())
+}
+
+/// Paths for merge inputs: files as given, installed experts (`name@req`) from the store.
+pub(super) fn locate_all(inputs: &[String], ctx: &Context) -> anyhow::Result<Vec<PathBuf>> {
+    let project = crate::project::Project::discover(&std::env::current_dir()?)?;
+    let lock = project.read_lock()?;
+    let store = crate::store::Store::new(&ctx.home);
+    Ok(inputs
+        .iter()
+        .map(|e| store.locate(e, lock.as_ref()))
+        .collect::<Result<Vec<_>, _>>()?)
 }

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::home::XpmHome;
 use crate::printer::Printer;
 
+mod apply;
 mod demo;
 mod extract;
 mod init;
@@ -17,6 +18,7 @@ mod inspect;
 mod install;
 mod list;
 mod merge;
+mod overlap;
 mod pack;
 mod publish;
 mod registry_args;
@@ -52,6 +54,10 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Merge experts with a built-in strategy into a new expert
     Merge(Box<merge::Args>),
+    /// Write base + an expert's delta as a model directory
+    Apply(apply::Args),
+    /// Compare experts' masks: overlap, sign agreement, how much merging disturbs them
+    Overlap(overlap::Args),
     /// Check an artifact's integrity completely
     Verify(verify::Args),
     /// Publish an artifact to a registry (verified completely first)
@@ -92,6 +98,8 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => inspect::exec(a, &ctx),
         Command::Merge(a) => merge::exec(*a, &ctx),
         Command::Verify(a) => verify::exec(a, &ctx),
+        Command::Overlap(a) => overlap::exec(a, &ctx),
+        Command::Apply(a) => apply::exec(a, &ctx),
         Command::Demo(a) => demo::exec(a, &ctx),
         Command::Publish(a) => publish::exec(a, &ctx),
         Command::Yank(a) => yank::exec(a, &ctx),

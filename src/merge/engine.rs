@@ -134,6 +134,9 @@ fn combine(strategy: Strategy, p: &MergeParams, here: &[(f64, f64)], total_w: f6
         | Strategy::MagnitudePrune
         | Strategy::DareLinear
         | Strategy::Breadcrumbs => p.lambda * weighted_sum(),
+        // LoRA-space merges reach the engine only for non-LoRA tensors of the set; on densified
+        // deltas `cat` and full-rank `svd` are exactly Σ w ΔW.
+        Strategy::Cat | Strategy::Svd => weighted_sum(),
         Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della => {
             let vote: f64 = here
                 .iter()

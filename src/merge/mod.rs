@@ -2,7 +2,10 @@
 //! Semantics: docs/merging.md.
 
 pub mod engine;
+pub mod lora;
 pub mod params;
+pub mod recipe;
 
 pub use engine::{Input, Output, merge_tensor};
 pub use params::{MergeParams, Preset, Strategy};
+pub use recipe::{Plan, Recipe};

@@ -32,6 +32,10 @@ pub enum Strategy {
     BreadcrumbsTies,
     /// Magnitude-ranked random drop per row (DELLA), rescale, then TIES elect and merge.
     Della,
+    /// LoRA experts: concatenate the weighted factors (rank Σ r_i), exactly Σ w s B A.
+    Cat,
+    /// LoRA experts: the best rank-k LoRA of Σ w s B A, by QR + SVD of the small core.
+    Svd,
 }
 
 impl Strategy {
@@ -62,6 +66,8 @@ impl Strategy {
             Strategy::Breadcrumbs => "breadcrumbs",
             Strategy::BreadcrumbsTies => "breadcrumbs-ties",
             Strategy::Della => "della",
+            Strategy::Cat => "cat",
+            Strategy::Svd => "svd",
         }
     }
 
@@ -83,18 +89,34 @@ impl Strategy {
     }
 }
 
+impl Strategy {
+    /// The strategies that merge LoRA experts in LoRA space.
+    pub const LORA: [Strategy; 2] = [Strategy::Cat, Strategy::Svd];
+
+    /// Whether the strategy merges LoRA factors (not deltas).
+    pub fn is_lora_space(self) -> bool {
+        Strategy::LORA.contains(&self)
+    }
+}
+
 impl std::str::FromStr for Strategy {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         Strategy::ALL
             .into_iter()
+            .chain(Strategy::LORA)
             .find(|x| x.as_str() == s)
             .ok_or_else(|| {
                 Error::input(
                     format!("unknown merge strategy `{s}`"),
                     Some(&format!(
                         "built-in strategies: {}",
-                        Strategy::ALL.map(|x| x.as_str()).join(", ")
+                        Strategy::ALL
+                            .into_iter()
+                            .chain(Strategy::LORA)
+                            .map(|x| x.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )),
                 )
             })
@@ -156,6 +178,9 @@ pub struct MergeParams {
     /// `linear` only: divide by Σ w.
     pub normalize: bool,
     pub seed: u64,
+    /// `svd` only: the merged rank (default: the largest input rank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
 }
 
 impl Default for MergeParams {
@@ -170,6 +195,7 @@ impl Default for MergeParams {
             rescale: Rescale::Bernoulli,
             normalize: false,
             seed: 0,
+            rank: None,
         }
     }
 }
@@ -192,6 +218,15 @@ impl std::str::FromStr for Preset {
                 Some("presets: `peft`, `mergekit`"),
             )),
         }
+    }
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Preset::Peft => "peft",
+            Preset::Mergekit => "mergekit",
+        })
     }
 }
 
@@ -231,6 +266,14 @@ impl MergeParams {
                 "gamma" => self.gamma = num()?,
                 "epsilon" => self.epsilon = num()?,
                 "seed" => self.seed = v.parse().map_err(|_| bad("an unsigned integer"))?,
+                "rank" => {
+                    self.rank = Some(
+                        v.parse()
+                            .ok()
+                            .filter(|r| *r > 0)
+                            .ok_or_else(|| bad("a positive integer"))?,
+                    )
+                }
                 "normalize" => self.normalize = v.parse().map_err(|_| bad("true or false"))?,
                 "sign" => {
                     self.sign = match v.as_str() {
@@ -258,7 +301,7 @@ impl MergeParams {
                     return Err(Error::input(
                         format!("unknown merge parameter `{k}`"),
                         Some(
-                            "parameters: lambda, density, gamma, epsilon, sign, divisor, rescale, normalize, seed",
+                            "parameters: lambda, density, gamma, epsilon, sign, divisor, rescale, normalize, seed, rank",
                         ),
                     ));
                 }

@@ -148,6 +148,8 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
             version: semver::Version::new(0, 1, 0),
             out: merged.clone(),
             level: crate::format::artifact::DEFAULT_LEVEL,
+            overrides: vec![],
+            recipe: None,
         },
         printer,
     )?;

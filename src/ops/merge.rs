@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 use crate::format::manifest::{BaseModel, ExpertKind, Manifest, Provenance, ProvenanceInput};
 use crate::format::{ArtifactReader, ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
+use crate::merge::lora::{self, LoraFactors};
+use crate::merge::recipe::{Recipe, TensorOverride};
 use crate::merge::{Input, MergeParams, Output, Strategy, merge_tensor};
 use crate::printer::Printer;
 
@@ -21,6 +23,11 @@ pub struct MergeOptions {
     pub version: semver::Version,
     pub out: PathBuf,
     pub level: i32,
+    /// Per-tensor strategy and parameters; the first matching pattern wins.
+    pub overrides: Vec<TensorOverride>,
+    /// The recipe this merge runs, embedded in the manifest with each expert pinned to its
+    /// exact version and sha256; expert digests it already names are checked.
+    pub recipe: Option<Recipe>,
 }
 
 /// What a merge did.
@@ -59,59 +66,32 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         return Err(Error::input("weights must be finite numbers", None));
     }
     opts.params.validate_for(opts.strategy)?;
-
-    let readers: Vec<ArtifactReader> = opts
-        .experts
-        .iter()
-        .map(ArtifactReader::open)
-        .collect::<Result<_>>()?;
-    let first = readers[0].manifest();
-    for r in &readers[1..] {
-        let m = r.manifest();
-        if m.base.digest != first.base.digest {
-            return Err(Error::input(
-                format!(
-                    "`{}` ({}@{}) targets base `{}` ({}), but `{}` ({}@{}) targets `{}` ({})",
-                    r.path().display(),
-                    m.name,
-                    m.version,
-                    m.base.id,
-                    m.base.digest,
-                    readers[0].path().display(),
-                    first.name,
-                    first.version,
-                    first.base.id,
-                    first.base.digest
-                ),
-                Some("experts can only be merged when they were made from the same base model"),
-            ));
-        }
+    for o in &opts.overrides {
+        o.params.validate_for(o.strategy)?;
     }
-    // The tensor set: every tensor of any expert, in first-seen order; shapes and dtypes must agree.
-    let mut names: Vec<String> = Vec::new();
-    let mut info: BTreeMap<String, (Vec<u64>, Dtype)> = BTreeMap::new();
-    for r in &readers {
-        for t in &r.manifest().tensors {
-            match info.get(&t.name) {
-                None => {
-                    names.push(t.name.clone());
-                    info.insert(t.name.clone(), (t.shape.clone(), t.dtype));
-                }
-                Some((shape, _)) if *shape != t.shape => {
+
+    let ExpertSet {
+        readers,
+        names,
+        info,
+    } = ExpertSet::open(&opts.experts)?;
+    let first = readers[0].manifest();
+    if let Some(recipe) = &opts.recipe {
+        for (e, r) in recipe.experts.iter().zip(&readers) {
+            if let Some(want) = &e.sha256 {
+                let got = r.verify_file_digest()?;
+                if &got != want {
                     return Err(Error::input(
                         format!(
-                            "tensor `{}` is {:?} in `{}` but {:?} in an earlier expert",
-                            t.name,
-                            t.shape,
-                            r.path().display(),
-                            shape
+                            "the recipe pins `{}` to {want}, but `{}` is {got}",
+                            e.expert,
+                            r.path().display()
                         ),
                         Some(
-                            "experts of one base model have the same tensor shapes; is one of them corrupt or for another model?",
+                            "install the exact artifact the recipe names, or remove its `sha256` to accept another",
                         ),
                     ));
                 }
-                Some(_) => {}
             }
         }
     }
@@ -131,34 +111,45 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
     let pb = printer.progress(names.len() as u64, "Merging");
     let mut writer = ArtifactWriter::create(&opts.out, opts.level)?;
     let mut densified = Vec::new();
-    let mut kinds = std::collections::BTreeSet::new();
+    let mut kinds = std::collections::HashSet::new();
     super::map_ordered(
         &names,
         |name| {
             let (shape, dtype) = info[name].clone();
-            let mut inputs = Vec::with_capacity(readers.len());
             let mut dense_input = false;
-            for r in &readers {
-                let (input, dense) = load_input(r, name)?;
-                dense_input |= dense;
-                inputs.push(input);
-            }
-            let out = merge_tensor(name, &shape, &inputs, &weights, opts.strategy, &opts.params);
-            let (content, sparse) = match out {
-                Output::Sparse { indices, values } => (
-                    Content::Sparse {
-                        values: dtype.from_f32(&values),
-                        indices,
-                        block_size: None,
-                    },
-                    true,
-                ),
-                Output::Dense { values } => (
-                    Content::Dense {
-                        delta: dtype.from_f32(&values),
-                    },
-                    false,
-                ),
+            let (strategy, params) = match opts.overrides.iter().find(|o| o.matcher.is_match(name))
+            {
+                Some(o) => (o.strategy, &o.params),
+                None => (opts.strategy, &opts.params),
+            };
+            let (content, kind) = if strategy.is_lora_space() {
+                (
+                    lora_merge(&readers, name, &shape, &weights, strategy, params)?,
+                    ExpertKind::Lora,
+                )
+            } else {
+                let mut inputs = Vec::with_capacity(readers.len());
+                for r in &readers {
+                    let (input, dense) = load_input(r, name)?;
+                    dense_input |= dense;
+                    inputs.push(input);
+                }
+                match merge_tensor(name, &shape, &inputs, &weights, strategy, params) {
+                    Output::Sparse { indices, values } => (
+                        Content::Sparse {
+                            values: dtype.from_f32(&values),
+                            indices,
+                            block_size: None,
+                        },
+                        ExpertKind::Sparse,
+                    ),
+                    Output::Dense { values } => (
+                        Content::Dense {
+                            delta: dtype.from_f32(&values),
+                        },
+                        ExpertKind::Dense,
+                    ),
+                }
             };
             let t = TensorData {
                 name: name.clone(),
@@ -168,18 +159,20 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
             };
             let encoded = encode_tensor(&t, opts.level)?;
             pb.inc(1);
-            Ok((encoded, dense_input, sparse))
+            Ok((encoded, dense_input, kind))
         },
-        |(encoded, dense, sparse)| {
+        |(encoded, dense, kind)| {
             if dense {
                 densified.push(encoded.entry().name.clone());
             }
-            kinds.insert(sparse);
+            kinds.insert(kind);
             writer.push(encoded)
         },
     )?;
     pb.finish_and_clear();
-    let kind = if kinds.contains(&true) {
+    let kind = if kinds.contains(&ExpertKind::Lora) {
+        ExpertKind::Lora
+    } else if kinds.contains(&ExpertKind::Sparse) {
         ExpertKind::Sparse
     } else {
         ExpertKind::Dense
@@ -200,9 +193,31 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
             "strategy": opts.strategy,
             "weights": weights,
             "params": opts.params,
+            "overrides": opts.overrides.iter().map(|o| serde_json::json!({
+                "tensors": o.pattern,
+                "strategy": o.strategy,
+                "params": o.params,
+            })).collect::<Vec<_>>(),
             "densified": densified,
         }),
     );
+    if let Some(recipe) = &opts.recipe {
+        // Pin every expert to what was actually merged, so the recipe re-runs exactly.
+        let mut pinned = recipe.clone();
+        for (e, input) in pinned.experts.iter_mut().zip(&inputs) {
+            let (name, version) = input.name.split_once('@').expect("name@version");
+            e.expert = format!("{name}@={version}");
+            e.sha256 = input.digest.clone();
+        }
+        pinned.output = Some(crate::merge::recipe::RecipeOutput {
+            name: opts.name.clone(),
+            version: opts.version.to_string(),
+        });
+        extra.insert(
+            "recipe".to_string(),
+            serde_json::to_value(&pinned).expect("recipe serializes"),
+        );
+    }
     let manifest = Manifest {
         format_version: String::new(),
         name: opts.name.clone(),
@@ -245,28 +260,162 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
     })
 }
 
+/// `cat` or `svd` of the experts' LoRA factors for one tensor (see [`crate::merge::lora`]).
+/// Experts without the tensor contribute nothing; a non-LoRA delta is refused.
+fn lora_merge(
+    readers: &[ArtifactReader],
+    name: &str,
+    shape: &[u64],
+    weights: &[f64],
+    strategy: Strategy,
+    params: &MergeParams,
+) -> Result<Content> {
+    let (out, inp) = (shape[0] as usize, shape[1] as usize);
+    let mut factors = Vec::new();
+    let mut dtype = None;
+    for (r, w) in readers.iter().zip(weights) {
+        let Some(i) = r.manifest().tensors.iter().position(|t| t.name == name) else {
+            continue;
+        };
+        let t = r.read_tensor(i)?;
+        match t.content {
+            Content::Lora { rank, alpha, a, b } => {
+                dtype.get_or_insert(t.dtype);
+                factors.push((
+                    *w,
+                    LoraFactors {
+                        rank: rank as usize,
+                        alpha,
+                        a: t.dtype.to_f32(&a),
+                        b: t.dtype.to_f32(&b),
+                    },
+                ));
+            }
+            _ => {
+                let m = r.manifest();
+                return Err(Error::input(
+                    format!(
+                        "`{strategy}` merges LoRA experts, but {}@{} stores `{name}` as a {} delta",
+                        m.name, m.version, m.kind
+                    ),
+                    Some(
+                        "use a strategy that works on deltas (e.g. `mean`, `ties`), which densifies LoRA inputs",
+                    ),
+                ));
+            }
+        }
+    }
+    let refs: Vec<(f64, &LoraFactors)> = factors.iter().map(|(w, f)| (*w, f)).collect();
+    let f = match strategy {
+        Strategy::Svd => lora::svd(&refs, out, inp, params.rank.map(|r| r as usize)),
+        _ => lora::cat(&refs, out, inp),
+    };
+    let dtype = dtype.unwrap_or(Dtype::F32);
+    Ok(Content::Lora {
+        rank: f.rank as u32,
+        alpha: f.alpha,
+        a: dtype.from_f32(&f.a),
+        b: dtype.from_f32(&f.b),
+    })
+}
+
+/// Experts opened for merging: same base digest, agreeing tensor shapes.
+pub(crate) struct ExpertSet {
+    pub readers: Vec<ArtifactReader>,
+    /// Every tensor of any expert, in first-seen order.
+    pub names: Vec<String>,
+    /// Shape and dtype per tensor.
+    pub info: BTreeMap<String, (Vec<u64>, Dtype)>,
+}
+
+impl ExpertSet {
+    /// Open `paths`; refuse experts on different bases or with disagreeing shapes.
+    pub(crate) fn open(paths: &[std::path::PathBuf]) -> Result<ExpertSet> {
+        let readers: Vec<ArtifactReader> = paths
+            .iter()
+            .map(ArtifactReader::open)
+            .collect::<Result<_>>()?;
+        let first = readers[0].manifest();
+        for r in &readers[1..] {
+            let m = r.manifest();
+            if m.base.digest != first.base.digest {
+                return Err(Error::input(
+                    format!(
+                        "`{}` ({}@{}) targets base `{}` ({}), but `{}` ({}@{}) targets `{}` ({})",
+                        r.path().display(),
+                        m.name,
+                        m.version,
+                        m.base.id,
+                        m.base.digest,
+                        readers[0].path().display(),
+                        first.name,
+                        first.version,
+                        first.base.id,
+                        first.base.digest
+                    ),
+                    Some("experts can only be merged when they were made from the same base model"),
+                ));
+            }
+        }
+        // The tensor set: every tensor of any expert, in first-seen order; shapes and dtypes must agree.
+        let mut names: Vec<String> = Vec::new();
+        let mut info: BTreeMap<String, (Vec<u64>, Dtype)> = BTreeMap::new();
+        for r in &readers {
+            for t in &r.manifest().tensors {
+                match info.get(&t.name) {
+                    None => {
+                        names.push(t.name.clone());
+                        info.insert(t.name.clone(), (t.shape.clone(), t.dtype));
+                    }
+                    Some((shape, _)) if *shape != t.shape => {
+                        return Err(Error::input(
+                            format!(
+                                "tensor `{}` is {:?} in `{}` but {:?} in an earlier expert",
+                                t.name,
+                                t.shape,
+                                r.path().display(),
+                                shape
+                            ),
+                            Some(
+                                "experts of one base model have the same tensor shapes; is one of them corrupt or for another model?",
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(ExpertSet {
+            readers,
+            names,
+            info,
+        })
+    }
+}
+
 /// One expert's delta for a tensor as an engine input; `true` when it is not sparse.
-fn load_input(r: &ArtifactReader, name: &str) -> Result<(Input, bool)> {
+pub(crate) fn load_input(r: &ArtifactReader, name: &str) -> Result<(Input, bool)> {
     let Some(i) = r.manifest().tensors.iter().position(|t| t.name == name) else {
         return Ok((Input::Absent, false));
     };
+    let input = load_input_at(r, i)?;
+    let dense = !matches!(input, Input::Sparse { .. });
+    Ok((input, dense))
+}
+
+/// Tensor `i` of `r` as an engine input (LoRA densified to (α / r) · B · A).
+pub(crate) fn load_input_at(r: &ArtifactReader, i: usize) -> Result<Input> {
     let t = r.read_tensor(i)?;
     Ok(match t.content {
         Content::Sparse {
             indices, values, ..
-        } => (
-            Input::Sparse {
-                indices,
-                values: t.dtype.to_f32(&values),
-            },
-            false,
-        ),
-        Content::Dense { delta } => (
-            Input::Dense {
-                values: t.dtype.to_f32(&delta),
-            },
-            true,
-        ),
+        } => Input::Sparse {
+            indices,
+            values: t.dtype.to_f32(&values),
+        },
+        Content::Dense { delta } => Input::Dense {
+            values: t.dtype.to_f32(&delta),
+        },
         Content::Lora { rank, alpha, a, b } => {
             // ΔW = (α / r) · B · A, formed densely (reported to the user).
             let (out, inp, r) = (t.shape[0] as usize, t.shape[1] as usize, rank as usize);
@@ -282,7 +431,7 @@ fn load_input(r: &ArtifactReader, name: &str) -> Result<(Input, bool)> {
                     }
                 }
             }
-            (Input::Dense { values: w }, true)
+            Input::Dense { values: w }
         }
     })
 }

@@ -1,6 +1,7 @@
 //! One operation per verb. Each takes validated options and a [`Printer`](crate::printer::Printer)
 //! and returns a typed result; the CLI layer only parses flags and renders results.
 
+pub mod apply;
 pub mod demo;
 pub mod extract;
 pub mod init;
@@ -8,6 +9,7 @@ pub mod inspect;
 pub mod install;
 pub mod list;
 pub mod merge;
+pub mod overlap;
 pub mod pack;
 pub mod publish;
 pub mod search;
