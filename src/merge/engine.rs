@@ -148,9 +148,18 @@ fn combine(strategy: Strategy, p: &MergeParams, here: &[(f64, f64)], total_w: f6
                 })
                 .sum();
             let positive = vote >= 0.0; // sgn⁺: ties go to +1
+            // Agreement is judged on what voted: w·δ under the weighted rule (mergekit), δ
+            // otherwise (peft).
+            let signed = |w: f64, v: f64| {
+                if p.sign == SignRule::Weighted {
+                    w * v
+                } else {
+                    v
+                }
+            };
             let agree = here
                 .iter()
-                .filter(|(_, v)| *v != 0.0 && (*v > 0.0) == positive);
+                .filter(|(w, v)| signed(*w, *v) != 0.0 && (signed(*w, *v) > 0.0) == positive);
             let (mut num, mut count, mut wsum) = (0.0f64, 0.0f64, 0.0f64);
             for (w, v) in agree {
                 num += w * v;
@@ -161,6 +170,7 @@ fn combine(strategy: Strategy, p: &MergeParams, here: &[(f64, f64)], total_w: f6
                 Divisor::Count => count.max(1.0),
                 Divisor::Weights if wsum == 0.0 => 1.0,
                 Divisor::Weights => wsum,
+                Divisor::None => 1.0,
             };
             p.lambda * num / den
         }
@@ -183,7 +193,14 @@ fn sparsify(
         Input::Absent => (Some(Vec::new()), Vec::new()),
     };
     let e = Entries { indices, values };
-    let k = crate::ops::extract::keep_count(p.density, n as usize);
+    let count = |d: f64| {
+        if p.truncate_k {
+            (d * n as f64) as usize
+        } else {
+            crate::ops::extract::keep_count(d, n as usize)
+        }
+    };
+    let k = count(p.density);
     match strategy {
         Strategy::MagnitudePrune | Strategy::Ties => {
             let keep = top_k_abs(&e.values, k);
@@ -198,7 +215,7 @@ fn sparsify(
             rescale(p, &e, kept, |_| p.density)
         }
         Strategy::Breadcrumbs | Strategy::BreadcrumbsTies => {
-            let drop_top = crate::ops::extract::keep_count(p.gamma, n as usize);
+            let drop_top = count(p.gamma);
             // Order by descending magnitude, ties to the lower index; skip the outliers,
             // keep the next k.
             let mut order: Vec<usize> = (0..e.values.len()).collect();
@@ -251,7 +268,12 @@ fn rescale(
         Rescale::L1 => {
             let before: f64 = all.values.iter().map(|v| v.abs() as f64).sum();
             let after: f64 = kept.values.iter().map(|v| v.abs() as f64).sum();
-            let s = if after > 0.0 { before / after } else { 0.0 };
+            // mergekit leaves the values as they are when either norm is (nearly) zero.
+            let s = if before < 1e-7 || after < 1e-7 {
+                1.0
+            } else {
+                before / after
+            };
             kept.values
                 .iter_mut()
                 .for_each(|v| *v = (*v as f64 * s) as f32);
@@ -403,11 +425,98 @@ mod tests {
         for preset in [Preset::Peft, Preset::Mergekit] {
             let p = MergeParams {
                 density: 0.5,
-                ..MergeParams::preset(preset)
+                ..MergeParams::preset(preset, Strategy::Ties)
             };
             let got = run(Strategy::Ties, &p, &worked(), &[1.0, 1.0, 1.0]);
             assert!(close(&got, &[1.0, 3.0, 2.0, 0.0]), "{preset:?}: {got:?}");
         }
+    }
+
+    /// Upstream values worked by hand from peft's merge_utils and mergekit's generalized task
+    /// arithmetic (docs/merging-presets-review.md, T1–T3 and dare-ties at d = 1).
+    #[test]
+    fn presets_reproduce_peft_and_mergekit() {
+        let ties = |preset, w: &[f64], extra: &[(&str, &str)]| {
+            let mut p = MergeParams {
+                density: 0.5,
+                ..MergeParams::preset(preset, Strategy::Ties)
+            };
+            let o: std::collections::BTreeMap<String, String> = extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            p.apply(&o).unwrap();
+            run(Strategy::Ties, &p, &worked(), w)
+        };
+        type Case<'a> = (Preset, &'a [f64], &'a [(&'a str, &'a str)], [f32; 4]);
+        let cases: [Case; 6] = [
+            (Preset::Peft, &[1.0, 2.0, 0.5], &[], [1.0, 1.5, 4.0, 0.0]),
+            (
+                Preset::Peft,
+                &[1.0, 2.0, 0.5],
+                &[("sign", "frequency")],
+                [1.0, -2.0, 4.0, 0.0],
+            ),
+            (
+                Preset::Peft,
+                &[1.0, 1.0, 1.0],
+                &[("sign", "frequency")],
+                [1.0, -1.5, 2.0, 0.0],
+            ),
+            (
+                Preset::Mergekit,
+                &[1.0, 2.0, 0.5],
+                &[],
+                [1.0, -4.0 / 3.0, 2.0, 0.0],
+            ),
+            (Preset::Peft, &[1.0, -1.0, 1.0], &[], [1.0, 3.0, -2.0, 0.0]),
+            (
+                Preset::Mergekit,
+                &[1.0, -1.0, 1.0],
+                &[],
+                [1.0, 4.0, -3.0, 0.0],
+            ),
+        ];
+        for (preset, w, extra, want) in cases {
+            let got = ties(preset, w, extra);
+            assert!(
+                close(&got, &want),
+                "{preset:?} {w:?} {extra:?}: {got:?} != {want:?}"
+            );
+        }
+        // dare-ties at d = 1 keeps everything: only the combination differs.
+        for (preset, want) in [
+            (Preset::Peft, [0.55, 1.5, 2.25, 0.2]),
+            (Preset::Mergekit, [1.1, -4.0, 4.5, 0.2]),
+        ] {
+            let p = MergeParams {
+                density: 1.0,
+                ..MergeParams::preset(preset, Strategy::DareTies)
+            };
+            let got = run(Strategy::DareTies, &p, &worked(), &[1.0, 2.0, 0.5]);
+            assert!(close(&got, &want), "{preset:?}: {got:?}");
+        }
+        // Upstream counts int(d·n): 0.29 · 100 = 28.999… → 28 (xpm's own count is 29).
+        let v: Vec<f32> = (1..=100).map(|x| x as f32).collect();
+        let kept = |p: &MergeParams| match merge_tensor(
+            "t",
+            &[100],
+            &[dense(&v)],
+            &[1.0],
+            Strategy::MagnitudePrune,
+            p,
+        ) {
+            Output::Dense { values } => values.iter().filter(|x| **x != 0.0).count(),
+            Output::Sparse { values, .. } => values.iter().filter(|x| **x != 0.0).count(),
+        };
+        let d = |preset: Option<Preset>| MergeParams {
+            density: 0.29,
+            ..preset.map_or_else(MergeParams::default, |pr| {
+                MergeParams::preset(pr, Strategy::MagnitudePrune)
+            })
+        };
+        assert_eq!(kept(&d(None)), 29);
+        assert_eq!(kept(&d(Some(Preset::Peft))), 28);
     }
 
     #[test]

@@ -149,6 +149,8 @@ pub enum Divisor {
     Count,
     /// Σ of the agreeing experts' weights, 1 when that is 0 (mergekit `normalize=true`).
     Weights,
+    /// No division: λ Σ of the agreeing weighted values (mergekit `normalize=false`).
+    None,
 }
 
 /// How DARE rescales the kept entries.
@@ -181,6 +183,10 @@ pub struct MergeParams {
     /// `svd` only: the merged rank (default: the largest input rank).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rank: Option<u32>,
+    /// Count kept entries as upstream does, `int(d · n)` in binary floating point, instead of
+    /// xpm's exact-decimal count (set by both presets).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncate_k: bool,
 }
 
 impl Default for MergeParams {
@@ -196,6 +202,7 @@ impl Default for MergeParams {
             normalize: false,
             seed: 0,
             rank: None,
+            truncate_k: false,
         }
     }
 }
@@ -231,16 +238,37 @@ impl std::fmt::Display for Preset {
 }
 
 impl MergeParams {
-    /// The defaults of a preset.
-    pub fn preset(p: Preset) -> Self {
+    /// The defaults of a preset, for a strategy: what that library does when asked for it
+    /// (docs/merging.md, "Presets"; docs/merging-presets-review.md has the upstream sources).
+    pub fn preset(p: Preset, strategy: Strategy) -> Self {
         match p {
-            Preset::Peft => MergeParams::default(),
-            Preset::Mergekit => MergeParams {
-                sign: SignRule::Weighted,
-                divisor: Divisor::Weights,
-                rescale: Rescale::L1,
+            // peft's merge_utils: unweighted sign vote, divide by the agreeing count, DARE
+            // rescales by 1/d.
+            Preset::Peft => MergeParams {
+                truncate_k: true,
                 ..MergeParams::default()
             },
+            // mergekit's generalized task arithmetic with its per-method defaults.
+            Preset::Mergekit => {
+                let mut m = MergeParams {
+                    sign: SignRule::Weighted,
+                    truncate_k: true,
+                    ..MergeParams::default()
+                };
+                match strategy {
+                    Strategy::Ties | Strategy::Della => m.divisor = Divisor::Weights,
+                    Strategy::DareTies | Strategy::BreadcrumbsTies => m.divisor = Divisor::None,
+                    Strategy::Linear => m.normalize = true,
+                    _ => {}
+                }
+                if matches!(
+                    strategy,
+                    Strategy::DareLinear | Strategy::DareTies | Strategy::Della
+                ) {
+                    m.rescale = Rescale::L1;
+                }
+                m
+            }
         }
     }
 
@@ -287,7 +315,8 @@ impl MergeParams {
                     self.divisor = match v.as_str() {
                         "count" => Divisor::Count,
                         "weights" => Divisor::Weights,
-                        _ => return Err(bad("count or weights")),
+                        "none" => Divisor::None,
+                        _ => return Err(bad("count, weights or none")),
                     }
                 }
                 "rescale" => {

@@ -222,12 +222,22 @@ impl Recipe {
     /// Parse the strategy, preset, parameters and overrides; check every value.
     pub fn plan(&self) -> Result<Plan> {
         let strategy: Strategy = self.strategy.parse()?;
-        let mut params = match &self.preset {
-            Some(p) => MergeParams::preset(p.parse::<Preset>()?),
-            None => MergeParams::default(),
+        let preset = self
+            .preset
+            .as_deref()
+            .map(str::parse::<Preset>)
+            .transpose()?;
+        // A preset's defaults depend on the strategy, so each override starts from its own.
+        let base = |s: Strategy| -> Result<MergeParams> {
+            let mut p = match preset {
+                Some(pr) => MergeParams::preset(pr, s),
+                None => MergeParams::default(),
+            };
+            p.seed = self.seed;
+            p.apply(&to_strings(&self.params))?;
+            Ok(p)
         };
-        params.seed = self.seed;
-        params.apply(&to_strings(&self.params))?;
+        let params = base(strategy)?;
         params.validate_for(strategy)?;
         let mut overrides = Vec::new();
         for o in &self.overrides {
@@ -244,7 +254,7 @@ impl Recipe {
                 Some(s) => s.parse()?,
                 None => strategy,
             };
-            let mut p = params.clone();
+            let mut p = base(s)?;
             p.apply(&to_strings(&o.params))?;
             p.validate_for(s).map_err(|e| {
                 Error::input(
