@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 use crate::format::manifest::{BaseModel, ExpertKind, Manifest, Provenance, ProvenanceInput};
 use crate::format::{ArtifactReader, ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
+use crate::merge::engine::merge_tensor_owned;
 use crate::merge::lora::{self, LoraFactors};
 use crate::merge::recipe::{Recipe, TensorOverride};
-use crate::merge::{Input, MergeParams, Output, Strategy, merge_tensor};
+use crate::merge::{Input, MergeParams, Output, Strategy};
 use crate::printer::Printer;
 
 /// Everything `merge` needs.
@@ -76,11 +77,18 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         info,
     } = ExpertSet::open(&opts.experts)?;
     let first = readers[0].manifest();
+    // Every input's file digest (recorded in provenance, checked against recipe pins).
+    let digests: Vec<String> = {
+        use rayon::prelude::*;
+        readers
+            .par_iter()
+            .map(ArtifactReader::verify_file_digest)
+            .collect::<Result<_>>()?
+    };
     if let Some(recipe) = &opts.recipe {
-        for (e, r) in recipe.experts.iter().zip(&readers) {
+        for ((e, r), got) in recipe.experts.iter().zip(&readers).zip(&digests) {
             if let Some(want) = &e.sha256 {
-                let got = r.verify_file_digest()?;
-                if &got != want {
+                if got != want {
                     return Err(Error::input(
                         format!(
                             "the recipe pins `{}` to {want}, but `{}` is {got}",
@@ -134,7 +142,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
                     dense_input |= dense;
                     inputs.push(input);
                 }
-                match merge_tensor(name, &shape, &inputs, &weights, strategy, params) {
+                match merge_tensor_owned(name, &shape, inputs, &weights, strategy, params) {
                     Output::Sparse { indices, values } => (
                         Content::Sparse {
                             values: dtype.from_f32(&values),
@@ -178,12 +186,12 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         ExpertKind::Dense
     };
     let mut inputs = Vec::new();
-    for r in &readers {
+    for (r, d) in readers.iter().zip(&digests) {
         let m = r.manifest();
         inputs.push(ProvenanceInput {
             role: "expert".into(),
             name: format!("{}@{}", m.name, m.version),
-            digest: Some(r.verify_file_digest()?),
+            digest: Some(d.clone()),
         });
     }
     let mut extra = BTreeMap::new();

@@ -1,0 +1,220 @@
+//! Merge benchmark (docs/benchmarks.md, "Merge"): 20 sparse experts at 5 % density over 64
+//! tensors of 1024 × 1024 (67 M target parameters), merged with `ties` and `sparse-mean` by the
+//! release `xpm` binary:
+//!
+//! - sparse-native (the experts as they are) against the same merge on densified inputs (the
+//!   same deltas stored as dense experts, which the engine merges with full support);
+//! - against an I/O floor: decoding every input tensor and encoding + writing the output, with
+//!   no merge arithmetic, in-process and parallel like `xpm merge`;
+//! - peak RSS of each run (GNU time).
+//!
+//! Run: `cargo bench --bench merge` (`-- --quick` for 4 experts × 16 tensors). Writes the table
+//! to `target/bench-merge.md`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use xpm::format::{
+    ArtifactReader, ArtifactWriter, BaseModel, Content, Dtype, ExpertKind, Manifest, TensorData,
+    encode_tensor,
+};
+use xpm::rng::SplitMix64;
+
+const SIDE: u64 = 1024;
+const DENSITY: f64 = 0.05;
+
+fn manifest(name: &str, kind: ExpertKind) -> Manifest {
+    Manifest {
+        format_version: "1.0".into(),
+        name: name.into(),
+        version: "1.0.0".parse().unwrap(),
+        description: None,
+        license: None,
+        authors: vec![],
+        base: BaseModel {
+            id: "bench-base".into(),
+            digest: xpm::digest::sha256(b"bench-base"),
+        },
+        kind,
+        tensors: vec![],
+        selection: None,
+        training: None,
+        provenance: None,
+        payload: None,
+        extra: Default::default(),
+    }
+}
+
+/// Expert `e`: for each tensor, ~5 % of positions with N(0, 1)-ish values; written sparse and,
+/// when `dense_path` is given, also as a dense expert holding the same deltas.
+fn write_expert(e: u64, tensors: usize, sparse_path: &Path, dense_path: Option<&Path>) {
+    let n = (SIDE * SIDE) as usize;
+    let mut sw = ArtifactWriter::create(sparse_path, 1).unwrap();
+    let mut dw = dense_path.map(|p| ArtifactWriter::create(p, 1).unwrap());
+    for t in 0..tensors {
+        let mut g = SplitMix64(xpm::rng::splitmix64(e * 1000 + t as u64 + 1));
+        let mut idx = Vec::with_capacity((n as f64 * DENSITY * 1.1) as usize);
+        let mut val = Vec::with_capacity(idx.capacity());
+        let threshold = (DENSITY * u64::MAX as f64) as u64;
+        for i in 0..n as u64 {
+            if g.next_u64() < threshold {
+                idx.push(i);
+                val.push(g.uniform() * 2.0 - 1.0);
+            }
+        }
+        let name = format!("encoder.layer.{t}.weight");
+        if let Some(dw) = dw.as_mut() {
+            let mut d = vec![0f32; n];
+            for (i, v) in idx.iter().zip(&val) {
+                d[*i as usize] = *v;
+            }
+            let td = TensorData {
+                name: name.clone(),
+                shape: vec![SIDE, SIDE],
+                dtype: Dtype::F32,
+                content: Content::Dense {
+                    delta: Dtype::F32.from_f32(&d),
+                },
+            };
+            dw.push(encode_tensor(&td, 1).unwrap()).unwrap();
+        }
+        let ts = TensorData {
+            name,
+            shape: vec![SIDE, SIDE],
+            dtype: Dtype::F32,
+            content: Content::Sparse {
+                indices: idx,
+                values: Dtype::F32.from_f32(&val),
+                block_size: None,
+            },
+        };
+        sw.push(encode_tensor(&ts, 1).unwrap()).unwrap();
+    }
+    sw.finish(manifest(&format!("sparse-{e}"), ExpertKind::Sparse))
+        .unwrap();
+    if let Some(dw) = dw {
+        dw.finish(manifest(&format!("dense-{e}"), ExpertKind::Dense))
+            .unwrap();
+    }
+}
+
+/// Wall time (s) and peak RSS (MB) of `xpm merge …` (release binary, GNU time).
+fn run_merge(inputs: &[PathBuf], strategy: &str, out: &Path) -> (f64, f64) {
+    let _ = std::fs::remove_file(out);
+    let t = Instant::now();
+    let o = Command::new("/usr/bin/time")
+        .args(["-f", "%M"])
+        .arg(env!("CARGO_BIN_EXE_xpm"))
+        .arg("merge")
+        .args(inputs)
+        .args(["--strategy", strategy, "--param", "density=0.2", "-q", "-o"])
+        .arg(out)
+        .output()
+        .unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let kib: f64 = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (secs, kib / 1024.0)
+}
+
+/// Decode every input tensor and encode + write the output's tensors, no merge arithmetic:
+/// what any merge must at least do. Parallel across tensors like `xpm merge`.
+fn io_floor(inputs: &[PathBuf], merged: &Path, out: &Path) -> f64 {
+    let t = Instant::now();
+    let readers: Vec<ArtifactReader> = inputs
+        .iter()
+        .map(|p| ArtifactReader::open(p).unwrap())
+        .collect();
+    let n = readers[0].manifest().tensors.len();
+    (0..n).into_par_iter().for_each(|i| {
+        for r in &readers {
+            std::hint::black_box(r.read_tensor(i).unwrap());
+        }
+    });
+    let m = ArtifactReader::open(merged).unwrap();
+    let encoded: Vec<_> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            encode_tensor(
+                &m.read_tensor(i).unwrap(),
+                xpm::format::artifact::DEFAULT_LEVEL,
+            )
+            .unwrap()
+        })
+        .collect();
+    let mut w = ArtifactWriter::create(out, xpm::format::artifact::DEFAULT_LEVEL).unwrap();
+    for e in encoded {
+        w.push(e).unwrap();
+    }
+    let mut man = m.manifest().clone();
+    man.tensors.clear();
+    man.payload = None;
+    w.finish(man).unwrap();
+    // Decoding the merged output is not part of the floor: subtract it.
+    let t_dec = Instant::now();
+    (0..n).into_par_iter().for_each(|i| {
+        std::hint::black_box(m.read_tensor(i).unwrap());
+    });
+    t.elapsed().as_secs_f64() - t_dec.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (experts, tensors) = if quick { (4u64, 16usize) } else { (20, 64) };
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    eprintln!(
+        "writing {experts} experts × {tensors} tensors of {SIDE}×{SIDE} (sparse and dense) …"
+    );
+    let (sparse, dense): (Vec<PathBuf>, Vec<PathBuf>) = (0..experts)
+        .into_par_iter()
+        .map(|e| {
+            let s = dir.path().join(format!("s{e}.xpm"));
+            let d = dir.path().join(format!("d{e}.xpm"));
+            write_expert(e, tensors, &s, Some(&d));
+            (s, d)
+        })
+        .unzip();
+    let size = |v: &[PathBuf]| {
+        v.iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum::<u64>() as f64
+            / 1e6
+    };
+    let params = tensors as f64 * (SIDE * SIDE) as f64 / 1e6;
+    let mut report = format!(
+        "## Merge (`cargo bench --bench merge`)\n\n{experts} sparse experts at {:.0} % density over {tensors} \
+         tensors of {SIDE}×{SIDE} ({params:.0} M target parameters); inputs {:.0} MB sparse, {:.0} MB as \
+         dense experts (zstd). Release `xpm merge`, 2 threads; one run each.\n\n\
+         | strategy | inputs | time | peak RSS | vs sparse-native |\n|---|---|---:|---:|---:|\n",
+        DENSITY * 100.0,
+        size(&sparse),
+        size(&dense),
+    );
+    for strategy in ["ties", "sparse-mean"] {
+        let out_s = dir.path().join(format!("m-{strategy}-s.xpm"));
+        let out_d = dir.path().join(format!("m-{strategy}-d.xpm"));
+        let (ts, ms) = run_merge(&sparse, strategy, &out_s);
+        let (td, md) = run_merge(&dense, strategy, &out_d);
+        let floor = io_floor(&sparse, &out_s, &dir.path().join("floor.xpm"));
+        report.push_str(&format!(
+            "| `{strategy}` | sparse-native | {ts:.2} s | {ms:.0} MB | 1.00× |\n\
+             | `{strategy}` | densified | {td:.2} s | {md:.0} MB | {:.1}× slower, {:.1}× the memory |\n\
+             | `{strategy}` | I/O floor (decode inputs, encode + write output) | {floor:.2} s | – | sparse-native is {:.2}× the floor |\n",
+            td / ts,
+            md / ms,
+            ts / floor,
+        ));
+    }
+    println!("{report}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-merge.md");
+    std::fs::write(&out, &report).unwrap();
+    eprintln!("wrote {}", out.display());
+}
