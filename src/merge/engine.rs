@@ -117,7 +117,7 @@ fn combine_union(
         .any(|e| e.indices.is_none() && !e.values.is_empty())
     {
         bits.fill(u64::MAX);
-        if n % 64 != 0 {
+        if !n.is_multiple_of(64) {
             bits[words - 1] = (1u64 << (n % 64)) - 1;
         }
     } else {

@@ -87,19 +87,19 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
     };
     if let Some(recipe) = &opts.recipe {
         for ((e, r), got) in recipe.experts.iter().zip(&readers).zip(&digests) {
-            if let Some(want) = &e.sha256 {
-                if got != want {
-                    return Err(Error::input(
-                        format!(
-                            "the recipe pins `{}` to {want}, but `{}` is {got}",
-                            e.expert,
-                            r.path().display()
-                        ),
-                        Some(
-                            "install the exact artifact the recipe names, or remove its `sha256` to accept another",
-                        ),
-                    ));
-                }
+            if let Some(want) = &e.sha256
+                && got != want
+            {
+                return Err(Error::input(
+                    format!(
+                        "the recipe pins `{}` to {want}, but `{}` is {got}",
+                        e.expert,
+                        r.path().display()
+                    ),
+                    Some(
+                        "install the exact artifact the recipe names, or remove its `sha256` to accept another",
+                    ),
+                ));
             }
         }
     }
