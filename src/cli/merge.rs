@@ -25,7 +25,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_name = "W,…")]
     weights: Vec<f64>,
     /// Strategy parameter, repeatable: lambda, density, gamma, epsilon, sign
-    /// (total|weighted|frequency), divisor (count|weights), rescale (bernoulli|l1), normalize
+    /// (total|weighted|frequency), divisor (count|weights|none), rescale (bernoulli|l1),
+    /// normalize, rank (svd)
     #[arg(long = "param", value_name = "KEY=VALUE")]
     params: Vec<String>,
     /// Start from another library's defaults: `peft` or `mergekit`
@@ -35,9 +36,9 @@ pub struct Args {
     /// `GLOB:strategy=mean,density=0.5`
     #[arg(long = "override", value_name = "GLOB:KEY=VALUE,…")]
     overrides: Vec<String>,
-    /// Seed of the random strategies (dare-*, della)
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Seed of the random strategies (dare-*, della) [default: the recipe's, else 0]
+    #[arg(long)]
+    seed: Option<u64>,
     /// Name of the merged expert [default: the recipe's, else `merged`]
     #[arg(long)]
     name: Option<String>,
@@ -90,7 +91,7 @@ fn recipe_from_flags(a: &Args) -> anyhow::Result<Recipe> {
         version: crate::merge::recipe::RECIPE_VERSION,
         strategy: a.strategy.to_string(),
         preset: a.preset.map(|p| p.to_string()),
-        seed: a.seed,
+        seed: a.seed.unwrap_or(0),
         output: None,
         params,
         experts: a
@@ -116,8 +117,8 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         Some(path) => {
             let mut r = Recipe::read(path)?;
             // An explicit --seed wins over the recipe's.
-            if a.seed != 0 {
-                r.seed = a.seed;
+            if let Some(seed) = a.seed {
+                r.seed = seed;
             }
             r
         }

@@ -5,7 +5,7 @@
 //! c_i = w_i s_i and R = Σ r_i; then B · A = Σ w_i s_i B_i A_i exactly, stored with α = R
 //! (scale 1). `svd` recompresses that product to rank k: thin QR of B and of Aᵀ, an SVD of the
 //! small core R_B R_Aᵀ, and B' = Q_B U_k Σ_k, A' = V_kᵀ Q_Aᵀ — the best rank-k approximation of
-//! the sum, exact when k ≥ its rank. Work and memory are O((out + in) · R + R³).
+//! the sum, exact when k ≥ its rank. Time O((out + in) · R² + R³), memory O((out + in) · R + R²).
 
 use nalgebra::DMatrix;
 

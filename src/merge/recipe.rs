@@ -1,6 +1,6 @@
 //! `merge.toml`: a whole merge as a file — experts with weights, strategy, parameters,
 //! per-tensor overrides, seed — that `xpm merge --recipe` runs and every merged manifest embeds
-//! (`provenance.extra.recipe`), so a merge can be re-run from its result. Schema:
+//! (`provenance.recipe`), so a merge can be re-run from its result. Schema:
 //! `schemas/recipe.schema.json`; format: docs/merging.md ("Recipes").
 //!
 //! ```toml
@@ -53,7 +53,7 @@ pub struct Recipe {
     #[serde(default = "one")]
     pub version: u32,
     /// Built-in strategy: sparse-mean, mean, linear, task-arithmetic, magnitude-prune, ties,
-    /// dare-linear, dare-ties, breadcrumbs, breadcrumbs-ties, della.
+    /// dare-linear, dare-ties, breadcrumbs, breadcrumbs-ties, della; for LoRA experts cat, svd.
     pub strategy: String,
     /// Start from another library's defaults: `peft` or `mergekit`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,7 +64,8 @@ pub struct Recipe {
     /// Name and version of the merged expert.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<RecipeOutput>,
-    /// Strategy parameters (lambda, density, gamma, epsilon, sign, divisor, rescale, normalize).
+    /// Strategy parameters (lambda, density, gamma, epsilon, sign, divisor, rescale, normalize,
+    /// rank); the seed is `seed` above.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub params: BTreeMap<String, ParamValue>,
     /// The experts, in order.

@@ -80,7 +80,10 @@ pub fn apply(
             )
         })?;
         let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
-        if shape != t.shape || !is_float(info.dtype) {
+        if shape != t.shape
+            || !is_float(info.dtype)
+            || crate::format::Dtype::from_safetensors(info.dtype).is_none()
+        {
             return Err(Error::input(
                 format!(
                     "tensor `{}` is {:?} {:?} in the base but the expert's delta is {:?}",
@@ -166,6 +169,8 @@ pub fn apply(
             "expert": format!("{}@{}", m.name, m.version),
             "expert_sha256": reader.verify_file_digest()?,
             "base": m.base,
+            // The expert's provenance: for a merge, its inputs, strategy and recipe.
+            "provenance": m.provenance,
         });
         crate::fsutil::write_atomic(
             &dir.join("xpm-applied.json"),
@@ -229,7 +234,10 @@ fn copy_rec(root: &Path, dest: &Path, rel: &Path, out: &mut Vec<String>) -> Resu
         let e = e.at("read directory", &dir)?;
         let name = e.file_name().to_string_lossy().to_string();
         let rel_path = rel.join(&name);
-        let ty = e.file_type().at("read", e.path())?;
+        // Follow symbolic links (a Hugging Face cache snapshot is made of them).
+        let ty = std::fs::metadata(e.path())
+            .at("read", e.path())?
+            .file_type();
         if name.starts_with('.') {
             continue;
         }

@@ -1,4 +1,5 @@
-//! `xpm merge`: merge experts (`.xpm` paths) with a built-in strategy into a new expert.
+//! `xpm merge`: merge experts (`.xpm` files or installed experts, located by the CLI) with a
+//! built-in strategy, per-tensor overrides and an optional recipe, into a new expert.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -278,7 +279,6 @@ fn lora_merge(
     strategy: Strategy,
     params: &MergeParams,
 ) -> Result<Content> {
-    let (out, inp) = (shape[0] as usize, shape[1] as usize);
     let mut factors = Vec::new();
     let mut dtype = None;
     for (r, w) in readers.iter().zip(weights) {
@@ -313,6 +313,13 @@ fn lora_merge(
             }
         }
     }
+    let [out, inp] = shape else {
+        return Err(Error::input(
+            format!("`{strategy}` needs 2-D tensors, but `{name}` has shape {shape:?}"),
+            None,
+        ));
+    };
+    let (out, inp) = (*out as usize, *inp as usize);
     let refs: Vec<(f64, &LoraFactors)> = factors.iter().map(|(w, f)| (*w, f)).collect();
     let f = match strategy {
         Strategy::Svd => lora::svd(&refs, out, inp, params.rank.map(|r| r as usize)),

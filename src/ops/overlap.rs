@@ -61,7 +61,8 @@ pub struct OverlapStats {
     pub nnz: Vec<u64>,
     /// Positions in at least one mask.
     pub union: u64,
-    /// Positions in at least two masks: the only entries a merge can disturb.
+    /// Positions in at least two masks: where experts interfere (strategies that rescale or
+    /// prune also change single-expert entries; `change` does not count those).
     pub shared: u64,
     /// One entry per pair of experts.
     pub pairs: Vec<PairOverlap>,
