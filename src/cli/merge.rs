@@ -18,9 +18,12 @@ pub struct Args {
     recipe: Option<PathBuf>,
     /// sparse-mean, mean, linear, task-arithmetic, magnitude-prune, ties, dare-linear,
     /// dare-ties, breadcrumbs, breadcrumbs-ties, della
-    /// (LoRA experts, in LoRA space:) cat, svd
+    /// (LoRA experts, in LoRA space:) cat, svd; or the name of a plugin strategy
     #[arg(long, default_value = "sparse-mean")]
-    strategy: crate::merge::Strategy,
+    strategy: String,
+    /// A plugin library to load (repeatable); also searched: $XPM_PLUGIN_PATH, $XPM_HOME/plugins
+    #[arg(long = "plugin", value_name = "PATH")]
+    plugins: Vec<PathBuf>,
     /// One weight per expert, comma-separated [default: all 1]
     #[arg(long, value_delimiter = ',', value_name = "W,…")]
     weights: Vec<f64>,
@@ -89,7 +92,7 @@ fn recipe_from_flags(a: &Args) -> anyhow::Result<Recipe> {
     }
     Ok(Recipe {
         version: crate::merge::recipe::RECIPE_VERSION,
-        strategy: a.strategy.to_string(),
+        strategy: a.strategy.clone(),
         preset: a.preset.map(|p| p.to_string()),
         seed: a.seed.unwrap_or(0),
         output: None,
@@ -109,6 +112,7 @@ fn recipe_from_flags(a: &Args) -> anyhow::Result<Recipe> {
             .iter()
             .map(|o| parse_override(o))
             .collect::<crate::Result<_>>()?,
+        plugin_sha256: None,
     })
 }
 
@@ -124,7 +128,58 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         }
         None => recipe_from_flags(&a)?,
     };
-    let plan = recipe.plan()?;
+    // A strategy that is not built in comes from a plugin.
+    let plugin = if recipe.strategy.parse::<crate::merge::Strategy>().is_ok() {
+        None
+    } else {
+        let p = crate::merge::plugin::find(&recipe.strategy, &a.plugins, &ctx.home, &ctx.printer)?
+            .ok_or_else(|| {
+                crate::Error::input(
+                    format!(
+                        "unknown merge strategy `{}`: not built in, and no plugin provides it",
+                        recipe.strategy
+                    ),
+                    Some(&format!(
+                        "built-in strategies: {}; plugins are loaded from --plugin PATH, $XPM_PLUGIN_PATH and {} (`xpm plugin list` shows them)",
+                        crate::merge::Strategy::ALL
+                            .into_iter()
+                            .chain(crate::merge::Strategy::LORA)
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        ctx.home.root.join("plugins").display()
+                    )),
+                )
+            })?;
+        if let Some(want) = &recipe.plugin_sha256
+            && *want != p.sha256
+        {
+            anyhow::bail!(crate::Error::input(
+                format!(
+                    "the recipe pins plugin `{}` to {want}, but `{}` is {}",
+                    p.name,
+                    p.path.display(),
+                    p.sha256
+                ),
+                Some("use the exact plugin build the recipe names, or remove `plugin_sha256`"),
+            ));
+        }
+        Some(std::sync::Arc::new(p))
+    };
+    let plan = match &plugin {
+        None => recipe.plan()?,
+        Some(_) => crate::merge::Plan {
+            strategy: crate::merge::Strategy::SparseMean,
+            params: crate::merge::MergeParams {
+                seed: recipe.seed,
+                ..Default::default()
+            },
+            weights: recipe.experts.iter().map(|e| e.weight).collect(),
+            overrides: Vec::new(),
+        },
+    };
+    let plugin = plugin.map(|p| (p, recipe.params_json()));
+    let strategy_label = recipe.strategy.clone();
     let inputs: Vec<String> = recipe.experts.iter().map(|e| e.expert.clone()).collect();
     let experts = locate_all(&inputs, ctx)?;
     let name = a
@@ -174,6 +229,7 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         level: a.level,
         overrides: plan.overrides.clone(),
         recipe: Some(recipe),
+        plugin,
     };
     let s = merge(&opts, &ctx.printer)
         .with_context(|| format!("cannot merge into `{}`", a.out.display()))?;
@@ -183,7 +239,7 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         ctx.printer.out(format!(
             "merged {} experts with `{}` and applied them to {}: {} ({} tensors changed, {} safetensors file(s))",
             opts.experts.len(),
-            opts.strategy,
+            strategy_label,
             base.display(),
             a.out.display(),
             r.changed,
@@ -194,7 +250,7 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     ctx.printer.out(format!(
         "merged {} experts with `{}` into {} ({} tensors)",
         opts.experts.len(),
-        opts.strategy,
+        strategy_label,
         a.out.display(),
         s.manifest.tensors.len()
     ));

@@ -20,6 +20,7 @@ mod list;
 mod merge;
 mod overlap;
 mod pack;
+mod plugin;
 mod publish;
 mod registry_args;
 mod search;
@@ -72,6 +73,8 @@ pub enum Command {
     Install(install::Args),
     /// List installed experts
     List(list::Args),
+    /// List and check merge plugins
+    Plugin(plugin::Args),
     /// Run the registry server (the `xpm-registry` binary)
     Registry(serve::Args),
     /// Run xpm's main job end to end on a small model it prepares itself
@@ -108,6 +111,7 @@ pub fn main() -> ExitCode {
         Command::Install(a) => install::exec(a, &ctx),
         Command::List(a) => list::exec(a, &ctx),
         Command::Registry(a) => serve::exec(a, &ctx),
+        Command::Plugin(a) => plugin::exec(a, &ctx),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

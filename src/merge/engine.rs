@@ -474,6 +474,11 @@ impl Stream {
         Stream { key }
     }
 
+    /// The stream's key: the seed a plugin gets for this (expert, tensor).
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+
     /// Uniform in [0, 1) for a position.
     pub fn uniform(&self, position: u64) -> f64 {
         (splitmix64(self.key ^ splitmix64(position)) >> 11) as f64 / (1u64 << 53) as f64

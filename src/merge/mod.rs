@@ -4,6 +4,7 @@
 pub mod engine;
 pub mod lora;
 pub mod params;
+pub mod plugin;
 pub mod recipe;
 
 pub use engine::{Input, Output, merge_tensor};

@@ -73,6 +73,9 @@ pub struct Recipe {
     /// Per-tensor overrides; the first whose pattern matches a tensor's name wins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overrides: Vec<RecipeOverride>,
+    /// For a plugin strategy: the `sha256:` of the plugin library; another file is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_sha256: Option<String>,
 }
 
 fn one() -> u32 {
@@ -147,7 +150,9 @@ pub fn param_from_str(v: &str) -> ParamValue {
         ParamValue::Bool(b)
     } else if let Ok(i) = v.parse::<i64>() {
         ParamValue::Int(i)
-    } else if let Ok(x) = v.parse::<f64>() {
+    } else if let Ok(x) = v.parse::<f64>()
+        && x.is_finite()
+    {
         ParamValue::Float(x)
     } else {
         ParamValue::Str(v.to_string())
@@ -218,6 +223,11 @@ impl Recipe {
     /// The recipe as TOML.
     pub fn to_toml(&self) -> String {
         toml_edit::ser::to_string_pretty(self).expect("recipe serializes")
+    }
+
+    /// The parameters as a JSON object (what a plugin strategy receives).
+    pub fn params_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.params).expect("params serialize")
     }
 
     /// Parse the strategy, preset, parameters and overrides; check every value.

@@ -150,6 +150,7 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
             level: crate::format::artifact::DEFAULT_LEVEL,
             overrides: vec![],
             recipe: None,
+            plugin: None,
         },
         printer,
     )?;

@@ -9,6 +9,7 @@ use crate::format::manifest::{BaseModel, ExpertKind, Manifest, Provenance, Prove
 use crate::format::{ArtifactReader, ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
 use crate::merge::engine::merge_tensor_owned;
 use crate::merge::lora::{self, LoraFactors};
+use crate::merge::plugin::Plugin;
 use crate::merge::recipe::{Recipe, TensorOverride};
 use crate::merge::{Input, MergeParams, Output, Strategy};
 use crate::printer::Printer;
@@ -30,6 +31,8 @@ pub struct MergeOptions {
     /// The recipe this merge runs, embedded in the manifest with each expert pinned to its
     /// exact version and sha256; expert digests it already names are checked.
     pub recipe: Option<Recipe>,
+    /// A plugin strategy and its parameters (JSON object); replaces `strategy` for every tensor.
+    pub plugin: Option<(std::sync::Arc<Plugin>, serde_json::Value)>,
 }
 
 /// What a merge did.
@@ -68,6 +71,19 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         return Err(Error::input("weights must be finite numbers", None));
     }
     opts.params.validate_for(opts.strategy)?;
+    if let Some((plugin, params)) = &opts.plugin {
+        if !opts.overrides.is_empty() {
+            return Err(Error::input(
+                "per-tensor overrides cannot be combined with a plugin strategy",
+                Some("merge with the plugin alone, or use built-in strategies with overrides"),
+            ));
+        }
+        plugin.check_params(params)?;
+    }
+    let label = match &opts.plugin {
+        Some((p, _)) => format!("{} (plugin {})", p.name, p.version),
+        None => opts.strategy.to_string(),
+    };
     for o in &opts.overrides {
         o.params.validate_for(o.strategy)?;
     }
@@ -113,7 +129,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         format!(
             "{} with `{}` ({} tensors)",
             inputs_desc.join(", "),
-            opts.strategy,
+            label,
             names.len()
         ),
     );
@@ -131,7 +147,38 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
                 Some(o) => (o.strategy, &o.params),
                 None => (opts.strategy, &opts.params),
             };
-            let (content, kind) = if strategy.is_lora_space() {
+            let (content, kind) = if let Some((plugin, pparams)) = &opts.plugin {
+                let mut inputs = Vec::with_capacity(readers.len());
+                for r in &readers {
+                    let (input, dense) = load_input(r, name)?;
+                    dense_input |= dense;
+                    inputs.push(input);
+                }
+                let out = plugin.instance(pparams)?.merge(
+                    name,
+                    &shape,
+                    dtype,
+                    &inputs,
+                    &weights,
+                    opts.params.seed,
+                )?;
+                match out {
+                    Output::Sparse { indices, values } => (
+                        Content::Sparse {
+                            values: dtype.from_f32(&values),
+                            indices,
+                            block_size: None,
+                        },
+                        ExpertKind::Sparse,
+                    ),
+                    Output::Dense { values } => (
+                        Content::Dense {
+                            delta: dtype.from_f32(&values),
+                        },
+                        ExpertKind::Dense,
+                    ),
+                }
+            } else if strategy.is_lora_space() {
                 (
                     lora_merge(&readers, name, &shape, &weights, strategy, params)?,
                     ExpertKind::Lora,
@@ -199,7 +246,17 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
     extra.insert(
         "merge".to_string(),
         serde_json::json!({
-            "strategy": opts.strategy,
+            "strategy": match &opts.plugin {
+                Some((p, _)) => serde_json::Value::from(p.name.clone()),
+                None => serde_json::to_value(opts.strategy).expect("strategy"),
+            },
+            "plugin": opts.plugin.as_ref().map(|(p, params)| serde_json::json!({
+                "name": p.name,
+                "version": p.version,
+                "sha256": p.sha256,
+                "abi": format!("{}.{}", p.abi_major, p.abi_minor),
+                "params": params,
+            })),
             "weights": weights,
             "params": opts.params,
             "overrides": opts.overrides.iter().map(|o| serde_json::json!({
@@ -218,6 +275,9 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
             e.expert = format!("{name}@={version}");
             e.sha256 = input.digest.clone();
         }
+        if let Some((p, _)) = &opts.plugin {
+            pinned.plugin_sha256 = Some(p.sha256.clone());
+        }
         pinned.output = Some(crate::merge::recipe::RecipeOutput {
             name: opts.name.clone(),
             version: opts.version.to_string(),
@@ -231,11 +291,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         format_version: String::new(),
         name: opts.name.clone(),
         version: opts.version.clone(),
-        description: Some(format!(
-            "`{}` merge of {}",
-            opts.strategy,
-            inputs_desc.join(", ")
-        )),
+        description: Some(format!("`{}` merge of {}", label, inputs_desc.join(", "))),
         license: None,
         authors: Vec::new(),
         base: BaseModel {

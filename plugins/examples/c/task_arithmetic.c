@@ -1,0 +1,100 @@
+/* `c-task-arithmetic`: λ Σ w δ over the experts holding each entry, written in plain C against
+ * include/xpm_plugin.h to show the plugin ABI is language-neutral.
+ *
+ *   cc -shared -fPIC -O2 -I plugins/xpm-plugin-api/include \
+ *      plugins/examples/c/task_arithmetic.c -o libxpm_c_task_arithmetic.so
+ *
+ * Parameters: {"lambda": number} (default 1). */
+#include <stdlib.h>
+#include <string.h>
+#include "xpm_plugin.h"
+
+#ifndef XPM_TEST_ABI_MAJOR
+#define XPM_TEST_ABI_MAJOR XPM_PLUGIN_ABI_MAJOR
+#endif
+
+#ifndef XPM_TEST_NAME
+#define XPM_TEST_NAME "c-task-arithmetic"
+#endif
+static const char NAME[] = XPM_TEST_NAME;
+static const char VERSION[] = "1.0.0";
+static const char SCHEMA[] =
+    "{\"type\":\"object\",\"properties\":{\"lambda\":{\"type\":\"number\"}},"
+    "\"additionalProperties\":false}";
+
+typedef struct { double lambda; } State;
+
+static XpmStr str_of(const char *s) { XpmStr r = { (const uint8_t *)s, strlen(s) }; return r; }
+
+static void set_err(XpmBuf *err, const char *msg) {
+    size_t n = strlen(msg);
+    uint8_t *p = malloc(n);
+    memcpy(p, msg, n);
+    err->ptr = p;
+    err->len = n;
+}
+
+static XpmStr params_schema(void) { return str_of(SCHEMA); }
+
+static int32_t create(XpmStr params, void **state, XpmBuf *err) {
+    /* The host has validated `params` against SCHEMA: an object with at most a number. */
+    char buf[256];
+    size_t n = params.len < sizeof buf - 1 ? params.len : sizeof buf - 1;
+    memcpy(buf, params.ptr, n);
+    buf[n] = 0;
+    State *s = malloc(sizeof *s);
+    if (!s) { set_err(err, "out of memory"); return XPM_ERR; }
+    s->lambda = 1.0;
+    const char *l = strstr(buf, "\"lambda\"");
+    if (l) {
+        l = strchr(l, ':');
+        if (l) s->lambda = strtod(l + 1, NULL);
+    }
+    *state = s;
+    return XPM_OK;
+}
+
+static int32_t merge(void *state, const XpmTensorView *t, XpmOutputView *out, XpmBuf *err) {
+    const State *s = state;
+    size_t n = t->support_len;
+    if (out->capacity != n) { set_err(err, "output capacity differs from the support"); return XPM_ERR; }
+    for (size_t k = 0; k < n; k++) {
+        double acc = 0.0;
+        for (size_t e = 0; e < t->n_experts; e++)
+            if (t->in_mask[e * n + k]) acc += t->weights[e] * (double)t->values[e * n + k];
+        out->values[k] = (float)(s->lambda * acc);
+    }
+#ifdef XPM_TEST_SHORT_OUTPUT
+    out->written = n ? n - 1 : 0;
+#else
+    out->written = n;
+#endif
+    return XPM_OK;
+}
+
+static void destroy(void *state) { free(state); }
+static void free_buf(XpmBuf b) { free(b.ptr); }
+
+static XpmPluginDescriptorV1 DESCRIPTOR;
+
+#ifdef XPM_TEST_NO_SYMBOL
+const XpmPluginDescriptorV1 *xpm_merge_plugin_v0(void) {
+#else
+const XpmPluginDescriptorV1 *xpm_merge_plugin_v1(void) {
+#endif
+    DESCRIPTOR.size = sizeof DESCRIPTOR;
+#ifdef XPM_TEST_SMALL_DESCRIPTOR
+    DESCRIPTOR.size = 24;
+#endif
+    DESCRIPTOR.abi_major = XPM_TEST_ABI_MAJOR;
+    DESCRIPTOR.abi_minor = XPM_PLUGIN_ABI_MINOR;
+    DESCRIPTOR.name = str_of(NAME);
+    DESCRIPTOR.version = str_of(VERSION);
+    DESCRIPTOR.capabilities = 0;
+    DESCRIPTOR.params_schema = params_schema;
+    DESCRIPTOR.create = create;
+    DESCRIPTOR.merge = merge;
+    DESCRIPTOR.destroy = destroy;
+    DESCRIPTOR.free_buf = free_buf;
+    return &DESCRIPTOR;
+}

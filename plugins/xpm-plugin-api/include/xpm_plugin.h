@@ -1,0 +1,205 @@
+/* xpm merge plugin ABI 1.0. Generated from plugins/xpm-plugin-api/src/lib.rs by
+ * cbindgen; do not edit (XPM_BLESS=1 cargo test -p xpm-plugin-api regenerates it). */
+
+#ifndef XPM_PLUGIN_H
+#define XPM_PLUGIN_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <stddef.h>
+
+/**
+ * ABI major version: a plugin with another major is refused.
+ */
+#define XPM_PLUGIN_ABI_MAJOR 1
+
+/**
+ * ABI minor version: additions only (new capability bits, fields appended to the descriptor).
+ */
+#define XPM_PLUGIN_ABI_MINOR 0
+
+/**
+ * Success.
+ */
+#define XPM_OK 0
+
+/**
+ * The plugin refused (bad parameters, unsupported input…); the error buffer holds why.
+ */
+#define XPM_ERR 1
+
+/**
+ * The plugin panicked; the error buffer holds the panic message.
+ */
+#define XPM_PANIC 2
+
+/**
+ * Capability: the plugin may drop support entries (clear keep flags).
+ */
+#define XPM_CAP_DROPS_ENTRIES 1
+
+/**
+ * Capability: the plugin uses the per-(expert, tensor) seeds.
+ */
+#define XPM_CAP_RANDOM 2
+
+/**
+ * Element type of the tensor the values came from (values always cross as f32).
+ */
+#define XPM_DTYPE_F32 0
+
+#define XPM_DTYPE_F16 1
+
+#define XPM_DTYPE_BF16 2
+
+/**
+ * A borrowed UTF-8 string (not NUL-terminated).
+ */
+typedef struct XpmStr {
+  const uint8_t *ptr;
+  size_t len;
+} XpmStr;
+
+/**
+ * A byte buffer allocated by the plugin; the host returns it through `free_buf`.
+ */
+typedef struct XpmBuf {
+  uint8_t *ptr;
+  size_t len;
+} XpmBuf;
+
+/**
+ * One target tensor, as the host presents it to `merge`.
+ */
+typedef struct XpmTensorView {
+  /**
+   * The base tensor's name.
+   */
+  struct XpmStr name;
+  /**
+   * Shape, outermost first (`ndim` entries).
+   */
+  const uint64_t *shape;
+  size_t ndim;
+  /**
+   * Element type of the stored deltas (`XPM_DTYPE_*`).
+   */
+  uint32_t dtype;
+  /**
+   * Number of experts.
+   */
+  size_t n_experts;
+  /**
+   * Sorted flat indices of the union of the experts' masks (`support_len` entries).
+   */
+  const uint64_t *support;
+  size_t support_len;
+  /**
+   * Expert e's value at support entry k is `values[e * support_len + k]` (0 when not in
+   * its mask).
+   */
+  const float *values;
+  /**
+   * 1 when support entry k is in expert e's mask: `in_mask[e * support_len + k]`.
+   */
+  const uint8_t *in_mask;
+  /**
+   * One weight per expert.
+   */
+  const double *weights;
+  /**
+   * One seed per expert for this tensor, derived from the merge seed.
+   */
+  const uint64_t *seeds;
+} XpmTensorView;
+
+/**
+ * The host-allocated output of `merge` for one tensor.
+ */
+typedef struct XpmOutputView {
+  /**
+   * One merged value per support entry.
+   */
+  float *values;
+  /**
+   * 1 to keep support entry k (preset to 1), 0 to drop it.
+   */
+  uint8_t *keep;
+  /**
+   * Capacity of both arrays: the support length.
+   */
+  size_t capacity;
+  /**
+   * Entries the plugin wrote; must equal `capacity` on success.
+   */
+  size_t written;
+} XpmOutputView;
+
+/**
+ * Returns the plugin's parameter JSON Schema (a static string the plugin owns).
+ */
+typedef struct XpmStr (*XpmParamsSchemaFn)(void);
+
+/**
+ * Create a merge state from parameters (a JSON object). On failure returns `XPM_ERR` or
+ * `XPM_PANIC` and sets `*err`.
+ */
+typedef int32_t (*XpmCreateFn)(struct XpmStr params_json, void **state, struct XpmBuf *err);
+
+/**
+ * Merge one tensor into `out`.
+ */
+typedef int32_t (*XpmMergeFn)(void *state,
+                              const struct XpmTensorView *tensor,
+                              struct XpmOutputView *out,
+                              struct XpmBuf *err);
+
+/**
+ * Free a state made by `create`.
+ */
+typedef void (*XpmDestroyFn)(void *state);
+
+/**
+ * Free a buffer the plugin allocated (error messages).
+ */
+typedef void (*XpmFreeBufFn)(struct XpmBuf buf);
+
+/**
+ * What `xpm_merge_plugin_v1` returns. Later minor versions only append fields.
+ */
+typedef struct XpmPluginDescriptorV1 {
+  /**
+   * `sizeof(XpmPluginDescriptorV1)` as the plugin was compiled.
+   */
+  size_t size;
+  uint32_t abi_major;
+  uint32_t abi_minor;
+  /**
+   * The strategy name users pass to `--strategy`.
+   */
+  struct XpmStr name;
+  /**
+   * The plugin's own version (semver).
+   */
+  struct XpmStr version;
+  /**
+   * `XPM_CAP_*` bits.
+   */
+  uint64_t capabilities;
+  XpmParamsSchemaFn params_schema;
+  XpmCreateFn create;
+  XpmMergeFn merge;
+  XpmDestroyFn destroy;
+  XpmFreeBufFn free_buf;
+} XpmPluginDescriptorV1;
+
+/**
+ * The entry point's type.
+ */
+typedef const struct XpmPluginDescriptorV1 *(*XpmEntryV1)(void);
+
+#endif  /* XPM_PLUGIN_H */

@@ -1,0 +1,144 @@
+//! The C ABI between xpm and merge plugins (version 1.0). Zero dependencies, `#[repr(C)]` only.
+//!
+//! A plugin is a dynamic library exporting [`ENTRY_V1`] (`xpm_merge_plugin_v1`), a function
+//! returning a pointer to a static [`XpmPluginDescriptorV1`]. The descriptor starts with its own
+//! size and the ABI version, so the host can refuse a plugin built for another major version or
+//! one whose descriptor is shorter than the host expects, before touching anything else.
+//!
+//! Per target tensor the host passes an [`XpmTensorView`]: the union support of the experts'
+//! masks (sorted flat indices), each expert's values on that support and whether each entry is in
+//! its mask, the expert weights and one seed per (expert, tensor). The host allocates the output
+//! ([`XpmOutputView`]): one value per support entry and a keep flag (the plugin may drop entries).
+//! Views are valid only during the call. Errors come back as a status code and a message buffer
+//! the plugin allocated; the host hands it back to the plugin's `free_buf`.
+//!
+//! The C header `include/xpm_plugin.h` is generated from this file with cbindgen; a test fails
+//! when it drifts (`XPM_BLESS=1 cargo test -p xpm-plugin-api` regenerates it).
+#![no_std]
+
+use core::ffi::c_void;
+
+/// ABI major version: a plugin with another major is refused.
+pub const XPM_PLUGIN_ABI_MAJOR: u32 = 1;
+/// ABI minor version: additions only (new capability bits, fields appended to the descriptor).
+pub const XPM_PLUGIN_ABI_MINOR: u32 = 0;
+
+/// The exported entry symbol for ABI major 1 (NUL-terminated for dlsym).
+pub const ENTRY_V1: &[u8] = b"xpm_merge_plugin_v1\0";
+
+/// Success.
+pub const XPM_OK: i32 = 0;
+/// The plugin refused (bad parameters, unsupported input…); the error buffer holds why.
+pub const XPM_ERR: i32 = 1;
+/// The plugin panicked; the error buffer holds the panic message.
+pub const XPM_PANIC: i32 = 2;
+
+/// Capability: the plugin may drop support entries (clear keep flags).
+pub const XPM_CAP_DROPS_ENTRIES: u64 = 1;
+/// Capability: the plugin uses the per-(expert, tensor) seeds.
+pub const XPM_CAP_RANDOM: u64 = 2;
+
+/// Element type of the tensor the values came from (values always cross as f32).
+pub const XPM_DTYPE_F32: u32 = 0;
+pub const XPM_DTYPE_F16: u32 = 1;
+pub const XPM_DTYPE_BF16: u32 = 2;
+
+/// A borrowed UTF-8 string (not NUL-terminated).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct XpmStr {
+    pub ptr: *const u8,
+    pub len: usize,
+}
+
+/// A byte buffer allocated by the plugin; the host returns it through `free_buf`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct XpmBuf {
+    pub ptr: *mut u8,
+    pub len: usize,
+}
+
+/// One target tensor, as the host presents it to `merge`.
+#[repr(C)]
+pub struct XpmTensorView {
+    /// The base tensor's name.
+    pub name: XpmStr,
+    /// Shape, outermost first (`ndim` entries).
+    pub shape: *const u64,
+    pub ndim: usize,
+    /// Element type of the stored deltas (`XPM_DTYPE_*`).
+    pub dtype: u32,
+    /// Number of experts.
+    pub n_experts: usize,
+    /// Sorted flat indices of the union of the experts' masks (`support_len` entries).
+    pub support: *const u64,
+    pub support_len: usize,
+    /// Expert e's value at support entry k is `values[e * support_len + k]` (0 when not in
+    /// its mask).
+    pub values: *const f32,
+    /// 1 when support entry k is in expert e's mask: `in_mask[e * support_len + k]`.
+    pub in_mask: *const u8,
+    /// One weight per expert.
+    pub weights: *const f64,
+    /// One seed per expert for this tensor, derived from the merge seed.
+    pub seeds: *const u64,
+}
+
+/// The host-allocated output of `merge` for one tensor.
+#[repr(C)]
+pub struct XpmOutputView {
+    /// One merged value per support entry.
+    pub values: *mut f32,
+    /// 1 to keep support entry k (preset to 1), 0 to drop it.
+    pub keep: *mut u8,
+    /// Capacity of both arrays: the support length.
+    pub capacity: usize,
+    /// Entries the plugin wrote; must equal `capacity` on success.
+    pub written: usize,
+}
+
+/// Returns the plugin's parameter JSON Schema (a static string the plugin owns).
+pub type XpmParamsSchemaFn = unsafe extern "C" fn() -> XpmStr;
+/// Create a merge state from parameters (a JSON object). On failure returns `XPM_ERR` or
+/// `XPM_PANIC` and sets `*err`.
+pub type XpmCreateFn =
+    unsafe extern "C" fn(params_json: XpmStr, state: *mut *mut c_void, err: *mut XpmBuf) -> i32;
+/// Merge one tensor into `out`.
+pub type XpmMergeFn = unsafe extern "C" fn(
+    state: *mut c_void,
+    tensor: *const XpmTensorView,
+    out: *mut XpmOutputView,
+    err: *mut XpmBuf,
+) -> i32;
+/// Free a state made by `create`.
+pub type XpmDestroyFn = unsafe extern "C" fn(state: *mut c_void);
+/// Free a buffer the plugin allocated (error messages).
+pub type XpmFreeBufFn = unsafe extern "C" fn(buf: XpmBuf);
+
+/// What `xpm_merge_plugin_v1` returns. Later minor versions only append fields.
+#[repr(C)]
+pub struct XpmPluginDescriptorV1 {
+    /// `sizeof(XpmPluginDescriptorV1)` as the plugin was compiled.
+    pub size: usize,
+    pub abi_major: u32,
+    pub abi_minor: u32,
+    /// The strategy name users pass to `--strategy`.
+    pub name: XpmStr,
+    /// The plugin's own version (semver).
+    pub version: XpmStr,
+    /// `XPM_CAP_*` bits.
+    pub capabilities: u64,
+    pub params_schema: XpmParamsSchemaFn,
+    pub create: XpmCreateFn,
+    pub merge: XpmMergeFn,
+    pub destroy: XpmDestroyFn,
+    pub free_buf: XpmFreeBufFn,
+}
+
+/// The entry point's type.
+pub type XpmEntryV1 = unsafe extern "C" fn() -> *const XpmPluginDescriptorV1;
+
+// The descriptor must be shareable as a static.
+unsafe impl Sync for XpmPluginDescriptorV1 {}
+unsafe impl Sync for XpmStr {}

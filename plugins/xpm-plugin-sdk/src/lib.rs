@@ -1,0 +1,236 @@
+//! Write an xpm merge strategy in safe Rust.
+//!
+//! ```ignore
+//! struct Median;
+//! impl xpm_plugin_sdk::Strategy for Median {
+//!     const NAME: &'static str = "median";
+//!     const VERSION: &'static str = "1.0.0";
+//!     fn create(_params: serde_json::Value) -> Result<Self, String> { Ok(Median) }
+//!     fn merge(&mut self, t: &Tensor<'_>, out: &mut Output<'_>) -> Result<(), String> { … }
+//! }
+//! xpm_plugin_sdk::export!(Median);
+//! ```
+//!
+//! `export!` produces the `xpm_merge_plugin_v1` symbol and a static descriptor, turns the raw
+//! views into slices, and wraps every entry point in `catch_unwind`: a panic becomes
+//! `XPM_PANIC` with its message instead of unwinding into the host (which would be undefined
+//! behaviour). Build the crate as a `cdylib`; docs/plugins.md walks through it.
+
+pub use serde_json;
+pub use xpm_plugin_api as api;
+
+use api::{XpmBuf, XpmOutputView, XpmStr, XpmTensorView};
+
+/// One target tensor: the union support and every expert's values on it.
+pub struct Tensor<'a> {
+    pub name: &'a str,
+    pub shape: &'a [u64],
+    /// `XPM_DTYPE_*` of the stored deltas (values always arrive as f32).
+    pub dtype: u32,
+    /// Sorted flat indices of the union of the experts' masks.
+    pub support: &'a [u64],
+    pub weights: &'a [f64],
+    /// One seed per expert for this tensor.
+    pub seeds: &'a [u64],
+    values: &'a [f32],
+    in_mask: &'a [u8],
+}
+
+impl<'a> Tensor<'a> {
+    /// Number of experts.
+    pub fn n_experts(&self) -> usize {
+        self.weights.len()
+    }
+    /// Expert `e`'s values on the support (0 outside its mask).
+    pub fn values(&self, e: usize) -> &'a [f32] {
+        let n = self.support.len();
+        &self.values[e * n..(e + 1) * n]
+    }
+    /// Whether each support entry is in expert `e`'s mask.
+    pub fn in_mask(&self, e: usize) -> &'a [u8] {
+        let n = self.support.len();
+        &self.in_mask[e * n..(e + 1) * n]
+    }
+}
+
+/// Where the merged values go: one per support entry; clear `keep[k]` to drop entry k.
+pub struct Output<'a> {
+    pub values: &'a mut [f32],
+    pub keep: &'a mut [u8],
+}
+
+/// A merge strategy.
+pub trait Strategy: Sized + Send + 'static {
+    /// The name users pass to `xpm merge --strategy`.
+    const NAME: &'static str;
+    /// The plugin's version (semver).
+    const VERSION: &'static str;
+    /// JSON Schema of the parameters; xpm validates `--param`s against it before any work.
+    const PARAMS_SCHEMA: &'static str = r#"{"type": "object", "additionalProperties": false}"#;
+    /// `api::XPM_CAP_*` bits.
+    const CAPABILITIES: u64 = 0;
+    /// Build the strategy from its parameters (a JSON object).
+    fn create(params: serde_json::Value) -> Result<Self, String>;
+    /// Merge one tensor.
+    fn merge(&mut self, tensor: &Tensor<'_>, out: &mut Output<'_>) -> Result<(), String>;
+}
+
+/// `&'static str` as an [`XpmStr`] (usable in statics).
+pub const fn xpm_str(s: &'static str) -> XpmStr {
+    XpmStr {
+        ptr: s.as_ptr(),
+        len: s.len(),
+    }
+}
+
+#[doc(hidden)]
+pub mod __rt {
+    use super::*;
+    use std::ffi::c_void;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    fn set_err(err: *mut XpmBuf, msg: &str) {
+        if err.is_null() {
+            return;
+        }
+        let b: Box<[u8]> = msg.as_bytes().into();
+        let len = b.len();
+        let ptr = Box::into_raw(b) as *mut u8;
+        // SAFETY: the host passes a valid out-pointer for the duration of the call.
+        unsafe { *err = XpmBuf { ptr, len } };
+    }
+
+    fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+        if let Some(s) = p.downcast_ref::<&str>() {
+            (*s).to_string()
+        } else if let Some(s) = p.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "panic with a non-string payload".to_string()
+        }
+    }
+
+    /// Run `f`, mapping `Err` to `XPM_ERR` and a panic to `XPM_PANIC`, both with a message.
+    fn guard(err: *mut XpmBuf, f: impl FnOnce() -> Result<(), String>) -> i32 {
+        // The plugin links its own copy of std, so this hook only silences the plugin's panics
+        // (the host reports them, with the message, instead of a second report on stderr).
+        static QUIET: std::sync::Once = std::sync::Once::new();
+        QUIET.call_once(|| std::panic::set_hook(Box::new(|_| {})));
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(Ok(())) => api::XPM_OK,
+            Ok(Err(m)) => {
+                set_err(err, &m);
+                api::XPM_ERR
+            }
+            Err(p) => {
+                set_err(err, &format!("panicked: {}", panic_message(p)));
+                api::XPM_PANIC
+            }
+        }
+    }
+
+    pub unsafe extern "C" fn params_schema<S: Strategy>() -> XpmStr {
+        xpm_str(S::PARAMS_SCHEMA)
+    }
+
+    /// # Safety
+    /// Called by the host with a valid UTF-8 view and valid out-pointers.
+    pub unsafe extern "C" fn create<S: Strategy>(
+        params: XpmStr,
+        state: *mut *mut c_void,
+        err: *mut XpmBuf,
+    ) -> i32 {
+        guard(err, || {
+            // SAFETY: the host guarantees `params` points at `len` readable bytes.
+            let bytes = unsafe { std::slice::from_raw_parts(params.ptr, params.len) };
+            let v: serde_json::Value = serde_json::from_slice(bytes)
+                .map_err(|e| format!("parameters are not valid JSON: {e}"))?;
+            let s = S::create(v)?;
+            // SAFETY: valid out-pointer for the call.
+            unsafe { *state = Box::into_raw(Box::new(s)) as *mut c_void };
+            Ok(())
+        })
+    }
+
+    /// # Safety
+    /// `state` came from `create::<S>`; the views are valid for the call.
+    pub unsafe extern "C" fn merge<S: Strategy>(
+        state: *mut c_void,
+        tensor: *const XpmTensorView,
+        out: *mut XpmOutputView,
+        err: *mut XpmBuf,
+    ) -> i32 {
+        guard(err, || {
+            // SAFETY: per the ABI contract every pointer is valid for its stated length.
+            let (s, t, o) = unsafe { (&mut *(state as *mut S), &*tensor, &mut *out) };
+            let n = t.support_len;
+            let e = t.n_experts;
+            let slice = |p: *const u8, len: usize| unsafe { std::slice::from_raw_parts(p, len) };
+            let tensor = unsafe {
+                Tensor {
+                    name: std::str::from_utf8(slice(t.name.ptr, t.name.len))
+                        .map_err(|e| e.to_string())?,
+                    shape: std::slice::from_raw_parts(t.shape, t.ndim),
+                    dtype: t.dtype,
+                    support: std::slice::from_raw_parts(t.support, n),
+                    weights: std::slice::from_raw_parts(t.weights, e),
+                    seeds: std::slice::from_raw_parts(t.seeds, e),
+                    values: std::slice::from_raw_parts(t.values, e * n),
+                    in_mask: slice(t.in_mask, e * n),
+                }
+            };
+            let mut output = unsafe {
+                Output {
+                    values: std::slice::from_raw_parts_mut(o.values, o.capacity),
+                    keep: std::slice::from_raw_parts_mut(o.keep, o.capacity),
+                }
+            };
+            s.merge(&tensor, &mut output)?;
+            o.written = o.capacity;
+            Ok(())
+        })
+    }
+
+    /// # Safety
+    /// `state` came from `create::<S>` and is not used afterwards.
+    pub unsafe extern "C" fn destroy<S: Strategy>(state: *mut c_void) {
+        if !state.is_null() {
+            let _ = catch_unwind(AssertUnwindSafe(|| {
+                drop(unsafe { Box::from_raw(state as *mut S) })
+            }));
+        }
+    }
+
+    /// # Safety
+    /// `buf` came from this plugin's `set_err`.
+    pub unsafe extern "C" fn free_buf(buf: XpmBuf) {
+        if !buf.ptr.is_null() {
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(buf.ptr, buf.len)) });
+        }
+    }
+}
+
+/// Export `$strategy` (a type implementing [`Strategy`]) as an xpm merge plugin.
+#[macro_export]
+macro_rules! export {
+    ($strategy:ty) => {
+        #[unsafe(no_mangle)]
+        pub extern "C" fn xpm_merge_plugin_v1() -> *const $crate::api::XpmPluginDescriptorV1 {
+            static DESCRIPTOR: $crate::api::XpmPluginDescriptorV1 =
+                $crate::api::XpmPluginDescriptorV1 {
+                    size: ::core::mem::size_of::<$crate::api::XpmPluginDescriptorV1>(),
+                    abi_major: $crate::api::XPM_PLUGIN_ABI_MAJOR,
+                    abi_minor: $crate::api::XPM_PLUGIN_ABI_MINOR,
+                    name: $crate::xpm_str(<$strategy as $crate::Strategy>::NAME),
+                    version: $crate::xpm_str(<$strategy as $crate::Strategy>::VERSION),
+                    capabilities: <$strategy as $crate::Strategy>::CAPABILITIES,
+                    params_schema: $crate::__rt::params_schema::<$strategy>,
+                    create: $crate::__rt::create::<$strategy>,
+                    merge: $crate::__rt::merge::<$strategy>,
+                    destroy: $crate::__rt::destroy::<$strategy>,
+                    free_buf: $crate::__rt::free_buf,
+                };
+            &DESCRIPTOR
+        }
+    };
+}

@@ -1,0 +1,445 @@
+//! Merge plugins end to end: the workspace's plugin crates built by cargo, C plugins built with
+//! the system C compiler, loaded by the real `xpm` binary.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use predicates::prelude::*;
+
+/// The workspace's plugin cdylibs, built once per test run (cargo only builds a cdylib for
+/// `cargo build`, not for `cargo test`).
+fn rust_plugin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "xpm-plugin-median",
+                "-p",
+                "xpm-plugin-magmax",
+            ])
+            .args(["-p", "xpm-plugin-mean", "-p", "xpm-plugin-faulty"])
+            .status()
+            .expect("run cargo build");
+        assert!(st.success(), "building the plugin crates failed");
+    });
+    let dir = assert_cmd::cargo::cargo_bin("xpm")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let p = dir.join(format!(
+        "{}xpm_plugin_{name}.{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_EXTENSION
+    ));
+    assert!(p.is_file(), "{} missing", p.display());
+    p
+}
+
+/// plugins/examples/c/task_arithmetic.c compiled with `defines` into `out`.
+fn c_plugin(ctx: &TestContext, out: &str, defines: &[&str]) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dest = ctx.path(out);
+    let st = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-I"])
+        .arg(root.join("plugins/xpm-plugin-api/include"))
+        .args(defines)
+        .arg(root.join("plugins/examples/c/task_arithmetic.c"))
+        .arg("-o")
+        .arg(&dest)
+        .status()
+        .expect("run the C compiler");
+    assert!(st.success(), "cc failed");
+    dest
+}
+
+/// Two sparse experts with overlapping masks; returns the unpacked dense deltas.
+fn experts(ctx: &TestContext) {
+    let base = random_tensors(&[("a.weight", &[16, 24]), ("b.weight", &[8, 8])], 31);
+    write_st(
+        &ctx.path("base.safetensors"),
+        &base,
+        safetensors::Dtype::F32,
+    );
+    for (seed, n) in [(32, "e1"), (33, "e2"), (34, "e3")] {
+        write_st(
+            &ctx.path(&format!("{n}.safetensors")),
+            &perturb(&base, seed, 0.1),
+            safetensors::Dtype::F32,
+        );
+        ctx.xpm()
+            .args([
+                "extract",
+                "--base",
+                "base.safetensors",
+                "--tuned",
+                &format!("{n}.safetensors"),
+            ])
+            .args([
+                "--density",
+                "0.4",
+                "--name",
+                n,
+                "--version",
+                "1.0.0",
+                "-o",
+                &format!("{n}.xpm"),
+            ])
+            .assert()
+            .success();
+    }
+}
+
+/// name → dense values of an artifact's tensors (via the library reader).
+fn dense(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let r = xpm::format::ArtifactReader::open(path).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for i in 0..r.manifest().tensors.len() {
+        let t = r.read_tensor(i).unwrap();
+        let n = t.numel() as usize;
+        let mut d = vec![0f32; n];
+        let mut mask = vec![false; n];
+        if let xpm::format::Content::Sparse {
+            indices, values, ..
+        } = &t.content
+        {
+            for (i, v) in indices.iter().zip(t.dtype.to_f32(values)) {
+                d[*i as usize] = v;
+                mask[*i as usize] = true;
+            }
+        }
+        out.insert(t.name.clone(), d);
+        out.insert(
+            format!("{}#mask", t.name),
+            mask.iter().map(|&m| m as u8 as f32).collect(),
+        );
+    }
+    out
+}
+
+#[test]
+fn example_plugins_merge_as_documented() {
+    let ctx = TestContext::new();
+    experts(&ctx);
+    let median = rust_plugin("median");
+    ctx.xpm()
+        .args([
+            "merge",
+            "e1.xpm",
+            "e2.xpm",
+            "e3.xpm",
+            "--strategy",
+            "median",
+            "--plugin",
+        ])
+        .arg(&median)
+        .args(["-o", "med.xpm"])
+        .assert()
+        .success();
+    let ins: Vec<_> = ["e1.xpm", "e2.xpm", "e3.xpm"]
+        .iter()
+        .map(|f| dense(&ctx.path(f)))
+        .collect();
+    let got = dense(&ctx.path("med.xpm"));
+    for name in ["a.weight", "b.weight"] {
+        for k in 0..got[name].len() {
+            let mut held: Vec<f32> = (0..3)
+                .filter(|&e| ins[e][&format!("{name}#mask")][k] != 0.0)
+                .map(|e| ins[e][name][k])
+                .collect();
+            held.sort_by(f32::total_cmp);
+            let want = match held.len() {
+                0 => 0.0,
+                m if m % 2 == 1 => held[m / 2],
+                m => ((held[m / 2 - 1] as f64 + held[m / 2] as f64) / 2.0) as f32,
+            };
+            assert_eq!(got[name][k], want, "{name}[{k}]");
+        }
+    }
+    // Provenance names the plugin and its file digest.
+    let out = ctx
+        .xpm()
+        .args(["inspect", "med.xpm", "--json"])
+        .output()
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plugin = &m["manifest"]["provenance"]["merge"]["plugin"];
+    assert_eq!(plugin["name"], "median");
+    assert_eq!(
+        plugin["sha256"],
+        xpm::digest::sha256(&std::fs::read(&median).unwrap()).as_str()
+    );
+    assert_eq!(
+        m["manifest"]["provenance"]["recipe"]["plugin_sha256"],
+        plugin["sha256"]
+    );
+
+    // magmax through $XPM_PLUGIN_PATH, with a parameter.
+    let dir = ctx.path("plugdir");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        rust_plugin("magmax"),
+        dir.join(rust_plugin("magmax").file_name().unwrap()),
+    )
+    .unwrap();
+    ctx.xpm()
+        .env("XPM_PLUGIN_PATH", &dir)
+        .args([
+            "merge",
+            "e1.xpm",
+            "e2.xpm",
+            "--strategy",
+            "magmax",
+            "--param",
+            "lambda=0.5",
+            "--weights",
+            "1,2",
+            "-o",
+            "mm.xpm",
+        ])
+        .assert()
+        .success();
+    let got = dense(&ctx.path("mm.xpm"));
+    for k in 0..got["a.weight"].len() {
+        let mut best = 0f64;
+        for (e, w) in [(0usize, 1.0f64), (1, 2.0)] {
+            if ins[e]["a.weight#mask"][k] != 0.0 {
+                let v = w * ins[e]["a.weight"][k] as f64;
+                if v.abs() > best.abs() {
+                    best = v;
+                }
+            }
+        }
+        assert_eq!(got["a.weight"][k], (0.5 * best) as f32);
+    }
+}
+
+#[test]
+fn a_c_plugin_equals_the_builtin_it_implements() {
+    let ctx = TestContext::new();
+    experts(&ctx);
+    let lib = c_plugin(&ctx, "libc_ta.so", &[]);
+    ctx.xpm()
+        .args([
+            "merge",
+            "e1.xpm",
+            "e2.xpm",
+            "--weights",
+            "1,0.5",
+            "--strategy",
+            "c-task-arithmetic",
+            "--param",
+            "lambda=2",
+        ])
+        .arg("--plugin")
+        .arg(&lib)
+        .args(["-o", "c.xpm"])
+        .assert()
+        .success();
+    ctx.xpm()
+        .args([
+            "merge",
+            "e1.xpm",
+            "e2.xpm",
+            "--weights",
+            "1,0.5",
+            "--strategy",
+            "task-arithmetic",
+            "--param",
+            "lambda=2",
+            "-o",
+            "b.xpm",
+        ])
+        .assert()
+        .success();
+    assert_eq!(dense(&ctx.path("c.xpm")), dense(&ctx.path("b.xpm")));
+    ctx.xpm()
+        .args(["plugin", "check"])
+        .arg(&lib)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "ok c-task-arithmetic 1.0.0 (ABI 1.0)",
+        ));
+}
+
+#[test]
+fn discovery_listing_and_builtin_clash() {
+    let ctx = TestContext::new();
+    experts(&ctx);
+    let plugdir = ctx.path("home/plugins");
+    std::fs::create_dir_all(&plugdir).unwrap();
+    c_plugin(
+        &ctx,
+        "home/plugins/libties.so",
+        &["-DXPM_TEST_NAME=\"ties\""],
+    );
+    std::fs::copy(rust_plugin("median"), plugdir.join("libmedian.so")).unwrap();
+    ctx.xpm()
+        .args(["plugin", "list"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("median 1.0.0  ABI 1.0")
+                .and(predicate::str::contains("sha256:"))
+                .and(predicate::str::contains("clashes with a built-in")),
+        );
+    // The built-in wins: the merge records no plugin.
+    ctx.xpm()
+        .args([
+            "merge",
+            "e1.xpm",
+            "e2.xpm",
+            "--strategy",
+            "ties",
+            "-o",
+            "t.xpm",
+        ])
+        .assert()
+        .success();
+    let out = ctx
+        .xpm()
+        .args(["inspect", "t.xpm", "--json"])
+        .output()
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(m["manifest"]["provenance"]["merge"]["plugin"].is_null());
+    // Found in $XPM_HOME/plugins without --plugin.
+    ctx.xpm()
+        .args([
+            "merge",
+            "e1.xpm",
+            "e2.xpm",
+            "--strategy",
+            "median",
+            "-o",
+            "m.xpm",
+        ])
+        .assert()
+        .success();
+    // Unknown strategy: says where it looked.
+    ctx.xpm()
+        .args(["merge", "e1.xpm", "--strategy", "nope", "-o", "x.xpm"])
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("no plugin provides it")
+                .and(predicate::str::contains("xpm plugin list")),
+        );
+    // A recipe pinning another plugin build is refused.
+    std::fs::write(
+        ctx.path("r.toml"),
+        format!(
+            "strategy = \"median\"\nplugin_sha256 = \"sha256:{}\"\n[[experts]]\nexpert = \"e1.xpm\"\n[[experts]]\nexpert = \"e2.xpm\"\n",
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    ctx.xpm()
+        .args(["merge", "--recipe", "r.toml", "-o", "r.xpm"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("pins plugin `median`"));
+    assert!(!ctx.path("r.xpm").exists());
+}
+
+#[test]
+fn faulty_plugins_are_reported_and_nothing_is_written() {
+    let ctx = TestContext::new();
+    experts(&ctx);
+    let faulty = rust_plugin("faulty");
+    let cases: Vec<(PathBuf, &str, Vec<&str>, &str)> = vec![
+        (
+            c_plugin(&ctx, "libmajor.so", &["-DXPM_TEST_ABI_MAJOR=2"]),
+            "c-task-arithmetic",
+            vec![],
+            "built for plugin ABI 2.0",
+        ),
+        (
+            c_plugin(&ctx, "libnosym.so", &["-DXPM_TEST_NO_SYMBOL"]),
+            "c-task-arithmetic",
+            vec![],
+            "does not export `xpm_merge_plugin_v1`",
+        ),
+        (
+            c_plugin(&ctx, "libsmall.so", &["-DXPM_TEST_SMALL_DESCRIPTOR"]),
+            "c-task-arithmetic",
+            vec![],
+            "descriptor is 24 bytes, smaller than",
+        ),
+        (
+            c_plugin(&ctx, "libshort.so", &["-DXPM_TEST_SHORT_OUTPUT"]),
+            "c-task-arithmetic",
+            vec![],
+            "returned",
+        ),
+        (
+            faulty.clone(),
+            "faulty",
+            vec!["--param", "mode=error"],
+            "failed in tensor",
+        ),
+        (
+            faulty.clone(),
+            "faulty",
+            vec!["--param", "mode=panic"],
+            "panicked in tensor",
+        ),
+        (
+            faulty.clone(),
+            "faulty",
+            vec!["--param", "mode=panic-create"],
+            "panicked in create",
+        ),
+        (
+            faulty.clone(),
+            "faulty",
+            vec!["--param", "mode=nan"],
+            "produced NaN",
+        ),
+        (
+            faulty.clone(),
+            "faulty",
+            vec!["--param", "mode=sideways"],
+            "invalid parameters for `faulty`",
+        ),
+        (
+            c_plugin(&ctx, "libc.so", &[]),
+            "c-task-arithmetic",
+            vec!["--param", "lambda=fast"],
+            "invalid parameters",
+        ),
+    ];
+    for (lib, strategy, extra, want) in cases {
+        ctx.xpm()
+            .args([
+                "merge",
+                "e1.xpm",
+                "e2.xpm",
+                "--strategy",
+                strategy,
+                "--plugin",
+            ])
+            .arg(&lib)
+            .args(&extra)
+            .args(["-o", "out.xpm"])
+            .assert()
+            .code(1)
+            .stderr(
+                predicate::str::contains(want)
+                    .and(predicate::str::contains(lib.display().to_string())),
+            );
+        assert!(!ctx.path("out.xpm").exists(), "{want}: output written");
+        assert!(
+            ctx.temp_leftovers().is_empty(),
+            "{want}: {:?}",
+            ctx.temp_leftovers()
+        );
+    }
+}
