@@ -102,6 +102,14 @@ fn write_expert(e: u64, tensors: usize, sparse_path: &Path, dense_path: Option<&
 
 /// Wall time (s) and peak RSS (MB) of `xpm merge …` (release binary, GNU time).
 fn run_merge(inputs: &[PathBuf], strategy: &str, out: &Path) -> (f64, f64) {
+    run_merge_with(
+        inputs,
+        &["--strategy", strategy, "--param", "density=0.2"],
+        out,
+    )
+}
+
+fn run_merge_with(inputs: &[PathBuf], args: &[&str], out: &Path) -> (f64, f64) {
     let _ = std::fs::remove_file(out);
     let t = Instant::now();
     let o = Command::new("/usr/bin/time")
@@ -109,7 +117,8 @@ fn run_merge(inputs: &[PathBuf], strategy: &str, out: &Path) -> (f64, f64) {
         .arg(env!("CARGO_BIN_EXE_xpm"))
         .arg("merge")
         .args(inputs)
-        .args(["--strategy", strategy, "--param", "density=0.2", "-q", "-o"])
+        .args(args)
+        .args(["-q", "-o"])
         .arg(out)
         .output()
         .unwrap();
@@ -213,6 +222,65 @@ fn main() {
             ts / floor,
         ));
     }
+    // A plugin implementation of `mean` against the built-in, same inputs (release cdylib).
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "--release", "-q", "-p", "xpm-plugin-mean"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "target/release/{}xpm_plugin_mean.{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_EXTENSION
+    ));
+    let (tb, mb) = run_merge_with(
+        &sparse,
+        &["--strategy", "mean"],
+        &dir.path().join("mean-b.xpm"),
+    );
+    let (tp, mp) = run_merge_with(
+        &sparse,
+        &[
+            "--strategy",
+            "plugin-mean",
+            "--plugin",
+            lib.to_str().unwrap(),
+        ],
+        &dir.path().join("mean-p.xpm"),
+    );
+    let same = xpm::format::ArtifactReader::open(dir.path().join("mean-b.xpm"))
+        .unwrap()
+        .manifest()
+        .tensors
+        .iter()
+        .map(|t| {
+            t.stored
+                .iter()
+                .map(|p| p.sha256.clone())
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>()
+        == xpm::format::ArtifactReader::open(dir.path().join("mean-p.xpm"))
+            .unwrap()
+            .manifest()
+            .tensors
+            .iter()
+            .map(|t| {
+                t.stored
+                    .iter()
+                    .map(|p| p.sha256.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>();
+    report.push_str(&format!(
+        "\n### Plugins\n\n`mean` built in against `plugin-mean` (plugins/examples/mean, release cdylib), same inputs:\n\n\
+         | | time | peak RSS | ratio |\n|---|---:|---:|---:|\n\
+         | built-in `mean` | {tb:.2} s | {mb:.0} MB | 1.00× |\n\
+         | plugin `plugin-mean` | {tp:.2} s | {mp:.0} MB | {:.2}× |\n\n\
+         Identical output payload: {same}.\n",
+        tp / tb
+    ));
     println!("{report}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-merge.md");
     std::fs::write(&out, &report).unwrap();

@@ -254,16 +254,23 @@ impl Instance<'_> {
         let support: Vec<u64> = if dense {
             (0..n).collect()
         } else {
-            let mut all: Vec<u64> = inputs
-                .iter()
-                .flat_map(|i| match i {
-                    Input::Sparse { indices, .. } => indices.as_slice(),
-                    _ => &[],
-                })
-                .copied()
-                .collect();
-            all.sort_unstable();
-            all.dedup();
+            // The union through a bitmap: O(entries + n / 64), no sort.
+            let mut bits = vec![0u64; (n as usize).div_ceil(64)];
+            for i in inputs {
+                if let Input::Sparse { indices, .. } = i {
+                    for &x in indices {
+                        bits[(x / 64) as usize] |= 1 << (x % 64);
+                    }
+                }
+            }
+            let mut all = Vec::with_capacity(bits.iter().map(|b| b.count_ones() as usize).sum());
+            for (w, &word) in bits.iter().enumerate() {
+                let mut b = word;
+                while b != 0 {
+                    all.push(w as u64 * 64 + b.trailing_zeros() as u64);
+                    b &= b - 1;
+                }
+            }
             all
         };
         let len = support.len();

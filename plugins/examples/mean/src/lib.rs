@@ -15,17 +15,22 @@ impl Strategy for Mean {
 
     fn merge(&mut self, t: &Tensor<'_>, out: &mut Output<'_>) -> Result<(), String> {
         let total: f64 = t.weights.iter().sum();
-        for k in 0..t.support.len() {
-            let mut s = 0f64;
-            for e in 0..t.n_experts() {
-                if t.in_mask(e)[k] != 0 {
-                    s += t.weights[e] * t.values(e)[k] as f64;
+        // Row by row (each expert's values are contiguous), summing in expert order per entry
+        // exactly as the built-in does.
+        let mut acc = vec![0f64; t.support.len()];
+        for e in 0..t.n_experts() {
+            let w = t.weights[e];
+            for ((a, &v), &m) in acc.iter_mut().zip(t.values(e)).zip(t.in_mask(e)) {
+                if m != 0 {
+                    *a += w * v as f64;
                 }
             }
-            out.values[k] = if total == 0.0 {
+        }
+        for (o, a) in out.values.iter_mut().zip(acc) {
+            *o = if total == 0.0 {
                 0.0
             } else {
-                (s / total) as f32
+                (a / total) as f32
             };
         }
         Ok(())
