@@ -275,33 +275,37 @@ impl Instance<'_> {
         };
         let len = support.len();
         let ne = inputs.len();
-        let mut values = vec![0f32; ne * len];
-        let mut in_mask = vec![0u8; ne * len];
-        for (e, input) in inputs.iter().enumerate() {
-            let (v, m) = (
-                &mut values[e * len..(e + 1) * len],
-                &mut in_mask[e * len..(e + 1) * len],
-            );
+        // Each expert's entries as (position in the support, value), concatenated.
+        let mut starts = Vec::with_capacity(ne + 1);
+        let total: usize = inputs
+            .iter()
+            .map(|i| match i {
+                Input::Sparse { values, .. } | Input::Dense { values } => values.len(),
+                Input::Absent => 0,
+            })
+            .sum();
+        let mut slots: Vec<u32> = Vec::with_capacity(total);
+        let mut values: Vec<f32> = Vec::with_capacity(total);
+        starts.push(0usize);
+        for input in inputs {
             match input {
                 Input::Dense { values: d } => {
-                    v.copy_from_slice(d);
-                    m.fill(1);
+                    slots.extend(0..len as u32);
+                    values.extend_from_slice(d);
                 }
-                Input::Sparse {
-                    indices,
-                    values: sv,
-                } => {
-                    let mut k = 0;
-                    for (i, x) in indices.iter().zip(sv) {
+                Input::Sparse { indices, values: sv } => {
+                    let mut k = 0usize;
+                    for i in indices {
                         while support[k] < *i {
                             k += 1;
                         }
-                        v[k] = *x;
-                        m[k] = 1;
+                        slots.push(k as u32);
                     }
+                    values.extend_from_slice(sv);
                 }
                 Input::Absent => {}
             }
+            starts.push(slots.len());
         }
         let seeds: Vec<u64> = (0..ne as u64)
             .map(|e| Stream::new(seed, e, tensor).key())
@@ -321,8 +325,9 @@ impl Instance<'_> {
             n_experts: ne,
             support: support.as_ptr(),
             support_len: len,
-            values: values.as_ptr(),
-            in_mask: in_mask.as_ptr(),
+            entries_start: starts.as_ptr(),
+            entry_slot: slots.as_ptr(),
+            entry_value: values.as_ptr(),
             weights: weights.as_ptr(),
             seeds: seeds.as_ptr(),
         };

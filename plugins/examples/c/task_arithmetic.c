@@ -58,12 +58,14 @@ static int32_t merge(void *state, const XpmTensorView *t, XpmOutputView *out, Xp
     const State *s = state;
     size_t n = t->support_len;
     if (out->capacity != n) { set_err(err, "output capacity differs from the support"); return XPM_ERR; }
-    for (size_t k = 0; k < n; k++) {
-        double acc = 0.0;
-        for (size_t e = 0; e < t->n_experts; e++)
-            if (t->in_mask[e * n + k]) acc += t->weights[e] * (double)t->values[e * n + k];
-        out->values[k] = (float)(s->lambda * acc);
-    }
+    double *acc = calloc(n ? n : 1, sizeof *acc);
+    if (!acc) { set_err(err, "out of memory"); return XPM_ERR; }
+    /* Each expert's entries: positions into the support and values. */
+    for (size_t e = 0; e < t->n_experts; e++)
+        for (size_t i = t->entries_start[e]; i < t->entries_start[e + 1]; i++)
+            acc[t->entry_slot[i]] += t->weights[e] * (double)t->entry_value[i];
+    for (size_t k = 0; k < n; k++) out->values[k] = (float)(s->lambda * acc[k]);
+    free(acc);
 #ifdef XPM_TEST_SHORT_OUTPUT
     out->written = n ? n - 1 : 0;
 #else

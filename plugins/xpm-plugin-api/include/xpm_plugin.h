@@ -99,14 +99,19 @@ typedef struct XpmTensorView {
   const uint64_t *support;
   size_t support_len;
   /**
-   * Expert e's value at support entry k is `values[e * support_len + k]` (0 when not in
-   * its mask).
+   * Expert e's entries are `entries_start[e] .. entries_start[e + 1]` (`n_experts + 1`
+   * offsets) in `entry_slot` and `entry_value`: only what the expert stores, so a plugin's
+   * work is proportional to the entries, not to experts × support.
    */
-  const float *values;
+  const size_t *entries_start;
   /**
-   * 1 when support entry k is in expert e's mask: `in_mask[e * support_len + k]`.
+   * For each entry, its position in `support` (0 .. support_len), ascending per expert.
    */
-  const uint8_t *in_mask;
+  const uint32_t *entry_slot;
+  /**
+   * For each entry, the expert's delta there.
+   */
+  const float *entry_value;
   /**
    * One weight per expert.
    */

@@ -6,8 +6,9 @@
 //! one whose descriptor is shorter than the host expects, before touching anything else.
 //!
 //! Per target tensor the host passes an [`XpmTensorView`]: the union support of the experts'
-//! masks (sorted flat indices), each expert's values on that support and whether each entry is in
-//! its mask, the expert weights and one seed per (expert, tensor). The host allocates the output
+//! masks (sorted flat indices), each expert's entries as (position in the support, value) — an
+//! entry is in the expert's mask exactly when it is listed — the expert weights and one seed per
+//! (expert, tensor). The host allocates the output
 //! ([`XpmOutputView`]): one value per support entry and a keep flag (the plugin may drop entries).
 //! Views are valid only during the call. Errors come back as a status code and a message buffer
 //! the plugin allocated; the host hands it back to the plugin's `free_buf`.
@@ -74,11 +75,14 @@ pub struct XpmTensorView {
     /// Sorted flat indices of the union of the experts' masks (`support_len` entries).
     pub support: *const u64,
     pub support_len: usize,
-    /// Expert e's value at support entry k is `values[e * support_len + k]` (0 when not in
-    /// its mask).
-    pub values: *const f32,
-    /// 1 when support entry k is in expert e's mask: `in_mask[e * support_len + k]`.
-    pub in_mask: *const u8,
+    /// Expert e's entries are `entries_start[e] .. entries_start[e + 1]` (`n_experts + 1`
+    /// offsets) in `entry_slot` and `entry_value`: only what the expert stores, so a plugin's
+    /// work is proportional to the entries, not to experts × support.
+    pub entries_start: *const usize,
+    /// For each entry, its position in `support` (0 .. support_len), ascending per expert.
+    pub entry_slot: *const u32,
+    /// For each entry, the expert's delta there.
+    pub entry_value: *const f32,
     /// One weight per expert.
     pub weights: *const f64,
     /// One seed per expert for this tensor, derived from the merge seed.

@@ -21,7 +21,7 @@ pub use xpm_plugin_api as api;
 
 use api::{XpmBuf, XpmOutputView, XpmStr, XpmTensorView};
 
-/// One target tensor: the union support and every expert's values on it.
+/// One target tensor: the union support and every expert's entries on it.
 pub struct Tensor<'a> {
     pub name: &'a str,
     pub shape: &'a [u64],
@@ -32,8 +32,9 @@ pub struct Tensor<'a> {
     pub weights: &'a [f64],
     /// One seed per expert for this tensor.
     pub seeds: &'a [u64],
+    starts: &'a [usize],
+    slots: &'a [u32],
     values: &'a [f32],
-    in_mask: &'a [u8],
 }
 
 impl<'a> Tensor<'a> {
@@ -41,15 +42,60 @@ impl<'a> Tensor<'a> {
     pub fn n_experts(&self) -> usize {
         self.weights.len()
     }
-    /// Expert `e`'s values on the support (0 outside its mask).
-    pub fn values(&self, e: usize) -> &'a [f32] {
-        let n = self.support.len();
-        &self.values[e * n..(e + 1) * n]
+    /// Expert `e`'s entries: positions in [`Tensor::support`] (ascending) and values. An entry
+    /// is in the expert's mask exactly when it is listed.
+    pub fn entries(&self, e: usize) -> (&'a [u32], &'a [f32]) {
+        let r = self.starts[e]..self.starts[e + 1];
+        (&self.slots[r.clone()], &self.values[r])
     }
-    /// Whether each support entry is in expert `e`'s mask.
-    pub fn in_mask(&self, e: usize) -> &'a [u8] {
+    /// Expert `e`'s values as a dense row over the support (0 outside its mask).
+    pub fn dense_row(&self, e: usize) -> Vec<f32> {
+        let mut row = vec![0f32; self.support.len()];
+        let (s, v) = self.entries(e);
+        for (&k, &x) in s.iter().zip(v) {
+            row[k as usize] = x;
+        }
+        row
+    }
+    /// The entries grouped by support position: for each position, the (expert, value) pairs
+    /// in expert order.
+    pub fn by_position(&self) -> ByPosition {
         let n = self.support.len();
-        &self.in_mask[e * n..(e + 1) * n]
+        let mut start = vec![0u32; n + 1];
+        for &k in self.slots {
+            start[k as usize + 1] += 1;
+        }
+        for i in 1..=n {
+            start[i] += start[i - 1];
+        }
+        let mut fill = start[..n].to_vec();
+        let mut who = vec![0u32; self.slots.len()];
+        let mut val = vec![0f32; self.slots.len()];
+        for e in 0..self.n_experts() {
+            let (s, v) = self.entries(e);
+            for (&k, &x) in s.iter().zip(v) {
+                let at = fill[k as usize] as usize;
+                who[at] = e as u32;
+                val[at] = x;
+                fill[k as usize] += 1;
+            }
+        }
+        ByPosition { start, who, val }
+    }
+}
+
+/// Entries grouped by support position (see [`Tensor::by_position`]).
+pub struct ByPosition {
+    start: Vec<u32>,
+    who: Vec<u32>,
+    val: Vec<f32>,
+}
+
+impl ByPosition {
+    /// The (expert, value) pairs at support position `k`, in expert order.
+    pub fn at(&self, k: usize) -> impl Iterator<Item = (usize, f32)> + '_ {
+        let r = self.start[k] as usize..self.start[k + 1] as usize;
+        self.who[r.clone()].iter().map(|&e| e as usize).zip(self.val[r].iter().copied())
     }
 }
 
@@ -167,16 +213,18 @@ pub mod __rt {
             let e = t.n_experts;
             let slice = |p: *const u8, len: usize| unsafe { std::slice::from_raw_parts(p, len) };
             let tensor = unsafe {
+                let starts = std::slice::from_raw_parts(t.entries_start, e + 1);
+                let total = starts[e];
                 Tensor {
-                    name: std::str::from_utf8(slice(t.name.ptr, t.name.len))
-                        .map_err(|e| e.to_string())?,
+                    name: std::str::from_utf8(slice(t.name.ptr, t.name.len)).map_err(|e| e.to_string())?,
                     shape: std::slice::from_raw_parts(t.shape, t.ndim),
                     dtype: t.dtype,
                     support: std::slice::from_raw_parts(t.support, n),
                     weights: std::slice::from_raw_parts(t.weights, e),
                     seeds: std::slice::from_raw_parts(t.seeds, e),
-                    values: std::slice::from_raw_parts(t.values, e * n),
-                    in_mask: slice(t.in_mask, e * n),
+                    starts,
+                    slots: std::slice::from_raw_parts(t.entry_slot, total),
+                    values: std::slice::from_raw_parts(t.entry_value, total),
                 }
             };
             let mut output = unsafe {

@@ -22,17 +22,21 @@ impl Strategy for MagMax {
     }
 
     fn merge(&mut self, t: &Tensor<'_>, out: &mut Output<'_>) -> Result<(), String> {
-        for k in 0..t.support.len() {
-            let mut best = 0f64;
-            for e in 0..t.n_experts() {
-                if t.in_mask(e)[k] != 0 {
-                    let v = t.weights[e] * t.values(e)[k] as f64;
-                    if v.abs() > best.abs() {
-                        best = v;
-                    }
+        // Expert by expert over its own entries; a later expert replaces the best only when
+        // strictly larger, so ties go to the earlier expert.
+        let mut best = vec![0f64; t.support.len()];
+        for e in 0..t.n_experts() {
+            let w = t.weights[e];
+            let (slots, values) = t.entries(e);
+            for (&k, &v) in slots.iter().zip(values) {
+                let x = w * v as f64;
+                if x.abs() > best[k as usize].abs() {
+                    best[k as usize] = x;
                 }
             }
-            out.values[k] = (self.lambda * best) as f32;
+        }
+        for (o, b) in out.values.iter_mut().zip(best) {
+            *o = (self.lambda * b) as f32;
         }
         Ok(())
     }

@@ -15,23 +15,18 @@ impl Strategy for Mean {
 
     fn merge(&mut self, t: &Tensor<'_>, out: &mut Output<'_>) -> Result<(), String> {
         let total: f64 = t.weights.iter().sum();
-        // Row by row (each expert's values are contiguous), summing in expert order per entry
-        // exactly as the built-in does.
+        // Expert by expert over its own entries (O(entries)), summing in expert order per
+        // position exactly as the built-in does.
         let mut acc = vec![0f64; t.support.len()];
         for e in 0..t.n_experts() {
             let w = t.weights[e];
-            for ((a, &v), &m) in acc.iter_mut().zip(t.values(e)).zip(t.in_mask(e)) {
-                if m != 0 {
-                    *a += w * v as f64;
-                }
+            let (slots, values) = t.entries(e);
+            for (&k, &v) in slots.iter().zip(values) {
+                acc[k as usize] += w * v as f64;
             }
         }
         for (o, a) in out.values.iter_mut().zip(acc) {
-            *o = if total == 0.0 {
-                0.0
-            } else {
-                (a / total) as f32
-            };
+            *o = if total == 0.0 { 0.0 } else { (a / total) as f32 };
         }
         Ok(())
     }

@@ -18,14 +18,11 @@ impl Strategy for Median {
     }
 
     fn merge(&mut self, t: &Tensor<'_>, out: &mut Output<'_>) -> Result<(), String> {
+        let groups = t.by_position();
         let mut held = Vec::with_capacity(t.n_experts());
         for k in 0..t.support.len() {
             held.clear();
-            for e in 0..t.n_experts() {
-                if t.in_mask(e)[k] != 0 {
-                    held.push(t.values(e)[k]);
-                }
-            }
+            held.extend(groups.at(k).map(|(_, v)| v));
             held.sort_by(f32::total_cmp);
             let m = held.len();
             out.values[k] = match m {
