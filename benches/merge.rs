@@ -26,25 +26,15 @@ const SIDE: u64 = 1024;
 const DENSITY: f64 = 0.05;
 
 fn manifest(name: &str, kind: ExpertKind) -> Manifest {
-    Manifest {
-        format_version: "1.0".into(),
-        name: name.into(),
-        version: "1.0.0".parse().unwrap(),
-        description: None,
-        license: None,
-        authors: vec![],
-        base: BaseModel {
+    Manifest::new(
+        name,
+        "1.0.0".parse().unwrap(),
+        BaseModel {
             id: "bench-base".into(),
             digest: xpm::digest::sha256(b"bench-base"),
         },
         kind,
-        tensors: vec![],
-        selection: None,
-        training: None,
-        provenance: None,
-        payload: None,
-        extra: Default::default(),
-    }
+    )
 }
 
 /// Expert `e`: for each tensor, ~5 % of positions with N(0, 1)-ish values; written sparse and,

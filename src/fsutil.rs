@@ -86,6 +86,21 @@ pub fn build_dir_atomic<T>(dest: &Path, fill: impl FnOnce(&Path) -> Result<T>) -
     Ok(out)
 }
 
+/// Open (creating) `path` and take an exclusive OS lock on it, blocking while another process
+/// holds it; released when the file is dropped (or the process dies).
+pub fn lock_file(path: &Path) -> Result<std::fs::File> {
+    let dir = parent_dir(path);
+    std::fs::create_dir_all(&dir).at("create directory", &dir)?;
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .at("open", path)?;
+    file.lock().at("lock", path)?;
+    Ok(file)
+}
+
 /// Positional read of exactly `buf.len()` bytes at `offset`.
 pub fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     #[cfg(unix)]

@@ -90,16 +90,9 @@ impl Store {
 
     /// Take the store's exclusive lock (blocks while another process commits).
     pub fn lock(&self) -> Result<StoreLock> {
-        std::fs::create_dir_all(&self.cache).at("create directory", &self.cache)?;
-        let path = self.cache.join(".lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .at("open", &path)?;
-        file.lock().at("lock", &path)?;
-        Ok(StoreLock { _file: file })
+        Ok(StoreLock {
+            _file: crate::fsutil::lock_file(&self.cache.join(".lock"))?,
+        })
     }
 
     /// Download `line`'s artifact from `reg` into a temporary file, verifying size and sha256

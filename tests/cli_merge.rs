@@ -285,8 +285,8 @@ fn bad_merges_are_refused_and_write_nothing() {
     ctx.xpm()
         .args(["merge", "e1.xpm", "--strategy", "nope", "-o", "x.xpm"])
         .assert()
-        .code(2)
-        .stderr(predicate::str::contains("unknown merge strategy"));
+        .code(1)
+        .stderr(predicate::str::contains("unknown merge strategy `nope`"));
     assert!(!ctx.path("x.xpm").exists());
     assert_eq!(ctx.temp_leftovers(), Vec::<String>::new());
 }

@@ -425,25 +425,15 @@ fn lora_expert(path: &Path, name: &str, rank: u32, alpha: f64, seed: u64) -> (Ve
     };
     let mut w = ArtifactWriter::create(path, 3).unwrap();
     w.push(encode_tensor(&t, 3).unwrap()).unwrap();
-    w.finish(Manifest {
-        format_version: "1.0".into(),
-        name: name.into(),
-        version: "1.0.0".parse().unwrap(),
-        description: None,
-        license: None,
-        authors: vec![],
-        base: BaseModel {
+    w.finish(Manifest::new(
+        name,
+        "1.0.0".parse().unwrap(),
+        BaseModel {
             id: "m".into(),
             digest: xpm::digest::sha256(b"m"),
         },
-        kind: ExpertKind::Lora,
-        tensors: vec![],
-        selection: None,
-        training: None,
-        provenance: None,
-        payload: None,
-        extra: Default::default(),
-    })
+        ExpertKind::Lora,
+    ))
     .unwrap();
     (a, b)
 }

@@ -16,7 +16,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use xpm::format::manifest::{FORMAT_MAJOR, FORMAT_MINOR};
 use xpm::format::{
     ArtifactWriter, BaseModel, Content, Dtype, ExpertKind, Manifest, TensorData, encode_tensor,
 };
@@ -245,25 +244,15 @@ fn write_expert(path: &Path, name: &str, version: &str, bytes: usize, seed: u64)
 }
 
 fn manifest(name: &str, version: &str, base: &str) -> Manifest {
-    Manifest {
-        format_version: format!("{FORMAT_MAJOR}.{FORMAT_MINOR}"),
-        name: name.into(),
-        version: version.parse().unwrap(),
-        description: None,
-        license: None,
-        authors: vec![],
-        base: BaseModel {
+    Manifest::new(
+        name,
+        version.parse().unwrap(),
+        BaseModel {
             id: base.into(),
             digest: xpm::digest::sha256(base.as_bytes()),
         },
-        kind: ExpertKind::Sparse,
-        tensors: vec![],
-        selection: None,
-        training: None,
-        provenance: None,
-        payload: None,
-        extra: Default::default(),
-    }
+        ExpertKind::Sparse,
+    )
 }
 
 /// `names × versions` index lines written as a directory registry (no blobs needed to

@@ -61,6 +61,29 @@ pub struct Manifest {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
+impl Manifest {
+    /// A manifest with only the required fields; an [`crate::format::ArtifactWriter`] fills in
+    /// `tensors` and `payload` when it finishes.
+    pub fn new(name: &str, version: semver::Version, base: BaseModel, kind: ExpertKind) -> Self {
+        Manifest {
+            format_version: format!("{FORMAT_MAJOR}.{FORMAT_MINOR}"),
+            name: name.to_string(),
+            version,
+            description: None,
+            license: None,
+            authors: Vec::new(),
+            base,
+            kind,
+            tensors: Vec::new(),
+            selection: None,
+            training: None,
+            provenance: None,
+            payload: None,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
 /// The base model an expert applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BaseModel {

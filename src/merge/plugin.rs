@@ -293,7 +293,10 @@ impl Instance<'_> {
                     slots.extend(0..len as u32);
                     values.extend_from_slice(d);
                 }
-                Input::Sparse { indices, values: sv } => {
+                Input::Sparse {
+                    indices,
+                    values: sv,
+                } => {
                     let mut k = 0usize;
                     for i in indices {
                         while support[k] < *i {

@@ -162,22 +162,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
                     &weights,
                     opts.params.seed,
                 )?;
-                match out {
-                    Output::Sparse { indices, values } => (
-                        Content::Sparse {
-                            values: dtype.from_f32(&values),
-                            indices,
-                            block_size: None,
-                        },
-                        ExpertKind::Sparse,
-                    ),
-                    Output::Dense { values } => (
-                        Content::Dense {
-                            delta: dtype.from_f32(&values),
-                        },
-                        ExpertKind::Dense,
-                    ),
-                }
+                output_content(out, dtype)
             } else if strategy.is_lora_space() {
                 (
                     lora_merge(&readers, name, &shape, &weights, strategy, params)?,
@@ -190,22 +175,10 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
                     dense_input |= dense;
                     inputs.push(input);
                 }
-                match merge_tensor_owned(name, &shape, inputs, &weights, strategy, params) {
-                    Output::Sparse { indices, values } => (
-                        Content::Sparse {
-                            values: dtype.from_f32(&values),
-                            indices,
-                            block_size: None,
-                        },
-                        ExpertKind::Sparse,
-                    ),
-                    Output::Dense { values } => (
-                        Content::Dense {
-                            delta: dtype.from_f32(&values),
-                        },
-                        ExpertKind::Dense,
-                    ),
-                }
+                output_content(
+                    merge_tensor_owned(name, &shape, inputs, &weights, strategy, params),
+                    dtype,
+                )
             };
             let t = TensorData {
                 name: name.clone(),
@@ -323,6 +296,26 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         manifest,
         densified,
     })
+}
+
+/// A merged tensor as stored content, in the experts' dtype.
+fn output_content(out: Output, dtype: Dtype) -> (Content, ExpertKind) {
+    match out {
+        Output::Sparse { indices, values } => (
+            Content::Sparse {
+                values: dtype.from_f32(&values),
+                indices,
+                block_size: None,
+            },
+            ExpertKind::Sparse,
+        ),
+        Output::Dense { values } => (
+            Content::Dense {
+                delta: dtype.from_f32(&values),
+            },
+            ExpertKind::Dense,
+        ),
+    }
 }
 
 /// `cat` or `svd` of the experts' LoRA factors for one tensor (see [`crate::merge::lora`]).

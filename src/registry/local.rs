@@ -81,16 +81,9 @@ impl LocalRegistry {
 
     /// Take the registry's exclusive lock (blocks while another publisher holds it).
     pub fn lock(&self) -> Result<RegistryLock> {
-        std::fs::create_dir_all(&self.root).at("create directory", &self.root)?;
-        let path = self.root.join(".lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .at("open", &path)?;
-        file.lock().at("lock", &path)?;
-        Ok(RegistryLock { _file: file })
+        Ok(RegistryLock {
+            _file: crate::fsutil::lock_file(&self.root.join(".lock"))?,
+        })
     }
 
     /// The registry's `config.json`.

@@ -11,7 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use xpm::format::manifest::{FORMAT_MAJOR, FORMAT_MINOR};
 use xpm::format::{
     ArtifactWriter, BaseModel, Content, Dtype, ExpertKind, Manifest, TensorData, encode_tensor,
 };
@@ -42,23 +41,16 @@ pub fn make_expert(path: &Path, name: &str, version: &str, base_id: &str, bytes:
     let mut w = ArtifactWriter::create(path, 1).unwrap();
     w.push(encode_tensor(&t, 1).unwrap()).unwrap();
     let m = Manifest {
-        format_version: format!("{FORMAT_MAJOR}.{FORMAT_MINOR}"),
-        name: name.into(),
-        version: version.parse().unwrap(),
         description: Some(format!("test expert {name} for {base_id}")),
-        license: None,
-        authors: vec![],
-        base: BaseModel {
-            id: base_id.into(),
-            digest: base_digest(base_id),
-        },
-        kind: ExpertKind::Sparse,
-        tensors: vec![],
-        selection: None,
-        training: None,
-        provenance: None,
-        payload: None,
-        extra: Default::default(),
+        ..Manifest::new(
+            name,
+            version.parse().unwrap(),
+            BaseModel {
+                id: base_id.into(),
+                digest: base_digest(base_id),
+            },
+            ExpertKind::Sparse,
+        )
     };
     w.finish(m).unwrap();
 }

@@ -95,7 +95,10 @@ impl ByPosition {
     /// The (expert, value) pairs at support position `k`, in expert order.
     pub fn at(&self, k: usize) -> impl Iterator<Item = (usize, f32)> + '_ {
         let r = self.start[k] as usize..self.start[k + 1] as usize;
-        self.who[r.clone()].iter().map(|&e| e as usize).zip(self.val[r].iter().copied())
+        self.who[r.clone()]
+            .iter()
+            .map(|&e| e as usize)
+            .zip(self.val[r].iter().copied())
     }
 }
 
@@ -216,7 +219,8 @@ pub mod __rt {
                 let starts = std::slice::from_raw_parts(t.entries_start, e + 1);
                 let total = starts[e];
                 Tensor {
-                    name: std::str::from_utf8(slice(t.name.ptr, t.name.len)).map_err(|e| e.to_string())?,
+                    name: std::str::from_utf8(slice(t.name.ptr, t.name.len))
+                        .map_err(|e| e.to_string())?,
                     shape: std::slice::from_raw_parts(t.shape, t.ndim),
                     dtype: t.dtype,
                     support: std::slice::from_raw_parts(t.support, n),

@@ -26,7 +26,11 @@ impl Strategy for Mean {
             }
         }
         for (o, a) in out.values.iter_mut().zip(acc) {
-            *o = if total == 0.0 { 0.0 } else { (a / total) as f32 };
+            *o = if total == 0.0 {
+                0.0
+            } else {
+                (a / total) as f32
+            };
         }
         Ok(())
     }

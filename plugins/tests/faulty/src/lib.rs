@@ -32,11 +32,11 @@ impl Strategy for Faulty {
             _ => {}
         }
         let first = t.dense_row(0);
-        for k in 0..t.support.len() {
-            out.values[k] = if self.mode == "nan" && k == 0 {
+        for (k, (o, v)) in out.values.iter_mut().zip(first).enumerate() {
+            *o = if self.mode == "nan" && k == 0 {
                 f32::NAN
             } else {
-                first[k]
+                v
             };
         }
         Ok(())
