@@ -584,3 +584,42 @@ fn overlap_reports_jaccard_signs_and_interference() {
     assert!((0.08..0.3).contains(&j), "{j}");
     ctx.xpm().args(["overlap", "e1.xpm"]).assert().failure();
 }
+
+#[test]
+fn experts_stored_in_different_dtypes_are_refused() {
+    let ctx = TestContext::new();
+    base_and_experts(&ctx);
+    ctx.xpm()
+        .args([
+            "extract",
+            "--base",
+            "base",
+            "--tuned",
+            "e2.safetensors",
+            "--targets",
+            "*.weight",
+        ])
+        .args([
+            "--density",
+            "0.3",
+            "--values-dtype",
+            "f16",
+            "--name",
+            "h",
+            "--version",
+            "1.0.0",
+            "-o",
+            "h.xpm",
+        ])
+        .assert()
+        .success();
+    ctx.xpm()
+        .args(["merge", "e1.xpm", "h.xpm", "-o", "x.xpm"])
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("stored as f16")
+                .and(predicate::str::contains("as f32 in an earlier expert")),
+        );
+    assert!(!ctx.path("x.xpm").exists());
+}

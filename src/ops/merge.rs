@@ -445,6 +445,20 @@ impl ExpertSet {
                             ),
                         ));
                     }
+                    Some((_, dtype)) if *dtype != t.dtype => {
+                        return Err(Error::input(
+                            format!(
+                                "tensor `{}` is stored as {} in `{}` but as {} in an earlier expert",
+                                t.name,
+                                t.dtype.as_str(),
+                                r.path().display(),
+                                dtype.as_str()
+                            ),
+                            Some(
+                                "merge experts stored in one dtype (re-extract with `--values-dtype`, or pack them alike)",
+                            ),
+                        ));
+                    }
                     Some(_) => {}
                 }
             }
