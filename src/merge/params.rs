@@ -238,6 +238,28 @@ impl std::fmt::Display for Preset {
 }
 
 impl MergeParams {
+    /// Whether the preset's library has `strategy` (a preset cannot reproduce a method its
+    /// library lacks).
+    pub fn preset_supports(p: Preset, strategy: Strategy) -> bool {
+        match p {
+            Preset::Peft => matches!(
+                strategy,
+                Strategy::Linear
+                    | Strategy::TaskArithmetic
+                    | Strategy::MagnitudePrune
+                    | Strategy::Ties
+                    | Strategy::DareLinear
+                    | Strategy::DareTies
+                    | Strategy::Cat
+                    | Strategy::Svd
+            ),
+            Preset::Mergekit => !matches!(
+                strategy,
+                Strategy::SparseMean | Strategy::MagnitudePrune | Strategy::Cat | Strategy::Svd
+            ),
+        }
+    }
+
     /// The defaults of a preset, for a strategy: what that library does when asked for it
     /// (docs/merging.md, "Presets"; docs/merging-presets-review.md has the upstream sources).
     pub fn preset(p: Preset, strategy: Strategy) -> Self {
@@ -253,6 +275,8 @@ impl MergeParams {
                 let mut m = MergeParams {
                     sign: SignRule::Weighted,
                     truncate_k: true,
+                    // mergekit's density defaults to 1 (keep everything).
+                    density: 1.0,
                     ..MergeParams::default()
                 };
                 match strategy {

@@ -239,7 +239,36 @@ impl Recipe {
             .map(str::parse::<Preset>)
             .transpose()?;
         // A preset's defaults depend on the strategy, so each override starts from its own.
+        let has_density = self.params.contains_key("density");
         let base = |s: Strategy| -> Result<MergeParams> {
+            if let Some(pr) = preset {
+                if !MergeParams::preset_supports(pr, s) {
+                    return Err(Error::input(
+                        format!(
+                            "`{pr}` has no `{s}` method, so `--preset {pr}` cannot reproduce it"
+                        ),
+                        Some(
+                            "drop the preset (xpm's own semantics), or pick a strategy the library has",
+                        ),
+                    ));
+                }
+                // peft has no default density: its trimming methods require one.
+                if pr == Preset::Peft
+                    && !has_density
+                    && matches!(
+                        s,
+                        Strategy::MagnitudePrune
+                            | Strategy::Ties
+                            | Strategy::DareLinear
+                            | Strategy::DareTies
+                    )
+                {
+                    return Err(Error::input(
+                        format!("peft's `{s}` needs a density"),
+                        Some("pass `--param density=D` (peft requires it too)"),
+                    ));
+                }
+            }
             let mut p = match preset {
                 Some(pr) => MergeParams::preset(pr, s),
                 None => MergeParams::default(),
@@ -372,6 +401,26 @@ params = { density = 0.5 }
         let r: Recipe = toml_edit::de::from_str(&bad).unwrap();
         assert!(r.plan().is_err());
         assert!(toml_edit::de::from_str::<Recipe>(&TOML.replace("seed = 7", "seeds = 7")).is_err());
+        // A preset cannot reproduce a method its library lacks, and peft needs a density.
+        let peft = TOML.replace("preset = \"mergekit\"", "preset = \"peft\"");
+        let r: Recipe = toml_edit::de::from_str(
+            &peft.replace("strategy = \"ties\"", "strategy = \"sparse-mean\""),
+        )
+        .unwrap();
+        assert!(
+            r.plan()
+                .unwrap_err()
+                .to_string()
+                .contains("has no `sparse-mean` method")
+        );
+        let r: Recipe =
+            toml_edit::de::from_str(&peft.replace("density = 0.3", "lambda = 1.0")).unwrap();
+        assert!(
+            r.plan()
+                .unwrap_err()
+                .to_string()
+                .contains("needs a density")
+        );
         let o = parse_override("*.q.weight:strategy=mean,density=0.5").unwrap();
         assert_eq!(o.strategy.as_deref(), Some("mean"));
         assert_eq!(o.params["density"], ParamValue::Float(0.5));
