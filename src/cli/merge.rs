@@ -164,6 +164,17 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
                 Some("use the exact plugin build the recipe names, or remove `plugin_sha256`"),
             ));
         }
+        if !recipe.overrides.is_empty() || recipe.preset.is_some() {
+            anyhow::bail!(crate::Error::input(
+                format!(
+                    "plugin strategy `{}` cannot be combined with --override or --preset",
+                    p.name
+                ),
+                Some(
+                    "merge with the plugin alone; overrides and presets apply to built-in strategies"
+                ),
+            ));
+        }
         Some(std::sync::Arc::new(p))
     };
     let plan = match &plugin {

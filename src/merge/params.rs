@@ -366,6 +366,17 @@ impl MergeParams {
     /// Range checks for the parameters `strategy` uses.
     pub fn validate_for(&self, strategy: Strategy) -> Result<()> {
         self.validate()?;
+        if matches!(strategy, Strategy::Breadcrumbs | Strategy::BreadcrumbsTies)
+            && self.gamma + self.density > 1.0 + 1e-12
+        {
+            return Err(Error::input(
+                format!(
+                    "breadcrumbs drops the top gamma = {} and keeps the next density = {}: their sum must be ≤ 1",
+                    self.gamma, self.density
+                ),
+                Some("lower `--param density` or `--param gamma`"),
+            ));
+        }
         if strategy == Strategy::Della
             && !(0.0..=self.density.min(1.0 - self.density)).contains(&self.epsilon)
         {
@@ -388,12 +399,9 @@ impl MergeParams {
                 Some("e.g. `--param density=0.2`"),
             ));
         }
-        if !(0.0..1.0).contains(&self.gamma) || self.gamma + self.density > 1.0 + 1e-12 {
+        if !(0.0..1.0).contains(&self.gamma) {
             return Err(Error::input(
-                format!(
-                    "gamma {} must be in [0, 1) with gamma + density ≤ 1",
-                    self.gamma
-                ),
+                format!("gamma {} must be in [0, 1)", self.gamma),
                 None,
             ));
         }

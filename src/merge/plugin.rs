@@ -275,6 +275,15 @@ impl Instance<'_> {
         };
         let len = support.len();
         let ne = inputs.len();
+        if len > u32::MAX as usize {
+            return Err(plugin_error(
+                &self.plugin.path,
+                format!(
+                    "tensor `{tensor}` has {len} support entries, more than the ABI's u32 positions"
+                ),
+                None,
+            ));
+        }
         // Each expert's entries as (position in the support, value), concatenated.
         let mut starts = Vec::with_capacity(ne + 1);
         let total: usize = inputs

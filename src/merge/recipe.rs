@@ -52,8 +52,9 @@ pub struct Recipe {
     /// Recipe layout version (1).
     #[serde(default = "one")]
     pub version: u32,
-    /// Built-in strategy: sparse-mean, mean, linear, task-arithmetic, magnitude-prune, ties,
-    /// dare-linear, dare-ties, breadcrumbs, breadcrumbs-ties, della; for LoRA experts cat, svd.
+    /// Strategy: sparse-mean, mean, linear, task-arithmetic, magnitude-prune, ties, dare-linear,
+    /// dare-ties, breadcrumbs, breadcrumbs-ties, della; for LoRA experts cat, svd; or the name
+    /// of a plugin strategy (docs/plugins.md).
     pub strategy: String,
     /// Start from another library's defaults: `peft` or `mergekit`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -231,7 +231,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
                 "params": params,
             })),
             "weights": weights,
-            "params": opts.params,
+            "params": if opts.plugin.is_some() { serde_json::Value::Null } else { serde_json::to_value(&opts.params).expect("params") },
             "overrides": opts.overrides.iter().map(|o| serde_json::json!({
                 "tensors": o.pattern,
                 "strategy": o.strategy,

@@ -172,7 +172,7 @@ pub mod __rt {
                 api::XPM_ERR
             }
             Err(p) => {
-                set_err(err, &format!("panicked: {}", panic_message(p)));
+                set_err(err, &panic_message(p));
                 api::XPM_PANIC
             }
         }
