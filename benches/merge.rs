@@ -239,30 +239,16 @@ fn main() {
         ],
         &dir.path().join("mean-p.xpm"),
     );
-    let same = xpm::format::ArtifactReader::open(dir.path().join("mean-b.xpm"))
-        .unwrap()
-        .manifest()
-        .tensors
-        .iter()
-        .map(|t| {
-            t.stored
-                .iter()
-                .map(|p| p.sha256.clone())
-                .collect::<Vec<_>>()
-        })
-        .collect::<Vec<_>>()
-        == xpm::format::ArtifactReader::open(dir.path().join("mean-p.xpm"))
+    let frames = |p: &Path| -> Vec<Vec<String>> {
+        xpm::format::ArtifactReader::open(p)
             .unwrap()
             .manifest()
             .tensors
             .iter()
-            .map(|t| {
-                t.stored
-                    .iter()
-                    .map(|p| p.sha256.clone())
-                    .collect::<Vec<_>>()
-            })
-            .collect::<Vec<_>>();
+            .map(|t| t.stored.iter().map(|p| p.sha256.clone()).collect())
+            .collect()
+    };
+    let same = frames(&dir.path().join("mean-b.xpm")) == frames(&dir.path().join("mean-p.xpm"));
     report.push_str(&format!(
         "\n### Plugins\n\n`mean` built in against `plugin-mean` (plugins/examples/mean, release cdylib), same inputs:\n\n\
          | | time | peak RSS | ratio |\n|---|---:|---:|---:|\n\

@@ -30,6 +30,21 @@ pub enum Output {
     Dense { values: Vec<f32> },
 }
 
+impl Output {
+    /// Merged entries as an output: dense (scattered into `n` zeros) when an input was dense.
+    pub fn from_entries(n: u64, dense: bool, indices: Vec<u64>, values: Vec<f32>) -> Output {
+        if dense {
+            let mut full = vec![0f32; n as usize];
+            for (i, v) in indices.iter().zip(values) {
+                full[*i as usize] = v;
+            }
+            Output::Dense { values: full }
+        } else {
+            Output::Sparse { indices, values }
+        }
+    }
+}
+
 /// One expert's (possibly sparsified) entries: `indices == None` means every position.
 struct Entries {
     indices: Option<Vec<u64>>,
@@ -83,18 +98,7 @@ pub fn merge_tensor_owned(
     } else {
         combine_union(&entries, n, weights, keep)
     };
-    if dense {
-        let mut full = vec![0f32; n as usize];
-        for (i, v) in out_idx.iter().zip(out_val) {
-            full[*i as usize] = v;
-        }
-        Output::Dense { values: full }
-    } else {
-        Output::Sparse {
-            indices: out_idx,
-            values: out_val,
-        }
-    }
+    Output::from_entries(n, dense, out_idx, out_val)
 }
 
 /// Walk the union of the entries' positions in ascending order, handing `f` the (weight, value)

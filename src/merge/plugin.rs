@@ -392,18 +392,7 @@ impl Instance<'_> {
                 ov.push(out_vals[k]);
             }
         }
-        Ok(if dense {
-            let mut full = vec![0f32; n as usize];
-            for (i, v) in oi.iter().zip(ov) {
-                full[*i as usize] = v;
-            }
-            Output::Dense { values: full }
-        } else {
-            Output::Sparse {
-                indices: oi,
-                values: ov,
-            }
-        })
+        Ok(Output::from_entries(n, dense, oi, ov))
     }
 }
 
