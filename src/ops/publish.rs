@@ -29,5 +29,8 @@ pub fn publish(
     let line = IndexLine::for_artifact(&manifest, &report.sha256, size);
     let reg = registry::open(location, home, opts, true)?;
     printer.status("Publishing", format!("{} to {}", line.id(), reg.source()));
-    reg.publish(artifact, &line)
+    let pb = printer.progress_bytes(size, "Uploading");
+    let out = reg.publish(artifact, &line, &pb);
+    pb.finish_and_clear();
+    out
 }

@@ -356,7 +356,12 @@ impl Registry for HttpRegistry {
         Ok(Box::new(resp))
     }
 
-    fn publish(&self, artifact: &Path, line: &IndexLine) -> Result<IndexLine> {
+    fn publish(
+        &self,
+        artifact: &Path,
+        line: &IndexLine,
+        progress: &indicatif::ProgressBar,
+    ) -> Result<IndexLine> {
         self.require_online("publishing")?;
         let url = format!("{}/api/v1/experts/new", self.api()?);
         let cfg = self.config()?;
@@ -385,6 +390,8 @@ impl Registry for HttpRegistry {
         let result = retry(|| {
             tries += 1;
             let file = std::fs::File::open(artifact).map_err(|e| Error::io("open", artifact, e))?;
+            progress.set_position(0);
+            let file = progress.wrap_read(file);
             let rb = self
                 .authed(self.client.put(&url))
                 .timeout(transfer_timeout(line.size))

@@ -25,8 +25,13 @@ pub trait Registry: Send + Sync {
     /// A reader over the artifact's bytes. The caller verifies the digest while reading.
     fn open_blob(&self, line: &IndexLine) -> Result<Box<dyn Read + Send>>;
     /// Publish a verified artifact whose index line is `line`; returns the line the registry
-    /// recorded (with its publish time).
-    fn publish(&self, artifact: &Path, line: &IndexLine) -> Result<IndexLine>;
+    /// recorded (with its publish time). `progress` advances by the bytes sent.
+    fn publish(
+        &self,
+        artifact: &Path,
+        line: &IndexLine,
+        progress: &indicatif::ProgressBar,
+    ) -> Result<IndexLine>;
     /// Yank (or un-yank) a version; returns the updated line.
     fn set_yanked(&self, name: &str, version: &semver::Version, yanked: bool) -> Result<IndexLine>;
     /// Experts whose name or description contains every word of `query`.
@@ -106,10 +111,16 @@ impl Registry for LocalBackend {
         Ok(Box::new(f))
     }
 
-    fn publish(&self, artifact: &Path, line: &IndexLine) -> Result<IndexLine> {
+    fn publish(
+        &self,
+        artifact: &Path,
+        line: &IndexLine,
+        progress: &indicatif::ProgressBar,
+    ) -> Result<IndexLine> {
         let mut line = line.clone();
         line.pubtime = index::now_rfc3339();
         self.reg.publish(artifact, &line, false)?;
+        progress.inc(line.size);
         Ok(line)
     }
 
