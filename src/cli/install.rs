@@ -52,7 +52,7 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
             "{} expert(s) on base {} ({} downloaded); locked in {}",
             r.experts.len(),
             r.base.id,
-            install::human_bytes(r.downloaded_bytes),
+            crate::units::human_bytes(r.downloaded_bytes),
             r.lockfile.display()
         ),
     );

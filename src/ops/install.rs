@@ -22,6 +22,7 @@ use crate::project::{LOCK_VERSION, LockedExpert, Lockfile, Project};
 use crate::registry::{self, ClientOptions, IndexLine, Registry};
 use crate::resolve::{Constraints, Requirement, resolve};
 use crate::store::{Installed, Staged, Store};
+use crate::units::human_bytes;
 
 /// Parallel downloads by default.
 pub const DEFAULT_JOBS: usize = 8;
@@ -390,5 +391,3 @@ fn parallel_map<T: Sync, R: Send>(
         None => Ok(out),
     }
 }
-
-pub use crate::units::human_bytes;
