@@ -108,6 +108,7 @@ fn write_unpacked(dir: &Path, tensors: &[BenchTensor]) -> u64 {
             dtype: xpm::format::Dtype::F32,
             delta,
             stored: vec![],
+            new: false,
         });
     }
     let m = manifest(entries);

@@ -27,6 +27,7 @@ pub mod rng;
 pub mod schema;
 pub mod select;
 pub mod store;
+pub mod train;
 pub mod units;
 
 pub use error::{Error, Result};

@@ -60,6 +60,11 @@ impl Printer {
         let _ = writeln!(std::io::stderr(), "{prefix}: {message}");
     }
 
+    /// Whether progress bars are drawn.
+    pub fn shows_progress(&self) -> bool {
+        self.progress
+    }
+
     /// A result line on stdout.
     pub fn out(&self, text: impl std::fmt::Display) {
         let _ = writeln!(std::io::stdout(), "{text}");

@@ -12,6 +12,7 @@ use crate::printer::Printer;
 
 mod apply;
 mod demo;
+mod eval;
 mod extract;
 mod init;
 mod inspect;
@@ -25,6 +26,7 @@ mod publish;
 mod registry_args;
 mod search;
 mod serve;
+mod train;
 mod unpack;
 mod verify;
 mod yank;
@@ -45,6 +47,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Train an expert (sparse, LoRA or full fine-tuning) with Candle
+    Train(Box<train::Args>),
+    /// Evaluate a base model, with an expert or a merge applied, on a test set
+    Eval(eval::Args),
     /// Build a sparse (or dense) expert from a base and a fine-tuned checkpoint
     Extract(Box<extract::Args>),
     /// Pack an unpacked expert directory into a `.xpm` artifact
@@ -95,6 +101,8 @@ pub fn main() -> ExitCode {
         printer: Printer::new(cli.quiet),
     };
     let result = match cli.command {
+        Command::Train(a) => train::exec(*a, &ctx),
+        Command::Eval(a) => eval::exec(a, &ctx),
         Command::Extract(a) => extract::exec(*a, &ctx),
         Command::Pack(a) => pack::exec(a, &ctx),
         Command::Unpack(a) => unpack::exec(a, &ctx),

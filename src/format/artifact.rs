@@ -78,6 +78,18 @@ impl EncodedTensor {
     pub fn entry(&self) -> &TensorEntry {
         &self.entry
     }
+
+    /// Mark a dense tensor as new: the base lacks it and it is stored whole (a task head).
+    pub fn mark_new(mut self) -> Result<Self> {
+        if self.entry.delta != Delta::Dense {
+            return Err(Error::input(
+                format!("only a dense tensor can be new, not `{}`", self.entry.name),
+                None,
+            ));
+        }
+        self.entry.new = true;
+        Ok(self)
+    }
 }
 
 /// One part before compression: role, safetensors dtype, shape, bytes.

@@ -135,6 +135,11 @@ pub struct TensorEntry {
     /// Where the parts live in the payload; present in artifacts only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stored: Vec<StoredPart>,
+    /// The base has no tensor of this name: the stored (dense) tensor is the whole tensor, not
+    /// a delta — a task head such as `classifier.weight`. `apply` adds it to the model; `merge`
+    /// leaves it out, since heads belong to one task.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub new: bool,
 }
 
 impl TensorEntry {

@@ -64,6 +64,7 @@ impl TensorData {
             dtype: self.dtype,
             delta,
             stored: Vec::new(),
+            new: false,
         }
     }
 

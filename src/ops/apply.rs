@@ -68,7 +68,23 @@ pub fn apply(
     }
     // Every delta must target a float tensor of the same shape.
     let mut delta_of: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut new_tensors: BTreeMap<String, usize> = BTreeMap::new();
     for (i, t) in m.tensors.iter().enumerate() {
+        if t.new {
+            // A task head: added whole, and it must not shadow a base tensor.
+            if ck.info(&t.name).is_some() {
+                return Err(Error::input(
+                    format!(
+                        "the expert adds tensor `{}`, but `{}` already has one",
+                        t.name,
+                        base.display()
+                    ),
+                    None,
+                ));
+            }
+            new_tensors.insert(t.name.clone(), i);
+            continue;
+        }
         let info = ck.info(&t.name).ok_or_else(|| {
             Error::input(
                 format!(
@@ -112,6 +128,14 @@ pub fn apply(
             shape: info.shape.clone(),
         });
     }
+    for (n, &i) in &new_tensors {
+        let t = &m.tensors[i];
+        shards.last_mut().expect("one shard").push(PlannedTensor {
+            name: n.clone(),
+            dtype: safetensors::Dtype::F32,
+            shape: t.shape.iter().map(|&d| d as usize).collect(),
+        });
+    }
     let n_shards = shards.len();
     let file_name = |k: usize| {
         if n_shards == 1 {
@@ -139,9 +163,19 @@ pub fn apply(
             let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
             write_safetensors(&dir.join(&fname), planned, Some(meta), |i| {
                 let t = &planned[i];
+                weight_map.insert(t.name.clone(), fname.clone());
+                if let Some(&idx) = new_tensors.get(&t.name) {
+                    let Input::Dense { values } = super::merge::load_input_at(&reader, idx)? else {
+                        return Err(Error::corrupt(
+                            expert,
+                            format!("new tensor `{}` is not dense", t.name),
+                        ));
+                    };
+                    total += 4 * values.len() as u64;
+                    return Ok(crate::format::Dtype::F32.from_f32(&values));
+                }
                 let raw = ck.bytes(&t.name).expect("listed");
                 total += raw.len() as u64;
-                weight_map.insert(t.name.clone(), fname.clone());
                 pb.inc(1);
                 match delta_of.get(t.name.as_str()) {
                     None => Ok(raw.to_vec()),
@@ -185,7 +219,7 @@ pub fn apply(
     );
     Ok(ApplyReport {
         out: out.to_path_buf(),
-        changed: delta_of.len(),
+        changed: delta_of.len() + new_tensors.len(),
         copied: names.len() - delta_of.len(),
         shards: n_shards,
         files,

@@ -425,7 +425,8 @@ impl ExpertSet {
         let mut names: Vec<String> = Vec::new();
         let mut info: BTreeMap<String, (Vec<u64>, Dtype)> = BTreeMap::new();
         for r in &readers {
-            for t in &r.manifest().tensors {
+            // Task heads (`new` tensors) belong to one task: they are not merged.
+            for t in r.manifest().tensors.iter().filter(|t| !t.new) {
                 match info.get(&t.name) {
                     None => {
                         names.push(t.name.clone());
