@@ -11,6 +11,7 @@ use crate::home::XpmHome;
 use crate::printer::Printer;
 
 mod apply;
+mod data;
 mod demo;
 mod eval;
 mod extract;
@@ -51,6 +52,8 @@ pub enum Command {
     Train(Box<train::Args>),
     /// Evaluate a base model, with an expert or a merge applied, on a test set
     Eval(eval::Args),
+    /// Prepare training data
+    Data(data::Args),
     /// Build a sparse (or dense) expert from a base and a fine-tuned checkpoint
     Extract(Box<extract::Args>),
     /// Pack an unpacked expert directory into a `.xpm` artifact
@@ -103,6 +106,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => train::exec(*a, &ctx),
         Command::Eval(a) => eval::exec(a, &ctx),
+        Command::Data(a) => data::exec(a, &ctx),
         Command::Extract(a) => extract::exec(*a, &ctx),
         Command::Pack(a) => pack::exec(a, &ctx),
         Command::Unpack(a) => unpack::exec(a, &ctx),

@@ -2,6 +2,7 @@
 //! and returns a typed result; the CLI layer only parses flags and renders results.
 
 pub mod apply;
+pub mod data_import;
 pub mod demo;
 pub mod extract;
 pub mod init;

@@ -191,12 +191,12 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Device;
     use candle_nn::VarBuilder;
 
-    fn tiny_config() -> Config {
+    pub(crate) fn tiny_config() -> Config {
         serde_json::from_value(serde_json::json!({
             "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
             "num_attention_heads": 4, "intermediate_size": 32, "hidden_act": "gelu",

@@ -813,6 +813,8 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
         }
         Ok(())
     };
+    // The starting point: eval loss before any update (the saved state if nothing improves).
+    eval_now(&run, 0, &mut log_line, &mut best)?;
     'epochs: for epoch in 0..opts.epochs {
         let order = data::batches(train_enc.len(), opts.batch_size, Some(&mut data_rng));
         for chunk in order.chunks(opts.grad_accum) {
@@ -1138,4 +1140,206 @@ fn median(v: &mut [f64]) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::bert::Bert;
+    use crate::train::bert::tests::{tiny_config, tiny_weights};
+    use crate::train::data::Encoded;
+    use crate::train::nn::Head;
+
+    fn run_for(opts: &TrainOptions) -> (Run<'_>, Vec<Batch>) {
+        let dev = Device::Cpu;
+        let c = tiny_config();
+        let bert = Bert::load(tiny_weights(&c, 3), c).unwrap();
+        let mut rng = SplitMix64(1);
+        let head = Head::init(3, 16, &mut rng, &dev).unwrap();
+        let net = Net::Classifier { bert, head };
+        let names: Vec<String> = net.linears().iter().map(|l| l.name.clone()).collect();
+        let targets = match_targets(&names, &opts.targets).unwrap();
+        let mut run = Run {
+            opts,
+            net,
+            retired: (0..targets.len()).map(|_| Retired::default()).collect(),
+            targets,
+            params: Vec::new(),
+            layer_params: Vec::new(),
+            dev: dev.clone(),
+            head_lr_scale: 1.0,
+        };
+        run.init_adapters(&mut rng).unwrap();
+        let data: Vec<Encoded> = (0..8u32)
+            .map(|i| Encoded {
+                ids: (0..3 + i % 4).map(|j| 1 + (i * 7 + j * 3) % 40).collect(),
+                target: i % 3,
+            })
+            .collect();
+        let batches = data::batches(8, 4, None)
+            .iter()
+            .map(|idx| make_batch(&data, idx, Task::Classification, 0, &dev).unwrap())
+            .collect();
+        (run, batches)
+    }
+
+    fn opts(method: Method) -> TrainOptions {
+        let mut o = TrainOptions::new(String::new(), PathBuf::new(), method, "t", PathBuf::new());
+        o.keep_ratio = 0.1;
+        o.targets = vec!["all".into()];
+        o
+    }
+
+    /// The failure to guard against is a silent no-op trainer: every trainable tensor must get
+    /// a non-zero gradient, and an update must leave the base weights as they were.
+    #[test]
+    fn every_trainable_tensor_gets_a_gradient_and_w0_never_changes() {
+        for method in [Method::Sparse, Method::Lora, Method::Full] {
+            let o = opts(method);
+            let (mut run, batches) = run_for(&o);
+            let mut rng = SplitMix64(2);
+            if method == Method::Sparse {
+                run.reselect(&batches, &mut rng).unwrap();
+            }
+            let w0: Vec<Vec<f32>> = run
+                .net
+                .linears()
+                .iter()
+                .map(|l| to_vec(&l.w0).unwrap())
+                .collect();
+            let (loss, _) = run.net.loss(&batches[0], None).unwrap();
+            let g = loss.backward().unwrap();
+            let n_layers = run.targets.len();
+            assert_eq!(n_layers, 12, "tiny BERT: 2 layers × 6 linears");
+            // LoRA's B starts at zero, so A gets no gradient on the first step; B must.
+            for (i, p) in run.params.iter().enumerate() {
+                let grad = g.get(p.var.as_tensor());
+                let lora_a = method == Method::Lora && i < 2 * n_layers && i % 2 == 0;
+                if lora_a {
+                    continue;
+                }
+                let grad = grad.unwrap_or_else(|| panic!("{method:?}: param {i} has no gradient"));
+                let norm = grad
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(norm > 0.0, "{method:?}: param {i} has a zero gradient");
+            }
+            // Only adapter values and the head are trainable: their count is what we expect.
+            let expected: usize = match method {
+                Method::Sparse => run
+                    .targets
+                    .iter()
+                    .map(|&li| run.sparse_k(li))
+                    .sum::<usize>(),
+                Method::Lora => run
+                    .net
+                    .linears()
+                    .iter()
+                    .map(|l| 8 * (l.in_dim() + l.out_dim()))
+                    .sum(),
+                Method::Full => run
+                    .net
+                    .linears()
+                    .iter()
+                    .map(|l| l.in_dim() * l.out_dim())
+                    .sum(),
+            } + 3 * 16
+                + 3;
+            assert_eq!(run.trainable().0 as usize, expected, "{method:?}");
+            let opt = AdamW {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                clip: 1.0,
+                warmup_steps: 0,
+                total_steps: 2,
+            };
+            let before = loss.to_scalar::<f32>().unwrap();
+            for s in 0..2 {
+                run.train_step(&batches[..1], &opt, s, &mut rng).unwrap();
+            }
+            let (after, _) = run.net.loss(&batches[0], None).unwrap();
+            assert!(
+                after.to_scalar::<f32>().unwrap() < before,
+                "{method:?}: loss did not fall"
+            );
+            for (l, w) in run.net.linears().iter().zip(&w0) {
+                assert_eq!(
+                    &to_vec(&l.w0).unwrap(),
+                    w,
+                    "{method:?}: W0 of {} changed",
+                    l.name
+                );
+            }
+            if method == Method::Sparse {
+                // Optimizer moments have length nnz, not numel.
+                let state: u64 = run.params.iter().map(Param::state_bytes).sum();
+                assert_eq!(state, 8 * expected as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn reselection_keeps_values_of_dropped_entries() {
+        let mut o = opts(Method::Sparse);
+        o.score = ScoreRule::Random;
+        o.targets = vec!["*.layer.0.attention.self.query.weight".into()];
+        let (mut run, batches) = run_for(&o);
+        let mut rng = SplitMix64(9);
+        run.reselect(&batches, &mut rng).unwrap();
+        let k = run.sparse_k(run.targets[0]);
+        let get = |run: &Run| -> (Vec<u32>, Vec<f32>) {
+            let Adapter::Sparse { indices, values } = &run.net.linears()[run.targets[0]].adapter
+            else {
+                panic!("sparse")
+            };
+            (
+                indices.to_vec1().unwrap(),
+                to_vec(values.as_tensor()).unwrap(),
+            )
+        };
+        let (idx1, _) = get(&run);
+        assert_eq!(idx1.len(), k);
+        // Give every kept entry a recognisable value: 1000 + its flat index.
+        let vals: Vec<f32> = idx1.iter().map(|&i| 1000.0 + i as f32).collect();
+        let Adapter::Sparse { values, .. } = &run.net.linears()[run.targets[0]].adapter else {
+            unreachable!()
+        };
+        values
+            .set(&Tensor::new(vals, &Device::Cpu).unwrap())
+            .unwrap();
+        // Re-select (random scores, another draw): some entries leave, some stay.
+        run.reselect(&batches, &mut rng).unwrap();
+        let (idx2, vals2) = get(&run);
+        assert_eq!(idx2.len(), k, "exactly k after re-selection");
+        let dropped: Vec<u32> = idx1.iter().filter(|i| !idx2.contains(i)).copied().collect();
+        assert!(!dropped.is_empty());
+        for (i, v) in idx2.iter().zip(&vals2) {
+            let want = if idx1.contains(i) {
+                1000.0 + *i as f32
+            } else {
+                0.0
+            };
+            assert_eq!(*v, want, "entry {i}");
+        }
+        for i in &dropped {
+            assert_eq!(run.retired[0].0.get(i), Some(&(1000.0 + *i as f32)));
+        }
+        // Entries that come back get their values back: re-select until one returns.
+        for _ in 0..20 {
+            run.reselect(&batches, &mut rng).unwrap();
+            let (idx3, vals3) = get(&run);
+            if let Some(p) = idx3.iter().position(|i| dropped.contains(i)) {
+                assert_eq!(vals3[p], 1000.0 + idx3[p] as f32);
+                return;
+            }
+        }
+        panic!("no dropped entry came back in 20 re-selections");
+    }
 }
