@@ -815,6 +815,7 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
     };
     // The starting point: eval loss before any update (the saved state if nothing improves).
     eval_now(&run, 0, &mut log_line, &mut best)?;
+    let mut last_eval = Some(0);
     'epochs: for epoch in 0..opts.epochs {
         let order = data::batches(train_enc.len(), opts.batch_size, Some(&mut data_rng));
         for chunk in order.chunks(opts.grad_accum) {
@@ -867,6 +868,7 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
                 && step.is_multiple_of(every)
             {
                 eval_now(&run, step, &mut log_line, &mut best)?;
+                last_eval = Some(step);
             }
         }
         if opts.method == Method::Sparse && opts.schedule == Schedule::Periodic && epoch == 0 {
@@ -886,9 +888,14 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
                 run.reselect(&sb, &mut rng)?;
             }
         }
-        if opts.eval_every.is_none_or(|e| !step.is_multiple_of(e)) {
+        if last_eval != Some(step) {
             eval_now(&run, step, &mut log_line, &mut best)?;
+            last_eval = Some(step);
         }
+    }
+    if last_eval != Some(step) {
+        // Stopped early by --max-steps.
+        eval_now(&run, step, &mut log_line, &mut best)?;
     }
     pb.finish_and_clear();
     let (snapshot, eval_metrics) = match best {

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod registry;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 
