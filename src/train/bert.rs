@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Result, Tensor};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
-use super::nn::{AdaptedLinear, layer_norm, softmax};
+use super::fused::{gelu, layer_norm, softmax};
+use super::nn::AdaptedLinear;
 use crate::rng::SplitMix64;
 
 struct Norm {
@@ -171,7 +172,7 @@ impl Bert {
             let x1 = layer_norm(&(a + &x)?, &l.attn_norm.w, &l.attn_norm.b, eps)?;
             let i = l.inter.forward(&x1, rng.as_deref_mut())?;
             let i = match self.config.hidden_act {
-                HiddenAct::Gelu => i.gelu_erf()?,
+                HiddenAct::Gelu => gelu(&i)?,
                 HiddenAct::GeluApproximate => i.gelu()?,
                 HiddenAct::Relu => i.relu()?,
             };

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::bert::take;
-use super::nn::{AdaptedLinear, linear, rms_norm, softmax};
+use super::fused::softmax;
+use super::nn::{AdaptedLinear, linear, rms_norm};
 use crate::rng::SplitMix64;
 
 /// The fields of a Llama `config.json` the model needs.

@@ -8,6 +8,7 @@
 pub mod bert;
 pub mod data;
 pub mod eval;
+pub mod fused;
 pub mod hub;
 pub mod llama;
 pub mod mask;

@@ -91,6 +91,68 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(out)
 }
 
+/// `x @ w.T` for a frozen `w`: backward computes the input's gradient only.
+///
+/// Candle's matmul backward always forms both operands' gradients; for a frozen weight the
+/// weight gradient (as many flops as the forward) is thrown away. On MiniLM that was a third
+/// of the step's matmul work (docs/benchmarks.md, "Training"). CPU only: on other devices
+/// [`frozen_linear`] uses the plain matmul.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "xpm-frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("xpm-frozen-matmul: f32 input expected")
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("xpm-frozen-matmul: contiguous input expected")
+        };
+        let (rows, inner) = layout.shape().dims2()?;
+        let x = Tensor::from_slice(&data[a..b], (rows, inner), &Device::Cpu)?;
+        let y = x.matmul(&self.w.t()?)?;
+        let out = self.w.dim(0)?;
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+            (rows, out).into(),
+        ))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+/// [`linear`] with a frozen weight: no weight gradient is formed.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return linear(x, w, b);
+    }
+    let dims = x.dims().to_vec();
+    let inner = *dims.last().expect("rank >= 1");
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x
+        .reshape((rows, inner))?
+        .contiguous()?
+        .apply_op1(FrozenMatmul { w: w.clone() })?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    *out.last_mut().expect("rank >= 1") = w.dim(0)?;
+    y.reshape(out)
+}
+
 /// A trainable adapter on a frozen linear weight.
 pub enum Adapter {
     /// Not adapted (frozen).
@@ -154,14 +216,14 @@ impl AdaptedLinear {
 
     pub fn forward(&self, x: &Tensor, rng: Option<&mut SplitMix64>) -> Result<Tensor> {
         match &self.adapter {
-            Adapter::None => linear(x, &self.w0, self.bias.as_ref()),
+            Adapter::None => frozen_linear(x, &self.w0, self.bias.as_ref()),
             Adapter::Lora {
                 a,
                 b,
                 scale,
                 dropout: p,
             } => {
-                let base = linear(x, &self.w0, self.bias.as_ref())?;
+                let base = frozen_linear(x, &self.w0, self.bias.as_ref())?;
                 let xd = match rng {
                     Some(rng) => dropout(x, *p, rng)?,
                     None => x.clone(),
@@ -279,6 +341,23 @@ mod tests {
                 g[i]
             );
         }
+    }
+
+    #[test]
+    fn frozen_linear_matches_linear_with_the_input_gradient() {
+        let x = Var::from_tensor(&randn(&[2, 3, 5], 11)).unwrap();
+        let w = randn(&[4, 5], 12);
+        let b = randn(&[4], 13);
+        let want = linear(x.as_tensor(), &w, Some(&b)).unwrap();
+        let got = frozen_linear(x.as_tensor(), &w, Some(&b)).unwrap();
+        assert!(max_diff(&want, &got) < 1e-6);
+        let gw = want.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let gg = got.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (
+            gw.get(x.as_tensor()).unwrap(),
+            gg.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_diff(a, b) < 1e-5);
     }
 
     #[test]

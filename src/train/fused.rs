@@ -1,0 +1,365 @@
+//! Fused CPU kernels with hand-written backward passes for the element-wise parts of a
+//! transformer step: GELU (erf form), layer normalisation with frozen affine parameters, and
+//! softmax over the last dimension.
+//!
+//! Built from Candle's primitive ops each of these is 5–10 passes over the activations, each
+//! allocating a new buffer, and as many again backward. Fused, each is one pass forward and
+//! one backward. On other devices, or for other dtypes, the callers fall back to the composite
+//! versions in [`super::nn`]; tests check both agree (values and gradients).
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows per parallel task (enough work to amortise scheduling).
+const CHUNK: usize = 16 * 1024;
+
+fn input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(d) = s else {
+        candle_core::bail!("{op}: f32 input expected")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input expected")
+    };
+    Ok(&d[a..b])
+}
+
+/// erf with max absolute error 1.5e-7 (Abramowitz & Stegun 7.1.26).
+#[inline]
+fn erf(x: f32) -> f32 {
+    let s = x.signum();
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let y = 1.0
+        - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_8) * t - 0.284_496_74) * t
+            + 0.254_829_6)
+            * t
+            * (-a * a).exp();
+    s * y
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1 / √(2π)
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+struct Gelu;
+struct GeluGrad;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "xpm-gelu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = input(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d = arg.contiguous()?.apply_op1_no_bwd(&GeluGrad)?;
+        Ok(Some(grad.mul(&d)?))
+    }
+}
+
+impl CustomOp1 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "xpm-gelu-grad"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = input(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2))
+                        + x * INV_SQRT_2PI * (-0.5 * x * x).exp();
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+}
+
+/// GELU, erf form (as BERT's `gelu`).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op1(Gelu)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+/// Layer norm over the last dimension with frozen `w` and `b` (gradient to `x` only).
+struct LayerNorm {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    eps: f32,
+}
+
+struct LayerNormGrad<'a> {
+    ln: &'a LayerNorm,
+    grad: Vec<f32>,
+}
+
+impl LayerNorm {
+    fn rows(&self) -> usize {
+        self.w.len()
+    }
+}
+
+/// Mean and 1/σ of one row.
+#[inline]
+fn stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "xpm-layer-norm"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = input(s, l, self.name())?;
+        let h = self.rows();
+        let mut y = vec![0f32; x.len()];
+        let per = (CHUNK / h).max(1) * h;
+        y.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
+                    let (mean, inv) = stats(x, self.eps);
+                    for i in 0..h {
+                        y[i] = (x[i] - mean) * inv * self.w[i] + self.b[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
+        let op = LayerNormGrad { ln: self, grad: g };
+        Ok(Some(arg.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+impl CustomOp1 for LayerNormGrad<'_> {
+    fn name(&self) -> &'static str {
+        "xpm-layer-norm-grad"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        // dx = inv · (gw − mean(gw) − x̂ · mean(gw · x̂)), gw = g ⊙ w.
+        let x = input(s, l, self.name())?;
+        let h = self.ln.rows();
+        let w = &self.ln.w;
+        let mut dx = vec![0f32; x.len()];
+        let per = (CHUNK / h).max(1) * h;
+        dx.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .zip(self.grad.par_chunks(per))
+            .for_each(|((dx, x), g)| {
+                let mut xhat = vec![0f32; h];
+                for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+                    let (mean, inv) = stats(x, self.ln.eps);
+                    let (mut s1, mut s2) = (0f32, 0f32);
+                    for i in 0..h {
+                        xhat[i] = (x[i] - mean) * inv;
+                        let gw = g[i] * w[i];
+                        s1 += gw;
+                        s2 += gw * xhat[i];
+                    }
+                    let (m1, m2) = (s1 / h as f32, s2 / h as f32);
+                    for i in 0..h {
+                        dx[i] = inv * (g[i] * w[i] - m1 - xhat[i] * m2);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), l.shape().clone()))
+    }
+}
+
+/// Layer norm over the last dimension; `w` and `b` are frozen.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        let op = LayerNorm {
+            w: w.to_vec1()?,
+            b: b.to_vec1()?,
+            eps: eps as f32,
+        };
+        x.contiguous()?.apply_op1(op)
+    } else {
+        super::nn::layer_norm(x, w, b, eps)
+    }
+}
+
+/// Softmax over the last dimension.
+struct Softmax {
+    n: usize,
+}
+
+struct SoftmaxGrad {
+    n: usize,
+    y: Vec<f32>,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "xpm-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = input(s, l, self.name())?;
+        let n = self.n;
+        let mut y = vec![0f32; x.len()];
+        let per = (CHUNK / n).max(1) * n;
+        y.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(n).zip(x.chunks(n)) {
+                    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x - m).exp();
+                        sum += *y;
+                    }
+                    let inv = 1.0 / sum;
+                    y.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = SoftmaxGrad {
+            n: self.n,
+            y: res.flatten_all()?.to_vec1()?,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+impl CustomOp1 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "xpm-softmax-grad"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        // dx = y ⊙ (g − Σ g ⊙ y)
+        let g = input(s, l, self.name())?;
+        let n = self.n;
+        let mut dx = vec![0f32; g.len()];
+        let per = (CHUNK / n).max(1) * n;
+        dx.par_chunks_mut(per)
+            .zip(g.par_chunks(per))
+            .zip(self.y.par_chunks(per))
+            .for_each(|((dx, g), y)| {
+                for ((dx, g), y) in dx.chunks_mut(n).zip(g.chunks(n)).zip(y.chunks(n)) {
+                    let dot: f32 = g.iter().zip(y).map(|(a, b)| a * b).sum();
+                    for i in 0..n {
+                        dx[i] = y[i] * (g[i] - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), l.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        let n = *x.dims().last().expect("rank >= 1");
+        x.contiguous()?.apply_op1(Softmax { n })
+    } else {
+        super::nn::softmax(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        let mut r = SplitMix64(seed);
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| r.normal() * scale).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Forward and input gradient (against a random probe) of fused vs composite.
+    fn check(
+        fused: impl Fn(&Tensor) -> Result<Tensor>,
+        composite: impl Fn(&Tensor) -> Result<Tensor>,
+        x: Tensor,
+        tol: f32,
+    ) {
+        let x = Var::from_tensor(&x).unwrap();
+        let probe = randn(x.dims(), 99, 1.0);
+        let (a, b) = (
+            fused(x.as_tensor()).unwrap(),
+            composite(x.as_tensor()).unwrap(),
+        );
+        assert!(
+            max_diff(&a, &b) < tol,
+            "forward differs by {}",
+            max_diff(&a, &b)
+        );
+        let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (ga, gb) = (
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
+        assert!(
+            max_diff(ga, gb) < tol * 10.0,
+            "gradient differs by {}",
+            max_diff(ga, gb)
+        );
+    }
+
+    #[test]
+    fn fused_ops_match_the_composite_ones() {
+        check(gelu, |x| x.gelu_erf(), randn(&[7, 33], 1, 3.0), 1e-6);
+        let w = randn(&[33], 2, 1.0);
+        let b = randn(&[33], 3, 1.0);
+        check(
+            |x| layer_norm(x, &w, &b, 1e-12),
+            |x| super::super::nn::layer_norm(x, &w, &b, 1e-12),
+            randn(&[2, 7, 33], 4, 2.0),
+            1e-5,
+        );
+        check(
+            softmax,
+            super::super::nn::softmax,
+            randn(&[3, 5, 17], 5, 4.0),
+            1e-6,
+        );
+        // Masked scores (f32::MIN) give exact zeros, as the composite does.
+        let mut v: Vec<f32> = randn(&[2, 6], 6, 1.0)
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        v[5] = f32::MIN;
+        let x = Tensor::from_vec(v, (2, 6), &Device::Cpu).unwrap();
+        let y: Vec<Vec<f32>> = softmax(&x).unwrap().to_vec2().unwrap();
+        assert_eq!(y[0][5], 0.0);
+    }
+}
