@@ -10,6 +10,7 @@
 //! - [`ops`]: one operation per command; [`cli`]: flag parsing and rendering only;
 //! - [`printer`], [`error`], [`home`], [`digest`], [`fsutil`], [`select`]: shared plumbing.
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod cli;
 pub mod digest;
