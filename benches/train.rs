@@ -139,7 +139,7 @@ fn main() {
     .unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut rows = Vec::new();
-    for i in 0..CONFIGS.len() {
+    for (i, config) in CONFIGS.iter().enumerate() {
         let out = Command::new(&exe)
             .args(["--steps", &steps.to_string()])
             .env("XPM_BENCH_CHILD", i.to_string())
