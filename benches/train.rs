@@ -160,7 +160,7 @@ fn main() {
         .unwrap();
         eprintln!(
             "xpm {}: {:.3} s/step",
-            CONFIGS[i].label,
+            config.label,
             v["median_s"].as_f64().unwrap()
         );
         rows.push(v);
