@@ -43,6 +43,14 @@ pub fn all() -> Vec<(&'static str, serde_json::Value)> {
             schema::<crate::project::Lockfile>("xpm.lock (TOML, described as JSON)"),
         ),
         (
+            "train.schema.json",
+            schema::<crate::train::TrainReport>("xpm train --json output"),
+        ),
+        (
+            "eval.schema.json",
+            schema::<crate::train::eval::EvalReport>("xpm eval --json output"),
+        ),
+        (
             "installed.schema.json",
             schema::<Vec<crate::store::Installed>>("xpm list --json output"),
         ),

@@ -193,6 +193,21 @@ fn tiny_bert_sparse_lora_full_train_eval_apply_merge() {
             m["training"]["metrics"]["eval_accuracy"].as_f64()
         );
     }
+    // The head survives unpack → pack.
+    for args in [
+        vec!["unpack", "sparse0.xpm", "-o", "unpacked"],
+        vec!["pack", "unpacked", "-o", "repacked.xpm"],
+    ] {
+        let o = ctx.xpm().args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let heads = manifest(&ctx, "repacked.xpm")["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["new"] == true)
+        .count();
+    assert_eq!(heads, 2);
     // The head is added by `apply`, and left out of merges (it belongs to one task).
     let o = ctx
         .xpm()
@@ -243,6 +258,15 @@ fn tiny_bert_sparse_lora_full_train_eval_apply_merge() {
     assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
     let r: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
     assert!(r["accuracy"].as_f64().unwrap() > 0.0);
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/schemas/eval.schema.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(jsonschema::is_valid(&schema, &r), "{r}");
     assert!(ctx.path("home").read_dir().unwrap().all(|e| {
         !e.unwrap()
             .file_name()

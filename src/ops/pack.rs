@@ -43,7 +43,17 @@ pub fn pack(dir: &Path, out: &Path, level: i32, printer: &Printer) -> Result<Man
     super::map_ordered(
         &idx,
         |&i| {
-            let e = src.tensor(i).and_then(|t| encode_tensor(&t, level));
+            let e = src
+                .tensor(i)
+                .and_then(|t| encode_tensor(&t, level))
+                .and_then(|e| {
+                    // Keep the "new tensor" mark (a task head) of the manifest entry.
+                    if m.tensors[i].new {
+                        e.mark_new()
+                    } else {
+                        Ok(e)
+                    }
+                });
             pb.inc(1);
             e
         },

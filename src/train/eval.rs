@@ -30,15 +30,22 @@ pub struct EvalOptions {
     pub device: DeviceChoice,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+/// `xpm eval --json` output (schemas/eval.schema.json).
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct EvalReport {
+    /// 1.
     pub schema_version: u32,
+    /// The base model's id (directory name, or `ORG/NAME` for `hf:` bases).
     pub base: String,
+    /// The task's expert (head and labels; its delta unless `merged` is given).
     pub expert: Option<String>,
+    /// The merged expert whose delta was applied.
     pub merged: Option<String>,
+    /// The test data file and its `sha256:` digest.
     pub data: String,
     pub data_digest: String,
-    pub task: &'static str,
+    /// `classification` or `causal-lm`.
+    pub task: String,
     #[serde(flatten)]
     pub metrics: Metrics,
 }
@@ -169,7 +176,7 @@ pub fn eval(opts: &EvalOptions, home: &XpmHome, printer: &Printer) -> Result<Eva
         merged: opts.merged.as_ref().map(|p| p.display().to_string()),
         data: opts.data.display().to_string(),
         data_digest: data.digest,
-        task: task.as_str(),
+        task: task.as_str().to_string(),
         metrics,
     })
 }

@@ -238,19 +238,26 @@ impl TrainOptions {
     }
 }
 
-/// What training produced.
-#[derive(Debug, Clone, serde::Serialize)]
+/// What training produced (`xpm train --json`, schemas/train.schema.json).
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct TrainReport {
+    /// The written expert.
     pub out: PathBuf,
-    pub method: &'static str,
+    /// `sparse`, `lora` or `full`.
+    pub method: String,
+    /// Optimizer steps taken.
     pub steps: usize,
+    /// Trainable elements (adapter values or factors, and the head).
     pub trainable_params: u64,
+    /// AdamW moments held: two f32 per trainable element.
     pub optimizer_state_bytes: u64,
     pub train_loss_first: f64,
     pub train_loss_last: f64,
+    /// Metrics of the saved checkpoint (with `--eval`).
     pub eval: Option<Metrics>,
     /// The optimizer step whose state was saved.
     pub saved_step: usize,
+    /// Median wall time of an optimizer step.
     pub seconds_per_step: f64,
 }
 
@@ -1126,7 +1133,7 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
     );
     Ok(TrainReport {
         out: opts.out.clone(),
-        method: opts.method.as_str(),
+        method: opts.method.as_str().to_string(),
         steps: step,
         trainable_params: trainable_end,
         optimizer_state_bytes: state_end,

@@ -363,13 +363,16 @@ pub fn build_net(
 }
 
 /// Evaluation metrics.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, schemars::JsonSchema)]
 pub struct Metrics {
+    /// Examples evaluated.
     pub examples: usize,
+    /// Mean cross-entropy (per example for classification, per completion token for LM).
     pub loss: f64,
-    /// Classification.
+    /// Classification: share of examples predicted right.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy: Option<f64>,
+    /// Classification: mean F1 over the classes present in the data or the predictions.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub macro_f1: Option<f64>,
     /// Causal LM: share of examples whose every completion token is the argmax prediction
