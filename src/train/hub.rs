@@ -89,8 +89,13 @@ pub fn download(spec: &HubSpec, printer: &Printer) -> Result<PathBuf> {
             )
         }
     };
-    let api = ApiBuilder::from_env()
-        .with_progress(printer.shows_progress())
+    let mut builder = ApiBuilder::from_env().with_progress(printer.shows_progress());
+    if let Ok(token) = std::env::var("HF_TOKEN")
+        && !token.is_empty()
+    {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder
         .build()
         .map_err(herr("cannot set up the Hugging Face client".into()))?;
     let repo = api.repo(Repo::with_revision(

@@ -685,6 +685,30 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
         None => None,
     };
     let labels = train_data.labels();
+    if task == Task::Classification {
+        for name in ["classifier.weight", "classifier.bias"] {
+            if md.checkpoint.info(name).is_some() {
+                return Err(Error::input(
+                    format!("`{}` already has a `{name}` tensor", model_dir.display()),
+                    Some("train from the encoder alone (a model without a classification head)"),
+                ));
+            }
+        }
+        let max_pos = md
+            .config
+            .get("max_position_embeddings")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(512) as usize;
+        if opts.max_seq_len > max_pos {
+            return Err(Error::input(
+                format!(
+                    "--max-seq-len {} exceeds the model's {max_pos} positions",
+                    opts.max_seq_len
+                ),
+                Some(&format!("use --max-seq-len {max_pos} or less")),
+            ));
+        }
+    }
     let dev = model::device(opts.device)?;
     printer.status("Hashing", format!("base model `{}`", model_dir.display()));
     let base_digest = md.checkpoint.digest(Some(&home.cache))?;
@@ -792,8 +816,14 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
     let mut examples_seen = 0usize;
     let mut next_reselect = opts.reselect_every;
     let mut step_times = Vec::new();
+    // Under the periodic schedule the mask changes until the end of the first epoch: only
+    // evaluations after it is frozen can pick the saved state (the saved mask must be the one
+    // that belongs to the saved values, and the dense start is no sparse expert).
+    let mut frozen = !(opts.method == Method::Sparse && opts.schedule == Schedule::Periodic);
+    let mut recent: std::collections::VecDeque<Batch> = std::collections::VecDeque::new();
     let eval_now = |run: &Run,
                     step: usize,
+                    candidate: bool,
                     log_line: &mut dyn FnMut(serde_json::Value) -> Result<()>,
                     best: &mut Option<(f64, Snapshot, Metrics)>|
      -> Result<()> {
@@ -816,14 +846,22 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
                 .map(|a| format!(", accuracy {:.2} %", a * 100.0))
                 .unwrap_or_default()
         ));
-        if best.as_ref().is_none_or(|(l, _, _)| m.loss < *l) {
+        if candidate && best.as_ref().is_none_or(|(l, _, _)| m.loss < *l) {
             *best = Some((m.loss, run.snapshot(step)?, m));
         }
         Ok(())
     };
     // The starting point: eval loss before any update (the saved state if nothing improves).
-    eval_now(&run, 0, &mut log_line, &mut best)?;
+    eval_now(&run, 0, frozen, &mut log_line, &mut best)?;
     let mut last_eval = Some(0);
+    // The final selection of the periodic schedule, on the most recent batches.
+    let freeze = |run: &mut Run,
+                  recent: &std::collections::VecDeque<Batch>,
+                  rng: &mut SplitMix64|
+     -> Result<()> {
+        let batches: Vec<Batch> = recent.iter().cloned().collect();
+        run.reselect(&batches, rng)
+    };
     'epochs: for epoch in 0..opts.epochs {
         let order = data::batches(train_enc.len(), opts.batch_size, Some(&mut data_rng));
         for chunk in order.chunks(opts.grad_accum) {
@@ -840,20 +878,23 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
             if !loss.is_finite() {
                 return Err(Error::input(
                     format!("the training loss became {loss} at step {step}"),
-                    Some("lower --lr, or raise --clip / --warmup"),
+                    Some(
+                        "lower --lr, or clip gradients harder (a smaller --clip) and warm up longer (--warmup)",
+                    ),
                 ));
             }
             examples_seen += micro.iter().map(|b| b.size).sum::<usize>();
+            if !frozen {
+                for b in &micro {
+                    recent.push_back(b.clone());
+                    if recent.len() > opts.score_batches.max(1) {
+                        recent.pop_front();
+                    }
+                }
+            }
             let mut reselected = false;
-            if opts.method == Method::Sparse
-                && opts.schedule == Schedule::Periodic
-                && epoch == 0
-                && examples_seen >= next_reselect
-            {
-                run.reselect(
-                    &micro[..micro.len().min(opts.score_batches.max(1))],
-                    &mut rng,
-                )?;
+            if !frozen && epoch == 0 && examples_seen >= next_reselect {
+                freeze(&mut run, &recent, &mut rng)?;
                 next_reselect += opts.reselect_every;
                 reselected = true;
             }
@@ -875,41 +916,41 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
             if let Some(every) = opts.eval_every
                 && step.is_multiple_of(every)
             {
-                eval_now(&run, step, &mut log_line, &mut best)?;
+                eval_now(&run, step, frozen, &mut log_line, &mut best)?;
                 last_eval = Some(step);
             }
         }
-        if opts.method == Method::Sparse && opts.schedule == Schedule::Periodic && epoch == 0 {
-            // Freeze with a final selection if the mask is still the dense start.
-            let dense = run.targets.iter().any(|&li| {
-                matches!(&run.net.linears()[li].adapter,
-                    Adapter::Sparse { indices, .. } if indices.elem_count() > run.sparse_k(li))
-            });
-            if dense {
-                let order = data::batches(train_enc.len(), opts.batch_size, Some(&mut rng.clone()));
-                let sb: Vec<Batch> = order
-                    .iter()
-                    .take(opts.score_batches.max(1))
-                    .map(|idx| make_batch(&train_enc, idx, task, pad, &dev))
-                    .collect::<candle_core::Result<_>>()
-                    .map_err(ce("batch"))?;
-                run.reselect(&sb, &mut rng)?;
-            }
+        if !frozen {
+            // End of the first epoch: the last selection, then the mask stays.
+            freeze(&mut run, &recent, &mut rng)?;
+            frozen = true;
+            recent.clear();
+            last_eval = None;
         }
         if last_eval != Some(step) {
-            eval_now(&run, step, &mut log_line, &mut best)?;
+            eval_now(&run, step, frozen, &mut log_line, &mut best)?;
             last_eval = Some(step);
         }
     }
+    if !frozen {
+        // Stopped by --max-steps inside the first epoch.
+        freeze(&mut run, &recent, &mut rng)?;
+        last_eval = None;
+    }
     if last_eval != Some(step) {
-        // Stopped early by --max-steps.
-        eval_now(&run, step, &mut log_line, &mut best)?;
+        eval_now(&run, step, true, &mut log_line, &mut best)?;
     }
     pb.finish_and_clear();
     let (snapshot, eval_metrics) = match best {
         Some((_, s, m)) => (s, Some(m)),
         None => (run.snapshot(step)?, None),
     };
+    if eval_metrics.is_some() && snapshot.step == 0 {
+        printer.warn(
+            "training did not lower the eval loss: the saved expert is the starting point \
+             (untrained values and head); try another --lr, more data or more epochs",
+        );
+    }
     let (trainable_end, state_end) = run.trainable();
     let seconds_per_step = median(&mut step_times);
 
@@ -959,12 +1000,6 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
             ),
             ("classifier.bias", vec![labels.len() as u64], b),
         ] {
-            if md.checkpoint.info(name).is_some() {
-                return Err(Error::input(
-                    format!("the base model already has a `{name}` tensor"),
-                    Some("train from the encoder without a classification head"),
-                ));
-            }
             tensors.push((
                 TensorData {
                     name: name.into(),
@@ -1073,7 +1108,10 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
             "train_examples".to_string(),
             serde_json::json!(train_enc.len()),
         ),
-        ("device".to_string(), serde_json::json!(format!("{dev:?}"))),
+        (
+            "device".to_string(),
+            serde_json::json!(if dev.is_cpu() { "cpu" } else { "cuda" }),
+        ),
     ]);
     if task == Task::Classification {
         extra.insert("labels".into(), serde_json::json!(labels));

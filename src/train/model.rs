@@ -209,6 +209,7 @@ impl ModelDir {
 }
 
 /// Tensors of one batch.
+#[derive(Clone)]
 pub struct Batch {
     pub ids: Tensor,
     pub mask: Tensor,

@@ -40,7 +40,7 @@ fn normal(rng: &mut Rng, n: usize, scale: f32, add: f32) -> Vec<f32> {
 /// A 2-layer BERT (hidden 32) with random weights.
 pub fn write_tiny_bert(dir: &Path, seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
-    let (h, i, v, p) = (32usize, 64usize, BERT_WORDS.len(), 64usize);
+    let (h, i, v, p) = (32usize, 64usize, BERT_WORDS.len(), 128usize);
     std::fs::write(
         dir.join("config.json"),
         serde_json::json!({
