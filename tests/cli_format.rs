@@ -460,9 +460,17 @@ fn demo_runs_the_main_job_end_to_end() {
         .assert()
         .success()
         .stdout(predicate::str::contains("demo complete"))
+        .stdout(predicate::str::contains("Trained experts: sparse"))
         .stderr(predicate::str::contains(
             "unpack → pack reproduces every tensor exactly",
         ));
+    // It trained and evaluated a sparse and a LoRA expert on its tiny BERT.
+    for m in ["sparse", "lora"] {
+        ctx.xpm()
+            .args(["verify", &format!("demo/demo-trained-{m}-0.1.0.xpm")])
+            .assert()
+            .success();
+    }
     ctx.xpm()
         .args(["verify", "demo/demo-expert-0.1.0.xpm"])
         .assert()

@@ -18,13 +18,18 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         .with_context(|| format!("the demo failed in `{}`", dir.display()))?;
     ctx.printer.out(format!(
         "demo complete: {} holds {} sparse tensors ({} entries) in {} instead of {} dense; \
-         it keeps {:.1} % of the fine-tuning delta's energy. Files are in {}",
+         it keeps {:.1} % of the fine-tuning delta's energy. Trained experts: {}. Files are in {}",
         s.artifact.display(),
         s.tensors,
         s.nnz,
         human_bytes(s.file_size),
         human_bytes(s.dense_bytes),
         s.energy_kept * 100.0,
+        s.trained
+            .iter()
+            .map(|(m, a)| format!("{m} {:.1} % accuracy", a * 100.0))
+            .collect::<Vec<_>>()
+            .join(", "),
         s.dir.display()
     ));
     Ok(())

@@ -2,8 +2,8 @@
 //!
 //! Prepares a small BERT-shaped base checkpoint (sharded, with an index file) and a fine-tuned
 //! copy of it, then extracts a sparse expert, inspects and verifies it, unpacks it and packs it
-//! again, and checks that the round trip is exact. It grows with xpm: as registry and merge
-//! land, the demo publishes, installs and merges too.
+//! again, and checks that the round trip is exact; publishes, installs and merges; and trains a
+//! sparse and a LoRA expert on a tiny BERT and a keyword task, evaluating both.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,8 @@ pub struct DemoSummary {
     pub dense_bytes: u64,
     /// Fraction of the fine-tuning delta's squared L2 norm the sparse expert keeps.
     pub energy_kept: f64,
+    /// Trained experts: (method, eval accuracy).
+    pub trained: Vec<(String, f64)>,
 }
 
 /// Run the demo in `dir` (created; a previous demo there is replaced).
@@ -167,6 +169,60 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
         ),
     );
 
+    // Train experts too: a tiny BERT folder (config, tokenizer, weights) and a keyword task,
+    // one sparse and one LoRA expert, each evaluated through `apply` as `xpm eval` does.
+    let bert = dir.join("tiny-bert");
+    crate::train::toy::write_tiny_bert(&bert, 1)?;
+    let (train_data, eval_data) = (dir.join("train.jsonl"), dir.join("eval.jsonl"));
+    crate::train::toy::write_keyword_data(&train_data, 192, 2)?;
+    crate::train::toy::write_keyword_data(&eval_data, 60, 3)?;
+    let mut trained = Vec::new();
+    for method in [crate::train::Method::Sparse, crate::train::Method::Lora] {
+        let name = format!("demo-trained-{}", method.as_str());
+        let out = dir.join(format!("{name}-0.1.0.xpm"));
+        let mut o = crate::train::TrainOptions::new(
+            bert.display().to_string(),
+            train_data.clone(),
+            method,
+            &name,
+            out.clone(),
+        );
+        o.eval = Some(eval_data.clone());
+        o.epochs = 2;
+        o.lr = Some(1e-2);
+        o.head_lr = Some(3e-2);
+        o.keep_ratio = 0.1;
+        o.seed = 7;
+        let r = crate::train::train(&o, home, printer)?;
+        let e = crate::train::eval::eval(
+            &crate::train::eval::EvalOptions {
+                base: bert.display().to_string(),
+                expert: Some(out.clone()),
+                merged: None,
+                data: eval_data.clone(),
+                batch_size: 32,
+                max_seq_len: None,
+                device: crate::train::model::DeviceChoice::Cpu,
+            },
+            home,
+            printer,
+        )?;
+        let acc = e.metrics.accuracy.unwrap_or(f64::NAN);
+        printer.status(
+            "Trained",
+            format!(
+                "{} ({}, {} trainable parameters): train loss {:.3} → {:.3}, eval accuracy {:.1} %",
+                out.display(),
+                r.method,
+                r.trainable_params,
+                r.train_loss_first,
+                r.train_loss_last,
+                acc * 100.0
+            ),
+        );
+        trained.push((r.method.clone(), acc));
+    }
+
     let energy_kept = energy_kept(&base, &tuned, &artifact)?;
     printer.status(
         "Kept",
@@ -184,6 +240,7 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
         file_size: report.file_size,
         dense_bytes: report.totals.dense_bytes,
         energy_kept,
+        trained,
     })
 }
 

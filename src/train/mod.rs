@@ -15,6 +15,7 @@ pub mod mask;
 pub mod model;
 pub mod nn;
 pub mod optim;
+pub mod toy;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;

@@ -11,134 +11,20 @@ use sha2::{Digest, Sha256};
 
 use super::{Rng, Tensors, write_st};
 
-/// A WordLevel tokenizer over `words` (ids in order), splitting on whitespace.
-pub fn tokenizer_json(words: &[&str]) -> String {
-    let vocab: serde_json::Map<String, serde_json::Value> = words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
-        .collect();
-    serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    })
-    .to_string()
-}
+pub use xpm::train::toy::tokenizer_json;
 
-pub const BERT_WORDS: &[&str] = &[
-    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "alpha", "beta", "gamma", "the", "a", "of", "and", "to",
-    "in", "is", "it", "that", "was", "for", "on", "are", "with", "as", "at", "be", "this", "have",
-    "from", "or", "one", "had", "by", "word", "but", "not", "what", "all", "were", "we", "when",
-];
-
-fn normal(rng: &mut Rng, n: usize, scale: f32, add: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.f32() * scale * 1.7 + add).collect()
-}
-
-/// A 2-layer BERT (hidden 32) with random weights.
+/// A 2-layer BERT (hidden 32) with random weights (the same toy model `xpm demo` trains).
 pub fn write_tiny_bert(dir: &Path, seed: u64) {
-    std::fs::create_dir_all(dir).unwrap();
-    let (h, i, v, p) = (32usize, 64usize, BERT_WORDS.len(), 128usize);
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::json!({
-            "architectures": ["BertModel"], "model_type": "bert", "vocab_size": v,
-            "hidden_size": h, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": i, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-            "attention_probs_dropout_prob": 0.1, "max_position_embeddings": p,
-            "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12,
-            "pad_token_id": 0
-        })
-        .to_string(),
-    )
-    .unwrap();
-    std::fs::write(dir.join("tokenizer.json"), tokenizer_json(BERT_WORDS)).unwrap();
-    let mut rng = Rng(seed);
-    let mut t: Tensors = Vec::new();
-    let mut put = |name: String, shape: Vec<usize>, scale: f32, add: f32, rng: &mut Rng| {
-        let n = shape.iter().product();
-        t.push((name, shape, normal(rng, n, scale, add)));
-    };
-    put(
-        "embeddings.word_embeddings.weight".into(),
-        vec![v, h],
-        0.5,
-        0.0,
-        &mut rng,
-    );
-    put(
-        "embeddings.position_embeddings.weight".into(),
-        vec![p, h],
-        0.1,
-        0.0,
-        &mut rng,
-    );
-    put(
-        "embeddings.token_type_embeddings.weight".into(),
-        vec![2, h],
-        0.1,
-        0.0,
-        &mut rng,
-    );
-    put(
-        "embeddings.LayerNorm.weight".into(),
-        vec![h],
-        0.0,
-        1.0,
-        &mut rng,
-    );
-    put(
-        "embeddings.LayerNorm.bias".into(),
-        vec![h],
-        0.0,
-        0.0,
-        &mut rng,
-    );
-    for l in 0..2 {
-        let q = |s: &str| format!("encoder.layer.{l}.{s}");
-        for (n, o, inn) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", i, h),
-            ("output.dense", h, i),
-        ] {
-            put(q(&format!("{n}.weight")), vec![o, inn], 0.15, 0.0, &mut rng);
-            put(q(&format!("{n}.bias")), vec![o], 0.02, 0.0, &mut rng);
-        }
-        for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            put(q(&format!("{n}.weight")), vec![h], 0.0, 1.0, &mut rng);
-            put(q(&format!("{n}.bias")), vec![h], 0.0, 0.0, &mut rng);
-        }
-    }
-    write_st(&dir.join("model.safetensors"), &t, safetensors::Dtype::F32);
+    xpm::train::toy::write_tiny_bert(dir, seed).unwrap();
 }
 
 /// Three classes, each marked by its keyword among filler words.
 pub fn write_keyword_data(path: &Path, n: usize, seed: u64) {
-    let mut rng = Rng(seed);
-    let mut out = String::new();
-    for k in 0..n {
-        let class = k % 3;
-        let key = ["alpha", "beta", "gamma"][class];
-        let len = 4 + (rng.next() % 8) as usize;
-        let pos = (rng.next() as usize) % len;
-        let words: Vec<&str> = (0..len)
-            .map(|j| {
-                if j == pos {
-                    key
-                } else {
-                    BERT_WORDS[7 + (rng.next() as usize) % (BERT_WORDS.len() - 7)]
-                }
-            })
-            .collect();
-        out.push_str(&serde_json::json!({"text": words.join(" "), "label": key}).to_string());
-        out.push('\n');
-    }
-    std::fs::write(path, out).unwrap();
+    xpm::train::toy::write_keyword_data(path, n, seed).unwrap();
+}
+
+fn normal(rng: &mut Rng, n: usize, scale: f32, add: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.f32() * scale * 1.7 + add).collect()
 }
 
 pub const LLAMA_WORDS: &[&str] = &[
