@@ -198,75 +198,22 @@ pub(crate) mod tests {
     use candle_nn::VarBuilder;
 
     pub(crate) fn tiny_config() -> Config {
-        serde_json::from_value(serde_json::json!({
-            "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "intermediate_size": 32, "hidden_act": "gelu",
-            "hidden_dropout_prob": 0.1, "max_position_embeddings": 32, "type_vocab_size": 2,
-            "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
-            "classifier_dropout": null, "model_type": "bert"
-        }))
-        .unwrap()
+        serde_json::from_value(crate::train::toy::tiny_bert(0).0).unwrap()
     }
 
-    /// Random weights with the names of a BERT checkpoint.
-    pub(crate) fn tiny_weights(c: &Config, seed: u64) -> HashMap<String, Tensor> {
-        let mut r = SplitMix64(seed);
-        let dev = Device::Cpu;
-        let mut w = HashMap::new();
-        let mut put = |name: String, shape: &[usize], r: &mut SplitMix64, scale: f32, add: f32| {
-            let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|_| r.normal() * scale + add).collect();
-            w.insert(name, Tensor::from_vec(v, shape, &dev).unwrap());
-        };
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        put(
-            "embeddings.word_embeddings.weight".into(),
-            &[c.vocab_size, h],
-            &mut r,
-            0.5,
-            0.0,
-        );
-        put(
-            "embeddings.position_embeddings.weight".into(),
-            &[c.max_position_embeddings, h],
-            &mut r,
-            0.1,
-            0.0,
-        );
-        put(
-            "embeddings.token_type_embeddings.weight".into(),
-            &[c.type_vocab_size, h],
-            &mut r,
-            0.1,
-            0.0,
-        );
-        put("embeddings.LayerNorm.weight".into(), &[h], &mut r, 0.1, 1.0);
-        put("embeddings.LayerNorm.bias".into(), &[h], &mut r, 0.1, 0.0);
-        for l in 0..c.num_hidden_layers {
-            let p = |s: &str| format!("encoder.layer.{l}.{s}");
-            for (n, o, inn) in [
-                ("attention.self.query", h, h),
-                ("attention.self.key", h, h),
-                ("attention.self.value", h, h),
-                ("attention.output.dense", h, h),
-                ("intermediate.dense", i, h),
-                ("output.dense", h, i),
-            ] {
-                put(p(&format!("{n}.weight")), &[o, inn], &mut r, 0.2, 0.0);
-                put(p(&format!("{n}.bias")), &[o], &mut r, 0.1, 0.0);
-            }
-            for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
-                put(p(&format!("{n}.weight")), &[h], &mut r, 0.1, 1.0);
-                put(p(&format!("{n}.bias")), &[h], &mut r, 0.1, 0.0);
-            }
-        }
-        w
+    /// The toy BERT's random weights as tensors.
+    pub(crate) fn tiny_weights(seed: u64) -> HashMap<String, Tensor> {
+        crate::train::toy::tiny_bert(seed)
+            .1
+            .into_iter()
+            .map(|(n, s, v)| (n, Tensor::from_vec(v, s, &Device::Cpu).unwrap()))
+            .collect()
     }
 
     #[test]
     fn matches_candle_transformers() {
         let c = tiny_config();
-        let w = tiny_weights(&c, 11);
+        let w = tiny_weights(11);
         let dev = Device::Cpu;
         let stock = candle_transformers::models::bert::BertModel::load(
             VarBuilder::from_tensors(w.clone(), DType::F32, &dev),
@@ -280,16 +227,7 @@ pub(crate) mod tests {
             .forward(&ids, &ids.zeros_like().unwrap(), Some(&mask))
             .unwrap();
         let got = ours.forward(&ids, &mask, None).unwrap();
-        let diff = (want - got)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::train::nn::tests::max_diff(&want, &got);
         assert!(diff < 1e-5, "max |stock − ours| = {diff}");
     }
 }

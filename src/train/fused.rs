@@ -37,6 +37,19 @@ fn erf(x: f32) -> f32 {
     s * y
 }
 
+/// `f` applied to every element, in parallel chunks.
+fn map_par(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = f(x);
+            }
+        });
+    y
+}
+
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1 / √(2π)
 const INV_SQRT_2PI: f32 = 0.398_942_3;
@@ -49,15 +62,9 @@ impl CustomOp1 for Gelu {
         "xpm-gelu"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = input(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
-                }
-            });
+        let y = map_par(input(s, l, self.name())?, |x| {
+            0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -71,16 +78,9 @@ impl CustomOp1 for GeluGrad {
         "xpm-gelu-grad"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = input(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2))
-                        + x * INV_SQRT_2PI * (-0.5 * x * x).exp();
-                }
-            });
+        let y = map_par(input(s, l, self.name())?, |x| {
+            0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 }
@@ -280,28 +280,9 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::SplitMix64;
     use candle_core::{Device, Var};
 
-    fn randn(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-        let mut r = SplitMix64(seed);
-        let n = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| r.normal() * scale).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::train::nn::tests::{max_diff, randn_scaled as randn};
 
     /// Forward and input gradient (against a random probe) of fused vs composite.
     fn check(

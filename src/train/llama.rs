@@ -280,16 +280,7 @@ mod tests {
             .unwrap()
             .squeeze(1)
             .unwrap();
-        let diff = (want - got)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::train::nn::tests::max_diff(&want, &got);
         assert!(diff < 1e-4, "max |stock − ours| = {diff}");
     }
 }

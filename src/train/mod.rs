@@ -335,7 +335,31 @@ fn match_targets(names: &[String], patterns: &[String]) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    /// Match the targets on `net` and install fresh adapters.
+    fn new(
+        opts: &'a TrainOptions,
+        net: Net,
+        dev: Device,
+        head_lr_scale: f64,
+        rng: &mut SplitMix64,
+    ) -> Result<Self> {
+        let names: Vec<String> = net.linears().iter().map(|l| l.name.clone()).collect();
+        let targets = match_targets(&names, &opts.targets)?;
+        let mut run = Run {
+            opts,
+            net,
+            retired: (0..targets.len()).map(|_| Retired::default()).collect(),
+            targets,
+            params: Vec::new(),
+            layer_params: Vec::new(),
+            dev,
+            head_lr_scale,
+        };
+        run.init_adapters(rng)?;
+        Ok(run)
+    }
+
     fn sparse_k(&self, li: usize) -> usize {
         let l = self.net.linears()[li];
         crate::ops::extract::keep_count(self.opts.keep_ratio, l.out_dim() * l.in_dim())
@@ -721,20 +745,9 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
     let mut rng = SplitMix64(opts.seed);
     let net = model::build_net(&md, &dev, labels.len(), None, &mut rng)?;
     let names: Vec<String> = net.linears().iter().map(|l| l.name.clone()).collect();
-    let targets = match_targets(&names, &opts.targets)?;
     let lr = opts.lr();
     let head_lr = opts.head_lr.unwrap_or(lr.max(1e-3));
-    let mut run = Run {
-        opts,
-        net,
-        retired: (0..targets.len()).map(|_| Retired::default()).collect(),
-        targets,
-        params: Vec::new(),
-        layer_params: Vec::new(),
-        dev: dev.clone(),
-        head_lr_scale: head_lr / lr,
-    };
-    run.init_adapters(&mut rng)?;
+    let mut run = Run::new(opts, net, dev.clone(), head_lr / lr, &mut rng)?;
     let pad = md.pad_id();
     let steps_per_epoch = train_enc
         .len()
@@ -1207,26 +1220,14 @@ mod tests {
     fn run_for(opts: &TrainOptions) -> (Run<'_>, Vec<Batch>) {
         let dev = Device::Cpu;
         let c = tiny_config();
-        let bert = Bert::load(tiny_weights(&c, 3), c).unwrap();
+        let bert = Bert::load(tiny_weights(3), c).unwrap();
         let mut rng = SplitMix64(1);
-        let head = Head::init(3, 16, &mut rng, &dev).unwrap();
+        let head = Head::init(3, 32, &mut rng, &dev).unwrap();
         let net = Net::Classifier { bert, head };
-        let names: Vec<String> = net.linears().iter().map(|l| l.name.clone()).collect();
-        let targets = match_targets(&names, &opts.targets).unwrap();
-        let mut run = Run {
-            opts,
-            net,
-            retired: (0..targets.len()).map(|_| Retired::default()).collect(),
-            targets,
-            params: Vec::new(),
-            layer_params: Vec::new(),
-            dev: dev.clone(),
-            head_lr_scale: 1.0,
-        };
-        run.init_adapters(&mut rng).unwrap();
+        let run = Run::new(opts, net, dev.clone(), 1.0, &mut rng).unwrap();
         let data: Vec<Encoded> = (0..8u32)
             .map(|i| Encoded {
-                ids: (0..3 + i % 4).map(|j| 1 + (i * 7 + j * 3) % 40).collect(),
+                ids: (0..3 + i % 4).map(|j| 1 + (i * 7 + j * 3) % 37).collect(),
                 target: i % 3,
             })
             .collect();
@@ -1301,7 +1302,7 @@ mod tests {
                     .iter()
                     .map(|l| l.in_dim() * l.out_dim())
                     .sum(),
-            } + 3 * 16
+            } + 3 * 32
                 + 3;
             assert_eq!(run.trainable().0 as usize, expected, "{method:?}");
             let opt = AdamW {

@@ -268,10 +268,11 @@ impl Head {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    /// max |a − b| (test helper shared by the train module's tests).
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -284,11 +285,16 @@ mod tests {
             .unwrap()
     }
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    /// Standard normal entries from a seeded generator, scaled.
+    pub(crate) fn randn_scaled(shape: &[usize], seed: u64, scale: f32) -> Tensor {
         let mut r = SplitMix64(seed);
         let n = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| r.normal()).collect();
+        let v: Vec<f32> = (0..n).map(|_| r.normal() * scale).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        randn_scaled(shape, seed, 1.0)
     }
 
     #[test]

@@ -33,9 +33,11 @@ pub fn tokenizer_json(words: &[&str]) -> String {
     .to_string()
 }
 
-/// Write a 2-layer BERT (hidden 32, 4 heads, 128 positions) with random weights into `dir`.
-pub fn write_tiny_bert(dir: &Path, seed: u64) -> Result<()> {
-    std::fs::create_dir_all(dir).at("create directory", dir)?;
+/// Named f32 tensors: (name, shape, values).
+pub type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// A 2-layer BERT (hidden 32, 4 heads, 128 positions): its `config.json` and random weights.
+pub fn tiny_bert(seed: u64) -> (serde_json::Value, Tensors) {
     let (h, i, v, p) = (32usize, 64usize, WORDS.len(), 128usize);
     let config = serde_json::json!({
         "architectures": ["BertModel"], "model_type": "bert", "vocab_size": v,
@@ -45,19 +47,12 @@ pub fn write_tiny_bert(dir: &Path, seed: u64) -> Result<()> {
         "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12,
         "pad_token_id": 0
     });
-    crate::fsutil::write_atomic(&dir.join("config.json"), config.to_string().as_bytes())?;
-    crate::fsutil::write_atomic(
-        &dir.join("tokenizer.json"),
-        tokenizer_json(WORDS).as_bytes(),
-    )?;
     let mut rng = SplitMix64(seed);
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors: Tensors = Vec::new();
     let mut put = |name: String, shape: Vec<usize>, scale: f32, add: f32| {
         let n: usize = shape.iter().product();
-        let bytes = (0..n)
-            .flat_map(|_| (rng.normal() * scale + add).to_le_bytes())
-            .collect();
-        tensors.push((name, shape, bytes));
+        let values = (0..n).map(|_| rng.normal() * scale + add).collect();
+        tensors.push((name, shape, values));
     };
     put(
         "embeddings.word_embeddings.weight".into(),
@@ -77,8 +72,8 @@ pub fn write_tiny_bert(dir: &Path, seed: u64) -> Result<()> {
         0.1,
         0.0,
     );
-    put("embeddings.LayerNorm.weight".into(), vec![h], 0.0, 1.0);
-    put("embeddings.LayerNorm.bias".into(), vec![h], 0.0, 0.0);
+    put("embeddings.LayerNorm.weight".into(), vec![h], 0.1, 1.0);
+    put("embeddings.LayerNorm.bias".into(), vec![h], 0.1, 0.0);
     for l in 0..2 {
         let q = |s: &str| format!("encoder.layer.{l}.{s}");
         for (n, o, inn) in [
@@ -93,13 +88,31 @@ pub fn write_tiny_bert(dir: &Path, seed: u64) -> Result<()> {
             put(q(&format!("{n}.bias")), vec![o], 0.02, 0.0);
         }
         for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            put(q(&format!("{n}.weight")), vec![h], 0.0, 1.0);
-            put(q(&format!("{n}.bias")), vec![h], 0.0, 0.0);
+            put(q(&format!("{n}.weight")), vec![h], 0.1, 1.0);
+            put(q(&format!("{n}.bias")), vec![h], 0.1, 0.0);
         }
     }
+    (config, tensors)
+}
+
+/// Write [`tiny_bert`] as a model directory: `config.json`, `tokenizer.json` (over [`WORDS`])
+/// and `model.safetensors`.
+pub fn write_tiny_bert(dir: &Path, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).at("create directory", dir)?;
+    let (config, tensors) = tiny_bert(seed);
+    crate::fsutil::write_atomic(&dir.join("config.json"), config.to_string().as_bytes())?;
+    crate::fsutil::write_atomic(
+        &dir.join("tokenizer.json"),
+        tokenizer_json(WORDS).as_bytes(),
+    )?;
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(n, s, b)| {
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
             safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
                 .map(|t| (n.clone(), t))
                 .map_err(|e| Error::input(format!("tensor `{n}`: {e}"), None))
