@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Result, Tensor};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
-use super::fused::{gelu, layer_norm, softmax};
+use super::fused::{gelu, layer_norm, masked_softmax};
 use super::nn::AdaptedLinear;
 use crate::rng::SplitMix64;
 
@@ -161,8 +161,7 @@ impl Bert {
             let q = heads(l.query.forward(&x, rng.as_deref_mut())?)?;
             let k = heads(l.key.forward(&x, rng.as_deref_mut())?)?;
             let v = heads(l.value.forward(&x, rng.as_deref_mut())?)?;
-            let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&ext)?;
-            let probs = softmax(&scores)?;
+            let probs = masked_softmax(&q.matmul(&k.t()?)?, &ext, 1.0 / (hd as f64).sqrt())?;
             let ctx = probs
                 .matmul(&v)?
                 .transpose(1, 2)?

@@ -206,6 +206,80 @@ struct Softmax {
 struct SoftmaxGrad {
     n: usize,
     y: Vec<f32>,
+    /// The input was scaled by this before the softmax.
+    scale: f32,
+}
+
+/// softmax(scale · x + mask) over the last dimension of attention scores x (b, h, q, k), with
+/// an additive mask (b, 1, mq, k), mq ∈ {1, q}, that gets no gradient.
+struct MaskedSoftmax {
+    dims: [usize; 4],
+    mask: Vec<f32>,
+    mask_rows: usize,
+    scale: f32,
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "xpm-masked-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = input(s, l, self.name())?;
+        let [_, h, q, k] = self.dims;
+        let mut y = vec![0f32; x.len()];
+        let per = (CHUNK / k).max(1) * k;
+        y.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .enumerate()
+            .for_each(|(c, (y, x))| {
+                let first = c * per / k;
+                for (r, (y, x)) in y.chunks_mut(k).zip(x.chunks(k)).enumerate() {
+                    let row = first + r;
+                    let (bi, qi) = (row / (h * q), row % q);
+                    let mrow = if self.mask_rows == 1 { 0 } else { qi };
+                    let m = &self.mask[(bi * self.mask_rows + mrow) * k..][..k];
+                    let mut max = f32::NEG_INFINITY;
+                    for j in 0..k {
+                        y[j] = x[j] * self.scale + m[j];
+                        max = max.max(y[j]);
+                    }
+                    let mut sum = 0f32;
+                    for v in y.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    let inv = 1.0 / sum;
+                    y.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = SoftmaxGrad {
+            n: self.dims[3],
+            y: res.flatten_all()?.to_vec1()?,
+            scale: self.scale,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// softmax(scale · x + mask) over the last dimension, for attention scores x (b, h, q, k) and
+/// an additive mask (b, 1, 1 or q, k) that is a constant.
+pub fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, q, k) = x.dims4()?;
+    let (mb, _, mq, mk) = mask.dims4()?;
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && mb == b && mk == k {
+        let op = MaskedSoftmax {
+            dims: [b, h, q, k],
+            mask: mask.flatten_all()?.to_vec1()?,
+            mask_rows: mq,
+            scale: scale as f32,
+        };
+        x.contiguous()?.apply_op1(op)
+    } else {
+        super::nn::softmax(&(x * scale)?.broadcast_add(mask)?)
+    }
 }
 
 impl CustomOp1 for Softmax {
@@ -237,6 +311,7 @@ impl CustomOp1 for Softmax {
         let op = SoftmaxGrad {
             n: self.n,
             y: res.flatten_all()?.to_vec1()?,
+            scale: 1.0,
         };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
     }
@@ -259,7 +334,7 @@ impl CustomOp1 for SoftmaxGrad {
                 for ((dx, g), y) in dx.chunks_mut(n).zip(g.chunks(n)).zip(y.chunks(n)) {
                     let dot: f32 = g.iter().zip(y).map(|(a, b)| a * b).sum();
                     for i in 0..n {
-                        dx[i] = y[i] * (g[i] - dot);
+                        dx[i] = self.scale * y[i] * (g[i] - dot);
                     }
                 }
             });
@@ -332,6 +407,19 @@ mod tests {
             randn(&[3, 5, 17], 5, 4.0),
             1e-6,
         );
+        // Scaled and masked attention scores, with a per-key (BERT) and a per-query (causal) mask.
+        for mq in [1usize, 4] {
+            let mut m: Vec<f32> = vec![0.0; 2 * mq * 4];
+            m[1] = f32::MIN;
+            m[2 * mq * 4 - 1] = f32::MIN;
+            let mask = Tensor::from_vec(m, (2, 1, mq, 4), &Device::Cpu).unwrap();
+            check(
+                |x| masked_softmax(x, &mask, 0.35),
+                |x| super::super::nn::softmax(&(x * 0.35)?.broadcast_add(&mask)?),
+                randn(&[2, 3, 4, 4], 7, 2.0),
+                1e-6,
+            );
+        }
         // Masked scores (f32::MIN) give exact zeros, as the composite does.
         let mut v: Vec<f32> = randn(&[2, 6], 6, 1.0)
             .flatten_all()

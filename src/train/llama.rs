@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::bert::take;
-use super::fused::softmax;
+use super::fused::masked_softmax;
 use super::nn::{AdaptedLinear, linear, rms_norm};
 use crate::rng::SplitMix64;
 
@@ -198,8 +198,7 @@ impl Llama {
             } else {
                 (k, v)
             };
-            let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&bias)?;
-            let ctx = softmax(&scores)?
+            let ctx = masked_softmax(&q.matmul(&k.t()?)?, &bias, 1.0 / (hd as f64).sqrt())?
                 .matmul(&v)?
                 .transpose(1, 2)?
                 .contiguous()?

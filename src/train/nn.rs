@@ -91,14 +91,48 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(out)
 }
 
-/// `x @ w.T` for a frozen `w`: backward computes the input's gradient only.
+/// A 2-D f32 CPU tensor from a custom op's input (copied).
+fn cpu_tensor(
+    storage: &candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> Result<Tensor> {
+    let candle_core::CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 input expected")
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input expected")
+    };
+    Tensor::from_slice(&data[a..b], layout.shape(), &Device::Cpu)
+}
+
+/// `x @ w.T + b` as CPU storage (inside a custom op's forward: nothing is tracked).
+fn matmul_bias(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let y = x.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let shape = y.shape().clone();
+    Ok((
+        candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+        shape,
+    ))
+}
+
+/// `x @ w.T + b` with frozen `w` and `b`: backward forms only the input's gradient.
 ///
-/// Candle's matmul backward always forms both operands' gradients; for a frozen weight the
-/// weight gradient (as many flops as the forward) is thrown away. On MiniLM that was a third
-/// of the step's matmul work (docs/benchmarks.md, "Training"). CPU only: on other devices
-/// [`frozen_linear`] uses the plain matmul.
+/// Candle's matmul backward always forms both operands' gradients, and its broadcast-add
+/// backward reduces a gradient for the bias too; for frozen parameters both are thrown away
+/// (for a weight, as many flops as the forward). CPU only: elsewhere [`frozen_linear`] uses
+/// the plain ops.
 struct FrozenMatmul {
     w: Tensor,
+    b: Option<Tensor>,
 }
 
 impl candle_core::CustomOp1 for FrozenMatmul {
@@ -111,20 +145,8 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("xpm-frozen-matmul: f32 input expected")
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("xpm-frozen-matmul: contiguous input expected")
-        };
-        let (rows, inner) = layout.shape().dims2()?;
-        let x = Tensor::from_slice(&data[a..b], (rows, inner), &Device::Cpu)?;
-        let y = x.matmul(&self.w.t()?)?;
-        let out = self.w.dim(0)?;
-        Ok((
-            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1()?),
-            (rows, out).into(),
-        ))
+        let x = cpu_tensor(storage, layout, self.name())?;
+        matmul_bias(&x, &self.w, self.b.as_ref())
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -132,25 +154,74 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 }
 
-/// [`linear`] with a frozen weight: no weight gradient is formed.
-pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
-        return linear(x, w, b);
+/// `x @ w.T + b` with a trainable `w` (second input) and a frozen `b`: backward forms the
+/// gradients of `x` and `w`, not of `b`.
+struct TrainableMatmul {
+    b: Option<Tensor>,
+}
+
+impl candle_core::CustomOp2 for TrainableMatmul {
+    fn name(&self) -> &'static str {
+        "xpm-matmul-frozen-bias"
     }
-    let dims = x.dims().to_vec();
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = cpu_tensor(s1, l1, self.name())?;
+        let w = cpu_tensor(s2, l2, self.name())?;
+        matmul_bias(&x, &w, self.b.as_ref())
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+    }
+}
+
+/// Rows of `x` as a contiguous 2-D tensor, and the output shape for `out` features.
+fn rows_of(x: &Tensor, out: usize) -> Result<(Tensor, Vec<usize>)> {
+    let mut dims = x.dims().to_vec();
     let inner = *dims.last().expect("rank >= 1");
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x
-        .reshape((rows, inner))?
-        .contiguous()?
-        .apply_op1(FrozenMatmul { w: w.clone() })?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
+    *dims.last_mut().expect("rank >= 1") = out;
+    Ok((x.reshape((rows, inner))?.contiguous()?, dims))
+}
+
+fn fusable(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32
+}
+
+/// [`linear`] with a frozen weight and bias: no gradient is formed for either.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if !fusable(x, w) {
+        return linear(x, w, b);
+    }
+    let (x2, dims) = rows_of(x, w.dim(0)?)?;
+    let op = FrozenMatmul {
+        w: w.clone(),
+        b: b.cloned(),
     };
-    let mut out = dims;
-    *out.last_mut().expect("rank >= 1") = w.dim(0)?;
-    y.reshape(out)
+    x2.apply_op1(op)?.reshape(dims)
+}
+
+/// [`linear`] with a trainable weight and a frozen bias (no bias gradient).
+pub fn linear_frozen_bias(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if !fusable(x, w) {
+        return linear(x, w, b);
+    }
+    let (x2, dims) = rows_of(x, w.dim(0)?)?;
+    x2.apply_op2(&w.contiguous()?, TrainableMatmul { b: b.cloned() })?
+        .reshape(dims)
 }
 
 /// A trainable adapter on a frozen linear weight.
@@ -231,7 +302,7 @@ impl AdaptedLinear {
                 let low = linear(&linear(&xd, a.as_tensor(), None)?, b.as_tensor(), None)?;
                 base + (low * *scale)?
             }
-            _ => linear(x, &self.effective_weight()?, self.bias.as_ref()),
+            _ => linear_frozen_bias(x, &self.effective_weight()?, self.bias.as_ref()),
         }
     }
 
@@ -346,6 +417,25 @@ pub(crate) mod tests {
                 "entry {i}: fd {fd} vs autograd {}",
                 g[i]
             );
+        }
+    }
+
+    #[test]
+    fn linear_with_frozen_bias_matches_linear_with_both_gradients() {
+        let x = Var::from_tensor(&randn(&[2, 3, 5], 14)).unwrap();
+        let w = Var::from_tensor(&randn(&[4, 5], 15)).unwrap();
+        let b = randn(&[4], 16);
+        let want = linear(x.as_tensor(), w.as_tensor(), Some(&b)).unwrap();
+        let got = linear_frozen_bias(x.as_tensor(), w.as_tensor(), Some(&b)).unwrap();
+        assert!(max_diff(&want, &got) < 1e-6);
+        let gw = want.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let gg = got.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            let (a, b) = (
+                gw.get(v.as_tensor()).unwrap(),
+                gg.get(v.as_tensor()).unwrap(),
+            );
+            assert!(max_diff(a, b) < 1e-5);
         }
     }
 
