@@ -852,14 +852,18 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
             &dev,
         )?;
         log_line(serde_json::json!({"event": "eval", "step": step, "metrics": m}))?;
-        pb.println(format!(
-            "{:>12} step {step}: eval loss {:.4}{}",
-            "Evaluated",
+        let line = format!(
+            "step {step}: eval loss {:.4}{}",
             m.loss,
             m.accuracy
                 .map(|a| format!(", accuracy {:.2} %", a * 100.0))
                 .unwrap_or_default()
-        ));
+        );
+        if printer.shows_progress() {
+            pb.println(format!("{:>12} {line}", "Evaluated"));
+        } else {
+            printer.status("Evaluated", line);
+        }
         if candidate && best.as_ref().is_none_or(|(l, _, _)| m.loss < *l) {
             *best = Some((m.loss, run.snapshot(step)?, m));
         }
@@ -917,7 +921,7 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
             first_loss.get_or_insert(loss);
             last_loss = loss;
             log_line(serde_json::json!({
-                "step": step, "epoch": epoch, "loss": loss, "lr": opt.lr_at(step),
+                "step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": opt.lr_at(step),
                 "grad_norm": norm, "step_time_s": dt, "examples": examples_seen,
                 "reselected": reselected,
             }))?;
