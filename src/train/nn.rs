@@ -154,40 +154,6 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 }
 
-/// `x @ w.T + b` with a trainable `w` (second input) and a frozen `b`: backward forms the
-/// gradients of `x` and `w`, not of `b`.
-struct TrainableMatmul {
-    b: Option<Tensor>,
-}
-
-impl candle_core::CustomOp2 for TrainableMatmul {
-    fn name(&self) -> &'static str {
-        "xpm-matmul-frozen-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = cpu_tensor(s1, l1, self.name())?;
-        let w = cpu_tensor(s2, l2, self.name())?;
-        matmul_bias(&x, &w, self.b.as_ref())
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
-    }
-}
-
 /// Rows of `x` as a contiguous 2-D tensor, and the output shape for `out` features.
 fn rows_of(x: &Tensor, out: usize) -> Result<(Tensor, Vec<usize>)> {
     let mut dims = x.dims().to_vec();
@@ -212,16 +178,6 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
         b: b.cloned(),
     };
     x2.apply_op1(op)?.reshape(dims)
-}
-
-/// [`linear`] with a trainable weight and a frozen bias (no bias gradient).
-pub fn linear_frozen_bias(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    if !fusable(x, w) {
-        return linear(x, w, b);
-    }
-    let (x2, dims) = rows_of(x, w.dim(0)?)?;
-    x2.apply_op2(&w.contiguous()?, TrainableMatmul { b: b.cloned() })?
-        .reshape(dims)
 }
 
 /// A trainable adapter on a frozen linear weight.
@@ -302,7 +258,7 @@ impl AdaptedLinear {
                 let low = linear(&linear(&xd, a.as_tensor(), None)?, b.as_tensor(), None)?;
                 base + (low * *scale)?
             }
-            _ => linear_frozen_bias(x, &self.effective_weight()?, self.bias.as_ref()),
+            _ => linear(x, &self.effective_weight()?, self.bias.as_ref()),
         }
     }
 
@@ -417,25 +373,6 @@ pub(crate) mod tests {
                 "entry {i}: fd {fd} vs autograd {}",
                 g[i]
             );
-        }
-    }
-
-    #[test]
-    fn linear_with_frozen_bias_matches_linear_with_both_gradients() {
-        let x = Var::from_tensor(&randn(&[2, 3, 5], 14)).unwrap();
-        let w = Var::from_tensor(&randn(&[4, 5], 15)).unwrap();
-        let b = randn(&[4], 16);
-        let want = linear(x.as_tensor(), w.as_tensor(), Some(&b)).unwrap();
-        let got = linear_frozen_bias(x.as_tensor(), w.as_tensor(), Some(&b)).unwrap();
-        assert!(max_diff(&want, &got) < 1e-6);
-        let gw = want.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let gg = got.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        for v in [&x, &w] {
-            let (a, b) = (
-                gw.get(v.as_tensor()).unwrap(),
-                gg.get(v.as_tensor()).unwrap(),
-            );
-            assert!(max_diff(a, b) < 1e-5);
         }
     }
 
