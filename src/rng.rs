@@ -28,6 +28,14 @@ impl SplitMix64 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
+    /// Shuffle `items` in place (Fisher–Yates, from the back).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            items.swap(i, j);
+        }
+    }
+
     /// Standard normal (Box–Muller).
     pub fn normal(&mut self) -> f32 {
         let u1 = self.uniform().max(1e-7);

@@ -4,6 +4,29 @@
 /// by the lower index, so the result is a pure function of the input. `values` must be free of
 /// NaN (callers check and report which tensor is affected).
 pub fn top_k_abs(values: &[f32], k: usize) -> Vec<u64> {
+    // |v| bits are monotone in |v| for non-negative floats.
+    top_k_by_key(values, k, |v| v.abs().to_bits())
+}
+
+/// Sorted flat indices of the `k` largest `values` (signed; NaN counts as −∞), ties to the
+/// lower index.
+pub fn top_k_signed(values: &[f32], k: usize) -> Vec<u64> {
+    top_k_by_key(values, k, |v| {
+        if v.is_nan() {
+            return 0;
+        }
+        // A total order on f32 as u32: larger float → larger key.
+        let b = v.to_bits();
+        if b & 0x8000_0000 != 0 {
+            !b
+        } else {
+            b | 0x8000_0000
+        }
+    })
+}
+
+/// The `k` entries with the largest `key(value)`, ties to the lower index, sorted.
+fn top_k_by_key(values: &[f32], k: usize, key: impl Fn(f32) -> u32) -> Vec<u64> {
     let n = values.len();
     let k = k.min(n);
     if k == 0 {
@@ -13,12 +36,12 @@ pub fn top_k_abs(values: &[f32], k: usize) -> Vec<u64> {
         return (0..n as u64).collect();
     }
     let mut out: Vec<u64> = if n <= u32::MAX as usize {
-        // One u64 key per entry: |v| bits (monotone for non-negative floats) above the inverted
-        // index, so a larger key means a larger magnitude, then a lower index.
+        // One u64 per entry: the key above the inverted index, so a larger u64 means a larger
+        // key, then a lower index.
         let mut keys: Vec<u64> = values
             .iter()
             .enumerate()
-            .map(|(i, v)| ((v.abs().to_bits() as u64) << 32) | (u32::MAX - i as u32) as u64)
+            .map(|(i, &v)| ((key(v) as u64) << 32) | (u32::MAX - i as u32) as u64)
             .collect();
         keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
         keys.truncate(k);
@@ -27,8 +50,8 @@ pub fn top_k_abs(values: &[f32], k: usize) -> Vec<u64> {
             .collect()
     } else {
         let mut idx: Vec<u64> = (0..n as u64).collect();
-        let key = |i: u64| (values[i as usize].abs().to_bits(), std::cmp::Reverse(i));
-        idx.select_nth_unstable_by(k - 1, |&a, &b| key(b).cmp(&key(a)));
+        let full = |i: u64| (key(values[i as usize]), std::cmp::Reverse(i));
+        idx.select_nth_unstable_by(k - 1, |&a, &b| full(b).cmp(&full(a)));
         idx.truncate(k);
         idx
     };

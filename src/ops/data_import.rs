@@ -176,11 +176,7 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport> {
         }
     }
     if let Some(seed) = opts.seed {
-        let mut rng = SplitMix64(seed);
-        for i in (1..rows.len()).rev() {
-            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-            rows.swap(i, j);
-        }
+        SplitMix64(seed).shuffle(&mut rows);
     }
     if let Some(n) = opts.limit {
         rows.truncate(n);

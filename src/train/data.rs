@@ -186,10 +186,7 @@ pub struct Encoded {
 pub fn batches(n: usize, batch: usize, shuffle: Option<&mut SplitMix64>) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..n).collect();
     if let Some(rng) = shuffle {
-        for i in (1..n).rev() {
-            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-            order.swap(i, j);
-        }
+        rng.shuffle(&mut order);
     }
     order.chunks(batch.max(1)).map(<[usize]>::to_vec).collect()
 }

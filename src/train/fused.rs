@@ -1,6 +1,6 @@
 //! Fused CPU kernels with hand-written backward passes for the element-wise parts of a
 //! transformer step: GELU (erf form), layer normalisation with frozen affine parameters, and
-//! softmax over the last dimension.
+//! the scaled, masked softmax of attention scores.
 //!
 //! Built from Candle's primitive ops each of these is 5–10 passes over the activations, each
 //! allocating a new buffer, and as many again backward. Fused, each is one pass forward and
@@ -198,11 +198,6 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     }
 }
 
-/// Softmax over the last dimension.
-struct Softmax {
-    n: usize,
-}
-
 struct SoftmaxGrad {
     n: usize,
     y: Vec<f32>,
@@ -282,41 +277,6 @@ pub fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     }
 }
 
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "xpm-softmax"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = input(s, l, self.name())?;
-        let n = self.n;
-        let mut y = vec![0f32; x.len()];
-        let per = (CHUNK / n).max(1) * n;
-        y.par_chunks_mut(per)
-            .zip(x.par_chunks(per))
-            .for_each(|(y, x)| {
-                for (y, x) in y.chunks_mut(n).zip(x.chunks(n)) {
-                    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = (x - m).exp();
-                        sum += *y;
-                    }
-                    let inv = 1.0 / sum;
-                    y.iter_mut().for_each(|v| *v *= inv);
-                }
-            });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let op = SoftmaxGrad {
-            n: self.n,
-            y: res.flatten_all()?.to_vec1()?,
-            scale: 1.0,
-        };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
-    }
-}
-
 impl CustomOp1 for SoftmaxGrad {
     fn name(&self) -> &'static str {
         "xpm-softmax-grad"
@@ -339,16 +299,6 @@ impl CustomOp1 for SoftmaxGrad {
                 }
             });
         Ok((CpuStorage::F32(dx), l.shape().clone()))
-    }
-}
-
-/// Softmax over the last dimension.
-pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        let n = *x.dims().last().expect("rank >= 1");
-        x.contiguous()?.apply_op1(Softmax { n })
-    } else {
-        super::nn::softmax(x)
     }
 }
 
@@ -401,10 +351,11 @@ mod tests {
             randn(&[2, 7, 33], 4, 2.0),
             1e-5,
         );
+        let none = Tensor::zeros((3, 1, 1, 17), candle_core::DType::F32, &Device::Cpu).unwrap();
         check(
-            softmax,
+            |x| masked_softmax(x, &none, 1.0),
             super::super::nn::softmax,
-            randn(&[3, 5, 17], 5, 4.0),
+            randn(&[3, 2, 5, 17], 5, 4.0),
             1e-6,
         );
         // Scaled and masked attention scores, with a per-key (BERT) and a per-query (causal) mask.
@@ -427,8 +378,14 @@ mod tests {
             .to_vec1()
             .unwrap();
         v[5] = f32::MIN;
-        let x = Tensor::from_vec(v, (2, 6), &Device::Cpu).unwrap();
-        let y: Vec<Vec<f32>> = softmax(&x).unwrap().to_vec2().unwrap();
-        assert_eq!(y[0][5], 0.0);
+        let x = Tensor::from_vec(v, (2, 1, 1, 6), &Device::Cpu).unwrap();
+        let none = Tensor::zeros((2, 1, 1, 6), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let y: Vec<f32> = masked_softmax(&x, &none, 1.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(y[5], 0.0);
     }
 }

@@ -67,35 +67,10 @@ pub fn score(
 
 /// Sorted flat indices of the `k` largest scores (signed), ties to the lower index.
 pub fn top_k(scores: &[f32], k: usize) -> Vec<u32> {
-    let n = scores.len();
-    let k = k.min(n);
-    if k == 0 {
-        return Vec::new();
-    }
-    // A total order on f32 as u32 (larger float → larger key), NaN treated as −∞.
-    let key = |v: f32| -> u32 {
-        if v.is_nan() {
-            return 0;
-        }
-        let b = v.to_bits();
-        if b & 0x8000_0000 != 0 {
-            !b
-        } else {
-            b | 0x8000_0000
-        }
-    };
-    let mut keys: Vec<u64> = scores
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| ((key(v) as u64) << 32) | (u32::MAX - i as u32) as u64)
-        .collect();
-    if k < n {
-        keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-        keys.truncate(k);
-    }
-    let mut out: Vec<u32> = keys.iter().map(|&k| u32::MAX - k as u32).collect();
-    out.sort_unstable();
-    out
+    crate::select::top_k_signed(scores, k)
+        .into_iter()
+        .map(|i| i as u32)
+        .collect()
 }
 
 /// Select the kept entries of an (out × in) layer: exactly `k` entries, or with `block` the

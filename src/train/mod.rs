@@ -420,11 +420,9 @@ impl<'a> Run<'a> {
                 params.push(match find(&v) {
                     Some(i) => Param {
                         var: v,
-                        m: old[i].m.clone(),
-                        v: old[i].v.clone(),
-                        decay: old[i].decay,
+                        ..old[i].clone()
                     },
-                    None => Param::new(v, true).map_err(ce("optimizer"))?,
+                    None => Param::new(v, true, 1.0).map_err(ce("optimizer"))?,
                 });
             }
             ranges.push(start..params.len());
@@ -434,11 +432,9 @@ impl<'a> Run<'a> {
                 params.push(match find(&v) {
                     Some(i) => Param {
                         var: v,
-                        m: old[i].m.clone(),
-                        v: old[i].v.clone(),
-                        decay,
+                        ..old[i].clone()
                     },
-                    None => Param::new(v, decay).map_err(ce("optimizer"))?,
+                    None => Param::new(v, decay, self.head_lr_scale).map_err(ce("optimizer"))?,
                 });
             }
         }
@@ -568,6 +564,7 @@ impl<'a> Run<'a> {
                 m: Tensor::from_vec(m, n, &dev).map_err(ce("reselect"))?,
                 v: Tensor::from_vec(v, n, &dev).map_err(ce("reselect"))?,
                 decay: true,
+                lr_scale: 1.0,
             };
         }
         Ok(())
@@ -628,40 +625,8 @@ impl<'a> Run<'a> {
             let g = scaled.backward().map_err(ce("backward"))?;
             acc.add(&self.params, &g).map_err(ce("backward"))?;
         }
-        let head_start = self.layer_params.last().map(|r| r.end).unwrap_or(0);
-        // The head may learn faster than the adapters: step it with its own rate.
-        let (body, head) = self.params.split_at_mut(head_start);
-        let mut acc_body = Accum::new(body.len());
-        let mut acc_head = Accum::new(head.len());
-        acc_body.take_from(&mut acc, 0);
-        acc_head.take_from(&mut acc, head_start);
-        let norm_body = acc_body.norm().map_err(ce("step"))?;
-        let norm_head = acc_head.norm().map_err(ce("step"))?;
-        let norm = (norm_body * norm_body + norm_head * norm_head).sqrt();
-        let clip_scale = if opt.clip > 0.0 && norm > opt.clip {
-            opt.clip / (norm + 1e-6)
-        } else {
-            1.0
-        };
-        let unclipped = AdamW { clip: 0.0, ..*opt };
-        acc_body.scale(clip_scale).map_err(ce("step"))?;
-        acc_head.scale(clip_scale).map_err(ce("step"))?;
-        optim::step(&unclipped, body, &acc_body, step).map_err(ce("step"))?;
-        let head_opt = AdamW {
-            lr: opt.lr * self.head_lr_scale,
-            ..unclipped
-        };
-        optim::step(&head_opt, head, &acc_head, step).map_err(ce("step"))?;
+        let norm = optim::step(opt, &mut self.params, &acc, step).map_err(ce("step"))?;
         Ok((loss_sum / micro.len() as f64, norm))
-    }
-}
-
-impl Accum {
-    /// Move gradients `offset..offset + self.len()` of `other` into `self`.
-    fn take_from(&mut self, other: &mut Accum, offset: usize) {
-        for (i, slot) in self.grads_mut().iter_mut().enumerate() {
-            *slot = other.grads_mut()[offset + i].take();
-        }
     }
 }
 

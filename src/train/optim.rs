@@ -5,19 +5,28 @@ use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
 /// One optimised variable and its moments.
+#[derive(Clone)]
 pub struct Param {
     pub var: Var,
     pub m: Tensor,
     pub v: Tensor,
     /// Apply weight decay (off for biases and norms; on for everything else).
     pub decay: bool,
+    /// This variable's learning rate relative to the schedule's (the head learns faster).
+    pub lr_scale: f64,
 }
 
 impl Param {
-    pub fn new(var: Var, decay: bool) -> Result<Self> {
+    pub fn new(var: Var, decay: bool, lr_scale: f64) -> Result<Self> {
         let m = var.as_tensor().zeros_like()?;
         let v = var.as_tensor().zeros_like()?;
-        Ok(Param { var, m, v, decay })
+        Ok(Param {
+            var,
+            m,
+            v,
+            decay,
+            lr_scale,
+        })
     }
 
     /// Bytes held by the optimizer for this variable (two f32 moments).
@@ -82,20 +91,6 @@ impl Accum {
         self.grads[i].as_ref()
     }
 
-    pub(crate) fn grads_mut(&mut self) -> &mut [Option<Tensor>] {
-        &mut self.grads
-    }
-
-    /// Multiply every gradient by `s`.
-    pub fn scale(&mut self, s: f64) -> Result<()> {
-        if s != 1.0 {
-            for g in self.grads.iter_mut().flatten() {
-                *g = (&*g * s)?;
-            }
-        }
-        Ok(())
-    }
-
     /// The global L2 norm of all gradients.
     pub fn norm(&self) -> Result<f64> {
         let mut sq = 0f64;
@@ -134,7 +129,7 @@ pub fn step(opt: &AdamW, params: &mut [Param], acc: &Accum, step: usize) -> Resu
         if p.decay && opt.weight_decay > 0.0 {
             update = (update + (w * opt.weight_decay)?)?;
         }
-        let next = (w - (update * lr)?)?;
+        let next = (w - (update * (lr * p.lr_scale))?)?;
         p.var.set(&next)?;
     }
     Ok(norm)
@@ -165,7 +160,7 @@ mod tests {
     fn minimises_a_quadratic_and_clips() {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::new(&[3f32, -2.0], &dev).unwrap()).unwrap();
-        let mut params = vec![Param::new(x.clone(), true).unwrap()];
+        let mut params = vec![Param::new(x.clone(), true, 1.0).unwrap()];
         let o = AdamW {
             lr: 0.1,
             beta1: 0.9,
