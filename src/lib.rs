@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod digest;
 pub mod error;
+pub mod experiment;
 pub mod format;
 pub mod fsutil;
 pub mod home;

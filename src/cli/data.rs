@@ -24,6 +24,18 @@ enum Sub {
         /// Share of rows for --eval-out
         #[arg(long, default_value_t = 0.2)]
         eval_ratio: f64,
+        /// Also write a test split here (taken before the eval split)
+        #[arg(long, value_name = "FILE")]
+        test_out: Option<PathBuf>,
+        /// Share of rows for --test-out
+        #[arg(long, default_value_t = 0.2)]
+        test_ratio: f64,
+        /// Keep only rows with these labels, comma-separated (after --bins)
+        #[arg(long, value_delimiter = ',', value_name = "LABEL,…")]
+        labels: Vec<String>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
         /// Text column [default: Orange's first string column, else `text`]
         #[arg(long, value_name = "COLUMN")]
         text: Option<String>,
@@ -49,6 +61,10 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
             out,
             eval_out,
             eval_ratio,
+            test_out,
+            test_ratio,
+            labels,
+            json,
             text,
             label,
             bins,
@@ -60,23 +76,34 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
                 out: out.clone(),
                 eval_out: eval_out.clone(),
                 eval_ratio,
+                test_out: test_out.clone(),
+                test_ratio,
+                labels,
                 text,
                 label,
                 bins,
                 limit,
                 seed,
             })?;
+            if json {
+                ctx.printer.out(serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
             let labels: Vec<String> = r.labels.iter().map(|(l, n)| format!("{l} {n}")).collect();
             ctx.printer.out(format!(
-                "wrote {} ({} rows{}); text `{}`, label `{}`; {} skipped; labels: {}",
+                "wrote {} ({} rows{}); text `{}`, label `{}`; {} skipped, {} filtered out; labels: {}",
                 out.display(),
                 r.train,
                 eval_out
                     .map(|p| format!(", {} rows to {}", r.eval, p.display()))
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    + &test_out
+                        .map(|p| format!(", {} rows to {}", r.test, p.display()))
+                        .unwrap_or_default(),
                 r.text_column,
                 r.label_column,
                 r.skipped,
+                r.filtered,
                 labels.join(", ")
             ));
             Ok(())

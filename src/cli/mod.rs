@@ -14,6 +14,7 @@ mod apply;
 mod data;
 mod demo;
 mod eval;
+mod experiment;
 mod extract;
 mod init;
 mod inspect;
@@ -54,6 +55,8 @@ pub enum Command {
     Eval(eval::Args),
     /// Prepare training data
     Data(data::Args),
+    /// Run a merging experiment end to end and report it (tables, plot, raw JSON)
+    Experiment(experiment::Args),
     /// Build a sparse (or dense) expert from a base and a fine-tuned checkpoint
     Extract(Box<extract::Args>),
     /// Pack an unpacked expert directory into a `.xpm` artifact
@@ -107,6 +110,7 @@ pub fn main() -> ExitCode {
         Command::Train(a) => train::exec(*a, &ctx),
         Command::Eval(a) => eval::exec(a, &ctx),
         Command::Data(a) => data::exec(a, &ctx),
+        Command::Experiment(a) => experiment::exec(a, &ctx),
         Command::Extract(a) => extract::exec(*a, &ctx),
         Command::Pack(a) => pack::exec(a, &ctx),
         Command::Unpack(a) => unpack::exec(a, &ctx),

@@ -14,6 +14,11 @@ pub struct ImportOptions {
     /// Write this share of the rows (after shuffling) to `eval_out`.
     pub eval_out: Option<PathBuf>,
     pub eval_ratio: f64,
+    /// Write this share of the rows (after shuffling, taken before the eval rows) to `test_out`.
+    pub test_out: Option<PathBuf>,
+    pub test_ratio: f64,
+    /// Keep only rows with these labels (after `bins`); empty keeps every label.
+    pub labels: Vec<String>,
     /// Text column [default: Orange's first `string` column; else `text`].
     pub text: Option<String>,
     /// Label column [default: Orange's `class` column; else `label`].
@@ -30,7 +35,10 @@ pub struct ImportOptions {
 pub struct ImportReport {
     pub train: usize,
     pub eval: usize,
+    pub test: usize,
     pub skipped: usize,
+    /// Rows dropped because their label is not in `labels`.
+    pub filtered: usize,
     pub labels: Vec<(String, usize)>,
     pub text_column: String,
     pub label_column: String,
@@ -157,6 +165,7 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport> {
     let bins = opts.bins.as_deref().map(parse_bins).transpose()?;
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut skipped = 0;
+    let mut filtered = 0;
     for r in &t.rows {
         let text = r.get(ti).map(|s| s.trim()).unwrap_or("");
         let raw = r.get(li).map(|s| s.trim()).unwrap_or("");
@@ -169,11 +178,25 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport> {
                 .map(|(n, _, _)| n.clone()),
         };
         match label {
+            Some(l) if !opts.labels.is_empty() && !opts.labels.contains(&l) => filtered += 1,
             Some(l) if !text.is_empty() && !l.is_empty() && l != "?" => {
                 rows.push((text.to_string(), l))
             }
             _ => skipped += 1,
         }
+    }
+    if let Some(missing) = opts
+        .labels
+        .iter()
+        .find(|l| !rows.iter().any(|(_, have)| have == *l))
+    {
+        return Err(Error::input(
+            format!(
+                "`{}` has no usable row with label `{missing}`",
+                opts.input.display()
+            ),
+            Some("check the spelling in --labels (labels are case-sensitive)"),
+        ));
     }
     if let Some(seed) = opts.seed {
         SplitMix64(seed).shuffle(&mut rows);
@@ -181,24 +204,38 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport> {
     if let Some(n) = opts.limit {
         rows.truncate(n);
     }
-    let n_eval = if opts.eval_out.is_some() {
-        if !(opts.eval_ratio > 0.0 && opts.eval_ratio < 1.0) {
-            return Err(Error::input(
-                format!("--eval-ratio {} is outside (0, 1)", opts.eval_ratio),
-                Some("e.g. --eval-ratio 0.2"),
-            ));
-        }
-        ((rows.len() as f64) * opts.eval_ratio).round() as usize
-    } else {
-        0
-    };
-    let (eval_rows, train_rows) = rows.split_at(n_eval);
-    if train_rows.is_empty() {
+    if rows.is_empty() {
         return Err(Error::input(
             format!("`{}` yields no usable rows", opts.input.display()),
-            Some("check the --text and --label columns"),
+            Some("check the --text and --label columns (and --labels)"),
         ));
     }
+    let share = |out: &Option<PathBuf>, ratio: f64, flag: &str| -> Result<usize> {
+        if out.is_none() {
+            return Ok(0);
+        }
+        if !(ratio > 0.0 && ratio < 1.0) {
+            return Err(Error::input(
+                format!("--{flag}-ratio {ratio} is outside (0, 1)"),
+                Some(&format!("e.g. --{flag}-ratio 0.2")),
+            ));
+        }
+        Ok(((rows.len() as f64) * ratio).round() as usize)
+    };
+    let n_test = share(&opts.test_out, opts.test_ratio, "test")?;
+    let n_eval = share(&opts.eval_out, opts.eval_ratio, "eval")?;
+    if n_test + n_eval >= rows.len() {
+        return Err(Error::input(
+            format!(
+                "`{}`: --test-ratio and --eval-ratio leave no training rows ({} rows)",
+                opts.input.display(),
+                rows.len()
+            ),
+            Some("lower the ratios, or raise --limit"),
+        ));
+    }
+    let (test_rows, rest) = rows.split_at(n_test);
+    let (eval_rows, train_rows) = rest.split_at(n_eval);
     let write = |path: &Path, rows: &[(String, String)]| -> Result<()> {
         let mut buf = Vec::new();
         for (text, label) in rows {
@@ -212,6 +249,9 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport> {
     if let Some(p) = &opts.eval_out {
         write(p, eval_rows)?;
     }
+    if let Some(p) = &opts.test_out {
+        write(p, test_rows)?;
+    }
     let mut counts = std::collections::BTreeMap::new();
     for (_, l) in train_rows {
         *counts.entry(l.clone()).or_insert(0usize) += 1;
@@ -219,7 +259,9 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport> {
     Ok(ImportReport {
         train: train_rows.len(),
         eval: eval_rows.len(),
+        test: test_rows.len(),
         skipped,
+        filtered,
         labels: counts.into_iter().collect(),
         text_column: t.header[ti].clone(),
         label_column: t.header[li].clone(),
@@ -286,5 +328,64 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("no text column `body`"), "{e}");
+    }
+
+    #[test]
+    fn test_split_and_label_filter() {
+        let d = tempfile::tempdir().unwrap();
+        let csv = d.path().join("t.csv");
+        let mut body = String::from("text,label\n");
+        for i in 0..30 {
+            body.push_str(&format!("row {i},{}\n", ["a", "b", "c"][i % 3]));
+        }
+        std::fs::write(&csv, body).unwrap();
+        let (tr, ev, te) = (
+            d.path().join("tr.jsonl"),
+            d.path().join("ev.jsonl"),
+            d.path().join("te.jsonl"),
+        );
+        let opts = ImportOptions {
+            input: csv.clone(),
+            out: tr.clone(),
+            eval_out: Some(ev.clone()),
+            eval_ratio: 0.25,
+            test_out: Some(te.clone()),
+            test_ratio: 0.25,
+            labels: vec!["a".into(), "c".into()],
+            seed: Some(3),
+            ..Default::default()
+        };
+        let r = import(&opts).unwrap();
+        assert_eq!((r.train, r.eval, r.test, r.filtered), (10, 5, 5, 10));
+        let lines = |p: &Path| -> Vec<String> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect()
+        };
+        let mut all: Vec<String> = [lines(&tr), lines(&ev), lines(&te)].concat();
+        assert!(all.iter().all(|l| !l.contains("\"b\"")));
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 20, "the three splits are disjoint");
+        let first = std::fs::read(&te).unwrap();
+        import(&opts).unwrap();
+        assert_eq!(std::fs::read(&te).unwrap(), first, "deterministic");
+        let e = import(&ImportOptions {
+            labels: vec!["A".into()],
+            ..opts.clone()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no usable row with label `A`"), "{e}");
+        let e = import(&ImportOptions {
+            eval_ratio: 0.6,
+            test_ratio: 0.5,
+            ..opts
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("leave no training rows"), "{e}");
     }
 }

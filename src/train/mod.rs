@@ -45,6 +45,9 @@ pub enum Method {
     Sparse,
     Lora,
     Full,
+    /// Only the classification head on the frozen base (a linear probe: the "base + head"
+    /// baseline, and the head for evaluating a merge on a task it was not merged from).
+    Head,
 }
 
 impl Method {
@@ -53,6 +56,7 @@ impl Method {
             Method::Sparse => "sparse",
             Method::Lora => "lora",
             Method::Full => "full",
+            Method::Head => "head",
         }
     }
 
@@ -63,6 +67,7 @@ impl Method {
             Method::Sparse => 1e-3,
             Method::Lora => 1e-3,
             Method::Full => 5e-5,
+            Method::Head => 1e-3,
         }
     }
 }
@@ -345,7 +350,10 @@ impl<'a> Run<'a> {
         rng: &mut SplitMix64,
     ) -> Result<Self> {
         let names: Vec<String> = net.linears().iter().map(|l| l.name.clone()).collect();
-        let targets = match_targets(&names, &opts.targets)?;
+        let targets = match opts.method {
+            Method::Head => Vec::new(),
+            _ => match_targets(&names, &opts.targets)?,
+        };
         let mut run = Run {
             opts,
             net,
@@ -402,6 +410,7 @@ impl<'a> Run<'a> {
                 Method::Full => Adapter::Full {
                     w: Var::from_tensor(&l.w0.copy().map_err(ce("init"))?).map_err(ce("init"))?,
                 },
+                Method::Head => Adapter::None,
             };
         }
         self.rebuild_params()
@@ -675,6 +684,16 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
         None => None,
     };
     let labels = train_data.labels();
+    if opts.method == Method::Head && task != Task::Classification {
+        return Err(Error::input(
+            format!(
+                "`--method head` trains a classification head, but `{}` is {} data",
+                opts.data.display(),
+                task.as_str()
+            ),
+            Some("use --method sparse, lora or full for prompt/completion data"),
+        ));
+    }
     if task == Task::Classification {
         for name in ["classifier.weight", "classifier.bias"] {
             if md.checkpoint.info(name).is_some() {
@@ -999,7 +1018,7 @@ pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<T
     let kind = match opts.method {
         Method::Sparse => ExpertKind::Sparse,
         Method::Lora => ExpertKind::Lora,
-        Method::Full => ExpertKind::Dense,
+        Method::Full | Method::Head => ExpertKind::Dense,
     };
     let mut manifest = Manifest::new(
         &opts.name,

@@ -1,0 +1,805 @@
+//! `xpm experiment run FILE.toml`: the paper's experiment, through xpm's own public commands.
+//!
+//! Every step runs the `xpm` binary itself as a user would (`data import`, `train`, `publish`,
+//! `init`, `install`, `merge`, `overlap`, `eval`), in a private `XPM_HOME` under the work
+//! directory whose local registry receives every expert. Each step's JSON answer is kept in
+//! `WORK/state.json`, so an interrupted run resumes where it stopped; its stderr goes to
+//! `WORK/logs/`. After every seed the results so far are written: `NAME.json` (raw records),
+//! `NAME.md` (tables) and `NAME.png` (accuracy against the number of merged tasks).
+
+pub mod config;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use config::Config;
+use config::{TaskConfig, resolve};
+
+use crate::error::{Error, IoResultExt, Result};
+use crate::printer::Printer;
+
+/// One measured accuracy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub seed: u64,
+    /// The task evaluated.
+    pub task: String,
+    /// Method name from the experiment file, or `head` for the base + head baseline.
+    pub method: String,
+    /// `head` (base + head only), `single` (the task's own expert), `merged` (a merge that
+    /// includes the task) or `heldout` (a merge evaluated on the held-out task).
+    pub setting: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+    /// Number of tasks merged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_tasks: Option<usize>,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub examples: usize,
+}
+
+/// Mask overlap between the sparse experts of one (method, seed) merge of all tasks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OverlapRecord {
+    pub seed: u64,
+    pub method: String,
+    pub tasks: Vec<String>,
+    /// Per task: mean Jaccard index of its mask with every other task's mask.
+    pub mean_jaccard: Vec<f64>,
+    /// Share of the union's positions held by two or more experts.
+    pub shared_fraction: f64,
+}
+
+/// A task's data as imported.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskInfo {
+    pub name: String,
+    pub description: Option<String>,
+    pub heldout: bool,
+    pub train: usize,
+    pub eval: usize,
+    pub test: usize,
+    pub labels: Vec<String>,
+}
+
+/// Everything `report` needs: `NAME.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub schema_version: u32,
+    pub experiment: String,
+    pub xpm_version: String,
+    pub config: Config,
+    /// Seeds whose every step finished.
+    pub seeds_done: Vec<u64>,
+    pub tasks: Vec<TaskInfo>,
+    pub records: Vec<Record>,
+    pub overlap: Vec<OverlapRecord>,
+    /// Wall seconds spent per command (`train`, `eval`, `merge`, …), summed.
+    pub seconds: BTreeMap<String, f64>,
+    /// Mean wall seconds of one `xpm train` per method (head included).
+    pub train_seconds: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    /// sha256 of the experiment file's meaning (its parsed config as JSON).
+    config_digest: String,
+    steps: BTreeMap<String, Step>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Step {
+    seconds: f64,
+    output: Value,
+}
+
+/// Options of `xpm experiment run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub file: PathBuf,
+    /// Work directory [default: $XPM_HOME/experiments/NAME].
+    pub work: Option<PathBuf>,
+    /// Results directory [default: the file's `out`, else WORK/results].
+    pub out: Option<PathBuf>,
+    /// Overrides the file's `data_dir`.
+    pub data_dir: Option<PathBuf>,
+    /// Start over: delete the work directory's earlier steps.
+    pub fresh: bool,
+    /// The xpm binary to run [default: this one].
+    pub exe: Option<PathBuf>,
+}
+
+struct Runner<'a> {
+    exe: PathBuf,
+    work: PathBuf,
+    home: PathBuf,
+    state: State,
+    printer: &'a Printer,
+    done: usize,
+    total: usize,
+}
+
+impl Runner<'_> {
+    /// Run `xpm ARGS` (in `cwd`) unless `key` already ran; its stdout parsed as JSON (or the
+    /// text as a string).
+    fn xpm(&mut self, key: &str, what: &str, args: &[String], cwd: Option<&Path>) -> Result<Value> {
+        self.done += 1;
+        if let Some(s) = self.state.steps.get(key) {
+            return Ok(s.output.clone());
+        }
+        self.printer
+            .status("Running", format!("[{}/{}] {what}", self.done, self.total));
+        let logs = self.work.join("logs");
+        std::fs::create_dir_all(&logs).at("create directory", &logs)?;
+        let log = logs.join(format!("{}.log", key.replace(['/', ' '], "_")));
+        let err = std::fs::File::create(&log).at("create", &log)?;
+        let t0 = Instant::now();
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--home")
+            .arg(&self.home)
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(err);
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
+        let out = cmd
+            .output()
+            .map_err(|e| Error::io("run", &self.exe, e))?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let mut line = format!("$ xpm {}\n", args.join(" "));
+        line.push_str(&String::from_utf8_lossy(&out.stdout));
+        let stderr_text = std::fs::read_to_string(&log).unwrap_or_default();
+        crate::fsutil::write_atomic(&log, format!("{line}\n{stderr_text}").as_bytes())?;
+        if !out.status.success() {
+            let tail: Vec<&str> = stderr_text.lines().rev().take(8).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(Error::input(
+                format!(
+                    "step `{key}` failed ({}): xpm {}\n{}",
+                    out.status,
+                    args.join(" "),
+                    tail.join("\n")
+                ),
+                Some(&format!(
+                    "the full log is {}; fix the cause and run the same command again to resume",
+                    log.display()
+                )),
+            ));
+        }
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let output = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        self.state.steps.insert(
+            key.to_string(),
+            Step {
+                seconds,
+                output: output.clone(),
+            },
+        );
+        self.save()?;
+        Ok(output)
+    }
+
+    fn save(&self) -> Result<()> {
+        let p = self.work.join("state.json");
+        crate::fsutil::write_atomic(
+            &p,
+            serde_json::to_string_pretty(&self.state)
+                .expect("serializes")
+                .as_bytes(),
+        )
+    }
+}
+
+fn s<T: ToString>(v: T) -> String {
+    v.to_string()
+}
+
+fn metric(v: &Value, key: &str, step: &str) -> Result<f64> {
+    v.get(key).and_then(Value::as_f64).ok_or_else(|| {
+        Error::input(
+            format!("step `{step}` gave no `{key}` in its JSON answer"),
+            Some("run with --fresh if the work directory comes from another xpm version"),
+        )
+    })
+}
+
+/// Run the experiment `opts.file` describes; the results.
+pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) -> Result<Results> {
+    let cfg = Config::load(&opts.file)?;
+    let file_dir = opts
+        .file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let file_dir = if file_dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        file_dir
+    };
+    let data_dir = match (&opts.data_dir, &cfg.data_dir) {
+        (Some(d), _) => d.clone(),
+        (None, Some(d)) => resolve(&file_dir, d)?,
+        (None, None) => file_dir.clone(),
+    };
+    let work = opts
+        .work
+        .clone()
+        .unwrap_or_else(|| home.root.join("experiments").join(&cfg.name));
+    let out_dir = match (&opts.out, &cfg.out) {
+        (Some(o), _) => o.clone(),
+        (None, Some(o)) => resolve(&file_dir, o)?,
+        (None, None) => work.join("results"),
+    };
+    let base = if cfg.base.starts_with("hf:") {
+        cfg.base.clone()
+    } else {
+        let p = resolve(&data_dir, &cfg.base)?;
+        if !p.join("config.json").is_file() {
+            return Err(Error::input(
+                format!("base model `{}` is not a model directory", p.display()),
+                Some("run scripts/fetch-assets.sh (it downloads MiniLM and the data sets), or set data_dir / --data-dir"),
+            ));
+        }
+        p.display().to_string()
+    };
+    let digest = crate::digest::sha256(&serde_json::to_vec(&cfg).expect("serializes"));
+    if opts.fresh && work.exists() {
+        std::fs::remove_dir_all(&work).at("remove", &work)?;
+    }
+    std::fs::create_dir_all(&work).at("create directory", &work)?;
+    let state_path = work.join("state.json");
+    let state = if state_path.exists() {
+        let st: State = serde_json::from_slice(&std::fs::read(&state_path).at("read", &state_path)?)
+            .map_err(|e| {
+                Error::input(
+                    format!("`{}` is damaged: {e}", state_path.display()),
+                    Some("run with --fresh to start over"),
+                )
+            })?;
+        if st.config_digest != digest {
+            return Err(Error::input(
+                format!(
+                    "`{}` holds a run of a different version of `{}`",
+                    work.display(),
+                    opts.file.display()
+                ),
+                Some("pass --fresh to start over, or --work DIR for a new work directory"),
+            ));
+        }
+        st
+    } else {
+        State {
+            config_digest: digest,
+            steps: BTreeMap::new(),
+        }
+    };
+    let exe = match &opts.exe {
+        Some(e) => e.clone(),
+        None => std::env::current_exe().map_err(|e| Error::io("locate", "xpm", e))?,
+    };
+    let n_tasks = cfg.tasks.len();
+    let merges_per_seed: usize = cfg
+        .methods
+        .iter()
+        .map(|m| {
+            m.strategies
+                .iter()
+                .map(|st| {
+                    let ks = if cfg.scaling_strategies.contains(st) {
+                        cfg.counts()
+                    } else {
+                        vec![n_tasks]
+                    };
+                    ks.iter()
+                        .map(|&k| 1 + k + usize::from(k == n_tasks && cfg.heldout.is_some()))
+                        .sum::<usize>()
+                })
+                .sum::<usize>()
+                + 3
+        })
+        .sum();
+    let all_tasks = n_tasks + usize::from(cfg.heldout.is_some());
+    let per_seed = all_tasks * 2 + cfg.methods.len() * n_tasks * 3 + merges_per_seed;
+    let mut r = Runner {
+        exe,
+        home: work.join("home"),
+        work: work.clone(),
+        state,
+        printer,
+        done: 0,
+        total: all_tasks * 2 + per_seed * cfg.seeds.len(),
+    };
+    printer.status(
+        "Experiment",
+        format!(
+            "{}: {} tasks × {} methods × {} seeds ({} steps; work in {})",
+            cfg.name,
+            n_tasks,
+            cfg.methods.len(),
+            cfg.seeds.len(),
+            r.total,
+            work.display()
+        ),
+    );
+
+    // Data: every task split once (the same split for every seed).
+    let data = work.join("data");
+    std::fs::create_dir_all(&data).at("create directory", &data)?;
+    let mut tasks = Vec::new();
+    for (t, heldout) in cfg
+        .tasks
+        .iter()
+        .map(|t| (t, false))
+        .chain(cfg.heldout.iter().map(|t| (t, true)))
+    {
+        tasks.push(import_task(&mut r, &cfg, t, heldout, &data_dir, &data)?);
+    }
+
+    let experts = work.join("experts");
+    let merged_dir = work.join("merged");
+    for d in [&experts, &merged_dir] {
+        std::fs::create_dir_all(d).at("create directory", d)?;
+    }
+    let split = |t: &str, s: &str| data.join(format!("{t}.{s}.jsonl"));
+    let common_train = |seed: u64| -> Vec<String> {
+        vec![
+            s("--base"),
+            base.clone(),
+            s("--seed"),
+            s(seed),
+            s("--epochs"),
+            s(cfg.epochs),
+            s("--batch-size"),
+            s(cfg.batch_size),
+            s("--max-seq-len"),
+            s(cfg.max_seq_len),
+            s("--json"),
+        ]
+    };
+    let eval_args = |expert: &Path, merged: Option<&Path>, task: &str| -> Vec<String> {
+        let mut a = vec![
+            s("eval"),
+            s("--base"),
+            base.clone(),
+            s("--expert"),
+            expert.display().to_string(),
+            s("--data"),
+            split(task, "test").display().to_string(),
+            s("--batch-size"),
+            s(cfg.eval_batch_size),
+            s("--json"),
+        ];
+        if let Some(m) = merged {
+            a.extend([s("--merged"), m.display().to_string()]);
+        }
+        a
+    };
+    let mut records = Vec::new();
+    let mut overlap = Vec::new();
+    let mut seeds_done = Vec::new();
+    let record = |seed: u64,
+                  task: &str,
+                  method: &str,
+                  setting: &str,
+                  strategy: Option<&str>,
+                  k: Option<usize>,
+                  v: &Value,
+                  key: &str|
+     -> Result<Record> {
+        Ok(Record {
+            seed,
+            task: task.into(),
+            method: method.into(),
+            setting: setting.into(),
+            strategy: strategy.map(String::from),
+            merged_tasks: k,
+            accuracy: metric(v, "accuracy", key)?,
+            macro_f1: metric(v, "macro_f1", key)?,
+            examples: metric(v, "examples", key)? as usize,
+        })
+    };
+
+    for &seed in &cfg.seeds {
+        // Base + head only, on every task (the held-out task's head is the one merges use).
+        let mut heads = BTreeMap::new();
+        for t in &tasks {
+            let name = format!("{}-head-s{seed}", t.name);
+            let file = experts.join(format!("{name}-1.0.0.xpm"));
+            let mut a = vec![s("train")];
+            a.extend(common_train(seed));
+            a.extend([
+                s("--method"),
+                s("head"),
+                s("--data"),
+                split(&t.name, "train").display().to_string(),
+                s("--eval"),
+                split(&t.name, "eval").display().to_string(),
+                s("--name"),
+                name.clone(),
+                s("--version"),
+                s("1.0.0"),
+                s("-o"),
+                file.display().to_string(),
+            ]);
+            a.extend(cfg.head_args.iter().cloned());
+            r.xpm(
+                &format!("train/{name}"),
+                &format!("train a head on the base for {} (seed {seed})", t.name),
+                &a,
+                None,
+            )?;
+            let key = format!("eval/{name}");
+            let v = r.xpm(
+                &key,
+                &format!("evaluate base + head on {}", t.name),
+                &eval_args(&file, None, &t.name),
+                None,
+            )?;
+            records.push(record(seed, &t.name, "head", "head", None, None, &v, &key)?);
+            heads.insert(t.name.clone(), file);
+        }
+
+        for m in &cfg.methods {
+            // Train, publish and evaluate every task's expert.
+            let mut files = Vec::new();
+            for t in &cfg.tasks {
+                let name = format!("{}-{}-s{seed}", t.name, m.name);
+                let file = experts.join(format!("{name}-1.0.0.xpm"));
+                let mut a = vec![s("train")];
+                a.extend(common_train(seed));
+                a.extend(m.args.iter().cloned());
+                a.extend([
+                    s("--data"),
+                    split(&t.name, "train").display().to_string(),
+                    s("--eval"),
+                    split(&t.name, "eval").display().to_string(),
+                    s("--name"),
+                    name.clone(),
+                    s("--version"),
+                    s("1.0.0"),
+                    s("-o"),
+                    file.display().to_string(),
+                ]);
+                r.xpm(
+                    &format!("train/{name}"),
+                    &format!("train {} on {} (seed {seed})", m.name, t.name),
+                    &a,
+                    None,
+                )?;
+                r.xpm(
+                    &format!("publish/{name}"),
+                    &format!("publish {name}@1.0.0"),
+                    &[s("publish"), file.display().to_string()],
+                    None,
+                )?;
+                let key = format!("eval/{name}");
+                let v = r.xpm(
+                    &key,
+                    &format!("evaluate {name} on {}", t.name),
+                    &eval_args(&file, None, &t.name),
+                    None,
+                )?;
+                records.push(record(
+                    seed, &t.name, &m.name, "single", None, None, &v, &key,
+                )?);
+                files.push((t.name.clone(), name, file));
+            }
+
+            // Install the set into a project, from the registry, as a team member would.
+            let project = work.join("projects").join(format!("{}-s{seed}", m.name));
+            std::fs::create_dir_all(&project).at("create directory", &project)?;
+            let tag = format!("{}-s{seed}", m.name);
+            if !project.join("xpm.toml").exists() {
+                r.state.steps.remove(&format!("init/{tag}"));
+            }
+            r.xpm(
+                &format!("init/{tag}"),
+                &format!("init a project for {tag}"),
+                &[s("init")],
+                Some(&project),
+            )?;
+            let mut a = vec![s("install"), s("--json")];
+            a.extend(files.iter().map(|(_, n, _)| format!("{n}@=1.0.0")));
+            r.xpm(
+                &format!("install/{tag}"),
+                &format!("install the {} {} experts", files.len(), m.name),
+                &a,
+                Some(&project),
+            )?;
+            let names: Vec<String> = files.iter().map(|(_, n, _)| n.clone()).collect();
+
+            // Mask overlap of the installed experts (sparse methods: the others overlap fully).
+            if m.args.windows(2).any(|w| w[0] == "--method" && w[1] == "sparse") {
+                let mut a = vec![s("overlap"), s("--json")];
+                a.extend(names.iter().cloned());
+                let key = format!("overlap/{tag}");
+                let v = r.xpm(&key, &format!("overlap of the {tag} experts"), &a, Some(&project))?;
+                overlap.push(overlap_record(seed, &m.name, &files, &v, &key)?);
+            } else {
+                r.done += 1;
+            }
+
+            for st in &m.strategies {
+                let ks = if cfg.scaling_strategies.contains(st) {
+                    cfg.counts()
+                } else {
+                    vec![n_tasks]
+                };
+                for k in ks {
+                    let mname = format!("{}-{st}-k{k}-s{seed}", m.name);
+                    let mfile = merged_dir.join(format!("{mname}.xpm"));
+                    let mut a = vec![s("merge"), s("--strategy"), st.clone()];
+                    a.extend(m.merge_args.get(st).into_iter().flatten().cloned());
+                    a.extend([
+                        s("--name"),
+                        mname.clone(),
+                        s("--version"),
+                        s("1.0.0"),
+                        s("-o"),
+                        mfile.display().to_string(),
+                    ]);
+                    a.extend(names[..k].iter().cloned());
+                    if !mfile.exists() {
+                        r.state.steps.remove(&format!("merge/{mname}"));
+                    }
+                    r.xpm(
+                        &format!("merge/{mname}"),
+                        &format!("merge {k} {} experts with {st}", m.name),
+                        &a,
+                        Some(&project),
+                    )?;
+                    for (task, _, file) in &files[..k] {
+                        let key = format!("eval/{mname}/{task}");
+                        let v = r.xpm(
+                            &key,
+                            &format!("evaluate {mname} on {task}"),
+                            &eval_args(file, Some(&mfile), task),
+                            None,
+                        )?;
+                        records.push(record(
+                            seed,
+                            task,
+                            &m.name,
+                            "merged",
+                            Some(st),
+                            Some(k),
+                            &v,
+                            &key,
+                        )?);
+                    }
+                    if let (true, Some(h)) = (k == n_tasks, &cfg.heldout) {
+                        let key = format!("eval/{mname}/{}", h.name);
+                        let v = r.xpm(
+                            &key,
+                            &format!("evaluate {mname} on held-out {}", h.name),
+                            &eval_args(&heads[&h.name], Some(&mfile), &h.name),
+                            None,
+                        )?;
+                        records.push(record(
+                            seed,
+                            &h.name,
+                            &m.name,
+                            "heldout",
+                            Some(st),
+                            Some(k),
+                            &v,
+                            &key,
+                        )?);
+                    }
+                }
+            }
+        }
+        seeds_done.push(seed);
+        let results = collect(&cfg, &r, &tasks, &records, &overlap, &seeds_done);
+        report::write_all(&results, &out_dir, printer)?;
+    }
+    let results = collect(&cfg, &r, &tasks, &records, &overlap, &seeds_done);
+    printer.status(
+        "Finished",
+        format!(
+            "{} in {:.0} min of commands; results in {}",
+            cfg.name,
+            results.seconds.values().sum::<f64>() / 60.0,
+            out_dir.display()
+        ),
+    );
+    Ok(results)
+}
+
+fn collect(
+    cfg: &Config,
+    r: &Runner,
+    tasks: &[TaskInfo],
+    records: &[Record],
+    overlap: &[OverlapRecord],
+    seeds_done: &[u64],
+) -> Results {
+    let mut seconds = BTreeMap::new();
+    let mut train: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for (k, st) in &r.state.steps {
+        let cmd = k.split('/').next().unwrap_or(k).to_string();
+        *seconds.entry(cmd.clone()).or_insert(0.0) += st.seconds;
+        if cmd == "train" {
+            // train/TASK-METHOD-sSEED
+            let rest = &k["train/".len()..];
+            let method = cfg
+                .methods
+                .iter()
+                .map(|m| m.name.as_str())
+                .chain(["head"])
+                .find(|m| rest.contains(&format!("-{m}-s")))
+                .unwrap_or("?")
+                .to_string();
+            let e = train.entry(method).or_insert((0.0, 0));
+            e.0 += st.seconds;
+            e.1 += 1;
+        }
+    }
+    Results {
+        schema_version: 1,
+        experiment: cfg.name.clone(),
+        xpm_version: env!("CARGO_PKG_VERSION").into(),
+        config: cfg.clone(),
+        seeds_done: seeds_done.to_vec(),
+        tasks: tasks.to_vec(),
+        records: records.to_vec(),
+        overlap: overlap.to_vec(),
+        seconds,
+        train_seconds: train
+            .into_iter()
+            .map(|(m, (s, n))| (m, s / n as f64))
+            .collect(),
+    }
+}
+
+fn import_task(
+    r: &mut Runner,
+    cfg: &Config,
+    t: &TaskConfig,
+    heldout: bool,
+    data_dir: &Path,
+    data: &Path,
+) -> Result<TaskInfo> {
+    let out = |s: &str| data.join(format!("{}.{s}.jsonl", t.name));
+    let table = resolve(data_dir, &t.table)?;
+    let mut common = Vec::new();
+    for (flag, v) in [("--text", &t.text), ("--label", &t.label), ("--bins", &t.bins)] {
+        if let Some(v) = v {
+            common.extend([s(flag), v.clone()]);
+        }
+    }
+    if !t.labels.is_empty() {
+        common.extend([s("--labels"), t.labels.join(",")]);
+    }
+    common.extend([s("--seed"), s(cfg.data_seed), s("--json")]);
+    let missing = ["train", "eval", "test"]
+        .iter()
+        .any(|s| !out(s).exists() && (*s != "eval" || t.eval > 0));
+    let keys = [
+        format!("import/{}", t.name),
+        format!("import/{}.test", t.name),
+    ];
+    if missing {
+        for k in &keys {
+            r.state.steps.remove(k);
+        }
+    }
+    let mut a = vec![
+        s("data"),
+        s("import"),
+        table.display().to_string(),
+        s("-o"),
+        out("train").display().to_string(),
+    ];
+    let rows = t.train + t.eval + if t.test_table.is_none() { t.test } else { 0 };
+    a.extend([s("--limit"), s(rows)]);
+    if t.eval > 0 {
+        a.extend([
+            s("--eval-out"),
+            out("eval").display().to_string(),
+            s("--eval-ratio"),
+            s(t.eval as f64 / rows as f64),
+        ]);
+    }
+    if t.test_table.is_none() {
+        a.extend([
+            s("--test-out"),
+            out("test").display().to_string(),
+            s("--test-ratio"),
+            s(t.test as f64 / rows as f64),
+        ]);
+    }
+    a.extend(common.iter().cloned());
+    let v = r.xpm(&keys[0], &format!("import {}", t.name), &a, None)?;
+    let count = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
+    let mut info = TaskInfo {
+        name: t.name.clone(),
+        description: t.description.clone(),
+        heldout,
+        train: count(&v, "train"),
+        eval: count(&v, "eval"),
+        test: count(&v, "test"),
+        labels: v
+            .get("labels")
+            .and_then(Value::as_array)
+            .map(|l| {
+                l.iter()
+                    .filter_map(|p| p.get(0).and_then(Value::as_str).map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    if let Some(tt) = &t.test_table {
+        let mut a = vec![
+            s("data"),
+            s("import"),
+            resolve(data_dir, tt)?.display().to_string(),
+            s("-o"),
+            out("test").display().to_string(),
+            s("--limit"),
+            s(t.test),
+        ];
+        a.extend(common);
+        let v = r.xpm(&keys[1], &format!("import {} (test)", t.name), &a, None)?;
+        info.test = count(&v, "train");
+    } else {
+        r.done += 1;
+    }
+    Ok(info)
+}
+
+fn overlap_record(
+    seed: u64,
+    method: &str,
+    files: &[(String, String, PathBuf)],
+    v: &Value,
+    key: &str,
+) -> Result<OverlapRecord> {
+    let overall = v.get("overall").ok_or_else(|| {
+        Error::input(
+            format!("step `{key}` gave no `overall` overlap"),
+            Some("run with --fresh"),
+        )
+    })?;
+    let n = files.len();
+    let (mut sum, mut cnt) = (vec![0.0; n], vec![0usize; n]);
+    for p in overall
+        .get("pairs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (a, b) = (
+            p.get("a").and_then(Value::as_u64).unwrap_or(0) as usize,
+            p.get("b").and_then(Value::as_u64).unwrap_or(0) as usize,
+        );
+        let j = p.get("jaccard").and_then(Value::as_f64).unwrap_or(0.0);
+        for i in [a, b] {
+            if i < n {
+                sum[i] += j;
+                cnt[i] += 1;
+            }
+        }
+    }
+    let union = metric(overall, "union", key)?;
+    let shared = metric(overall, "shared", key)?;
+    Ok(OverlapRecord {
+        seed,
+        method: method.into(),
+        tasks: files.iter().map(|(t, _, _)| t.clone()).collect(),
+        mean_jaccard: sum
+            .iter()
+            .zip(&cnt)
+            .map(|(s, &c)| if c > 0 { s / c as f64 } else { 0.0 })
+            .collect(),
+        shared_fraction: if union > 0.0 { shared / union } else { 0.0 },
+    })
+}
