@@ -150,9 +150,7 @@ impl Runner<'_> {
         if let Some(d) = cwd {
             cmd.current_dir(d);
         }
-        let out = cmd
-            .output()
-            .map_err(|e| Error::io("run", &self.exe, e))?;
+        let out = cmd.output().map_err(|e| Error::io("run", &self.exe, e))?;
         let seconds = t0.elapsed().as_secs_f64();
         let mut line = format!("$ xpm {}\n", args.join(" "));
         line.push_str(&String::from_utf8_lossy(&out.stdout));
@@ -219,22 +217,24 @@ pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) ->
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let file_dir = if file_dir.as_os_str().is_empty() {
+    // Steps run in other directories (the install projects): every path is made absolute.
+    let abs = |p: PathBuf| std::path::absolute(&p).at("resolve", &p);
+    let file_dir = abs(if file_dir.as_os_str().is_empty() {
         PathBuf::from(".")
     } else {
         file_dir
-    };
+    })?;
     let data_dir = match (&opts.data_dir, &cfg.data_dir) {
-        (Some(d), _) => d.clone(),
+        (Some(d), _) => abs(d.clone())?,
         (None, Some(d)) => resolve(&file_dir, d)?,
         (None, None) => file_dir.clone(),
     };
-    let work = opts
+    let work = abs(opts
         .work
         .clone()
-        .unwrap_or_else(|| home.root.join("experiments").join(&cfg.name));
+        .unwrap_or_else(|| home.root.join("experiments").join(&cfg.name)))?;
     let out_dir = match (&opts.out, &cfg.out) {
-        (Some(o), _) => o.clone(),
+        (Some(o), _) => abs(o.clone())?,
         (None, Some(o)) => resolve(&file_dir, o)?,
         (None, None) => work.join("results"),
     };
@@ -245,7 +245,9 @@ pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) ->
         if !p.join("config.json").is_file() {
             return Err(Error::input(
                 format!("base model `{}` is not a model directory", p.display()),
-                Some("run scripts/fetch-assets.sh (it downloads MiniLM and the data sets), or set data_dir / --data-dir"),
+                Some(
+                    "run scripts/fetch-assets.sh (it downloads MiniLM and the data sets), or set data_dir / --data-dir",
+                ),
             ));
         }
         p.display().to_string()
@@ -257,13 +259,15 @@ pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) ->
     std::fs::create_dir_all(&work).at("create directory", &work)?;
     let state_path = work.join("state.json");
     let state = if state_path.exists() {
-        let st: State = serde_json::from_slice(&std::fs::read(&state_path).at("read", &state_path)?)
-            .map_err(|e| {
-                Error::input(
-                    format!("`{}` is damaged: {e}", state_path.display()),
-                    Some("run with --fresh to start over"),
-                )
-            })?;
+        let st: State = serde_json::from_slice(
+            &std::fs::read(&state_path).at("read", &state_path)?,
+        )
+        .map_err(|e| {
+            Error::input(
+                format!("`{}` is damaged: {e}", state_path.display()),
+                Some("run with --fresh to start over"),
+            )
+        })?;
         if st.config_digest != digest {
             return Err(Error::input(
                 format!(
@@ -517,11 +521,19 @@ pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) ->
             let names: Vec<String> = files.iter().map(|(_, n, _)| n.clone()).collect();
 
             // Mask overlap of the installed experts (sparse methods: the others overlap fully).
-            if m.args.windows(2).any(|w| w[0] == "--method" && w[1] == "sparse") {
+            if m.args
+                .windows(2)
+                .any(|w| w[0] == "--method" && w[1] == "sparse")
+            {
                 let mut a = vec![s("overlap"), s("--json")];
                 a.extend(names.iter().cloned());
                 let key = format!("overlap/{tag}");
-                let v = r.xpm(&key, &format!("overlap of the {tag} experts"), &a, Some(&project))?;
+                let v = r.xpm(
+                    &key,
+                    &format!("overlap of the {tag} experts"),
+                    &a,
+                    Some(&project),
+                )?;
                 overlap.push(overlap_record(seed, &m.name, &files, &v, &key)?);
             } else {
                 r.done += 1;
@@ -671,7 +683,11 @@ fn import_task(
     let out = |s: &str| data.join(format!("{}.{s}.jsonl", t.name));
     let table = resolve(data_dir, &t.table)?;
     let mut common = Vec::new();
-    for (flag, v) in [("--text", &t.text), ("--label", &t.label), ("--bins", &t.bins)] {
+    for (flag, v) in [
+        ("--text", &t.text),
+        ("--label", &t.label),
+        ("--bins", &t.bins),
+    ] {
         if let Some(v) = v {
             common.extend([s(flag), v.clone()]);
         }

@@ -194,14 +194,7 @@ pub fn markdown(r: &Results, png: &Path) -> String {
         "Experiment `{}` (xpm {}): base `{}`; {} seed(s) done of {:?}; {} epoch(s), batch {}, \
          sequence length {}. Accuracy on each task's test split, in %, mean ± sample std over \
          seeds.\n",
-        r.experiment,
-        r.xpm_version,
-        c.base,
-        seeds,
-        c.seeds,
-        c.epochs,
-        c.batch_size,
-        c.max_seq_len
+        r.experiment, r.xpm_version, c.base, seeds, c.seeds, c.epochs, c.batch_size, c.max_seq_len
     );
 
     let _ = writeln!(w, "#### Tasks\n");
@@ -362,10 +355,7 @@ pub fn markdown(r: &Results, png: &Path) -> String {
             if recs.is_empty() {
                 continue;
             }
-            let jac: Vec<f64> = recs
-                .iter()
-                .map(|o| mean_std(&o.mean_jaccard).0)
-                .collect();
+            let jac: Vec<f64> = recs.iter().map(|o| mean_std(&o.mean_jaccard).0).collect();
             let shared: Vec<f64> = recs.iter().map(|o| o.shared_fraction).collect();
             for st in &m.strategies {
                 let (mut xs, mut ys) = (Vec::new(), Vec::new());
@@ -396,10 +386,7 @@ pub fn markdown(r: &Results, png: &Path) -> String {
     }
 
     let _ = writeln!(w, "\n#### Cost\n");
-    let _ = writeln!(
-        w,
-        "| command | total minutes |\n|---|---|"
-    );
+    let _ = writeln!(w, "| command | total minutes |\n|---|---|");
     for (cmd, s) in &r.seconds {
         let _ = writeln!(w, "| xpm {cmd} | {:.1} |", s / 60.0);
     }
@@ -556,7 +543,11 @@ pub fn plot(r: &Results, png: &Path) -> Result<()> {
                 let xy: Vec<(f64, f64, f64)> = pts
                     .iter()
                     .map(|&(k, am, as_, nm, ns)| {
-                        if normalized { (k, nm, ns) } else { (k, am, as_) }
+                        if normalized {
+                            (k, nm, ns)
+                        } else {
+                            (k, am, as_)
+                        }
                     })
                     .collect();
                 chart

@@ -1233,6 +1233,27 @@ mod tests {
         o
     }
 
+    /// `--method head` trains the head alone: no adapter, every linear layer stays frozen.
+    #[test]
+    fn head_method_trains_only_the_head() {
+        let o = opts(Method::Head);
+        let (run, batches) = run_for(&o);
+        assert!(run.targets.is_empty());
+        assert!(
+            run.net
+                .linears()
+                .iter()
+                .all(|l| matches!(l.adapter, Adapter::None))
+        );
+        assert_eq!(run.params.len(), 2, "classifier weight and bias");
+        assert_eq!(run.trainable().0, 3 * 32 + 3);
+        let (loss, _) = run.net.loss(&batches[0], None).unwrap();
+        let g = loss.backward().unwrap();
+        for p in &run.params {
+            assert!(g.get(p.var.as_tensor()).is_some());
+        }
+    }
+
     /// The failure to guard against is a silent no-op trainer: every trainable tensor must get
     /// a non-zero gradient, and an update must leave the base weights as they were.
     #[test]
@@ -1290,6 +1311,7 @@ mod tests {
                     .iter()
                     .map(|l| l.in_dim() * l.out_dim())
                     .sum(),
+                Method::Head => unreachable!("not in this loop"),
             } + 3 * 32
                 + 3;
             assert_eq!(run.trainable().0 as usize, expected, "{method:?}");
