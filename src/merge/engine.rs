@@ -46,6 +46,7 @@ impl Output {
 }
 
 /// One expert's (possibly sparsified) entries: `indices == None` means every position.
+#[derive(Clone)]
 struct Entries {
     indices: Option<Vec<u64>>,
     values: Vec<f32>,
@@ -243,18 +244,20 @@ fn combine(strategy: Strategy, p: &MergeParams, here: &[(f64, f64)], total_w: f6
                 weighted_sum() / total_w
             }
         }
-        Strategy::Linear => {
+        // The linear family: λ Σ w δ, divided by Σ w under `normalize` (mergekit's
+        // `normalize`; a |Σ w| below 1e-8 divides by 1, as mergekit does).
+        Strategy::Linear
+        | Strategy::TaskArithmetic
+        | Strategy::MagnitudePrune
+        | Strategy::DareLinear
+        | Strategy::Breadcrumbs => {
             let s = p.lambda * weighted_sum();
-            if p.normalize && total_w != 0.0 {
+            if p.normalize && total_w.abs() >= 1e-8 {
                 s / total_w
             } else {
                 s
             }
         }
-        Strategy::TaskArithmetic
-        | Strategy::MagnitudePrune
-        | Strategy::DareLinear
-        | Strategy::Breadcrumbs => p.lambda * weighted_sum(),
         // LoRA-space merges reach the engine only for non-LoRA tensors of the set; on densified
         // deltas `cat` and full-rank `svd` are exactly Σ w ΔW.
         Strategy::Cat | Strategy::Svd => weighted_sum(),
@@ -325,7 +328,7 @@ fn sparsify(
     match strategy {
         Strategy::MagnitudePrune | Strategy::Ties => {
             let keep = top_k_abs(&e.values, k);
-            subset(&e, &keep, |_, v| v)
+            l1_rescale(p, &e, subset(&e, &keep, |_, v| v))
         }
         Strategy::DareLinear | Strategy::DareTies => {
             let rng = Stream::new(p.seed, expert, tensor);
@@ -336,7 +339,9 @@ fn sparsify(
             rescale(p, &e, kept, |_| p.density)
         }
         Strategy::Breadcrumbs | Strategy::BreadcrumbsTies => {
-            let drop_top = count(p.gamma);
+            // When γ + d > 1, fewer outliers are dropped so that k entries stay (mergekit's
+            // `n_bot < 0` rule).
+            let drop_top = count(p.gamma).min((n as usize).saturating_sub(k));
             // Order by descending magnitude, ties to the lower index; skip the outliers,
             // keep the next k.
             let mut order: Vec<usize> = (0..e.values.len()).collect();
@@ -353,7 +358,7 @@ fn sparsify(
                 .map(|&j| j as u64)
                 .collect();
             keep.sort_unstable();
-            subset(&e, &keep, |_, v| v)
+            l1_rescale(p, &e, subset(&e, &keep, |_, v| v))
         }
         Strategy::Della => della(p, tensor, expert, shape, n, &e),
         _ => e,
@@ -368,6 +373,15 @@ fn subset(e: &Entries, keep: &[u64], f: impl Fn(usize, f32) -> f32) -> Entries {
             .iter()
             .map(|&j| f(j as usize, e.values[j as usize]))
             .collect(),
+    }
+}
+
+/// Deterministic trimming (top-k, breadcrumbs) keeps its values, unless `rescale=l1` asks to
+/// scale them back to the untrimmed L1 norm (mergekit's `rescale` option).
+fn l1_rescale(p: &MergeParams, all: &Entries, kept: Entries) -> Entries {
+    match p.rescale {
+        Rescale::L1 => rescale(p, all, kept, |_| 1.0),
+        Rescale::Bernoulli => kept,
     }
 }
 
@@ -405,7 +419,11 @@ fn rescale(
 
 /// DELLA: per row, rank entries by ascending magnitude among all the row's positions
 /// (positions outside the mask are zeros and take the lowest ranks), keep entry of rank r with
-/// probability p_r = d − ε + 2ε(r − 1)/(L − 1), rescale by 1/p_r.
+/// probability p_r = d − ε + 2εr/(L − 1) (0-based r), rescale by 1/p_r (or to the L1 norm).
+///
+/// A "row" is what mergekit's `argsort(dim=1)` ranks: for a 2-D weight the entries of one
+/// output row; for ≥ 3-D tensors the fibre along dimension 1 (every other index fixed); a 1-D
+/// tensor is one row. At d ≥ 1 the expert is kept as it is, as mergekit does.
 fn della(
     p: &MergeParams,
     tensor: &str,
@@ -414,27 +432,30 @@ fn della(
     n: u64,
     e: &Entries,
 ) -> Entries {
-    let row_len = match shape {
-        [] | [_] => n.max(1),
-        [_, rest @ ..] => rest.iter().product::<u64>().max(1),
+    if p.density >= 1.0 {
+        return e.clone();
+    }
+    // Fibre of flat index i: (i / (L·inner), i mod inner), with L = shape[1] and inner the
+    // product of the dimensions after it.
+    let (row_len, inner) = match shape {
+        [] | [_] => (n.max(1), 1),
+        [_, l, rest @ ..] => ((*l).max(1), rest.iter().product::<u64>().max(1)),
     };
+    let fibre = |i: u64| (i / (row_len * inner), i % inner);
     let rng = Stream::new(p.seed, expert, tensor);
+    let mut groups: std::collections::BTreeMap<(u64, u64), Vec<usize>> = Default::default();
+    for j in 0..e.values.len() {
+        groups.entry(fibre(e.index(j))).or_default().push(j);
+    }
     let mut probs: Vec<(u64, f64)> = Vec::new(); // (offset into e, p)
-    let mut start = 0usize;
-    while start < e.values.len() {
-        let row = e.index(start) / row_len;
-        let mut end = start + 1;
-        while end < e.values.len() && e.index(end) / row_len == row {
-            end += 1;
-        }
-        let mut order: Vec<usize> = (start..end).collect();
+    for mut order in groups.into_values() {
         order.sort_by(|&a, &b| {
             e.values[a]
                 .abs()
                 .total_cmp(&e.values[b].abs())
                 .then(a.cmp(&b))
         });
-        let below = row_len - (end - start) as u64; // out-of-mask zeros rank lowest
+        let below = row_len - order.len() as u64; // out-of-mask zeros rank lowest
         for (r0, &j) in order.iter().enumerate() {
             let r = below + r0 as u64; // 0-based rank
             let prob = if row_len > 1 {
@@ -444,7 +465,6 @@ fn della(
             };
             probs.push((j as u64, prob));
         }
-        start = end;
     }
     probs.sort_unstable_by_key(|&(j, _)| j);
     let keep: Vec<(u64, f64)> = probs
@@ -762,6 +782,155 @@ mod tests {
                 &p
             )
         );
+    }
+
+    /// `normalize` divides every strategy of the linear family by Σ w (P2.6 of the presets
+    /// review); |Σ w| < 1e-8 divides by 1.
+    #[test]
+    fn normalize_applies_to_the_linear_family() {
+        let w = [1.0, 2.0, 0.5];
+        let p = MergeParams {
+            normalize: true,
+            lambda: 2.0,
+            density: 1.0,
+            ..MergeParams::default()
+        };
+        // Σ w τ = [0.1, -2.5, 4, 0.2] (worked()), Σ w = 3.5, λ = 2.
+        let want: Vec<f32> = [0.1f32, -2.5, 4.0, 0.2]
+            .iter()
+            .map(|x| 2.0 * x / 3.5)
+            .collect();
+        for s in [
+            Strategy::Linear,
+            Strategy::TaskArithmetic,
+            Strategy::MagnitudePrune,
+            Strategy::DareLinear,
+        ] {
+            let got = run(s, &p, &worked(), &w);
+            assert!(close(&got, &want), "{s:?}: {got:?}");
+        }
+        let zero = run(Strategy::TaskArithmetic, &p, &worked(), &[1.0, -1.0, 0.0]);
+        let plain = run(
+            Strategy::TaskArithmetic,
+            &MergeParams {
+                normalize: false,
+                ..p.clone()
+            },
+            &worked(),
+            &[1.0, -1.0, 0.0],
+        );
+        assert_eq!(zero, plain, "Σ w = 0 divides by 1");
+    }
+
+    /// `rescale=l1` scales what top-k and breadcrumbs keep back to the untrimmed L1 norm.
+    #[test]
+    fn l1_rescale_applies_to_deterministic_trimming() {
+        let v = [4.0f32, -2.0, 1.0, 1.0];
+        let p = MergeParams {
+            density: 0.5,
+            rescale: Rescale::L1,
+            ..MergeParams::default()
+        };
+        // Top 2 by magnitude: [4, -2], ‖τ‖₁ = 8, ‖kept‖₁ = 6.
+        let want = [4.0 * 8.0 / 6.0, -2.0 * 8.0 / 6.0, 0.0, 0.0];
+        for s in [Strategy::MagnitudePrune, Strategy::Ties] {
+            let got = run(s, &p, &[dense(&v)], &[1.0]);
+            assert!(close(&got, &want), "{s:?}: {got:?}");
+        }
+        let none = run(
+            Strategy::Ties,
+            &MergeParams {
+                rescale: Rescale::Bernoulli,
+                ..p.clone()
+            },
+            &[dense(&v)],
+            &[1.0],
+        );
+        assert_eq!(none, vec![4.0, -2.0, 0.0, 0.0], "no rescale by default");
+        let v: Vec<f32> = (1..=100).map(|i| i as f32).collect();
+        let p = MergeParams {
+            density: 0.1,
+            gamma: 0.05,
+            rescale: Rescale::L1,
+            ..MergeParams::default()
+        };
+        let Output::Dense { values } =
+            merge_tensor("w", &[100], &[dense(&v)], &[1.0], Strategy::Breadcrumbs, &p)
+        else {
+            panic!()
+        };
+        let l1: f32 = values.iter().map(|x| x.abs()).sum();
+        assert!((l1 - 5050.0).abs() < 1e-2, "{l1}");
+    }
+
+    /// DELLA ranks along dimension 1 (mergekit's `argsort(dim=1)`), and keeps everything at
+    /// d = 1.
+    #[test]
+    fn della_ranks_fibres_along_dim_1_and_keeps_all_at_d_1() {
+        // Shape [1, 4, 2]: fibres are the even and the odd flat positions. With ε at its
+        // largest strict value the smallest magnitude of each fibre has p ≈ 0 and the largest
+        // p ≈ 1, so over many seeds the largest is always kept and the smallest almost never.
+        let v = [1.0f32, 40.0, 2.0, 30.0, 3.0, 20.0, 4.0, 10.0];
+        let p = |seed| MergeParams {
+            density: 0.5,
+            epsilon: 0.4999,
+            rescale: Rescale::L1,
+            seed,
+            ..MergeParams::default()
+        };
+        let (mut kept_big, mut kept_small) = ([0; 2], [0; 2]);
+        for seed in 0..200 {
+            let Output::Dense { values } = merge_tensor(
+                "t",
+                &[1, 4, 2],
+                &[dense(&v)],
+                &[1.0],
+                Strategy::Della,
+                &p(seed),
+            ) else {
+                panic!()
+            };
+            // Even fibre: largest |v| at 6 (4.0), smallest at 0; odd fibre: largest at 1, smallest at 7.
+            kept_big[0] += usize::from(values[6] != 0.0);
+            kept_big[1] += usize::from(values[1] != 0.0);
+            kept_small[0] += usize::from(values[0] != 0.0);
+            kept_small[1] += usize::from(values[7] != 0.0);
+        }
+        assert_eq!(kept_big, [200, 200], "the top of each fibre along dim 1");
+        assert!(kept_small[0] < 5 && kept_small[1] < 5, "{kept_small:?}");
+        let all = MergeParams {
+            density: 1.0,
+            ..MergeParams::default()
+        };
+        all.validate_for(Strategy::Della).unwrap();
+        assert_eq!(
+            run(
+                Strategy::Della,
+                &all,
+                &[dense(&[1.0, -2.0, 3.0, 0.5])],
+                &[1.0]
+            ),
+            vec![1.0, -2.0, 3.0, 0.5]
+        );
+    }
+
+    /// γ + d > 1: breadcrumbs drops fewer outliers so that k entries stay.
+    #[test]
+    fn breadcrumbs_cuts_the_outliers_when_gamma_plus_density_exceeds_one() {
+        let v: Vec<f32> = (1..=10).map(|i| i as f32).collect();
+        let p = MergeParams {
+            density: 0.9,
+            gamma: 0.2,
+            ..MergeParams::default()
+        };
+        p.validate_for(Strategy::Breadcrumbs).unwrap();
+        let Output::Dense { values } =
+            merge_tensor("w", &[10], &[dense(&v)], &[1.0], Strategy::Breadcrumbs, &p)
+        else {
+            panic!()
+        };
+        let kept: Vec<f32> = values.into_iter().filter(|x| *x != 0.0).collect();
+        assert_eq!(kept, (1..=9).map(|i| i as f32).collect::<Vec<_>>());
     }
 
     #[test]

@@ -187,6 +187,9 @@ pub struct MergeParams {
     /// xpm's exact-decimal count (set by both presets).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncate_k: bool,
+    /// The preset these parameters started from, for the checks that only hold under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
 }
 
 impl Default for MergeParams {
@@ -203,12 +206,14 @@ impl Default for MergeParams {
             seed: 0,
             rank: None,
             truncate_k: false,
+            preset: None,
         }
     }
 }
 
 /// A set of defaults that reproduces another library's choices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Preset {
     Peft,
     Mergekit,
@@ -268,6 +273,7 @@ impl MergeParams {
             // rescales by 1/d.
             Preset::Peft => MergeParams {
                 truncate_k: true,
+                preset: Some(p),
                 ..MergeParams::default()
             },
             // mergekit's generalized task arithmetic with its per-method defaults.
@@ -275,6 +281,7 @@ impl MergeParams {
                 let mut m = MergeParams {
                     sign: SignRule::Weighted,
                     truncate_k: true,
+                    preset: Some(p),
                     // mergekit's density defaults to 1 (keep everything).
                     density: 1.0,
                     ..MergeParams::default()
@@ -366,27 +373,47 @@ impl MergeParams {
     /// Range checks for the parameters `strategy` uses.
     pub fn validate_for(&self, strategy: Strategy) -> Result<()> {
         self.validate()?;
-        if matches!(strategy, Strategy::Breadcrumbs | Strategy::BreadcrumbsTies)
-            && self.gamma + self.density > 1.0 + 1e-12
-        {
-            return Err(Error::input(
-                format!(
-                    "breadcrumbs drops the top gamma = {} and keeps the next density = {}: their sum must be ≤ 1",
-                    self.gamma, self.density
-                ),
-                Some("lower `--param density` or `--param gamma`"),
-            ));
-        }
+        // mergekit's bounds, strict: 0 < d − ε and d + ε < 1; at d = 1 DELLA keeps everything.
         if strategy == Strategy::Della
-            && !(0.0..=self.density.min(1.0 - self.density)).contains(&self.epsilon)
+            && self.density < 1.0
+            && !(self.density - self.epsilon > 0.0 && self.density + self.epsilon < 1.0)
         {
             return Err(Error::input(
                 format!(
-                    "epsilon {} must keep every DELLA probability d ± ε inside [0, 1] (d = {})",
+                    "epsilon {} must keep every DELLA probability d ± ε strictly inside (0, 1) (d = {})",
                     self.epsilon, self.density
                 ),
                 Some("lower `--param epsilon`"),
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks that depend on the tensor: under `mergekit`, breadcrumbs on a tensor where it
+    /// drops no outlier (⌊γ·n⌋ = 0 after its `n_bot < 0` cut) is refused, because mergekit's
+    /// slice `[n_bot:-0]` then keeps nothing at all there.
+    pub fn check_tensor(&self, strategy: Strategy, tensor: &str, numel: u64) -> Result<()> {
+        if self.preset == Some(Preset::Mergekit)
+            && matches!(strategy, Strategy::Breadcrumbs | Strategy::BreadcrumbsTies)
+        {
+            let n = numel as f64;
+            let target = (self.density * n) as i64;
+            let mut top = (self.gamma * n) as i64;
+            let bot = numel as i64 - target - top;
+            if bot < 0 {
+                top += bot;
+            }
+            if top <= 0 {
+                return Err(Error::input(
+                    format!(
+                        "breadcrumbs under the mergekit preset drops ⌊γ·n⌋ = 0 outliers of `{tensor}` (n = {numel}, gamma = {}, density = {}), where mergekit would keep nothing",
+                        self.gamma, self.density
+                    ),
+                    Some(
+                        "raise `--param gamma` so that γ·n ≥ 1, leave --preset out (xpm then drops no outlier there), or exclude the tensor with --override",
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -412,5 +439,41 @@ impl MergeParams {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mergekit_breadcrumbs_without_outliers_is_refused_per_tensor() {
+        let mut p = MergeParams::preset(Preset::Mergekit, Strategy::Breadcrumbs);
+        p.density = 0.5;
+        p.gamma = 0.01;
+        // 50 entries: ⌊0.01·50⌋ = 0 → refused, naming the tensor; 1000 entries: 10 → fine.
+        let e = p
+            .check_tensor(Strategy::Breadcrumbs, "layer.0.q.weight", 50)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("layer.0.q.weight") && e.contains("n = 50"),
+            "{e}"
+        );
+        p.check_tensor(Strategy::Breadcrumbs, "w", 1000).unwrap();
+        // d = 1 cuts every outlier (n_bot < 0): refused too.
+        p.density = 1.0;
+        assert!(
+            p.check_tensor(Strategy::BreadcrumbsTies, "w", 1000)
+                .is_err()
+        );
+        // Without the preset, or for another strategy, nothing to refuse.
+        MergeParams {
+            preset: None,
+            ..p.clone()
+        }
+        .check_tensor(Strategy::Breadcrumbs, "w", 50)
+        .unwrap();
+        p.check_tensor(Strategy::Ties, "w", 50).unwrap();
     }
 }

@@ -93,6 +93,17 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         names,
         info,
     } = ExpertSet::open(&opts.experts)?;
+    // The strategy and parameters of a tensor: the first matching override, else the merge's.
+    let pick = |name: &str| match opts.overrides.iter().find(|o| o.matcher.is_match(name)) {
+        Some(o) => (o.strategy, &o.params),
+        None => (opts.strategy, &opts.params),
+    };
+    if opts.plugin.is_none() {
+        for name in &names {
+            let (strategy, params) = pick(name);
+            params.check_tensor(strategy, name, info[name].0.iter().product())?;
+        }
+    }
     let first = readers[0].manifest();
     // Every input's file digest (recorded in provenance, checked against recipe pins).
     let digests: Vec<String> = {
@@ -142,11 +153,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         |name| {
             let (shape, dtype) = info[name].clone();
             let mut dense_input = false;
-            let (strategy, params) = match opts.overrides.iter().find(|o| o.matcher.is_match(name))
-            {
-                Some(o) => (o.strategy, &o.params),
-                None => (opts.strategy, &opts.params),
-            };
+            let (strategy, params) = pick(name);
             let (content, kind) = if let Some((plugin, pparams)) = &opts.plugin {
                 let mut inputs = Vec::with_capacity(readers.len());
                 for r in &readers {
