@@ -353,8 +353,10 @@ pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) ->
         std::fs::create_dir_all(d).at("create directory", d)?;
     }
     let split = |t: &str, s: &str| data.join(format!("{t}.{s}.jsonl"));
-    let common_train = |seed: u64| -> Vec<String> {
-        vec![
+    // `xpm train` for one (task, seed): the shared settings, then the method's arguments.
+    let train_args = |seed: u64, task: &str, name: &str, file: &Path, extra: &[String]| {
+        let mut a = vec![
+            s("train"),
             s("--base"),
             base.clone(),
             s("--seed"),
@@ -366,7 +368,19 @@ pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) ->
             s("--max-seq-len"),
             s(cfg.max_seq_len),
             s("--json"),
-        ]
+            s("--data"),
+            split(task, "train").display().to_string(),
+            s("--eval"),
+            split(task, "eval").display().to_string(),
+            s("--name"),
+            name.to_string(),
+            s("--version"),
+            s("1.0.0"),
+            s("-o"),
+            file.display().to_string(),
+        ];
+        a.extend(extra.iter().cloned());
+        a
     };
     let eval_args = |expert: &Path, merged: Option<&Path>, task: &str| -> Vec<String> {
         let mut a = vec![
@@ -417,23 +431,9 @@ pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) ->
         for t in &tasks {
             let name = format!("{}-head-s{seed}", t.name);
             let file = experts.join(format!("{name}-1.0.0.xpm"));
-            let mut a = vec![s("train")];
-            a.extend(common_train(seed));
-            a.extend([
-                s("--method"),
-                s("head"),
-                s("--data"),
-                split(&t.name, "train").display().to_string(),
-                s("--eval"),
-                split(&t.name, "eval").display().to_string(),
-                s("--name"),
-                name.clone(),
-                s("--version"),
-                s("1.0.0"),
-                s("-o"),
-                file.display().to_string(),
-            ]);
-            a.extend(cfg.head_args.iter().cloned());
+            let mut extra = vec![s("--method"), s("head")];
+            extra.extend(cfg.head_args.iter().cloned());
+            let a = train_args(seed, &t.name, &name, &file, &extra);
             r.xpm(
                 &format!("train/{name}"),
                 &format!("train a head on the base for {} (seed {seed})", t.name),
@@ -457,21 +457,7 @@ pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) ->
             for t in &cfg.tasks {
                 let name = format!("{}-{}-s{seed}", t.name, m.name);
                 let file = experts.join(format!("{name}-1.0.0.xpm"));
-                let mut a = vec![s("train")];
-                a.extend(common_train(seed));
-                a.extend(m.args.iter().cloned());
-                a.extend([
-                    s("--data"),
-                    split(&t.name, "train").display().to_string(),
-                    s("--eval"),
-                    split(&t.name, "eval").display().to_string(),
-                    s("--name"),
-                    name.clone(),
-                    s("--version"),
-                    s("1.0.0"),
-                    s("-o"),
-                    file.display().to_string(),
-                ]);
+                let a = train_args(seed, &t.name, &name, &file, &m.args);
                 r.xpm(
                     &format!("train/{name}"),
                     &format!("train {} on {} (seed {seed})", m.name, t.name),
