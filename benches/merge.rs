@@ -6,7 +6,10 @@
 //!   same deltas stored as dense experts, which the engine merges with full support);
 //! - against an I/O floor: decoding every input tensor and encoding + writing the output, with
 //!   no merge arithmetic, in-process and parallel like `xpm merge`;
-//! - peak RSS of each run (GNU time).
+//! - peak RSS of each run (GNU time);
+//! - with `TORCH_PYTHON=…/python` (a Python with torch and safetensors): against PyTorch merging
+//!   the same experts densified, with mergekit's formulas (`benches/torch_merge.py`), and the
+//!   largest difference between its result and xpm's.
 //!
 //! Run: `cargo bench --bench merge` (`-- --quick` for 4 experts × 16 tensors). Writes the table
 //! to `target/bench-merge.md`.
@@ -165,6 +168,83 @@ fn io_floor(inputs: &[PathBuf], merged: &Path, out: &Path) -> f64 {
     t.elapsed().as_secs_f64() - t_dec.elapsed().as_secs_f64()
 }
 
+/// `xpm unpack` (not timed) every expert, then `benches/torch_merge.py` per strategy.
+fn torch_baseline(
+    python: &str,
+    dir: &Path,
+    experts: &[PathBuf],
+    runs: &[(&str, PathBuf, f64, f64)],
+) -> String {
+    let unpack = |src: &Path, dst: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_xpm"))
+            .arg("unpack")
+            .arg(src)
+            .arg("-q")
+            .arg("-o")
+            .arg(dst)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    eprintln!("unpacking the experts for PyTorch …");
+    let dirs: Vec<PathBuf> = experts
+        .par_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let d = dir.join(format!("u{i}"));
+            unpack(e, &d);
+            d
+        })
+        .collect();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/torch_merge.py");
+    let mut out = String::from(
+        "\n### Against PyTorch (dense, mergekit's formulas)\n\n`benches/torch_merge.py`: the same \
+         experts unpacked, each densified in torch, merged one tensor name at a time, written with \
+         safetensors; 2 threads. Time from the first read to the written file (interpreter start \
+         and `import torch` not counted); peak RSS is the process's, and in brackets above what the \
+         interpreter holds once torch is imported.\n\n\
+         | strategy | xpm sparse-native | PyTorch dense | xpm faster by | PyTorch memory / xpm | max \\|xpm − torch\\| |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    for (strategy, merged, ts, ms) in runs {
+        let check = dir.join(format!("u-{strategy}"));
+        unpack(merged, &check);
+        let o = Command::new(python)
+            .arg(&script)
+            .args(["--strategy", strategy, "--density", "0.2", "--threads", "2"])
+            .arg("--out")
+            .arg(dir.join("torch.safetensors"))
+            .arg("--check")
+            .arg(&check)
+            .args(&dirs)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .last()
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        let (tt, mt, mi) = (
+            v["seconds"].as_f64().unwrap(),
+            v["peak_rss_mb"].as_f64().unwrap(),
+            v["rss_after_import_mb"].as_f64().unwrap(),
+        );
+        out.push_str(&format!(
+            "| `{strategy}` | {ts:.2} s, {ms:.0} MB | {tt:.2} s, {mt:.0} MB (+{:.0}) | **{:.1}×** | **{:.1}×** ({:.1}×) | {:.1e} |\n",
+            mt - mi,
+            tt / ts,
+            mt / ms,
+            (mt - mi) / ms,
+            v["max_abs_diff"].as_f64().unwrap_or(f64::NAN)
+        ));
+    }
+    out
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (experts, tensors) = if quick { (4u64, 16usize) } else { (20, 64) };
@@ -197,6 +277,7 @@ fn main() {
         size(&sparse),
         size(&dense),
     );
+    let mut sparse_runs = Vec::new();
     for strategy in ["ties", "sparse-mean"] {
         let out_s = dir.path().join(format!("m-{strategy}-s.xpm"));
         let out_d = dir.path().join(format!("m-{strategy}-d.xpm"));
@@ -211,6 +292,10 @@ fn main() {
             md / ms,
             ts / floor,
         ));
+        sparse_runs.push((strategy, out_s, ts, ms));
+    }
+    if let Ok(python) = std::env::var("TORCH_PYTHON") {
+        report.push_str(&torch_baseline(&python, dir.path(), &sparse, &sparse_runs));
     }
     // A plugin implementation of `mean` against the built-in, same inputs (release cdylib).
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
