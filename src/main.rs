@@ -2,6 +2,5 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    xpm::alloc::configure();
     xpm::cli::main()
 }

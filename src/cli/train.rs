@@ -108,6 +108,7 @@ pub struct Args {
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
+    crate::alloc::configure();
     let out = a.out.unwrap_or_else(|| {
         PathBuf::from(format!("{}-{}.xpm", a.name.replace('/', "-"), a.version))
     });
