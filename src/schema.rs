@@ -51,6 +51,16 @@ pub fn all() -> Vec<(&'static str, serde_json::Value)> {
             schema::<crate::train::eval::EvalReport>("xpm eval --json output"),
         ),
         (
+            "experiment.schema.json",
+            schema::<crate::experiment::Config>(
+                "xpm experiment file (experiments/*.toml, described as JSON)",
+            ),
+        ),
+        (
+            "experiment-results.schema.json",
+            schema::<crate::experiment::Results>("xpm experiment results (NAME.json)"),
+        ),
+        (
             "installed.schema.json",
             schema::<Vec<crate::store::Installed>>("xpm list --json output"),
         ),

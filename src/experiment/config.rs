@@ -8,7 +8,7 @@ use crate::error::{Error, IoResultExt, Result};
 
 /// One experiment: train every method on every task for every seed, publish, install, merge,
 /// evaluate. See docs/results.md for the file this is read from.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Names the work directory and the result files.
@@ -73,7 +73,7 @@ fn default_eval_batch_size() -> usize {
 }
 
 /// A labelled text task, made with `xpm data import`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskConfig {
     /// Short name (lowercase letters, digits, `-`): part of the expert names.
@@ -101,7 +101,7 @@ pub struct TaskConfig {
 }
 
 /// A training method: `xpm train` arguments and the strategies its experts are merged with.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MethodConfig {
     /// Short name, e.g. `sparse-5`.

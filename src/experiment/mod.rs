@@ -25,7 +25,7 @@ use crate::error::{Error, IoResultExt, Result};
 use crate::printer::Printer;
 
 /// One measured accuracy.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Record {
     pub seed: u64,
     /// The task evaluated.
@@ -46,7 +46,7 @@ pub struct Record {
 }
 
 /// Mask overlap between the sparse experts of one (method, seed) merge of all tasks.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct OverlapRecord {
     pub seed: u64,
     pub method: String,
@@ -58,7 +58,7 @@ pub struct OverlapRecord {
 }
 
 /// A task's data as imported.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct TaskInfo {
     pub name: String,
     pub description: Option<String>,
@@ -70,7 +70,7 @@ pub struct TaskInfo {
 }
 
 /// Everything `report` needs: `NAME.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Results {
     pub schema_version: u32,
     pub experiment: String,
