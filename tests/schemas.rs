@@ -51,3 +51,30 @@ fn a_written_manifest_validates_against_its_schema() {
         );
     }
 }
+
+#[test]
+fn the_committed_experiment_and_its_results_validate() {
+    let all = xpm::schema::all();
+    let schema = |name: &str| {
+        let s = &all.iter().find(|(f, _)| *f == name).unwrap().1;
+        jsonschema::validator_for(s).unwrap()
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("docs/results/merge-six.json")).unwrap())
+            .unwrap();
+    let errors: Vec<String> = schema("experiment-results.schema.json")
+        .iter_errors(&results)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    let cfg = xpm::experiment::Config::load(&root.join("experiments/merge-six.toml")).unwrap();
+    let cfg = serde_json::to_value(&cfg).unwrap();
+    let errors: Vec<String> = schema("experiment.schema.json")
+        .iter_errors(&cfg)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    // The results were made from this very file.
+    assert_eq!(results["config"], cfg);
+}
