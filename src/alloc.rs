@@ -18,17 +18,9 @@ const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 /// `mi_option_arena_eager_commit` in mimalloc.h (v2).
 const MI_OPTION_ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
 
-/// Return freed memory at once and commit arenas lazily (unless the `MIMALLOC_*` variables say
-/// otherwise): the lowest peak RSS, for commands whose large buffers are not reused.
-pub fn lean() {
-    for (var, option, value) in [
-        ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, 0),
-        (
-            "MIMALLOC_ARENA_EAGER_COMMIT",
-            MI_OPTION_ARENA_EAGER_COMMIT,
-            0,
-        ),
-    ] {
+/// Set mimalloc options, each unless its `MIMALLOC_*` variable is set (the variable wins).
+fn set_options(options: [(&str, std::ffi::c_int, std::ffi::c_long); 2]) {
+    for (var, option, value) in options {
         if std::env::var_os(var).is_none() {
             // SAFETY: sets a process-wide allocator option; nothing depends on its old value.
             unsafe { mi_option_set(option, value) };
@@ -36,14 +28,28 @@ pub fn lean() {
     }
 }
 
-/// Keep freed memory for reuse (unless `MIMALLOC_PURGE_DELAY` says otherwise).
+/// Return freed memory at once and commit arenas lazily: the lowest peak RSS, for commands
+/// whose large buffers are not reused.
+pub fn lean() {
+    set_options([
+        ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, 0),
+        (
+            "MIMALLOC_ARENA_EAGER_COMMIT",
+            MI_OPTION_ARENA_EAGER_COMMIT,
+            0,
+        ),
+    ]);
+}
+
+/// Keep freed memory for reuse, with mimalloc's default arena commit (2: eager on
+/// overcommitting systems).
 pub fn configure() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets a process-wide allocator option; nothing depends on its old value.
-        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    }
-    if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
-        // SAFETY: as above; 2 is mimalloc's default (eager on overcommitting systems).
-        unsafe { mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 2) };
-    }
+    set_options([
+        ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, -1),
+        (
+            "MIMALLOC_ARENA_EAGER_COMMIT",
+            MI_OPTION_ARENA_EAGER_COMMIT,
+            2,
+        ),
+    ]);
 }

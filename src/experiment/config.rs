@@ -183,6 +183,16 @@ impl Config {
         Ok(())
     }
 
+    /// The task counts `strategy` is merged at: every k for the scaling strategies, else all
+    /// tasks only.
+    pub fn counts_for(&self, strategy: &str) -> Vec<usize> {
+        if self.scaling_strategies.iter().any(|s| s == strategy) {
+            self.counts()
+        } else {
+            vec![self.tasks.len()]
+        }
+    }
+
     /// Every k to merge, ascending, ending with all tasks.
     pub fn counts(&self) -> Vec<usize> {
         let mut c = self.merge_counts.clone();

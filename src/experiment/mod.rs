@@ -297,12 +297,8 @@ pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) ->
             m.strategies
                 .iter()
                 .map(|st| {
-                    let ks = if cfg.scaling_strategies.contains(st) {
-                        cfg.counts()
-                    } else {
-                        vec![n_tasks]
-                    };
-                    ks.iter()
+                    cfg.counts_for(st)
+                        .iter()
                         .map(|&k| 1 + k + usize::from(k == n_tasks && cfg.heldout.is_some()))
                         .sum::<usize>()
                 })
@@ -526,12 +522,7 @@ pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) ->
             }
 
             for st in &m.strategies {
-                let ks = if cfg.scaling_strategies.contains(st) {
-                    cfg.counts()
-                } else {
-                    vec![n_tasks]
-                };
-                for k in ks {
+                for k in cfg.counts_for(st) {
                     let mname = format!("{}-{st}-k{k}-s{seed}", m.name);
                     let mfile = merged_dir.join(format!("{mname}.xpm"));
                     let mut a = vec![s("merge"), s("--strategy"), st.clone()];
