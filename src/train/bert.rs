@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Result, Tensor};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
-use super::fused::{gelu, layer_norm, masked_softmax};
+use super::fused::{attention, gelu, layer_norm};
 use super::nn::AdaptedLinear;
 use crate::rng::SplitMix64;
 
@@ -153,20 +153,12 @@ impl Bert {
             .unsqueeze(1)?
             .unsqueeze(1)?;
         let nh = self.config.num_attention_heads;
-        let hd = h / nh;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()
-        };
+        let scale = 1.0 / ((h / nh) as f64).sqrt();
         for l in &self.layers {
-            let q = heads(l.query.forward(&x, rng.as_deref_mut())?)?;
-            let k = heads(l.key.forward(&x, rng.as_deref_mut())?)?;
-            let v = heads(l.value.forward(&x, rng.as_deref_mut())?)?;
-            let probs = masked_softmax(&q.matmul(&k.t()?)?, &ext, 1.0 / (hd as f64).sqrt())?;
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, s, h))?;
+            let q = l.query.forward(&x, rng.as_deref_mut())?;
+            let k = l.key.forward(&x, rng.as_deref_mut())?;
+            let v = l.value.forward(&x, rng.as_deref_mut())?;
+            let ctx = attention(&q, &k, &v, &ext, nh, scale)?;
             let a = l.attn_out.forward(&ctx, rng.as_deref_mut())?;
             let x1 = layer_norm(&(a + &x)?, &l.attn_norm.w, &l.attn_norm.b, eps)?;
             let i = l.inter.forward(&x1, rng.as_deref_mut())?;

@@ -7,13 +7,13 @@
 //! one backward. On other devices, or for other dtypes, the callers fall back to the composite
 //! versions in [`super::nn`]; tests check both agree (values and gradients).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per parallel task (enough work to amortise scheduling).
 const CHUNK: usize = 16 * 1024;
 
-fn input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(super) fn input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(d) = s else {
         candle_core::bail!("{op}: f32 input expected")
     };
@@ -26,6 +26,12 @@ fn input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
 /// erf with max absolute error 1.5e-7 (Abramowitz & Stegun 7.1.26).
 #[inline]
 fn erf(x: f32) -> f32 {
+    erf_with_exp(x, (-x * x).exp())
+}
+
+/// [`erf`] given `e = exp(−x²)`.
+#[inline]
+fn erf_with_exp(x: f32, e: f32) -> f32 {
     let s = x.signum();
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
@@ -33,7 +39,7 @@ fn erf(x: f32) -> f32 {
         - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_8) * t - 0.284_496_74) * t
             + 0.254_829_6)
             * t
-            * (-a * a).exp();
+            * e;
     s * y
 }
 
@@ -55,7 +61,8 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 struct Gelu;
-struct GeluGrad;
+/// `g ⊙ gelu′(x)`, from (x, g).
+struct GeluBackward;
 
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
@@ -68,20 +75,40 @@ impl CustomOp1 for Gelu {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let d = arg.contiguous()?.apply_op1_no_bwd(&GeluGrad)?;
-        Ok(Some(grad.mul(&d)?))
+        let x = arg.contiguous()?;
+        Ok(Some(
+            x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?,
+        ))
     }
 }
 
-impl CustomOp1 for GeluGrad {
+impl CustomOp2 for GeluBackward {
     fn name(&self) -> &'static str {
-        "xpm-gelu-grad"
+        "xpm-gelu-backward"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = map_par(input(s, l, self.name())?, |x| {
-            0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (input(xs, xl, self.name())?, input(gs, gl, self.name())?);
+        if x.len() != g.len() {
+            candle_core::bail!("{}: input and gradient differ in size", self.name())
+        }
+        let mut d = vec![0f32; x.len()];
+        d.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(d, (x, g))| {
+                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                    // gelu′(x) = Φ(x) + x φ(x); erf and φ share exp(−x²/2).
+                    let e = (-0.5 * x * x).exp();
+                    *d = g
+                        * (0.5 * (1.0 + erf_with_exp(x * FRAC_1_SQRT_2, e)) + x * INV_SQRT_2PI * e);
+                }
+            });
+        Ok((CpuStorage::F32(d), xl.shape().clone()))
     }
 }
 
@@ -101,9 +128,9 @@ struct LayerNorm {
     eps: f32,
 }
 
+/// The input gradient of [`LayerNorm`], from (x, g).
 struct LayerNormGrad<'a> {
     ln: &'a LayerNorm,
-    grad: Vec<f32>,
 }
 
 impl LayerNorm {
@@ -143,26 +170,38 @@ impl CustomOp1 for LayerNorm {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
-        let op = LayerNormGrad { ln: self, grad: g };
-        Ok(Some(arg.contiguous()?.apply_op1_no_bwd(&op)?))
+        let op = LayerNormGrad { ln: self };
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &op)?,
+        ))
     }
 }
 
-impl CustomOp1 for LayerNormGrad<'_> {
+impl CustomOp2 for LayerNormGrad<'_> {
     fn name(&self) -> &'static str {
         "xpm-layer-norm-grad"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         // dx = inv · (gw − mean(gw) − x̂ · mean(gw · x̂)), gw = g ⊙ w.
         let x = input(s, l, self.name())?;
+        let grad = input(gs, gl, self.name())?;
+        if grad.len() != x.len() {
+            candle_core::bail!("{}: input and gradient differ in size", self.name())
+        }
         let h = self.ln.rows();
         let w = &self.ln.w;
         let mut dx = vec![0f32; x.len()];
         let per = (CHUNK / h).max(1) * h;
         dx.par_chunks_mut(per)
             .zip(x.par_chunks(per))
-            .zip(self.grad.par_chunks(per))
+            .zip(grad.par_chunks(per))
             .for_each(|((dx, x), g)| {
                 let mut xhat = vec![0f32; h];
                 for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
@@ -198,9 +237,9 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     }
 }
 
+/// The input gradient of [`MaskedSoftmax`], from (g, y).
 struct SoftmaxGrad {
     n: usize,
-    y: Vec<f32>,
     /// The input was scaled by this before the softmax.
     scale: f32,
 }
@@ -252,10 +291,12 @@ impl CustomOp1 for MaskedSoftmax {
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let op = SoftmaxGrad {
             n: self.dims[3],
-            y: res.flatten_all()?.to_vec1()?,
             scale: self.scale,
         };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op2_no_bwd(&res.contiguous()?, &op)?,
+        ))
     }
 }
 
@@ -277,19 +318,29 @@ pub fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     }
 }
 
-impl CustomOp1 for SoftmaxGrad {
+impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
         "xpm-softmax-grad"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         // dx = y ⊙ (g − Σ g ⊙ y)
         let g = input(s, l, self.name())?;
+        let y = input(ys, yl, self.name())?;
+        if y.len() != g.len() {
+            candle_core::bail!("{}: output and gradient differ in size", self.name())
+        }
         let n = self.n;
         let mut dx = vec![0f32; g.len()];
         let per = (CHUNK / n).max(1) * n;
         dx.par_chunks_mut(per)
             .zip(g.par_chunks(per))
-            .zip(self.y.par_chunks(per))
+            .zip(y.par_chunks(per))
             .for_each(|((dx, g), y)| {
                 for ((dx, g), y) in dx.chunks_mut(n).zip(g.chunks(n)).zip(y.chunks(n)) {
                     let dot: f32 = g.iter().zip(y).map(|(a, b)| a * b).sum();
@@ -300,6 +351,276 @@ impl CustomOp1 for SoftmaxGrad {
             });
         Ok((CpuStorage::F32(dx), l.shape().clone()))
     }
+}
+
+/// The data of a contiguous f32 CPU tensor, borrowed for `f`.
+fn with_data<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => f(input(s, layout, op)?),
+        _ => candle_core::bail!("{op}: a CPU tensor expected"),
+    }
+}
+
+/// Multi-head attention `softmax(scale · Q Kᵀ + mask) V` for every (batch, head), on q, k, v
+/// laid out as (b, s, h) with the heads side by side in the last dimension, writing the
+/// context in the same layout. One op instead of head transposes, two batched matmuls, the
+/// softmax and the context transpose, each with its own backward; the probabilities are kept
+/// from the forward for the backward.
+struct Attention {
+    /// batch, sequence, hidden, heads
+    dims: [usize; 4],
+    mask: Vec<f32>,
+    mask_rows: usize,
+    scale: f32,
+    probs: std::sync::Mutex<Vec<f32>>,
+}
+
+/// Softmax of `scale · row + mask` in place.
+#[inline]
+fn softmax_row(row: &mut [f32], mask: &[f32], scale: f32) {
+    let mut max = f32::NEG_INFINITY;
+    for (y, &m) in row.iter_mut().zip(mask) {
+        *y = *y * scale + m;
+        max = max.max(*y);
+    }
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+impl Attention {
+    fn mask_row(&self, bi: usize, qi: usize) -> &[f32] {
+        let s = self.dims[1];
+        let mrow = if self.mask_rows == 1 { 0 } else { qi };
+        &self.mask[(bi * self.mask_rows + mrow) * s..][..s]
+    }
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "xpm-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use super::linear::gemm_into;
+        let [b, s, h, nh] = self.dims;
+        let hd = h / nh;
+        let (q, k, v) = (
+            input(qs, ql, self.name())?,
+            input(ks, kl, self.name())?,
+            input(vs, vl, self.name())?,
+        );
+        if [q.len(), k.len(), v.len()] != [b * s * h; 3] {
+            candle_core::bail!("{}: q, k and v must be {b} × {s} × {h}", self.name())
+        }
+        let mut probs = vec![0f32; b * nh * s * s];
+        let mut ctx = vec![0f32; b * s * h];
+        probs
+            .par_chunks_mut(nh * s * s)
+            .zip(ctx.par_chunks_mut(s * h))
+            .enumerate()
+            .for_each(|(bi, (probs, ctx))| {
+                let base = bi * s * h;
+                for (hi, p) in probs.chunks_mut(s * s).enumerate() {
+                    let at = base + hi * hd;
+                    gemm_into(
+                        p,
+                        s,
+                        (s, s, hd),
+                        false,
+                        &q[at..],
+                        (h, 1),
+                        &k[at..],
+                        (1, h),
+                        false,
+                    );
+                    for (qi, row) in p.chunks_mut(s).enumerate() {
+                        softmax_row(row, self.mask_row(bi, qi), self.scale);
+                    }
+                    let out = &mut ctx[hi * hd..];
+                    gemm_into(
+                        out,
+                        h,
+                        (s, hd, s),
+                        false,
+                        p,
+                        (s, 1),
+                        &v[at..],
+                        (h, 1),
+                        false,
+                    );
+                }
+            });
+        *self.probs.lock().expect("attention probabilities") = probs;
+        Ok((CpuStorage::F32(ctx), Shape::from((b, s, h))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use super::linear::gemm_into;
+        let [b, s, h, nh] = self.dims;
+        let hd = h / nh;
+        let name = self.name();
+        let grad = grad.contiguous()?;
+        let probs = self.probs.lock().expect("attention probabilities");
+        if probs.len() != b * nh * s * s {
+            candle_core::bail!("{name}: backward without a forward")
+        }
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; b * s * h],
+            vec![0f32; b * s * h],
+            vec![0f32; b * s * h],
+        );
+        with_data(q, name, |q| {
+            with_data(k, name, |k| {
+                with_data(v, name, |v| {
+                    with_data(&grad, name, |g| {
+                        dq.par_chunks_mut(s * h)
+                            .zip(dk.par_chunks_mut(s * h))
+                            .zip(dv.par_chunks_mut(s * h))
+                            .enumerate()
+                            .for_each(|(bi, ((dq, dk), dv))| {
+                                let base = bi * s * h;
+                                let mut ds = vec![0f32; s * s];
+                                for hi in 0..nh {
+                                    let at = base + hi * hd;
+                                    let p = &probs[(bi * nh + hi) * s * s..][..s * s];
+                                    let o = hi * hd;
+                                    // dP = G Vᵀ; dV = Pᵀ G
+                                    let (g, v) = (&g[at..], &v[at..]);
+                                    gemm_into(
+                                        &mut ds,
+                                        s,
+                                        (s, s, hd),
+                                        false,
+                                        g,
+                                        (h, 1),
+                                        v,
+                                        (1, h),
+                                        false,
+                                    );
+                                    gemm_into(
+                                        &mut dv[o..],
+                                        h,
+                                        (s, hd, s),
+                                        false,
+                                        p,
+                                        (1, s),
+                                        g,
+                                        (h, 1),
+                                        false,
+                                    );
+                                    // dS = scale · P ⊙ (dP − Σ_j dP ⊙ P)
+                                    for (d, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                                        let dot: f32 = d.iter().zip(p).map(|(a, b)| a * b).sum();
+                                        for (d, &p) in d.iter_mut().zip(p) {
+                                            *d = self.scale * p * (*d - dot);
+                                        }
+                                    }
+                                    // dQ = dS K; dK = dSᵀ Q
+                                    let (k, q) = (&k[at..], &q[at..]);
+                                    gemm_into(
+                                        &mut dq[o..],
+                                        h,
+                                        (s, hd, s),
+                                        false,
+                                        &ds,
+                                        (s, 1),
+                                        k,
+                                        (h, 1),
+                                        false,
+                                    );
+                                    gemm_into(
+                                        &mut dk[o..],
+                                        h,
+                                        (s, hd, s),
+                                        false,
+                                        &ds,
+                                        (1, s),
+                                        q,
+                                        (h, 1),
+                                        false,
+                                    );
+                                }
+                            });
+                        Ok(())
+                    })
+                })
+            })
+        })?;
+        let dev = q.device();
+        let wrap = |t: &Tensor, d: Vec<f32>| -> Result<Option<Tensor>> {
+            Ok(if t.track_op() {
+                Some(Tensor::from_vec(d, (b, s, h), dev)?)
+            } else {
+                None
+            })
+        };
+        Ok((wrap(q, dq)?, wrap(k, dk)?, wrap(v, dv)?))
+    }
+}
+
+/// Multi-head attention over q, k, v (b, s, h) with `heads` heads and an additive mask
+/// (b, 1, 1 or s, s) that is a constant: `softmax(scale · Q Kᵀ + mask) V` per head, returned
+/// as (b, s, h). Fused on the CPU for f32; elsewhere head transposes, matmuls and
+/// [`masked_softmax`].
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, s, h) = q.dims3()?;
+    let (mb, _, mq, mk) = mask.dims4()?;
+    let fusable = q.device().is_cpu()
+        && q.dtype() == candle_core::DType::F32
+        && mb == b
+        && mk == s
+        && (mq == 1 || mq == s)
+        && h % heads == 0;
+    if fusable {
+        let op = Attention {
+            dims: [b, s, h, heads],
+            mask: mask.flatten_all()?.to_vec1()?,
+            mask_rows: mq,
+            scale: scale as f32,
+            probs: std::sync::Mutex::new(Vec::new()),
+        };
+        return q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    let hd = h / heads;
+    let split = |t: &Tensor| -> Result<Tensor> {
+        t.reshape((b, s, heads, hd))?.transpose(1, 2)?.contiguous()
+    };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let probs = masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?;
+    probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, s, h))
 }
 
 #[cfg(test)]
@@ -338,6 +659,69 @@ mod tests {
             "gradient differs by {}",
             max_diff(ga, gb)
         );
+    }
+
+    /// The fused attention equals the composite (head transposes, matmuls, softmax): output
+    /// and the gradients of q, k and v, with per-key and per-query masks.
+    #[test]
+    fn fused_attention_matches_the_composite() {
+        let (b, s, h, nh) = (2, 5, 12, 3);
+        let hd = h / nh;
+        for mq in [1usize, s] {
+            let mut m: Vec<f32> = vec![0.0; b * mq * s];
+            m[s - 1] = f32::MIN;
+            m[b * mq * s - 2] = f32::MIN;
+            let mask = Tensor::from_vec(m, (b, 1, mq, s), &Device::Cpu).unwrap();
+            let vars: Vec<Var> = (0..3)
+                .map(|i| Var::from_tensor(&randn(&[b, s, h], 20 + i, 1.0)).unwrap())
+                .collect();
+            let (q, k, v) = (
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+            );
+            let scale = 1.0 / (hd as f64).sqrt();
+            let fused = attention(q, k, v, &mask, nh, scale).unwrap();
+            let split = |t: &Tensor| {
+                t.reshape((b, s, nh, hd))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let scores = split(q).matmul(&split(k).t().unwrap()).unwrap();
+            let probs =
+                super::super::nn::softmax(&(scores * scale).unwrap().broadcast_add(&mask).unwrap())
+                    .unwrap();
+            let composite = probs
+                .matmul(&split(v))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((b, s, h))
+                .unwrap();
+            assert!(max_diff(&fused, &composite) < 1e-5);
+            let probe = randn(&[b, s, h], 30, 1.0);
+            let ga = (fused * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gb = (composite * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for t in [q, k, v] {
+                let d = max_diff(ga.get(t).unwrap(), gb.get(t).unwrap());
+                assert!(d < 1e-4, "gradient differs by {d}");
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod data;
 pub mod eval;
 pub mod fused;
 pub mod hub;
+mod linear;
 pub mod llama;
 pub mod mask;
 pub mod model;

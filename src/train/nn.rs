@@ -91,93 +91,14 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(out)
 }
 
-/// A 2-D f32 CPU tensor from a custom op's input (copied).
-fn cpu_tensor(
-    storage: &candle_core::CpuStorage,
-    layout: &candle_core::Layout,
-    op: &str,
-) -> Result<Tensor> {
-    let candle_core::CpuStorage::F32(data) = storage else {
-        candle_core::bail!("{op}: f32 input expected")
-    };
-    let Some((a, b)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{op}: contiguous input expected")
-    };
-    Tensor::from_slice(&data[a..b], layout.shape(), &Device::Cpu)
-}
-
-/// `x @ w.T + b` as CPU storage (inside a custom op's forward: nothing is tracked).
-fn matmul_bias(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-    let y = x.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let shape = y.shape().clone();
-    Ok((
-        candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1()?),
-        shape,
-    ))
-}
-
-/// `x @ w.T + b` with frozen `w` and `b`: backward forms only the input's gradient.
-///
-/// Candle's matmul backward always forms both operands' gradients, and its broadcast-add
-/// backward reduces a gradient for the bias too; for frozen parameters both are thrown away
-/// (for a weight, as many flops as the forward). CPU only: elsewhere [`frozen_linear`] uses
-/// the plain ops.
-struct FrozenMatmul {
-    w: Tensor,
-    b: Option<Tensor>,
-}
-
-impl candle_core::CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "xpm-frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = cpu_tensor(storage, layout, self.name())?;
-        matmul_bias(&x, &self.w, self.b.as_ref())
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
-    }
-}
-
-/// Rows of `x` as a contiguous 2-D tensor, and the output shape for `out` features.
-fn rows_of(x: &Tensor, out: usize) -> Result<(Tensor, Vec<usize>)> {
-    let mut dims = x.dims().to_vec();
-    let inner = *dims.last().expect("rank >= 1");
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    *dims.last_mut().expect("rank >= 1") = out;
-    Ok((x.reshape((rows, inner))?.contiguous()?, dims))
-}
-
-fn fusable(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32
-}
-
-/// [`linear`] with a frozen weight and bias: no gradient is formed for either.
+/// [`linear`] with a frozen weight and bias: no gradient is formed for either (on the CPU,
+/// through [`super::linear`]'s fused op).
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    if !fusable(x, w) {
-        return linear(x, w, b);
+    if super::linear::fusable(x, w) {
+        super::linear::frozen_linear(x, w, b)
+    } else {
+        linear(x, w, b)
     }
-    let (x2, dims) = rows_of(x, w.dim(0)?)?;
-    let op = FrozenMatmul {
-        w: w.clone(),
-        b: b.cloned(),
-    };
-    x2.apply_op1(op)?.reshape(dims)
 }
 
 /// A trainable adapter on a frozen linear weight.
@@ -257,6 +178,15 @@ impl AdaptedLinear {
                 };
                 let low = linear(&linear(&xd, a.as_tensor(), None)?, b.as_tensor(), None)?;
                 base + (low * *scale)?
+            }
+            Adapter::Sparse { indices, values } if super::linear::fusable(x, &self.w0) => {
+                super::linear::sparse_linear(
+                    x,
+                    &self.w0,
+                    self.bias.as_ref(),
+                    indices,
+                    values.as_tensor(),
+                )
             }
             _ => linear(x, &self.effective_weight()?, self.bias.as_ref()),
         }
