@@ -4,6 +4,7 @@
 //! scripts/fetch-assets.sh                       # MiniLM + Reuters-8, once
 //! cargo bench --bench train                     # xpm only
 //! TORCH_PYTHON=/path/to/venv/bin/python cargo bench --bench train   # and PyTorch beside it
+//! cargo bench --bench train -- --rounds 5 --steps 8                  # more rounds / steps
 //! ```
 //!
 //! Each configuration runs in its own child process (so peak memory is its own): sparse 2 %
@@ -12,7 +13,9 @@
 //! warm-up steps (one-shot SNIP selection happens before and is reported apart). With
 //! `TORCH_PYTHON` set, `benches/torch_train.py` measures PyTorch's head-only, masked-dense
 //! (the reference code's sparse training), LoRA and full steps on the same data in the same
-//! run, and the table gives ratios against it.
+//! run, and the table gives ratios against it. The whole set runs `--rounds` times (default 3)
+//! in turn, because this machine's speed drifts over minutes: ratios are formed within a round
+//! and the table shows the medians over rounds.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -104,6 +107,7 @@ fn child(index: usize, data: &Path, minilm: &Path, steps: usize) {
 
 fn main() {
     xpm::alloc::configure();
+    xpm::train::configure_threads();
     let args: Vec<String> = std::env::args().collect();
     let steps: usize = args
         .iter()
@@ -111,6 +115,13 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
+    let rounds: usize = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let assets = std::env::var_os("XPM_ASSETS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/xpm-assets"));
@@ -138,8 +149,7 @@ fn main() {
     })
     .unwrap();
     let exe = std::env::current_exe().unwrap();
-    let mut rows = Vec::new();
-    for (i, config) in CONFIGS.iter().enumerate() {
+    let run_xpm = |i: usize| -> serde_json::Value {
         let out = Command::new(&exe)
             .args(["--steps", &steps.to_string()])
             .env("XPM_BENCH_CHILD", i.to_string())
@@ -151,22 +161,16 @@ fn main() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let v: serde_json::Value = serde_json::from_slice(
+        serde_json::from_slice(
             out.stdout
                 .split(|&b| b == b'\n')
                 .find(|l| l.starts_with(b"{"))
                 .unwrap(),
         )
-        .unwrap();
-        eprintln!(
-            "xpm {}: {:.3} s/step",
-            config.label,
-            v["median_s"].as_f64().unwrap()
-        );
-        rows.push(v);
-    }
-    let mut torch: Vec<serde_json::Value> = Vec::new();
-    if let Ok(py) = std::env::var("TORCH_PYTHON") {
+        .unwrap()
+    };
+    let torch_py = std::env::var("TORCH_PYTHON").ok();
+    let run_torch = |py: &str| -> Vec<serde_json::Value> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/torch_train.py");
         let out = Command::new(py)
             .arg(script)
@@ -197,52 +201,91 @@ fn main() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        torch = String::from_utf8_lossy(&out.stdout)
+        String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    // The machine's speed drifts over minutes: every round runs each configuration (and
+    // PyTorch) once, and the table takes the median over rounds. Ratios are formed within a
+    // round, then their median is taken.
+    let mut xpm_rounds: Vec<Vec<serde_json::Value>> = Vec::new();
+    let mut torch_rounds: Vec<Vec<serde_json::Value>> = Vec::new();
+    for round in 0..rounds {
+        let rows: Vec<serde_json::Value> = (0..CONFIGS.len()).map(&run_xpm).collect();
+        let torch = torch_py.as_deref().map(run_torch).unwrap_or_default();
+        let line: Vec<String> = rows
+            .iter()
+            .map(|v| format!("{} {:.3}", v["label"].as_str().unwrap(), median_s(v)))
+            .chain(
+                torch
+                    .iter()
+                    .map(|v| format!("torch {} {:.3}", v["mode"].as_str().unwrap(), median_s(v))),
+            )
             .collect();
+        eprintln!("round {}: {} (s/step)", round + 1, line.join(", "));
+        xpm_rounds.push(rows);
+        torch_rounds.push(torch);
     }
-    let t = |mode: &str| {
-        torch
+    let torch_s = |r: usize, mode: &str| -> Option<f64> {
+        torch_rounds[r]
             .iter()
             .find(|v| v["mode"] == mode)
-            .and_then(|v| v["median_s"].as_f64())
+            .map(median_s)
     };
-    let lora = rows[2]["median_s"].as_f64().unwrap();
+    let lora_s = |r: usize| median_s(&xpm_rounds[r][2]);
     println!(
-        "\nMiniLM-L6, batch {BATCH}, seq {SEQ}, {steps} steps after {WARMUP} warm-up, attention q/k/v/o adapted\n"
+        "\nMiniLM-L6, batch {BATCH}, seq {SEQ}, {steps} steps after {WARMUP} warm-up, attention q/k/v/o adapted; median over {rounds} rounds\n"
     );
     println!(
         "| configuration | s/step | × LoRA | × PyTorch masked-dense | trainable params | optimizer state | peak RSS |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for r in &rows {
-        let s = r["median_s"].as_f64().unwrap();
+    let ratio_cell = |f: &dyn Fn(usize) -> Option<f64>| -> String {
+        let v: Vec<f64> = (0..rounds).filter_map(f).collect();
+        if v.is_empty() {
+            "–".into()
+        } else {
+            format!("{:.2}", median(v))
+        }
+    };
+    for (i, c) in CONFIGS.iter().enumerate() {
+        let s = median((0..rounds).map(|r| median_s(&xpm_rounds[r][i])).collect());
+        let first = &xpm_rounds[0][i];
         println!(
-            "| xpm {} | {:.3} | {:.2} | {} | {} | {:.2} MiB | {:.0} MiB |",
-            r["label"].as_str().unwrap(),
+            "| xpm {} | {:.3} | {} | {} | {} | {:.2} MiB | {:.0} MiB |",
+            c.label,
             s,
-            s / lora,
-            t("masked-dense")
-                .map(|m| format!("{:.2}", s / m))
-                .unwrap_or("–".into()),
-            r["trainable"],
-            r["state_bytes"].as_f64().unwrap() / 1048576.0,
-            r["peak_rss_mb"].as_f64().unwrap()
+            ratio_cell(&|r| Some(median_s(&xpm_rounds[r][i]) / lora_s(r))),
+            ratio_cell(&|r| torch_s(r, "masked-dense").map(|m| median_s(&xpm_rounds[r][i]) / m)),
+            first["trainable"],
+            first["state_bytes"].as_f64().unwrap() / 1048576.0,
+            first["peak_rss_mb"].as_f64().unwrap()
         );
     }
-    for v in &torch {
-        println!(
-            "| PyTorch {} {} | {:.3} | {:.2} | {} | {} | – | {:.0} MiB (cumulative) |",
-            v["torch_version"].as_str().unwrap_or(""),
-            v["mode"].as_str().unwrap_or(""),
-            v["median_s"].as_f64().unwrap(),
-            v["median_s"].as_f64().unwrap() / lora,
-            t("masked-dense")
-                .map(|m| format!("{:.2}", v["median_s"].as_f64().unwrap() / m))
-                .unwrap_or("–".into()),
-            v["trainable_params"],
-            v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)
-        );
+    if let Some(first) = torch_rounds.first() {
+        for v in first {
+            let mode = v["mode"].as_str().unwrap_or("");
+            let s = median((0..rounds).filter_map(|r| torch_s(r, mode)).collect());
+            println!(
+                "| PyTorch {} {} | {:.3} | {} | {} | {} | – | {:.0} MiB (cumulative) |",
+                v["torch_version"].as_str().unwrap_or(""),
+                mode,
+                s,
+                ratio_cell(&|r| torch_s(r, mode).map(|t| t / lora_s(r))),
+                ratio_cell(&|r| Some(torch_s(r, mode)? / torch_s(r, "masked-dense")?)),
+                v["trainable_params"],
+                v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
     }
+}
+
+fn median_s(v: &serde_json::Value) -> f64 {
+    v["median_s"].as_f64().unwrap()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }

@@ -33,6 +33,7 @@ pub struct Args {
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     crate::alloc::configure();
+    crate::train::configure_threads();
     let locate = |s: &Option<String>| -> anyhow::Result<Option<PathBuf>> {
         Ok(match s {
             Some(s) => Some(super::merge::locate_all(std::slice::from_ref(s), ctx)?.remove(0)),

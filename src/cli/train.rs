@@ -109,6 +109,7 @@ pub struct Args {
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     crate::alloc::configure();
+    crate::train::configure_threads();
     let out = a.out.unwrap_or_else(|| {
         PathBuf::from(format!("{}-{}.xpm", a.name.replace('/', "-"), a.version))
     });

@@ -640,6 +640,24 @@ impl<'a> Run<'a> {
     }
 }
 
+/// Thread settings for Candle's CPU work, to be called at the start of a command that trains
+/// or evaluates, before any tensor operation.
+///
+/// Candle runs element-wise ops on its own pool (one worker per core but one, spinning up to
+/// 25,000 pauses between ops) and matrix products on rayon's pool (one thread per core). On a
+/// machine with two cores or fewer the spinning worker takes a core from the matrix products
+/// that follow every element-wise op; there, element-wise ops run on the calling thread
+/// instead (`CANDLE_NUM_THREADS=1`). On the 2-core benchmark machine this made a MiniLM step
+/// about 9 % faster (docs/benchmarks.md, "Training"). A `CANDLE_NUM_THREADS` already set wins.
+pub fn configure_threads() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores <= 2 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called at the start of the command, before Candle or rayon start threads
+        // (nothing else reads the environment concurrently).
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
 /// Train and write the expert. The artifact appears only when everything succeeded.
 pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<TrainReport> {
     opts.validate()?;
