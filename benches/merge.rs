@@ -12,7 +12,7 @@
 //!   largest difference between its result and xpm's.
 //!
 //! Run: `cargo bench --bench merge` (`-- --quick` for 4 experts × 16 tensors). Writes the table
-//! to `target/bench-merge.md`.
+//! to `target/bench-merge.md`. `XPM_BENCH_KEEP=1` keeps the generated experts (for profiling).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -248,7 +248,12 @@ fn torch_baseline(
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (experts, tensors) = if quick { (4u64, 16usize) } else { (20, 64) };
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    if std::env::var_os("XPM_BENCH_KEEP").is_some() {
+        // Keep the experts and outputs (for profiling `xpm merge` on them).
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
     eprintln!(
         "writing {experts} experts × {tensors} tensors of {SIDE}×{SIDE} (sparse and dense) …"
     );

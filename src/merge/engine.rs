@@ -88,10 +88,10 @@ pub fn merge_tensor_owned(
         .map(|(e, input)| sparsify(strategy, p, tensor, e as u64, shape, n, input))
         .collect();
     let total_w: f64 = weights.iter().sum();
-
+    let keeps_union = strategy.keeps_union();
     let keep = |here: &[(f64, f64)]| {
         let v = combine(strategy, p, here, total_w);
-        (strategy.keeps_union() || v != 0.0).then_some(v)
+        (keeps_union || v != 0.0).then_some(v)
     };
     // Dense inputs cover every position: walk them directly. Sparse ones: the union walk.
     let (out_idx, out_val) = if dense {
@@ -166,8 +166,8 @@ fn combine_union(
         }
     }
     drop(fill);
-    let mut out_idx = Vec::new();
-    let mut out_val = Vec::new();
+    let mut out_idx = Vec::with_capacity(union as usize);
+    let mut out_val = Vec::with_capacity(union as usize);
     let mut here: Vec<(f64, f64)> = Vec::with_capacity(entries.len());
     let mut s = 0usize;
     for (w, &word) in bits.iter().enumerate() {
@@ -261,6 +261,26 @@ fn combine(strategy: Strategy, p: &MergeParams, here: &[(f64, f64)], total_w: f6
         // LoRA-space merges reach the engine only for non-LoRA tensors of the set; on densified
         // deltas `cat` and full-rank `svd` are exactly Σ w ΔW.
         Strategy::Cat | Strategy::Svd => weighted_sum(),
+        Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della
+            if here.len() == 1 =>
+        {
+            // One contribution elects its own sign and agrees with it (when non-zero).
+            let (w, v) = here[0];
+            let voted = if p.sign == SignRule::Weighted {
+                w * v
+            } else {
+                v
+            };
+            if voted == 0.0 {
+                return 0.0;
+            }
+            let den = match p.divisor {
+                Divisor::Count | Divisor::None => 1.0,
+                Divisor::Weights if w == 0.0 => 1.0,
+                Divisor::Weights => w,
+            };
+            p.lambda * (w * v) / den
+        }
         Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della => {
             let vote: f64 = here
                 .iter()
@@ -326,6 +346,8 @@ fn sparsify(
     };
     let k = count(p.density);
     match strategy {
+        // Keeping every stored entry changes nothing (and the L1 rescale is then 1).
+        Strategy::MagnitudePrune | Strategy::Ties if k >= e.values.len() => e,
         Strategy::MagnitudePrune | Strategy::Ties => {
             let keep = top_k_abs(&e.values, k);
             l1_rescale(p, &e, subset(&e, &keep, |_, v| v))
