@@ -5,8 +5,8 @@
 //! free); mimalloc reuses them, once told not to return freed memory to the OS. On MiniLM this
 //! cut the step time by about a third (docs/benchmarks.md, "Training"). The `xpm` binary and
 //! the training benchmark install mimalloc as their global allocator; `xpm train` and `xpm eval`
-//! call [`configure`]. Every other command runs [`lean`]: memory goes back to the OS at once
-//! and arenas are committed on demand. With mimalloc's defaults `xpm merge`'s peak RSS on the
+//! call [`configure`]. Every other command runs [`lean`]: memory goes back to the OS after
+//! 10 ms and arenas are committed on demand. With mimalloc's defaults `xpm merge`'s peak RSS on the
 //! merge benchmark was about twice what it is with glibc's malloc (docs/benchmarks.md).
 
 unsafe extern "C" {
@@ -28,11 +28,13 @@ fn set_options(options: [(&str, std::ffi::c_int, std::ffi::c_long); 2]) {
     }
 }
 
-/// Return freed memory at once and commit arenas lazily: the lowest peak RSS, for commands
-/// whose large buffers are not reused.
+/// Return freed memory after 10 ms (mimalloc's default delay) and commit arenas lazily: a low
+/// peak RSS for commands whose large buffers are not reused. Purging at once (delay 0) gave
+/// 7–12 % less peak RSS on the merge benchmark but made the TIES merge 7–13 % slower, in page
+/// faults and page clearing (docs/benchmarks.md, "Merge").
 pub fn lean() {
     set_options([
-        ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, 0),
+        ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, 10),
         (
             "MIMALLOC_ARENA_EAGER_COMMIT",
             MI_OPTION_ARENA_EAGER_COMMIT,
