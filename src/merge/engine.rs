@@ -274,12 +274,7 @@ fn combine(strategy: Strategy, p: &MergeParams, here: &[(f64, f64)], total_w: f6
             if voted == 0.0 {
                 return 0.0;
             }
-            let den = match p.divisor {
-                Divisor::Count | Divisor::None => 1.0,
-                Divisor::Weights if w == 0.0 => 1.0,
-                Divisor::Weights => w,
-            };
-            p.lambda * (w * v) / den
+            p.lambda * (w * v) / ties_divisor(p.divisor, 1.0, w)
         }
         Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della => {
             let vote: f64 = here
@@ -310,14 +305,18 @@ fn combine(strategy: Strategy, p: &MergeParams, here: &[(f64, f64)], total_w: f6
                 count += 1.0;
                 wsum += w;
             }
-            let den = match p.divisor {
-                Divisor::Count => count.max(1.0),
-                Divisor::Weights if wsum == 0.0 => 1.0,
-                Divisor::Weights => wsum,
-                Divisor::None => 1.0,
-            };
-            p.lambda * num / den
+            p.lambda * num / ties_divisor(p.divisor, count, wsum)
         }
+    }
+}
+
+/// The TIES family's divisor for `count` agreeing contributions of total weight `wsum`.
+fn ties_divisor(divisor: Divisor, count: f64, wsum: f64) -> f64 {
+    match divisor {
+        Divisor::Count => count.max(1.0),
+        Divisor::Weights if wsum == 0.0 => 1.0,
+        Divisor::Weights => wsum,
+        Divisor::None => 1.0,
     }
 }
 

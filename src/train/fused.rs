@@ -10,6 +10,11 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+/// Whether the fused CPU kernels apply to `t`: an f32 tensor on the CPU.
+pub(super) fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
 /// Rows per parallel task (enough work to amortise scheduling).
 const CHUNK: usize = 16 * 1024;
 
@@ -137,7 +142,7 @@ impl CustomOp2 for GeluBackward {
 
 /// GELU, erf form (as BERT's `gelu`).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if cpu_f32(x) {
         x.contiguous()?.apply_op1(Gelu)
     } else {
         x.gelu_erf()
@@ -248,7 +253,7 @@ impl CustomOp2 for LayerNormGrad<'_> {
 
 /// Layer norm over the last dimension; `w` and `b` are frozen.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if cpu_f32(x) {
         let op = LayerNorm {
             w: w.to_vec1()?,
             b: b.to_vec1()?,
@@ -295,18 +300,8 @@ impl CustomOp1 for MaskedSoftmax {
                     let (bi, qi) = (row / (h * q), row % q);
                     let mrow = if self.mask_rows == 1 { 0 } else { qi };
                     let m = &self.mask[(bi * self.mask_rows + mrow) * k..][..k];
-                    let mut max = f32::NEG_INFINITY;
-                    for j in 0..k {
-                        y[j] = x[j] * self.scale + m[j];
-                        max = max.max(y[j]);
-                    }
-                    let mut sum = 0f32;
-                    for v in y.iter_mut() {
-                        *v = exp(*v - max);
-                        sum += *v;
-                    }
-                    let inv = 1.0 / sum;
-                    y.iter_mut().for_each(|v| *v *= inv);
+                    y.copy_from_slice(x);
+                    softmax_row(y, m, self.scale);
                 }
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -328,7 +323,7 @@ impl CustomOp1 for MaskedSoftmax {
 pub fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, h, q, k) = x.dims4()?;
     let (mb, _, mq, mk) = mask.dims4()?;
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && mb == b && mk == k {
+    if cpu_f32(x) && mb == b && mk == k {
         let op = MaskedSoftmax {
             dims: [b, h, q, k],
             mask: mask.flatten_all()?.to_vec1()?,
@@ -366,10 +361,8 @@ impl CustomOp2 for SoftmaxGrad {
             .zip(y.par_chunks(per))
             .for_each(|((dx, g), y)| {
                 for ((dx, g), y) in dx.chunks_mut(n).zip(g.chunks(n)).zip(y.chunks(n)) {
-                    let dot: f32 = g.iter().zip(y).map(|(a, b)| a * b).sum();
-                    for i in 0..n {
-                        dx[i] = self.scale * y[i] * (g[i] - dot);
-                    }
+                    dx.copy_from_slice(g);
+                    softmax_backward_row(dx, y, self.scale);
                 }
             });
         Ok((CpuStorage::F32(dx), l.shape().clone()))
@@ -414,6 +407,16 @@ fn softmax_row(row: &mut [f32], mask: &[f32], scale: f32) {
     }
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// The input gradient of `softmax(scale · x + mask)` for one row, in place: `d` holds the
+/// output's gradient g on entry and `scale · y ⊙ (g − Σ g ⊙ y)` on return.
+#[inline]
+fn softmax_backward_row(d: &mut [f32], y: &[f32], scale: f32) {
+    let dot: f32 = d.iter().zip(y).map(|(a, b)| a * b).sum();
+    for (d, &y) in d.iter_mut().zip(y) {
+        *d = scale * y * (*d - dot);
+    }
 }
 
 impl Attention {
@@ -551,12 +554,9 @@ impl candle_core::CustomOp3 for Attention {
                                         (h, 1),
                                         false,
                                     );
-                                    // dS = scale · P ⊙ (dP − Σ_j dP ⊙ P)
+                                    // dS from dP, row by row
                                     for (d, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                                        let dot: f32 = d.iter().zip(p).map(|(a, b)| a * b).sum();
-                                        for (d, &p) in d.iter_mut().zip(p) {
-                                            *d = self.scale * p * (*d - dot);
-                                        }
+                                        softmax_backward_row(d, p, self.scale);
                                     }
                                     // dQ = dS K; dK = dSᵀ Q
                                     let (k, q) = (&k[at..], &q[at..]);
@@ -615,12 +615,7 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (b, s, h) = q.dims3()?;
     let (mb, _, mq, mk) = mask.dims4()?;
-    let fusable = q.device().is_cpu()
-        && q.dtype() == candle_core::DType::F32
-        && mb == b
-        && mk == s
-        && (mq == 1 || mq == s)
-        && h % heads == 0;
+    let fusable = cpu_f32(q) && mb == b && mk == s && (mq == 1 || mq == s) && h % heads == 0;
     if fusable {
         let op = Attention {
             dims: [b, s, h, heads],

@@ -377,7 +377,7 @@ impl CustomOp2 for SparseValuesGrad<'_> {
 
 /// Whether the custom ops apply: f32 tensors on the CPU.
 pub(crate) fn fusable(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype()
+    super::fused::cpu_f32(x) && w.dtype() == x.dtype()
 }
 
 /// Rows of `x` as a contiguous matrix, and the output shape for `out` features.
