@@ -25,7 +25,7 @@ effective_trainable_params counts only mask-selected delta entries.
 Install (CPU torch; the PyTorch wheel index may be unreachable, plain PyPI works):
   python3 -m venv /work/.venv-torch
   /work/.venv-torch/bin/pip install torch transformers
-Run:
+Run (add `--device cuda` for the GPU check, `scripts/cuda-check.sh`):
   /work/.venv-torch/bin/python benches/torch_train.py --mode all --threads 2 --json \\
       --model ~/.cache/xpm-assets/minilm --data /tmp/r8/train.jsonl
 """
@@ -114,7 +114,7 @@ def build(mode, args, num_classes):
     elif mode == "lora":
         replace_attn_linears(enc, lambda m: LoRALinear(m))
     model.train()
-    return model
+    return model.to(args.device)
 
 
 def load_batches(args, tok):
@@ -132,6 +132,12 @@ def load_batches(args, tok):
     return batches, len(labels)
 
 
+def sync(device):
+    """Wait for queued GPU work, so that a step's time includes it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def run_mode(mode, args, batches, num_classes):
     model = build(mode, args, num_classes)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -143,13 +149,15 @@ def run_mode(mode, args, batches, num_classes):
         n_eff += sum(p.numel() for p in model.head.parameters())
     times = []
     for i, b in enumerate(batches):
-        b = dict(b)
+        b = {k: v.to(args.device) for k, v in b.items()}
         y = b.pop("labels")
+        sync(args.device)
         t0 = time.perf_counter()
         loss = F.cross_entropy(model(**b), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync(args.device)
         dt = time.perf_counter() - t0
         if i >= args.warmup_steps:
             times.append(dt)
@@ -163,6 +171,7 @@ def run_mode(mode, args, batches, num_classes):
         "effective_trainable_params": n_eff,
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": args.device,
         "final_loss": loss.item(),
     }
 
@@ -178,6 +187,7 @@ def main():
     ap.add_argument("--max-seq-len", type=int, default=64)
     ap.add_argument("--keep-ratio", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU check)")
     ap.add_argument("--json", action="store_true", help="one JSON object per mode")
     args = ap.parse_args()
 
@@ -194,7 +204,7 @@ def main():
                   f"mean {r['mean_s'] * 1e3:8.1f} ms  steps {r['steps']}  "
                   f"trainable {r['trainable_params']:>9} (effective "
                   f"{r['effective_trainable_params']})  peak RSS {r['peak_rss_mb']:.0f} MB  "
-                  f"torch {r['torch_version']}  threads {r['threads']}", flush=True)
+                  f"torch {r['torch_version']}  threads {r['threads']}  {r['device']}", flush=True)
 
 
 if __name__ == "__main__":
