@@ -71,17 +71,90 @@ fn erf_with_exp(x: f32, e: f32) -> f32 {
     s * y
 }
 
-/// `f` applied to every element, in parallel chunks.
-fn map_par(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = f(x);
+/// The element loops below are compiled for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 + FMA)
+/// besides the baseline, and the best one the CPU runs is chosen at run time
+/// (`multiversion`): the default x86-64 target has only SSE2, 4 lanes. The results are the same
+/// bit for bit on every version: Rust never fuses a·b + c into an FMA, and the loops keep
+/// their order of summation.
+macro_rules! simd {
+    ($($item:item)*) => {
+        $(
+            #[multiversion::multiversion(targets(
+                "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma+bmi1+bmi2+lzcnt+popcnt",
+                "x86_64+avx2+fma+bmi1+bmi2+lzcnt+popcnt",
+            ))]
+            $item
+        )*
+    };
+}
+pub(super) use simd;
+
+simd! {
+    /// GELU (erf form) of every element.
+    fn gelu_forward(y: &mut [f32], x: &[f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+        }
+    }
+
+    /// `g ⊙ gelu′(x)`: gelu′(x) = Φ(x) + x φ(x); erf and φ share exp(−x²/2).
+    fn gelu_backward(d: &mut [f32], x: &[f32], g: &[f32]) {
+        for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+            let e = exp(-0.5 * x * x);
+            *d = g * (0.5 * (1.0 + erf_with_exp(x * FRAC_1_SQRT_2, e)) + x * INV_SQRT_2PI * e);
+        }
+    }
+
+    /// Layer norm of each row of `x` (rows of `w.len()`).
+    fn layer_norm_rows(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+        let h = w.len();
+        for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
+            let (mean, inv) = stats(x, eps);
+            for i in 0..h {
+                y[i] = (x[i] - mean) * inv * w[i] + b[i];
             }
-        });
-    y
+        }
+    }
+
+    /// The input gradient of a layer norm, row by row:
+    /// dx = inv · (gw − mean(gw) − x̂ · mean(gw · x̂)), gw = g ⊙ w.
+    fn layer_norm_grad_rows(dx: &mut [f32], x: &[f32], g: &[f32], w: &[f32], eps: f32) {
+        let h = w.len();
+        let (mut xhat, mut gw) = (vec![0f32; h], vec![0f32; h]);
+        for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+            let (mean, inv) = stats(x, eps);
+            for i in 0..h {
+                xhat[i] = (x[i] - mean) * inv;
+                gw[i] = g[i] * w[i];
+            }
+            let (m1, m2) = (sum(&gw) / h as f32, dot(&gw, &xhat) / h as f32);
+            for i in 0..h {
+                dx[i] = inv * (gw[i] - m1 - xhat[i] * m2);
+            }
+        }
+    }
+
+    /// Softmax of `scale · row + mask` in place.
+    fn softmax_row(row: &mut [f32], mask: &[f32], scale: f32) {
+        for (y, &m) in row.iter_mut().zip(mask) {
+            *y = *y * scale + m;
+        }
+        let max = max(row);
+        for v in row.iter_mut() {
+            *v = exp(*v - max);
+        }
+        let inv = 1.0 / sum(row);
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+
+    /// The input gradient of `softmax(scale · x + mask)` for one row, in place: `d` holds the
+    /// output's gradient g on entry and `scale · y ⊙ (g − Σ g ⊙ y)` on return.
+    fn softmax_backward_row(d: &mut [f32], y: &[f32], scale: f32) {
+        let dot = dot(d, y);
+        for (d, &y) in d.iter_mut().zip(y) {
+            *d = scale * y * (*d - dot);
+        }
+    }
 }
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -97,9 +170,11 @@ impl CustomOp1 for Gelu {
         "xpm-gelu"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = map_par(input(s, l, self.name())?, |x| {
-            0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))
-        });
+        let x = input(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| gelu_forward(y, x));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -128,14 +203,7 @@ impl CustomOp2 for GeluBackward {
         let mut d = vec![0f32; x.len()];
         d.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(d, (x, g))| {
-                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-                    // gelu′(x) = Φ(x) + x φ(x); erf and φ share exp(−x²/2).
-                    let e = exp(-0.5 * x * x);
-                    *d = g
-                        * (0.5 * (1.0 + erf_with_exp(x * FRAC_1_SQRT_2, e)) + x * INV_SQRT_2PI * e);
-                }
-            });
+            .for_each(|(d, (x, g))| gelu_backward(d, x, g));
         Ok((CpuStorage::F32(d), xl.shape().clone()))
     }
 }
@@ -168,12 +236,64 @@ impl LayerNorm {
 }
 
 /// Mean and 1/σ of one row.
-#[inline]
+#[inline(always)]
 fn stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = sum(x) / n;
+    let var = lanes(x, x, |a, _| (a - mean) * (a - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Σ f(a[i], b[i]) in 16 independent lanes, then the lanes in order. A plain float sum is one
+/// serial chain that the compiler may not reorder, so its loop cannot use vector registers;
+/// the lanes can. The order of additions is fixed, so results do not depend on the machine.
+#[inline(always)]
+pub(super) fn lanes(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..L {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ a[i]
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    lanes(a, a, |x, _| x)
+}
+
+/// Σ a[i] · b[i]
+#[inline(always)]
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    lanes(a, b, |x, y| x * y)
+}
+
+/// max a[i] (−∞ for none), in 16 lanes.
+#[inline(always)]
+fn max(a: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [f32::NEG_INFINITY; L];
+    let c = a.chunks_exact(L);
+    let tail = c
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for x in c {
+        for l in 0..L {
+            acc[l] = acc[l].max(x[l]);
+        }
+    }
+    acc.iter().fold(tail, |m, &x| m.max(x))
 }
 
 impl CustomOp1 for LayerNorm {
@@ -187,14 +307,7 @@ impl CustomOp1 for LayerNorm {
         let per = (CHUNK / h).max(1) * h;
         y.par_chunks_mut(per)
             .zip(x.par_chunks(per))
-            .for_each(|(y, x)| {
-                for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
-                    let (mean, inv) = stats(x, self.eps);
-                    for i in 0..h {
-                        y[i] = (x[i] - mean) * inv * self.w[i] + self.b[i];
-                    }
-                }
-            });
+            .for_each(|(y, x)| layer_norm_rows(y, x, &self.w, &self.b, self.eps));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -217,7 +330,6 @@ impl CustomOp2 for LayerNormGrad<'_> {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        // dx = inv · (gw − mean(gw) − x̂ · mean(gw · x̂)), gw = g ⊙ w.
         let x = input(s, l, self.name())?;
         let grad = input(gs, gl, self.name())?;
         if grad.len() != x.len() {
@@ -230,23 +342,7 @@ impl CustomOp2 for LayerNormGrad<'_> {
         dx.par_chunks_mut(per)
             .zip(x.par_chunks(per))
             .zip(grad.par_chunks(per))
-            .for_each(|((dx, x), g)| {
-                let mut xhat = vec![0f32; h];
-                for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
-                    let (mean, inv) = stats(x, self.ln.eps);
-                    let (mut s1, mut s2) = (0f32, 0f32);
-                    for i in 0..h {
-                        xhat[i] = (x[i] - mean) * inv;
-                        let gw = g[i] * w[i];
-                        s1 += gw;
-                        s2 += gw * xhat[i];
-                    }
-                    let (m1, m2) = (s1 / h as f32, s2 / h as f32);
-                    for i in 0..h {
-                        dx[i] = inv * (g[i] * w[i] - m1 - xhat[i] * m2);
-                    }
-                }
-            });
+            .for_each(|((dx, x), g)| layer_norm_grad_rows(dx, x, g, w, self.ln.eps));
         Ok((CpuStorage::F32(dx), l.shape().clone()))
     }
 }
@@ -390,33 +486,6 @@ struct Attention {
     mask_rows: usize,
     scale: f32,
     probs: std::sync::Mutex<Vec<f32>>,
-}
-
-/// Softmax of `scale · row + mask` in place.
-#[inline]
-fn softmax_row(row: &mut [f32], mask: &[f32], scale: f32) {
-    let mut max = f32::NEG_INFINITY;
-    for (y, &m) in row.iter_mut().zip(mask) {
-        *y = *y * scale + m;
-        max = max.max(*y);
-    }
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = exp(*v - max);
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// The input gradient of `softmax(scale · x + mask)` for one row, in place: `d` holds the
-/// output's gradient g on entry and `scale · y ⊙ (g − Σ g ⊙ y)` on return.
-#[inline]
-fn softmax_backward_row(d: &mut [f32], y: &[f32], scale: f32) {
-    let dot: f32 = d.iter().zip(y).map(|(a, b)| a * b).sum();
-    for (d, &y) in d.iter_mut().zip(y) {
-        *d = scale * y * (*d - dot);
-    }
 }
 
 impl Attention {

@@ -18,7 +18,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::input;
+use super::fused::{dot, input, simd};
 
 /// `dst = [dst +] a · b` for an m × n result whose row i starts at `dst[i·dst_rs]`, with
 /// element (i, l) of `a` at `a[i·a_rs + l·a_cs]` and element (l, j) of `b` at
@@ -169,23 +169,14 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     dst
 }
 
-/// Σ a[i] · b[i], in 16 lanes (vectorised).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
+simd! {
+    /// dv[t] = gt[o] · xt[i] for each flat index idx[t] = o · inner + i, over rows of `rows`.
+    fn values_grad_chunk(dv: &mut [f32], idx: &[u32], gt: &[f32], xt: &[f32], rows: usize, inner: usize) {
+        for (d, &f) in dv.iter_mut().zip(idx) {
+            let (o, i) = (f as usize / inner, f as usize % inner);
+            *d = dot(&gt[o * rows..(o + 1) * rows], &xt[i * rows..(i + 1) * rows]);
         }
     }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// dvalues[t] = Σ_rows g[row, o] · x[row, i] for indices[t] = o · inner + i.
@@ -196,12 +187,7 @@ fn values_grad(g: &[f32], x: &[f32], out: usize, inner: usize, indices: &[u32]) 
     let mut dv = vec![0f32; indices.len()];
     dv.par_chunks_mut(256)
         .zip(indices.par_chunks(256))
-        .for_each(|(dv, idx)| {
-            for (d, &f) in dv.iter_mut().zip(idx) {
-                let (o, i) = (f as usize / inner, f as usize % inner);
-                *d = dot(&gt[o * rows..(o + 1) * rows], &xt[i * rows..(i + 1) * rows]);
-            }
-        });
+        .for_each(|(dv, idx)| values_grad_chunk(dv, idx, &gt, &xt, rows, inner));
     dv
 }
 
