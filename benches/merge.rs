@@ -11,7 +11,8 @@
 //!   the same experts densified, with mergekit's formulas (`benches/torch_merge.py`), and the
 //!   largest difference between its result and xpm's.
 //!
-//! Run: `cargo bench --bench merge` (`-- --quick` for 4 experts × 16 tensors). Writes the table
+//! Run: `cargo bench --bench merge` (`-- --quick` for 4 experts × 16 tensors, `-- --rounds N`
+//! for N rounds of the sparse, densified and floor runs, default 3). Writes the table
 //! to `target/bench-merge.md`. `XPM_BENCH_KEEP=1` keeps the generated experts (for profiling).
 
 use std::path::{Path, PathBuf};
@@ -245,8 +246,21 @@ fn torch_baseline(
     out
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let rounds: usize = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("--rounds N"))
+        .unwrap_or(3);
     let (experts, tensors) = if quick { (4u64, 16usize) } else { (20, 64) };
     let mut dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     if std::env::var_os("XPM_BENCH_KEEP").is_some() {
@@ -276,26 +290,42 @@ fn main() {
     let mut report = format!(
         "## Merge (`cargo bench --bench merge`)\n\n{experts} sparse experts at {:.0} % density over {tensors} \
          tensors of {SIDE}×{SIDE} ({params:.0} M target parameters); inputs {:.0} MB sparse, {:.0} MB as \
-         dense experts (zstd). Release `xpm merge`, 2 threads; one run each.\n\n\
+         dense experts (zstd). Release `xpm merge`, 2 threads; medians over {rounds} rounds.\n\n\
          | strategy | inputs | time | peak RSS | vs sparse-native |\n|---|---|---:|---:|---:|\n",
         DENSITY * 100.0,
         size(&sparse),
         size(&dense),
     );
+    // This VM's speed drifts by up to 30 % within minutes: each round measures sparse-native,
+    // densified and the floor back to back, ratios are formed within a round, and the table
+    // shows medians over rounds (and each round's ratio to the floor).
     let mut sparse_runs = Vec::new();
     for strategy in ["ties", "sparse-mean"] {
         let out_s = dir.path().join(format!("m-{strategy}-s.xpm"));
         let out_d = dir.path().join(format!("m-{strategy}-d.xpm"));
-        let (ts, ms) = run_merge(&sparse, strategy, &out_s);
-        let (td, md) = run_merge(&dense, strategy, &out_d);
-        let floor = io_floor(&sparse, &out_s, &dir.path().join("floor.xpm"));
+        let mut r: Vec<[f64; 5]> = Vec::new();
+        for round in 0..rounds {
+            let (ts, ms) = run_merge(&sparse, strategy, &out_s);
+            let (td, md) = run_merge(&dense, strategy, &out_d);
+            let floor = io_floor(&sparse, &out_s, &dir.path().join("floor.xpm"));
+            eprintln!(
+                "{strategy} round {}: sparse {ts:.2} s, densified {td:.2} s, floor {floor:.2} s",
+                round + 1
+            );
+            r.push([ts, ms, td, md, floor]);
+        }
+        let col = |i: usize| median(r.iter().map(|x| x[i]).collect());
+        let ratio = |f: &dyn Fn(&[f64; 5]) -> f64| median(r.iter().map(f).collect());
+        let (ts, ms, td, md, floor) = (col(0), col(1), col(2), col(3), col(4));
+        let per_round: Vec<String> = r.iter().map(|x| format!("{:.2}", x[0] / x[4])).collect();
         report.push_str(&format!(
             "| `{strategy}` | sparse-native | {ts:.2} s | {ms:.0} MB | 1.00× |\n\
              | `{strategy}` | densified | {td:.2} s | {md:.0} MB | {:.1}× slower, {:.1}× the memory |\n\
-             | `{strategy}` | I/O floor (decode inputs, encode + write output) | {floor:.2} s | – | sparse-native is {:.2}× the floor |\n",
-            td / ts,
-            md / ms,
-            ts / floor,
+             | `{strategy}` | I/O floor (decode inputs, encode + write output) | {floor:.2} s | – | sparse-native is {:.2}× the floor (per round: {}) |\n",
+            ratio(&|x| x[2] / x[0]),
+            ratio(&|x| x[3] / x[1]),
+            ratio(&|x| x[0] / x[4]),
+            per_round.join(", "),
         ));
         sparse_runs.push((strategy, out_s, ts, ms));
     }
