@@ -15,6 +15,9 @@
 //! for N rounds of the sparse, densified and floor runs, default 3). Writes the table
 //! to `target/bench-merge.md`. `XPM_BENCH_KEEP=1` keeps the generated experts (for profiling).
 
+mod common;
+use common::median;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -246,25 +249,10 @@ fn torch_baseline(
     out
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let rounds: usize = args
-        .iter()
-        .position(|a| a == "--rounds")
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("--rounds N"))
-        .unwrap_or(3);
+    let rounds: usize = common::flag(&args, "--rounds", 3).max(1);
     let (experts, tensors) = if quick { (4u64, 16usize) } else { (20, 64) };
     let mut dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     if std::env::var_os("XPM_BENCH_KEEP").is_some() {

@@ -17,6 +17,9 @@
 //! in turn, because this machine's speed drifts over minutes: ratios are formed within a round
 //! and the table shows the medians over rounds.
 
+mod common;
+use common::median;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -109,19 +112,8 @@ fn main() {
     xpm::alloc::configure();
     xpm::train::configure_threads();
     let args: Vec<String> = std::env::args().collect();
-    let steps: usize = args
-        .iter()
-        .position(|a| a == "--steps")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
-    let rounds: usize = args
-        .iter()
-        .position(|a| a == "--rounds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-        .max(1);
+    let steps: usize = common::flag(&args, "--steps", 8);
+    let rounds: usize = common::flag(&args, "--rounds", 3).max(1);
     let assets = std::env::var_os("XPM_ASSETS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/xpm-assets"));
@@ -283,9 +275,4 @@ fn main() {
 
 fn median_s(v: &serde_json::Value) -> f64 {
     v["median_s"].as_f64().unwrap()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }

@@ -248,7 +248,7 @@ fn stats(x: &[f32], eps: f32) -> (f32, f32) {
 /// serial chain that the compiler may not reorder, so its loop cannot use vector registers;
 /// the lanes can. The order of additions is fixed, so results do not depend on the machine.
 #[inline(always)]
-pub(super) fn lanes(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+fn lanes(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     const L: usize = 16;
     let mut acc = [0f32; L];
     let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
