@@ -254,6 +254,8 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     let rounds: usize = common::flag(&args, "--rounds", 3).max(1);
     let (experts, tensors) = if quick { (4u64, 16usize) } else { (20, 64) };
+    // Cargo names the directory but does not create it for benches after a `cargo clean`.
+    std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let mut dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     if std::env::var_os("XPM_BENCH_KEEP").is_some() {
         // Keep the experts and outputs (for profiling `xpm merge` on them).

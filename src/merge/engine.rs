@@ -1,10 +1,11 @@
 //! The merge engine: one target tensor at a time, on the union of the experts' supports.
 //!
 //! Each expert's delta is first sparsified on its own entries (top-k, DARE, breadcrumbs, DELLA),
-//! then a k-way walk over the experts' sorted index lists combines the entries position by
-//! position. Sparse inputs stay sparse: memory is proportional to the entries, never to the
-//! dense tensor, and a position outside every mask is never touched (so stays exactly zero).
-//! Dense inputs take the same path with every position present. Randomness comes from a
+//! then the entries are combined position by position: sparse inputs in blocks of positions,
+//! each block's entries added to per-position sums that stay in cache; dense inputs by a k-way
+//! walk over every position. Sparse inputs stay sparse: memory is proportional to the entries,
+//! never to the dense tensor, and a position outside every mask is never touched (so stays
+//! exactly zero). Randomness comes from a
 //! counter-based stream keyed by (seed, expert, tensor, position), so results are bit-identical
 //! whatever the thread count, tensor order or set of other tensors.
 
@@ -87,104 +88,270 @@ pub fn merge_tensor_owned(
         .enumerate()
         .map(|(e, input)| sparsify(strategy, p, tensor, e as u64, shape, n, input))
         .collect();
-    let total_w: f64 = weights.iter().sum();
-    let keeps_union = strategy.keeps_union();
-    let keep = |here: &[(f64, f64)]| {
-        let v = combine(strategy, p, here, total_w);
-        (keeps_union || v != 0.0).then_some(v)
-    };
-    // Dense inputs cover every position: walk them directly. Sparse ones: the union walk.
+    let k = Kernel::new(strategy, p, weights.iter().sum());
+    // Dense inputs cover every position: walk them directly. Sparse ones: the union sweep.
     let (out_idx, out_val) = if dense {
-        combine_walk(&entries, weights, keep)
+        combine_walk(&entries, weights, |here| k.keep(k.combine(here)))
     } else {
-        combine_union(&entries, n, weights, keep)
+        combine_union(&entries, n, weights, &k)
     };
     Output::from_entries(n, dense, out_idx, out_val)
 }
 
-/// Walk the union of the entries' positions in ascending order, handing `f` the (weight, value)
-/// contributions at each position in expert order; keep the positions where `f` returns a value.
-///
-/// O(total entries + n / 64): a bitmap of the union (1 bit per position), per-word prefix
-/// counts that give every position its slot in the union, then the contributions grouped by
-/// slot (counting sort, stable in expert order). Besides the entries themselves this needs
-/// 0.19 bytes per position of the tensor and 8 bytes per union position.
-fn combine_union(
+/// How a strategy combines the contributions at one position, in f64 and in expert order: an
+/// optional sign vote (the TIES family), then sums `num` and `den` of what passes it, then a
+/// final formula. The union sweep keeps these sums in arrays and the walk on the stack; both
+/// run the same operations in the same order, so they agree bit for bit (tested).
+struct Kernel<'a> {
+    strategy: Strategy,
+    p: &'a MergeParams,
+    total_w: f64,
+    ties: bool,
+    keeps_union: bool,
+}
+
+impl<'a> Kernel<'a> {
+    fn new(strategy: Strategy, p: &'a MergeParams, total_w: f64) -> Self {
+        let ties = matches!(
+            strategy,
+            Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della
+        );
+        Kernel {
+            strategy,
+            p,
+            total_w,
+            ties,
+            keeps_union: strategy.keeps_union(),
+        }
+    }
+
+    /// What `(w, δ)` adds to the sign vote: non-zero values vote, with δ (peft's `total`), w·δ
+    /// (mergekit's weighted rule) or sgn δ (`frequency`).
+    #[inline]
+    fn vote(&self, w: f64, v: f64) -> f64 {
+        if v == 0.0 {
+            return 0.0;
+        }
+        match self.p.sign {
+            SignRule::Total => v,
+            SignRule::Weighted => w * v,
+            SignRule::Frequency => v.signum(),
+        }
+    }
+
+    /// Add `(w, δ)` to the sums; `positive` is the elected sign (sgn⁺ of the vote, ties go to
+    /// +1), used by the TIES family only.
+    #[inline]
+    fn add(&self, num: &mut f64, den: &mut f64, positive: bool, w: f64, v: f64) {
+        if self.ties {
+            // Agreement is judged on what voted: w·δ under the weighted rule (mergekit), δ
+            // otherwise (peft).
+            let signed = if self.p.sign == SignRule::Weighted {
+                w * v
+            } else {
+                v
+            };
+            if signed != 0.0 && (signed > 0.0) == positive {
+                *num += w * v;
+                *den += match self.p.divisor {
+                    Divisor::Count => 1.0,
+                    Divisor::Weights => w,
+                    Divisor::None => 0.0,
+                };
+            }
+        } else {
+            *num += w * v;
+            // `sparse-mean` divides by the weight of the experts whose mask holds the position
+            // (membership, not a non-zero value).
+            *den += w;
+        }
+    }
+
+    /// The merged value from the sums.
+    #[inline]
+    fn finish(&self, num: f64, den: f64) -> f64 {
+        let p = self.p;
+        match self.strategy {
+            Strategy::SparseMean => {
+                if den == 0.0 {
+                    0.0
+                } else {
+                    p.lambda * num / den
+                }
+            }
+            Strategy::Mean => {
+                if self.total_w == 0.0 {
+                    0.0
+                } else {
+                    num / self.total_w
+                }
+            }
+            // The linear family: λ Σ w δ, divided by Σ w under `normalize` (mergekit's
+            // `normalize`; a |Σ w| below 1e-8 divides by 1, as mergekit does).
+            Strategy::Linear
+            | Strategy::TaskArithmetic
+            | Strategy::MagnitudePrune
+            | Strategy::DareLinear
+            | Strategy::Breadcrumbs => {
+                let s = p.lambda * num;
+                if p.normalize && self.total_w.abs() >= 1e-8 {
+                    s / self.total_w
+                } else {
+                    s
+                }
+            }
+            // LoRA-space merges reach the engine only for non-LoRA tensors of the set; on
+            // densified deltas `cat` and full-rank `svd` are exactly Σ w ΔW.
+            Strategy::Cat | Strategy::Svd => num,
+            // The mean of the agreeing values: λ Σ w δ over the count, the weights, or 1.
+            Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della => {
+                p.lambda * num / ties_divisor(p.divisor, den)
+            }
+        }
+    }
+
+    /// Combine the contributions at one position.
+    fn combine(&self, here: &[(f64, f64)]) -> f64 {
+        let positive =
+            !self.ties || here.iter().fold(0.0, |a, (w, v)| a + self.vote(*w, *v)) >= 0.0;
+        let (mut num, mut den) = (0.0, 0.0);
+        for &(w, v) in here {
+            self.add(&mut num, &mut den, positive, w, v);
+        }
+        self.finish(num, den)
+    }
+
+    /// Whether a merged value is stored: always for the strategies that keep the union, else
+    /// when non-zero.
+    #[inline]
+    fn keep(&self, v: f64) -> Option<f64> {
+        (self.keeps_union || v != 0.0).then_some(v)
+    }
+}
+
+/// Positions per block of [`combine_union`]: its sums and bitmaps (about 130 KiB) stay in the
+/// core's L2 cache.
+const BLOCK: u64 = 8192;
+
+/// Hand `f` every expert's entries in `from[e]..to[e]` (in expert order) with their offsets
+/// in the block that starts at `c0`, their expert's weight and their value.
+fn each_in_block(
     entries: &[Entries],
-    n: u64,
     weights: &[f64],
-    mut f: impl FnMut(&[(f64, f64)]) -> Option<f64>,
-) -> (Vec<u64>, Vec<f32>) {
-    let words = (n as usize).div_ceil(64);
-    let mut bits = vec![0u64; words];
-    if entries
-        .iter()
-        .any(|e| e.indices.is_none() && !e.values.is_empty())
-    {
-        bits.fill(u64::MAX);
-        if !n.is_multiple_of(64) {
-            bits[words - 1] = (1u64 << (n % 64)) - 1;
-        }
-    } else {
-        for e in entries {
-            for &i in e.indices.as_deref().unwrap_or(&[]) {
-                bits[(i / 64) as usize] |= 1 << (i % 64);
+    from: &[usize],
+    to: &[usize],
+    c0: u64,
+    mut f: impl FnMut(usize, f64, f64),
+) {
+    for (e, en) in entries.iter().enumerate() {
+        let w = weights[e];
+        let values = &en.values[from[e]..to[e]];
+        match &en.indices {
+            Some(ix) => {
+                for (&i, &v) in ix[from[e]..to[e]].iter().zip(values) {
+                    f((i - c0) as usize, w, v as f64);
+                }
+            }
+            None => {
+                for (j, &v) in values.iter().enumerate() {
+                    f(from[e] + j - c0 as usize, w, v as f64);
+                }
             }
         }
     }
-    let mut prefix = vec![0u32; words];
-    let mut union = 0u32;
-    for (p, b) in prefix.iter_mut().zip(&bits) {
-        *p = union;
-        union += b.count_ones();
-    }
-    let slot = |i: u64| {
-        let w = (i / 64) as usize;
-        (prefix[w] + (bits[w] & ((1u64 << (i % 64)) - 1)).count_ones()) as usize
-    };
-    // Contributions grouped by slot, in expert order within a slot.
-    let mut start = vec![0u32; union as usize + 1];
-    for e in entries {
-        for k in 0..e.values.len() {
-            start[slot(e.index(k)) + 1] += 1;
-        }
-    }
-    for s in 1..start.len() {
-        start[s] += start[s - 1];
-    }
-    let total = start[union as usize] as usize;
-    let mut fill = start[..union as usize].to_vec();
-    let mut who = vec![0u32; total];
-    let mut val = vec![0f32; total];
-    for (ei, e) in entries.iter().enumerate() {
-        for k in 0..e.values.len() {
-            let s = slot(e.index(k));
-            let at = fill[s] as usize;
-            who[at] = ei as u32;
-            val[at] = e.values[k];
-            fill[s] += 1;
-        }
-    }
-    drop(fill);
-    let mut out_idx = Vec::with_capacity(union as usize);
-    let mut out_val = Vec::with_capacity(union as usize);
-    let mut here: Vec<(f64, f64)> = Vec::with_capacity(entries.len());
-    let mut s = 0usize;
-    for (w, &word) in bits.iter().enumerate() {
-        let mut b = word;
-        while b != 0 {
-            let pos = w as u64 * 64 + b.trailing_zeros() as u64;
-            here.clear();
-            for c in start[s] as usize..start[s + 1] as usize {
-                here.push((weights[who[c] as usize], val[c] as f64));
+}
+
+/// Combine over the union of the entries' positions, in ascending order, one block of
+/// positions at a time. Within a block every expert's entries there (a contiguous run of its
+/// sorted indices) are added to per-position sums in expert order, after the TIES family's
+/// sign vote; the block's union (a bitmap) then gives the output positions in order. Blocks
+/// that no expert touches are skipped.
+///
+/// O(total entries + touched blocks × experts). Besides the entries and the output it needs a
+/// fixed 2 × 8 bytes per block position, whatever the tensor's size.
+fn combine_union(entries: &[Entries], n: u64, weights: &[f64], k: &Kernel) -> (Vec<u64>, Vec<f32>) {
+    let c = BLOCK.min(n.max(1));
+    let words = (c as usize).div_ceil(64);
+    let mut num = vec![0f64; c as usize];
+    let mut den = vec![0f64; c as usize];
+    let mut union = vec![0u64; words];
+    let mut positive = vec![0u64; if k.ties { words } else { 0 }];
+    let mut cursor = vec![0usize; entries.len()];
+    let mut end = vec![0usize; entries.len()];
+    // The union has at most as many positions as there are entries.
+    let bound = (entries.iter().map(|e| e.values.len()).sum::<usize>()).min(n as usize);
+    let (mut out_idx, mut out_val) = (Vec::with_capacity(bound), Vec::with_capacity(bound));
+    let mut c0 = 0u64;
+    loop {
+        // Skip to the block of the lowest position not yet merged.
+        let next = entries
+            .iter()
+            .zip(&cursor)
+            .filter(|(en, at)| **at < en.values.len())
+            .map(|(en, at)| en.index(*at))
+            .min();
+        let Some(next) = next else { break };
+        c0 = c0.max(next / c * c);
+        let c1 = (c0 + c).min(n);
+        for (e, en) in entries.iter().enumerate() {
+            let mut at = cursor[e];
+            match &en.indices {
+                Some(ix) => {
+                    while at < ix.len() && ix[at] < c1 {
+                        let o = ix[at] - c0;
+                        union[(o / 64) as usize] |= 1 << (o % 64);
+                        at += 1;
+                    }
+                }
+                None if at < en.values.len() => {
+                    at = en.values.len().min(c1 as usize);
+                    for o in cursor[e] as u64 - c0..at as u64 - c0 {
+                        union[(o / 64) as usize] |= 1 << (o % 64);
+                    }
+                }
+                None => {}
             }
-            if let Some(v) = f(&here) {
-                out_idx.push(pos);
-                out_val.push(v as f32);
-            }
-            b &= b - 1;
-            s += 1;
+            end[e] = at;
         }
+        if k.ties {
+            // The vote, then its signs as bits; `num` is cleared for the sums.
+            each_in_block(entries, weights, &cursor, &end, c0, |o, w, v| {
+                num[o] += k.vote(w, v)
+            });
+            for (wi, &word) in union.iter().enumerate() {
+                let mut b = word;
+                while b != 0 {
+                    let o = wi * 64 + b.trailing_zeros() as usize;
+                    positive[wi] |= ((num[o] >= 0.0) as u64) << (o % 64);
+                    num[o] = 0.0;
+                    b &= b - 1;
+                }
+            }
+            each_in_block(entries, weights, &cursor, &end, c0, |o, w, v| {
+                let up = positive[o / 64] >> (o % 64) & 1 == 1;
+                k.add(&mut num[o], &mut den[o], up, w, v)
+            });
+        } else {
+            each_in_block(entries, weights, &cursor, &end, c0, |o, w, v| {
+                k.add(&mut num[o], &mut den[o], true, w, v)
+            });
+        }
+        for (wi, word) in union.iter_mut().enumerate() {
+            let mut b = *word;
+            while b != 0 {
+                let o = wi * 64 + b.trailing_zeros() as usize;
+                if let Some(v) = k.keep(k.finish(num[o], den[o])) {
+                    out_idx.push(c0 + o as u64);
+                    out_val.push(v as f32);
+                }
+                (num[o], den[o]) = (0.0, 0.0);
+                b &= b - 1;
+            }
+            *word = 0;
+        }
+        positive.fill(0);
+        cursor.copy_from_slice(&end);
+        c0 = c1;
     }
     (out_idx, out_val)
 }
@@ -225,97 +392,13 @@ fn combine_walk(
     (oi, ov)
 }
 
-/// Combine the contributions at one position.
-fn combine(strategy: Strategy, p: &MergeParams, here: &[(f64, f64)], total_w: f64) -> f64 {
-    let weighted_sum = || here.iter().map(|(w, v)| w * v).sum::<f64>();
-    match strategy {
-        Strategy::SparseMean => {
-            let den: f64 = here.iter().map(|(w, _)| w).sum();
-            if den == 0.0 {
-                0.0
-            } else {
-                p.lambda * weighted_sum() / den
-            }
-        }
-        Strategy::Mean => {
-            if total_w == 0.0 {
-                0.0
-            } else {
-                weighted_sum() / total_w
-            }
-        }
-        // The linear family: λ Σ w δ, divided by Σ w under `normalize` (mergekit's
-        // `normalize`; a |Σ w| below 1e-8 divides by 1, as mergekit does).
-        Strategy::Linear
-        | Strategy::TaskArithmetic
-        | Strategy::MagnitudePrune
-        | Strategy::DareLinear
-        | Strategy::Breadcrumbs => {
-            let s = p.lambda * weighted_sum();
-            if p.normalize && total_w.abs() >= 1e-8 {
-                s / total_w
-            } else {
-                s
-            }
-        }
-        // LoRA-space merges reach the engine only for non-LoRA tensors of the set; on densified
-        // deltas `cat` and full-rank `svd` are exactly Σ w ΔW.
-        Strategy::Cat | Strategy::Svd => weighted_sum(),
-        Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della
-            if here.len() == 1 =>
-        {
-            // One contribution elects its own sign and agrees with it (when non-zero).
-            let (w, v) = here[0];
-            let voted = if p.sign == SignRule::Weighted {
-                w * v
-            } else {
-                v
-            };
-            if voted == 0.0 {
-                return 0.0;
-            }
-            p.lambda * (w * v) / ties_divisor(p.divisor, 1.0, w)
-        }
-        Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della => {
-            let vote: f64 = here
-                .iter()
-                .filter(|(_, v)| *v != 0.0)
-                .map(|(w, v)| match p.sign {
-                    SignRule::Total => *v,
-                    SignRule::Weighted => w * v,
-                    SignRule::Frequency => v.signum(),
-                })
-                .sum();
-            let positive = vote >= 0.0; // sgn⁺: ties go to +1
-            // Agreement is judged on what voted: w·δ under the weighted rule (mergekit), δ
-            // otherwise (peft).
-            let signed = |w: f64, v: f64| {
-                if p.sign == SignRule::Weighted {
-                    w * v
-                } else {
-                    v
-                }
-            };
-            let agree = here
-                .iter()
-                .filter(|(w, v)| signed(*w, *v) != 0.0 && (signed(*w, *v) > 0.0) == positive);
-            let (mut num, mut count, mut wsum) = (0.0f64, 0.0f64, 0.0f64);
-            for (w, v) in agree {
-                num += w * v;
-                count += 1.0;
-                wsum += w;
-            }
-            p.lambda * num / ties_divisor(p.divisor, count, wsum)
-        }
-    }
-}
-
-/// The TIES family's divisor for `count` agreeing contributions of total weight `wsum`.
-fn ties_divisor(divisor: Divisor, count: f64, wsum: f64) -> f64 {
+/// The TIES family's divisor, from `den`: the count of agreeing contributions (`Count`) or
+/// their total weight (`Weights`).
+fn ties_divisor(divisor: Divisor, den: f64) -> f64 {
     match divisor {
-        Divisor::Count => count.max(1.0),
-        Divisor::Weights if wsum == 0.0 => 1.0,
-        Divisor::Weights => wsum,
+        Divisor::Count => den.max(1.0),
+        Divisor::Weights if den == 0.0 => 1.0,
+        Divisor::Weights => den,
         Divisor::None => 1.0,
     }
 }
@@ -559,7 +642,10 @@ mod tests {
             masks in proptest::collection::vec(proptest::collection::btree_map(0u64..200, -2.0f32..2.0, 0..60), 1..6),
             dense_one in proptest::bool::ANY,
             s in 0usize..11,
+            rules in (0usize..3, 0usize..3),
         ) {
+            let sign = [SignRule::Total, SignRule::Weighted, SignRule::Frequency][rules.0];
+            let divisor = [Divisor::Count, Divisor::Weights, Divisor::None][rules.1];
             let n = 200u64;
             let mut entries: Vec<Entries> = masks
                 .iter()
@@ -570,14 +656,10 @@ mod tests {
             }
             let weights: Vec<f64> = (0..entries.len()).map(|i| 0.5 + i as f64).collect();
             let strategy = Strategy::ALL[s];
-            let p = MergeParams::default();
-            let total_w: f64 = weights.iter().sum();
-            let keep = |here: &[(f64, f64)]| {
-                let v = combine(strategy, &p, here, total_w);
-                (strategy.keeps_union() || v != 0.0).then_some(v)
-            };
-            let got = combine_union(&entries, n, &weights, keep);
-            let want = combine_walk(&entries, &weights, keep);
+            let p = MergeParams { sign, divisor, ..MergeParams::default() };
+            let k = Kernel::new(strategy, &p, weights.iter().sum());
+            let got = combine_union(&entries, n, &weights, &k);
+            let want = combine_walk(&entries, &weights, |here| k.keep(k.combine(here)));
             proptest::prop_assert_eq!(got.0, want.0);
             proptest::prop_assert_eq!(
                 got.1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
