@@ -1,13 +1,13 @@
 //! The merge engine: one target tensor at a time, on the union of the experts' supports.
 //!
 //! Each expert's delta is first sparsified on its own entries (top-k, DARE, breadcrumbs, DELLA),
-//! then the entries are combined position by position: sparse inputs in blocks of positions,
-//! each block's entries added to per-position sums that stay in cache; dense inputs by a k-way
-//! walk over every position. Sparse inputs stay sparse: memory is proportional to the entries,
-//! never to the dense tensor, and a position outside every mask is never touched (so stays
-//! exactly zero). Randomness comes from a
-//! counter-based stream keyed by (seed, expert, tensor, position), so results are bit-identical
-//! whatever the thread count, tensor order or set of other tensors.
+//! then the entries are combined position by position, in blocks of positions: each block's
+//! entries are added to per-position sums that stay in cache. Sparse inputs stay sparse: memory
+//! is proportional to the entries, never to the dense tensor, and a position outside every mask
+//! is never touched (so stays exactly zero). Dense inputs take the same path with every
+//! position present. Randomness comes from a counter-based stream keyed by (seed, expert,
+//! tensor, position), so results are bit-identical whatever the thread count, tensor order or
+//! set of other tensors.
 
 use super::params::{Divisor, MergeParams, Rescale, SignRule, Strategy};
 use crate::rng::splitmix64;
@@ -89,19 +89,15 @@ pub fn merge_tensor_owned(
         .map(|(e, input)| sparsify(strategy, p, tensor, e as u64, shape, n, input))
         .collect();
     let k = Kernel::new(strategy, p, weights.iter().sum());
-    // Dense inputs cover every position: walk them directly. Sparse ones: the union sweep.
-    let (out_idx, out_val) = if dense {
-        combine_walk(&entries, weights, |here| k.keep(k.combine(here)))
-    } else {
-        combine_union(&entries, n, weights, &k)
-    };
+    // Dense inputs take the same sweep, with every position present.
+    let (out_idx, out_val) = combine_union(&entries, n, weights, &k);
     Output::from_entries(n, dense, out_idx, out_val)
 }
 
 /// How a strategy combines the contributions at one position, in f64 and in expert order: an
 /// optional sign vote (the TIES family), then sums `num` and `den` of what passes it, then a
-/// final formula. The union sweep keeps these sums in arrays and the walk on the stack; both
-/// run the same operations in the same order, so they agree bit for bit (tested).
+/// final formula. The block sweep keeps these sums in arrays, the reference walk (in tests) on
+/// the stack; both run the same operations in the same order, so they agree bit for bit (tested).
 struct Kernel<'a> {
     strategy: Strategy,
     p: &'a MergeParams,
@@ -211,6 +207,7 @@ impl<'a> Kernel<'a> {
     }
 
     /// Combine the contributions at one position.
+    #[cfg(test)]
     fn combine(&self, here: &[(f64, f64)]) -> f64 {
         let positive =
             !self.ties || here.iter().fold(0.0, |a, (w, v)| a + self.vote(*w, *v)) >= 0.0;
@@ -357,8 +354,9 @@ fn combine_union(entries: &[Entries], n: u64, weights: &[f64], k: &Kernel) -> (V
 }
 
 /// The k-way walk over the experts' sorted entries: at each position, the minimum over the
-/// cursors. O(union × experts); the right tool when an input is dense (every position), and
-/// the reference `combine_union` is tested against.
+/// cursors, O(union × experts). The reference `combine_union` is tested against (the engine
+/// used it for dense inputs until the block sweep proved faster there too).
+#[cfg(test)]
 fn combine_walk(
     entries: &[Entries],
     weights: &[f64],
