@@ -18,22 +18,141 @@ pub mod unpack;
 pub mod verify;
 pub mod yank;
 
-use rayon::prelude::*;
+use std::sync::{Condvar, Mutex};
 
-/// Run `f` over `items` in parallel, one window of one item per worker thread at a time, and
-/// hand the results to `sink` in input order. Only one window of results is in flight, which is
-/// what keeps `extract`, `pack` and `merge` bounded in memory.
+/// Run `f` over `items` on one thread per rayon worker and hand the results to `sink` in input
+/// order, on the calling thread. Items start in input order, and item `i` starts only once
+/// `sink` has taken every item before `i - 2 × threads`: at most one item per thread is being
+/// computed and a bounded number of finished ones wait for their turn, which is what keeps
+/// `extract`, `pack`, `merge` and `overlap` bounded in memory. A worker that finishes starts
+/// the next item at once, while `sink` writes, instead of waiting for the slowest item of a
+/// batch. The first error in input order is returned, and no further item starts after it.
 pub(crate) fn map_ordered<T: Sync, R: Send>(
     items: &[T],
     f: impl Fn(&T) -> crate::Result<R> + Sync,
     mut sink: impl FnMut(R) -> crate::Result<()>,
 ) -> crate::Result<()> {
-    let window = rayon::current_num_threads().max(1);
-    for chunk in items.chunks(window) {
-        let results: Vec<crate::Result<R>> = chunk.par_iter().map(&f).collect();
-        for r in results {
-            sink(r?)?;
-        }
+    struct Gate {
+        next: usize,
+        sunk: usize,
+        stop: bool,
     }
-    Ok(())
+    let threads = rayon::current_num_threads().clamp(1, items.len().max(1));
+    let window = 2 * threads;
+    let gate = Mutex::new(Gate {
+        next: 0,
+        sunk: 0,
+        stop: false,
+    });
+    let turn = Condvar::new();
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, crate::Result<R>)>();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let tx = tx.clone();
+            let (f, gate, turn) = (&f, &gate, &turn);
+            s.spawn(move || {
+                loop {
+                    let i = {
+                        let mut g = gate.lock().expect("map_ordered gate");
+                        loop {
+                            if g.stop || g.next >= items.len() {
+                                return;
+                            }
+                            if g.next < g.sunk + window {
+                                g.next += 1;
+                                break g.next - 1;
+                            }
+                            g = turn.wait(g).expect("map_ordered gate");
+                        }
+                    };
+                    if tx.send((i, f(&items[i]))).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut done: std::collections::BTreeMap<usize, crate::Result<R>> = Default::default();
+        let mut want = 0;
+        let mut run = || -> crate::Result<()> {
+            for (i, r) in &rx {
+                done.insert(i, r);
+                while let Some(r) = done.remove(&want) {
+                    sink(r?)?;
+                    want += 1;
+                    gate.lock().expect("map_ordered gate").sunk = want;
+                    turn.notify_all();
+                }
+            }
+            Ok(())
+        };
+        let result = run();
+        if result.is_err() {
+            gate.lock().expect("map_ordered gate").stop = true;
+            turn.notify_all();
+        }
+        result
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn map_ordered_keeps_input_order_and_bounds_what_is_in_flight() {
+        let items: Vec<usize> = (0..64).collect();
+        let window = 2 * rayon::current_num_threads().clamp(1, items.len());
+        let (started, sunk) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let mut got = Vec::new();
+        super::map_ordered(
+            &items,
+            |&i| {
+                let n = started.fetch_add(1, Ordering::SeqCst) + 1;
+                assert!(n <= sunk.load(Ordering::SeqCst) + window, "window overrun");
+                // Early items take longest, so later ones finish first.
+                std::thread::sleep(std::time::Duration::from_micros(((64 - i) * 40) as u64));
+                Ok(i)
+            },
+            |r| {
+                got.push(r);
+                sunk.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(got, items);
+    }
+
+    #[test]
+    fn map_ordered_returns_the_first_error_in_input_order_and_starts_nothing_after_it() {
+        let items: Vec<usize> = (0..200).collect();
+        let window = 2 * rayon::current_num_threads().clamp(1, items.len());
+        let highest = AtomicUsize::new(0);
+        let mut got = Vec::new();
+        let err = super::map_ordered(
+            &items,
+            |&i| {
+                highest.fetch_max(i, Ordering::SeqCst);
+                if i == 10 || i == 11 {
+                    // The later failure finishes first.
+                    std::thread::sleep(std::time::Duration::from_millis(if i == 10 {
+                        20
+                    } else {
+                        0
+                    }));
+                    return Err(crate::Error::input(format!("item {i} failed"), None));
+                }
+                Ok(i)
+            },
+            |r| {
+                got.push(r);
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("item 10 failed"), "{err}");
+        assert_eq!(got, (0..10).collect::<Vec<_>>());
+        assert!(highest.load(Ordering::SeqCst) < 10 + window);
+    }
 }
