@@ -105,14 +105,20 @@ fn dense(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
         let n = t.numel() as usize;
         let mut d = vec![0f32; n];
         let mut mask = vec![false; n];
-        if let xpm::format::Content::Sparse {
-            indices, values, ..
-        } = &t.content
-        {
-            for (i, v) in indices.iter().zip(t.dtype.to_f32(values)) {
-                d[*i as usize] = v;
-                mask[*i as usize] = true;
+        match &t.content {
+            xpm::format::Content::Sparse {
+                indices, values, ..
+            } => {
+                for (i, v) in indices.iter().zip(t.dtype.to_f32(values)) {
+                    d[*i as usize] = v;
+                    mask[*i as usize] = true;
+                }
             }
+            xpm::format::Content::Dense { delta } => {
+                d = t.dtype.to_f32(delta);
+                mask.fill(true);
+            }
+            other => panic!("{}: unexpected content {other:?}", t.name),
         }
         out.insert(t.name.clone(), d);
         out.insert(
@@ -217,6 +223,54 @@ fn example_plugins_merge_as_documented() {
             }
         }
         assert_eq!(got["a.weight"][k], (0.5 * best) as f32);
+    }
+}
+
+#[test]
+fn a_dense_input_among_sparse_ones_gives_the_plugin_the_full_support() {
+    // A dense expert makes the support every position; the sparse experts' entries must land
+    // on their own positions. plugin-mean then equals the built-in `mean`.
+    let ctx = TestContext::new();
+    experts(&ctx);
+    ctx.xpm()
+        .args([
+            "extract",
+            "--base",
+            "base.safetensors",
+            "--tuned",
+            "e3.safetensors",
+        ])
+        .args([
+            "--kind",
+            "dense",
+            "--name",
+            "e3d",
+            "--version",
+            "1.0.0",
+            "-o",
+            "e3d.xpm",
+        ])
+        .assert()
+        .success();
+    let inputs = ["e1.xpm", "e2.xpm", "e3d.xpm"];
+    ctx.xpm()
+        .arg("merge")
+        .args(inputs)
+        .args(["--strategy", "plugin-mean", "--plugin"])
+        .arg(rust_plugin("mean"))
+        .args(["--weights", "1,2,0.5", "-o", "p.xpm"])
+        .assert()
+        .success();
+    ctx.xpm()
+        .arg("merge")
+        .args(inputs)
+        .args(["--strategy", "mean", "--weights", "1,2,0.5", "-o", "b.xpm"])
+        .assert()
+        .success();
+    let (got, want) = (dense(&ctx.path("p.xpm")), dense(&ctx.path("b.xpm")));
+    for name in ["a.weight", "b.weight"] {
+        assert!(want[name].iter().any(|v| *v != 0.0));
+        assert_eq!(got[name], want[name], "{name}");
     }
 }
 

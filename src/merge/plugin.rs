@@ -251,11 +251,14 @@ impl Instance<'_> {
     ) -> Result<Output> {
         let n: u64 = shape.iter().product();
         let dense = inputs.iter().any(|i| matches!(i, Input::Dense { .. }));
+        // The union through a bitmap, O(entries + n / 64), no sort; with per-word prefix counts
+        // it gives every position its slot in the support in O(1).
+        let mut bits = Vec::new();
+        let mut prefix = Vec::new();
         let support: Vec<u64> = if dense {
             (0..n).collect()
         } else {
-            // The union through a bitmap: O(entries + n / 64), no sort.
-            let mut bits = vec![0u64; (n as usize).div_ceil(64)];
+            bits = vec![0u64; (n as usize).div_ceil(64)];
             for i in inputs {
                 if let Input::Sparse { indices, .. } = i {
                     for &x in indices {
@@ -263,7 +266,13 @@ impl Instance<'_> {
                     }
                 }
             }
-            let mut all = Vec::with_capacity(bits.iter().map(|b| b.count_ones() as usize).sum());
+            prefix = Vec::with_capacity(bits.len());
+            let mut count = 0u32;
+            for b in &bits {
+                prefix.push(count);
+                count += b.count_ones();
+            }
+            let mut all = Vec::with_capacity(count as usize);
             for (w, &word) in bits.iter().enumerate() {
                 let mut b = word;
                 while b != 0 {
@@ -306,12 +315,14 @@ impl Instance<'_> {
                     indices,
                     values: sv,
                 } => {
-                    let mut k = 0usize;
-                    for i in indices {
-                        while support[k] < *i {
-                            k += 1;
-                        }
-                        slots.push(k as u32);
+                    if dense {
+                        // The support is every position: a position is its own slot.
+                        slots.extend(indices.iter().map(|&i| i as u32));
+                    } else {
+                        slots.extend(indices.iter().map(|&i| {
+                            let w = (i / 64) as usize;
+                            prefix[w] + (bits[w] & ((1u64 << (i % 64)) - 1)).count_ones()
+                        }));
                     }
                     values.extend_from_slice(sv);
                 }
