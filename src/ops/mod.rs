@@ -45,12 +45,27 @@ pub(crate) fn map_ordered<T: Sync, R: Send>(
         stop: false,
     });
     let turn = Condvar::new();
+    // A panic on any side (a worker's `f`, or `sink`) stops the other side instead of leaving
+    // it waiting forever; `thread::scope` then re-raises the panic.
+    struct StopOnPanic<'a>(&'a Mutex<Gate>, &'a Condvar);
+    impl Drop for StopOnPanic<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                if let Ok(mut g) = self.0.lock() {
+                    g.stop = true;
+                }
+                self.1.notify_all();
+            }
+        }
+    }
     let (tx, rx) = std::sync::mpsc::channel::<(usize, crate::Result<R>)>();
     std::thread::scope(|s| {
+        let _guard = StopOnPanic(&gate, &turn);
         for _ in 0..threads {
             let tx = tx.clone();
             let (f, gate, turn) = (&f, &gate, &turn);
             s.spawn(move || {
+                let _guard = StopOnPanic(gate, turn);
                 loop {
                     let i = {
                         let mut g = gate.lock().expect("map_ordered gate");
@@ -98,6 +113,27 @@ pub(crate) fn map_ordered<T: Sync, R: Send>(
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn map_ordered_re_raises_a_panic_instead_of_hanging() {
+        let items: Vec<usize> = (0..100).collect();
+        for panic_in_sink in [false, true] {
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                super::map_ordered(
+                    &items,
+                    |&i| {
+                        assert!(panic_in_sink || i != 5, "item 5 panicked");
+                        Ok(i)
+                    },
+                    |i| {
+                        assert!(!panic_in_sink || i != 5, "sink panicked at 5");
+                        Ok(())
+                    },
+                )
+            }));
+            assert!(caught.is_err(), "panic_in_sink = {panic_in_sink}");
+        }
+    }
 
     #[test]
     fn map_ordered_keeps_input_order_and_bounds_what_is_in_flight() {
