@@ -59,7 +59,7 @@ fn c_plugin(ctx: &TestContext, out: &str, defines: &[&str]) -> PathBuf {
     dest
 }
 
-/// Two sparse experts with overlapping masks; returns the unpacked dense deltas.
+/// Three sparse experts (`e1`…`e3`, density 0.4) of one random base, with overlapping masks.
 fn experts(ctx: &TestContext) {
     let base = random_tensors(&[("a.weight", &[16, 24]), ("b.weight", &[8, 8])], 31);
     write_st(
@@ -73,27 +73,20 @@ fn experts(ctx: &TestContext) {
             &perturb(&base, seed, 0.1),
             safetensors::Dtype::F32,
         );
-        ctx.xpm()
-            .args([
-                "extract",
-                "--base",
-                "base.safetensors",
-                "--tuned",
-                &format!("{n}.safetensors"),
-            ])
-            .args([
-                "--density",
-                "0.4",
-                "--name",
-                n,
-                "--version",
-                "1.0.0",
-                "-o",
-                &format!("{n}.xpm"),
-            ])
-            .assert()
-            .success();
+        extract(ctx, n, n, &["--density", "0.4"]);
     }
+}
+
+/// `xpm extract` of `{tuned}.safetensors` against the base into `{name}.xpm` (version 1.0.0).
+fn extract(ctx: &TestContext, tuned: &str, name: &str, args: &[&str]) {
+    ctx.xpm()
+        .args(["extract", "--base", "base.safetensors", "--tuned"])
+        .arg(format!("{tuned}.safetensors"))
+        .args(args)
+        .args(["--name", name, "--version", "1.0.0", "-o"])
+        .arg(format!("{name}.xpm"))
+        .assert()
+        .success();
 }
 
 /// name → dense values of an artifact's tensors (via the library reader).
@@ -232,26 +225,7 @@ fn a_dense_input_among_sparse_ones_gives_the_plugin_the_full_support() {
     // on their own positions. plugin-mean then equals the built-in `mean`.
     let ctx = TestContext::new();
     experts(&ctx);
-    ctx.xpm()
-        .args([
-            "extract",
-            "--base",
-            "base.safetensors",
-            "--tuned",
-            "e3.safetensors",
-        ])
-        .args([
-            "--kind",
-            "dense",
-            "--name",
-            "e3d",
-            "--version",
-            "1.0.0",
-            "-o",
-            "e3d.xpm",
-        ])
-        .assert()
-        .success();
+    extract(&ctx, "e3", "e3d", &["--kind", "dense"]);
     let inputs = ["e1.xpm", "e2.xpm", "e3d.xpm"];
     ctx.xpm()
         .arg("merge")
