@@ -108,15 +108,11 @@ struct Kernel<'a> {
 
 impl<'a> Kernel<'a> {
     fn new(strategy: Strategy, p: &'a MergeParams, total_w: f64) -> Self {
-        let ties = matches!(
-            strategy,
-            Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della
-        );
         Kernel {
             strategy,
             p,
             total_w,
-            ties,
+            ties: strategy.elects_sign(),
             keeps_union: strategy.keeps_union(),
         }
     }
@@ -1073,7 +1069,7 @@ mod tests {
             prop_assert!(indices.windows(2).all(|w| w[0] < w[1]));
             prop_assert!(values.iter().all(|v| v.is_finite()));
             // An extra expert of weight 0 changes nothing (for strategies whose divisor ignores it).
-            if !matches!(strategy, Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della) {
+            if !strategy.elects_sign() {
                 let mut more = inputs.clone();
                 more.push(Input::Sparse { indices: (0..64).collect(), values: vec![1.0; 64] });
                 let mut w0 = w.clone();

@@ -79,6 +79,14 @@ impl Strategy {
         )
     }
 
+    /// The TIES family: a sign is elected per position and only the agreeing values are merged.
+    pub fn elects_sign(self) -> bool {
+        matches!(
+            self,
+            Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della
+        )
+    }
+
     /// Whether the result keeps the whole union of the inputs' masks as its mask (the averaging
     /// strategies), rather than only the entries the strategy kept.
     pub fn keeps_union(self) -> bool {

@@ -48,19 +48,25 @@ pub(crate) fn map_ordered<T: Sync, R: Send>(
     // A panic on any side (a worker's `f`, or `sink`) stops the other side instead of leaving
     // it waiting forever; `thread::scope` then re-raises the panic.
     struct StopOnPanic<'a>(&'a Mutex<Gate>, &'a Condvar);
+    impl StopOnPanic<'_> {
+        /// No item starts after this; waiting workers wake up and leave.
+        fn stop(&self) {
+            if let Ok(mut g) = self.0.lock() {
+                g.stop = true;
+            }
+            self.1.notify_all();
+        }
+    }
     impl Drop for StopOnPanic<'_> {
         fn drop(&mut self) {
             if std::thread::panicking() {
-                if let Ok(mut g) = self.0.lock() {
-                    g.stop = true;
-                }
-                self.1.notify_all();
+                self.stop();
             }
         }
     }
     let (tx, rx) = std::sync::mpsc::channel::<(usize, crate::Result<R>)>();
     std::thread::scope(|s| {
-        let _guard = StopOnPanic(&gate, &turn);
+        let guard = StopOnPanic(&gate, &turn);
         for _ in 0..threads {
             let tx = tx.clone();
             let (f, gate, turn) = (&f, &gate, &turn);
@@ -103,8 +109,7 @@ pub(crate) fn map_ordered<T: Sync, R: Send>(
         };
         let result = run();
         if result.is_err() {
-            gate.lock().expect("map_ordered gate").stop = true;
-            turn.notify_all();
+            guard.stop();
         }
         result
     })
