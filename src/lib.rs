@@ -8,7 +8,8 @@
 //!   [`resolve`]: choosing versions on one base; [`store`]: the content-addressed cache;
 //!   [`project`]: `xpm.toml` and `xpm.lock`;
 //! - [`ops`]: one operation per command; [`cli`]: flag parsing and rendering only;
-//! - [`printer`], [`error`], [`home`], [`digest`], [`fsutil`], [`select`]: shared plumbing.
+//! - [`printer`], [`error`], [`home`], [`digest`], [`fsutil`], [`select`], [`pool`]: shared
+//!   plumbing.
 
 pub mod alloc;
 pub mod checkpoint;
@@ -21,6 +22,7 @@ pub mod fsutil;
 pub mod home;
 pub mod merge;
 pub mod ops;
+pub mod pool;
 pub mod printer;
 pub mod project;
 pub mod registry;

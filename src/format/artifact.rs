@@ -158,7 +158,7 @@ pub fn encode_tensor(t: &TensorData, level: i32) -> Result<EncodedTensor> {
 }
 
 fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>> {
-    zstd::bulk::compress(raw, level)
+    crate::pool::compress(raw, level)
         .map_err(|e| Error::input(format!("zstd compression failed: {e}"), None))
 }
 
@@ -575,8 +575,7 @@ impl ArtifactReader {
         }
         out.clear();
         out.reserve(raw_size as usize);
-        zstd::bulk::Decompressor::new()
-            .and_then(|mut d| d.decompress_to_buffer(frame, out))
+        crate::pool::with_decompressor(|d| d.decompress_to_buffer(frame, out))
             .map_err(|e| corrupt(format!("zstd: {e}")))?;
         if out.len() as u64 != raw_size {
             return Err(corrupt(format!(
@@ -695,16 +694,25 @@ impl ArtifactReader {
         scratch: &mut Vec<u8>,
         out: &mut Vec<u8>,
     ) -> Result<()> {
+        let p = self.part(index, role)?;
+        let what = format!(
+            "tensor `{}` ({})",
+            self.manifest.tensors[index].name,
+            role.suffix()
+        );
+        self.frame_bytes_into(p.offset, p.size, &p.sha256, &what, scratch)?;
+        self.decompress_into(scratch, p.raw_size, &what, out)
+    }
+
+    /// The stored part `role` of tensor `index`.
+    fn part(&self, index: usize, role: PartRole) -> Result<&StoredPart> {
         let t = &self.manifest.tensors[index];
-        let p = t.stored.iter().find(|p| p.role == role).ok_or_else(|| {
+        t.stored.iter().find(|p| p.role == role).ok_or_else(|| {
             Error::corrupt(
                 &self.path,
                 format!("tensor `{}` has no `{}` part", t.name, role.suffix()),
             )
-        })?;
-        let what = format!("tensor `{}` ({})", t.name, role.suffix());
-        self.frame_bytes_into(p.offset, p.size, &p.sha256, &what, scratch)?;
-        self.decompress_into(scratch, p.raw_size, &what, out)
+        })
     }
 
     /// Decode tensor `index` completely (mask decoded to indices, all sizes checked).

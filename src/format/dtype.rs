@@ -52,25 +52,43 @@ impl Dtype {
 
     /// Decode little-endian bytes of this dtype into `f32`s.
     pub fn to_f32(self, bytes: &[u8]) -> Vec<f32> {
+        let mut out = Vec::new();
+        self.to_f32_into(bytes, &mut out);
+        out
+    }
+
+    /// [`Dtype::to_f32`], appending to `out` (a reused buffer).
+    pub fn to_f32_into(self, bytes: &[u8], out: &mut Vec<f32>) {
+        out.reserve(bytes.len() / self.size());
         match self {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Dtype::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            Dtype::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+            Dtype::BF16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
         }
     }
 
     /// Encode `f32`s as little-endian bytes of this dtype (round to nearest even).
     pub fn from_f32(self, values: &[f32]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(values.len() * self.size());
+        let mut out = Vec::new();
+        self.from_f32_into(values, &mut out);
+        out
+    }
+
+    /// [`Dtype::from_f32`], appending to `out` (a reused buffer).
+    pub fn from_f32_into(self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(values.len() * self.size());
         match self {
             Dtype::F32 => values
                 .iter()
@@ -82,7 +100,6 @@ impl Dtype {
                 .iter()
                 .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
         }
-        out
     }
 }
 

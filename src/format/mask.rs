@@ -270,7 +270,7 @@ fn rice_decode(bytes: &[u8], n: u64, nnz: u64) -> Result<Vec<u64>, MaskError> {
         return Err(malformed(enc, format!("Rice parameter {k} is above 56")));
     }
     let mut r = BitReader::new(stream);
-    let mut out = Vec::with_capacity(nnz as usize);
+    let mut out = crate::pool::take(nnz as usize);
     let mut next = 0u64; // smallest value the next index may take
     for _ in 0..nnz {
         let g = r
@@ -318,7 +318,7 @@ fn bitmap_decode(bytes: &[u8], n: u64, nnz: u64) -> Result<Vec<u64>, MaskError> 
             return Err(malformed(enc, "bits set past the end of the tensor"));
         }
     }
-    let mut out = Vec::with_capacity(nnz as usize);
+    let mut out = crate::pool::take(nnz as usize);
     for (chunk_no, chunk) in bytes.chunks(8).enumerate() {
         let mut word = [0u8; 8];
         word[..chunk.len()].copy_from_slice(chunk);
@@ -442,7 +442,7 @@ fn block_decode(bytes: &[u8], shape: &[u64], nnz: u64) -> Result<Vec<u64>, MaskE
             format!("the tiles cover {covered} entries, {nnz} declared"),
         ));
     }
-    let mut out = Vec::with_capacity(nnz as usize);
+    let mut out = crate::pool::take(nnz as usize);
     let mut start = 0;
     while start < tiles.len() {
         // All tiles of one tile row, in column order.

@@ -33,6 +33,25 @@ pub enum Content {
     },
 }
 
+impl Content {
+    /// Hand the buffers back to [`crate::pool`] for the next tensor on this thread.
+    pub fn recycle(self) {
+        match self {
+            Content::Sparse {
+                indices, values, ..
+            } => {
+                crate::pool::give(indices);
+                crate::pool::give(values);
+            }
+            Content::Lora { a, b, .. } => {
+                crate::pool::give(a);
+                crate::pool::give(b);
+            }
+            Content::Dense { delta } => crate::pool::give(delta),
+        }
+    }
+}
+
 impl TensorData {
     /// Number of elements of the dense delta.
     pub fn numel(&self) -> u64 {

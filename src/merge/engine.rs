@@ -36,9 +36,11 @@ impl Output {
     pub fn from_entries(n: u64, dense: bool, indices: Vec<u64>, values: Vec<f32>) -> Output {
         if dense {
             let mut full = vec![0f32; n as usize];
-            for (i, v) in indices.iter().zip(values) {
-                full[*i as usize] = v;
+            for (i, v) in indices.iter().zip(&values) {
+                full[*i as usize] = *v;
             }
+            crate::pool::give(indices);
+            crate::pool::give(values);
             Output::Dense { values: full }
         } else {
             Output::Sparse { indices, values }
@@ -51,6 +53,16 @@ impl Output {
 struct Entries {
     indices: Option<Vec<u64>>,
     values: Vec<f32>,
+}
+
+/// Done with, an expert's entries go back to [`crate::pool`] for the next tensor.
+impl Drop for Entries {
+    fn drop(&mut self) {
+        if let Some(ix) = self.indices.take() {
+            crate::pool::give(ix);
+        }
+        crate::pool::give(std::mem::take(&mut self.values));
+    }
 }
 
 impl Entries {
@@ -273,7 +285,7 @@ fn combine_union(entries: &[Entries], n: u64, weights: &[f64], k: &Kernel) -> (V
     let mut end = vec![0usize; entries.len()];
     // The union has at most as many positions as there are entries.
     let bound = (entries.iter().map(|e| e.values.len()).sum::<usize>()).min(n as usize);
-    let (mut out_idx, mut out_val) = (Vec::with_capacity(bound), Vec::with_capacity(bound));
+    let (mut out_idx, mut out_val) = (crate::pool::take(bound), crate::pool::take(bound));
     let mut c0 = 0u64;
     loop {
         // Skip to the block of the lowest position not yet merged.
@@ -465,12 +477,12 @@ fn sparsify(
 
 /// Entries at positions `keep` (sorted offsets into `e`), mapped by `f(offset, value)`.
 fn subset(e: &Entries, keep: &[u64], f: impl Fn(usize, f32) -> f32) -> Entries {
+    let (mut indices, mut values) = (crate::pool::take(keep.len()), crate::pool::take(keep.len()));
+    indices.extend(keep.iter().map(|&j| e.index(j as usize)));
+    values.extend(keep.iter().map(|&j| f(j as usize, e.values[j as usize])));
     Entries {
-        indices: Some(keep.iter().map(|&j| e.index(j as usize)).collect()),
-        values: keep
-            .iter()
-            .map(|&j| f(j as usize, e.values[j as usize]))
-            .collect(),
+        indices: Some(indices),
+        values,
     }
 }
 

@@ -194,6 +194,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
                 content,
             };
             let encoded = encode_tensor(&t, opts.level)?;
+            t.content.recycle();
             pb.inc(1);
             Ok((encoded, dense_input, kind))
         },
@@ -307,10 +308,16 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
 
 /// A merged tensor as stored content, in the experts' dtype.
 fn output_content(out: Output, dtype: Dtype) -> (Content, ExpertKind) {
+    let bytes = |values: Vec<f32>| {
+        let mut out = crate::pool::take(values.len() * dtype.size());
+        dtype.from_f32_into(&values, &mut out);
+        crate::pool::give(values);
+        out
+    };
     match out {
         Output::Sparse { indices, values } => (
             Content::Sparse {
-                values: dtype.from_f32(&values),
+                values: bytes(values),
                 indices,
                 block_size: None,
             },
@@ -318,7 +325,7 @@ fn output_content(out: Output, dtype: Dtype) -> (Content, ExpertKind) {
         ),
         Output::Dense { values } => (
             Content::Dense {
-                delta: dtype.from_f32(&values),
+                delta: bytes(values),
             },
             ExpertKind::Dense,
         ),
@@ -497,10 +504,10 @@ pub(crate) fn load_input_at(r: &ArtifactReader, i: usize) -> Result<Input> {
             indices, values, ..
         } => Input::Sparse {
             indices,
-            values: t.dtype.to_f32(&values),
+            values: to_f32_pooled(t.dtype, values),
         },
         Content::Dense { delta } => Input::Dense {
-            values: t.dtype.to_f32(&delta),
+            values: to_f32_pooled(t.dtype, delta),
         },
         Content::Lora { rank, alpha, a, b } => {
             // ΔW = (α / r) · B · A, formed densely (reported to the user).
@@ -520,4 +527,11 @@ pub(crate) fn load_input_at(r: &ArtifactReader, i: usize) -> Result<Input> {
             Input::Dense { values: w }
         }
     })
+}
+
+/// `bytes` as f32s, in a buffer from [`crate::pool`] (the engine gives it back).
+fn to_f32_pooled(dtype: Dtype, bytes: Vec<u8>) -> Vec<f32> {
+    let mut out = crate::pool::take(bytes.len() / dtype.size());
+    dtype.to_f32_into(&bytes, &mut out);
+    out
 }

@@ -1,0 +1,229 @@
+//! Per-thread reuse of buffers and zstd contexts in streaming loops.
+//!
+//! `xpm merge` decodes every expert's part of one tensor, merges, encodes, and moves on to the
+//! next tensor: per tensor and thread, some 20 buffers of about the same sizes each time. Freed,
+//! that memory goes back to the OS after 10 ms ([`crate::alloc::lean`]), so every tensor used to
+//! fault in and zero fresh pages. Here the engine gives an expert's index and value buffers back
+//! when a tensor is done, and the decoders take them again for the next one. The cost is memory:
+//! a worker holds its last tensor's buffers while it encodes the output (on the merge benchmark,
+//! about 12 % more peak RSS for about 15 % less CPU time; docs/benchmarks.md). The free lists
+//! are bounded (buffer size, count and bytes) and belong to their thread, so they go away with
+//! it.
+//!
+//! zstd contexts (tables of several hundred KiB, allocated by the C library on every one-shot
+//! call) are kept per thread the same way.
+
+use std::cell::RefCell;
+use std::thread::LocalKey;
+
+/// Buffers smaller than this are not worth keeping (the allocator serves them quickly).
+const MIN_BYTES: usize = 32 << 10;
+/// Larger buffers are left to the allocator. On the merge benchmark's densified inputs
+/// (4 MiB per expert and tensor), keeping them raised peak RSS by a third for 5–8 % less
+/// time; the sparse inputs' buffers (0.2–0.4 MiB) are what pays off (docs/benchmarks.md).
+const MAX_BUFFER: usize = 1 << 20;
+/// At most this many buffers per element type and thread …
+const MAX_BUFFERS: usize = 48;
+/// … and this many bytes per thread, all types together.
+const MAX_BYTES: usize = 24 << 20;
+
+/// Element types with a per-thread free list.
+pub trait Recycle: Copy + 'static {
+    #[doc(hidden)]
+    fn free_list() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>>;
+}
+
+macro_rules! recycle {
+    ($($t:ty => $list:ident),*) => {$(
+        thread_local! {
+            static $list: RefCell<Vec<Vec<$t>>> = const { RefCell::new(Vec::new()) };
+        }
+        impl Recycle for $t {
+            fn free_list() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>> {
+                &$list
+            }
+        }
+    )*};
+}
+recycle!(u8 => FREE_U8, u64 => FREE_U64, f32 => FREE_F32);
+
+thread_local! {
+    /// Bytes on this thread's free lists, all types together.
+    static HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// An empty vector with room for `cap` elements: the smallest buffer on this thread's free
+/// list that fits, else the largest one grown to fit, else a new one.
+pub fn take<T: Recycle>(cap: usize) -> Vec<T> {
+    let cap = size_class(cap);
+    if cap * size_of::<T>() < MIN_BYTES {
+        return Vec::with_capacity(cap);
+    }
+    let found = T::free_list().with_borrow_mut(|list| {
+        let fits = (0..list.len())
+            .filter(|&i| list[i].capacity() >= cap)
+            .min_by_key(|&i| list[i].capacity());
+        match fits {
+            Some(i) => Some(list.swap_remove(i)),
+            None => {
+                // Nothing fits: free the largest (it would have to be reallocated anyway).
+                let largest = (0..list.len()).max_by_key(|&i| list[i].capacity());
+                if let Some(i) = largest {
+                    let v = list.swap_remove(i);
+                    HELD.set(HELD.get() - v.capacity() * size_of::<T>());
+                }
+                None
+            }
+        }
+    });
+    match found {
+        Some(v) => {
+            HELD.set(HELD.get() - v.capacity() * size_of::<T>());
+            v
+        }
+        None => Vec::with_capacity(cap),
+    }
+}
+
+/// `n` rounded up to one of 8 steps per power of two (at most 12.5 % more), so that the
+/// buffers of one loop, whose sizes vary a little from tensor to tensor, fit each other.
+fn size_class(n: usize) -> usize {
+    if n <= 8 {
+        return n;
+    }
+    let step = 1 << (usize::BITS - 1 - n.leading_zeros() - 3);
+    n.div_ceil(step) * step
+}
+
+/// Give `v` back for a later [`take`] on this thread (dropped if small, or if the list is
+/// full).
+pub fn give<T: Recycle>(mut v: Vec<T>) {
+    let bytes = |v: &Vec<T>| v.capacity() * size_of::<T>();
+    if bytes(&v) < MIN_BYTES {
+        return;
+    }
+    v.clear();
+    let size = bytes(&v);
+    if size > MAX_BUFFER || HELD.get() + size > MAX_BYTES {
+        return;
+    }
+    T::free_list().with_borrow_mut(|list| {
+        if list.len() < MAX_BUFFERS {
+            HELD.set(HELD.get() + size);
+            list.push(v);
+        }
+    });
+}
+
+thread_local! {
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+}
+
+/// Run `f` with this thread's zstd decompression context.
+pub fn with_decompressor<R>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<R>,
+) -> std::io::Result<R> {
+    DECOMPRESSOR.with_borrow_mut(|d| {
+        let d = match d {
+            Some(d) => d,
+            None => d.insert(zstd::bulk::Decompressor::new()?),
+        };
+        f(d)
+    })
+}
+
+/// Compress `raw` at `level` with this thread's zstd context: the same bytes as
+/// `zstd::bulk::compress`, without allocating a context per call.
+pub fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with_borrow_mut(|c| {
+        let c = match c {
+            Some((l, c)) if *l == level => c,
+            _ => &mut c.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+        };
+        c.compress(raw)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_classes_round_up_by_at_most_an_eighth() {
+        for n in (0..5000).chain([1 << 20, (1 << 20) + 1, 52_437, usize::MAX / 4]) {
+            let c = size_class(n);
+            assert!(c >= n && (c - n) * 8 <= n, "{n} -> {c}");
+            assert_eq!(size_class(c), c);
+        }
+        assert_eq!(size_class(52_437), 53_248);
+    }
+
+    /// Each case on its own thread: fresh free lists.
+    fn on_a_thread(f: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(f).join().unwrap();
+    }
+
+    #[test]
+    fn take_reuses_the_best_fitting_buffer() {
+        on_a_thread(|| {
+            let small: Vec<u64> = Vec::with_capacity(8 << 10);
+            let big: Vec<u64> = Vec::with_capacity(64 << 10);
+            let (small_ptr, big_ptr) = (small.as_ptr(), big.as_ptr());
+            give(big);
+            let mut used = small;
+            used.extend([1, 2, 3]);
+            give(used);
+            // The smallest that fits, emptied.
+            let a = take::<u64>(4 << 10);
+            assert_eq!(a.as_ptr(), small_ptr);
+            assert!(a.is_empty());
+            assert_eq!(HELD.get(), 64 << 13);
+            // Nothing fits: a new buffer, and the largest too small one is freed.
+            let b = take::<u64>(100 << 10);
+            assert!(b.capacity() >= 100 << 10);
+            assert_ne!(b.as_ptr(), big_ptr);
+            assert_eq!((FREE_U64.with_borrow(Vec::len), HELD.get()), (0, 0));
+            // Below MIN_BYTES: not pooled either way.
+            give(Vec::<u8>::with_capacity(16));
+            assert_eq!(FREE_U8.with_borrow(Vec::len), 0);
+        });
+    }
+
+    #[test]
+    fn the_free_lists_are_bounded() {
+        on_a_thread(|| {
+            for _ in 0..MAX_BUFFERS + 5 {
+                give(Vec::<u8>::with_capacity(MIN_BYTES));
+            }
+            assert_eq!(FREE_U8.with_borrow(Vec::len), MAX_BUFFERS);
+            give(Vec::<f32>::with_capacity(MAX_BUFFER / 4 + 1));
+            assert_eq!(FREE_F32.with_borrow(Vec::len), 0, "over MAX_BUFFER");
+        });
+        on_a_thread(|| {
+            // MAX_BYTES across all types.
+            for _ in 0..MAX_BYTES / MAX_BUFFER {
+                give(Vec::<f32>::with_capacity(MAX_BUFFER / 8));
+                give(Vec::<u64>::with_capacity(MAX_BUFFER / 16));
+            }
+            assert_eq!(HELD.get(), MAX_BYTES);
+            give(Vec::<u8>::with_capacity(MIN_BYTES));
+            assert_eq!(FREE_U8.with_borrow(Vec::len), 0);
+        });
+    }
+
+    #[test]
+    fn the_shared_compressor_writes_what_a_fresh_one_writes() {
+        let data: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        for level in [1, 3, 1] {
+            let ours = compress(&data, level).unwrap();
+            assert_eq!(ours, zstd::bulk::compress(&data, level).unwrap());
+            let back = with_decompressor(|d| d.decompress(&ours, data.len())).unwrap();
+            assert_eq!(back, data);
+        }
+    }
+}
