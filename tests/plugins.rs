@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -90,9 +91,9 @@ fn extract(ctx: &TestContext, tuned: &str, name: &str, args: &[&str]) {
 }
 
 /// name → dense values of an artifact's tensors (via the library reader).
-fn dense(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+fn dense(path: &Path) -> BTreeMap<String, Vec<f32>> {
     let r = xpm::format::ArtifactReader::open(path).unwrap();
-    let mut out = std::collections::BTreeMap::new();
+    let mut out = BTreeMap::new();
     for i in 0..r.manifest().tensors.len() {
         let t = r.read_tensor(i).unwrap();
         let n = t.numel() as usize;
@@ -295,6 +296,45 @@ fn a_c_plugin_equals_the_builtin_it_implements() {
         .stdout(predicate::str::contains(
             "ok c-task-arithmetic 1.0.0 (ABI 1.0)",
         ));
+}
+
+/// The host reuses its arrays from tensor to tensor on a thread: a plugin that drops entries
+/// in one tensor must still find every keep flag set (and every value zero) in the next.
+#[test]
+fn a_plugin_that_drops_entries_keeps_the_rest_and_each_call_starts_fresh() {
+    let ctx = TestContext::new();
+    experts(&ctx);
+    let lib = c_plugin(&ctx, "libc_drop.so", &["-DXPM_TEST_DROP_ODD"]);
+    ctx.xpm()
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["merge", "e1.xpm", "e2.xpm", "e3.xpm"])
+        .args(["--strategy", "c-task-arithmetic", "--plugin"])
+        .arg(&lib)
+        .args(["-o", "c.xpm"])
+        .assert()
+        .success();
+    ctx.xpm()
+        .args(["merge", "e1.xpm", "e2.xpm", "e3.xpm"])
+        .args(["--strategy", "task-arithmetic", "-o", "b.xpm"])
+        .assert()
+        .success();
+    let (c, b) = (dense(&ctx.path("c.xpm")), dense(&ctx.path("b.xpm")));
+    for name in ["a.weight", "b.weight"] {
+        let mask = |m: &BTreeMap<String, Vec<f32>>| m[&format!("{name}#mask")].clone();
+        // The built-in's support, in order; the plugin kept its even-numbered entries.
+        let support: Vec<usize> = (mask(&b).iter().enumerate())
+            .filter_map(|(i, &m)| (m == 1.0).then_some(i))
+            .collect();
+        assert!(support.len() > 4, "{name}: support too small to test");
+        let kept: Vec<usize> = (mask(&c).iter().enumerate())
+            .filter_map(|(i, &m)| (m == 1.0).then_some(i))
+            .collect();
+        let even: Vec<usize> = support.iter().copied().step_by(2).collect();
+        assert_eq!(kept, even, "{name}");
+        for &i in &kept {
+            assert_eq!(c[name][i], b[name][i], "{name}[{i}]");
+        }
+    }
 }
 
 #[test]

@@ -24,6 +24,21 @@ pub enum Input {
     Absent,
 }
 
+impl Input {
+    /// Hand the buffers back to [`crate::pool`] (for paths that only borrow the inputs, such
+    /// as a plugin's merge; the engine's own path gives them back as it goes).
+    pub fn recycle(self) {
+        match self {
+            Input::Sparse { indices, values } => {
+                crate::pool::give(indices);
+                crate::pool::give(values);
+            }
+            Input::Dense { values } => crate::pool::give(values),
+            Input::Absent => {}
+        }
+    }
+}
+
 /// The merged delta of one tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {

@@ -237,6 +237,56 @@ impl Drop for Instance<'_> {
     }
 }
 
+/// The host's per-tensor arrays, kept per thread from one tensor to the next. They are a few
+/// times the tensor's entries in size, too large for [`crate::pool`]; allocated afresh, their
+/// pages were faulted in and zeroed again for every tensor (a third of the plugin path's CPU
+/// time on the merge benchmark, docs/benchmarks.md).
+#[derive(Default)]
+struct Scratch {
+    bits: Vec<u64>,
+    prefix: Vec<u32>,
+    support: Vec<u64>,
+    starts: Vec<usize>,
+    slots: Vec<u32>,
+    values: Vec<f32>,
+    out_vals: Vec<f32>,
+    keep: Vec<u8>,
+}
+
+impl Scratch {
+    /// Larger scratch is dropped after use rather than kept for the next tensor.
+    const MAX_KEPT: usize = 64 << 20;
+
+    fn bytes(&self) -> usize {
+        fn b<T>(v: &Vec<T>) -> usize {
+            v.capacity() * size_of::<T>()
+        }
+        b(&self.bits)
+            + b(&self.prefix)
+            + b(&self.support)
+            + b(&self.starts)
+            + b(&self.slots)
+            + b(&self.values)
+            + b(&self.out_vals)
+            + b(&self.keep)
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// This thread's [`Scratch`] while a merge uses it; back to the thread when the merge ends.
+struct KeptScratch(Scratch);
+
+impl Drop for KeptScratch {
+    fn drop(&mut self) {
+        if self.0.bytes() <= Scratch::MAX_KEPT {
+            SCRATCH.set(std::mem::take(&mut self.0));
+        }
+    }
+}
+
 impl Instance<'_> {
     /// Merge one tensor: build the union support and the experts' values on it, call the
     /// plugin, check its output (length, finite values), keep the entries it kept.
@@ -249,16 +299,19 @@ impl Instance<'_> {
         weights: &[f64],
         seed: u64,
     ) -> Result<Output> {
+        let mut kept = KeptScratch(SCRATCH.take());
+        let s = &mut kept.0;
         let n: u64 = shape.iter().product();
         let dense = inputs.iter().any(|i| matches!(i, Input::Dense { .. }));
         // The union through a bitmap, O(entries + n / 64), no sort; with per-word prefix counts
         // it gives every position its slot in the support in O(1).
-        let mut bits = Vec::new();
-        let mut prefix = Vec::new();
-        let support: Vec<u64> = if dense {
-            (0..n).collect()
+        let (bits, prefix, support) = (&mut s.bits, &mut s.prefix, &mut s.support);
+        support.clear();
+        if dense {
+            support.extend(0..n);
         } else {
-            bits = vec![0u64; (n as usize).div_ceil(64)];
+            bits.clear();
+            bits.resize((n as usize).div_ceil(64), 0);
             for i in inputs {
                 if let Input::Sparse { indices, .. } = i {
                     for &x in indices {
@@ -266,22 +319,21 @@ impl Instance<'_> {
                     }
                 }
             }
-            prefix = Vec::with_capacity(bits.len());
+            prefix.clear();
             let mut count = 0u32;
-            for b in &bits {
+            for b in bits.iter() {
                 prefix.push(count);
                 count += b.count_ones();
             }
-            let mut all = Vec::with_capacity(count as usize);
+            support.reserve(count as usize);
             for (w, &word) in bits.iter().enumerate() {
                 let mut b = word;
                 while b != 0 {
-                    all.push(w as u64 * 64 + b.trailing_zeros() as u64);
+                    support.push(w as u64 * 64 + b.trailing_zeros() as u64);
                     b &= b - 1;
                 }
             }
-            all
-        };
+        }
         let len = support.len();
         let ne = inputs.len();
         if len > u32::MAX as usize {
@@ -294,7 +346,10 @@ impl Instance<'_> {
             ));
         }
         // Each expert's entries as (position in the support, value), concatenated.
-        let mut starts = Vec::with_capacity(ne + 1);
+        let (starts, slots, values) = (&mut s.starts, &mut s.slots, &mut s.values);
+        starts.clear();
+        slots.clear();
+        values.clear();
         let total: usize = inputs
             .iter()
             .map(|i| match i {
@@ -302,8 +357,8 @@ impl Instance<'_> {
                 Input::Absent => 0,
             })
             .sum();
-        let mut slots: Vec<u32> = Vec::with_capacity(total);
-        let mut values: Vec<f32> = Vec::with_capacity(total);
+        slots.reserve(total);
+        values.reserve(total);
         starts.push(0usize);
         for input in inputs {
             match input {
@@ -354,8 +409,12 @@ impl Instance<'_> {
             weights: weights.as_ptr(),
             seeds: seeds.as_ptr(),
         };
-        let mut out_vals = vec![0f32; len];
-        let mut keep = vec![1u8; len];
+        // Values zeroed and keep flags preset to 1 (as the ABI says) on every call.
+        let (out_vals, keep) = (&mut s.out_vals, &mut s.keep);
+        out_vals.clear();
+        out_vals.resize(len, 0.0);
+        keep.clear();
+        keep.resize(len, 1);
         let mut out = XpmOutputView {
             values: out_vals.as_mut_ptr(),
             keep: keep.as_mut_ptr(),
@@ -396,7 +455,8 @@ impl Instance<'_> {
                 ),
             ));
         }
-        let (mut oi, mut ov) = (Vec::new(), Vec::new());
+        let n_kept = keep.iter().filter(|&&k| k != 0).count();
+        let (mut oi, mut ov) = (crate::pool::take(n_kept), crate::pool::take(n_kept));
         for k in 0..len {
             if keep[k] != 0 {
                 oi.push(support[k]);

@@ -169,6 +169,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
                     &weights,
                     opts.params.seed,
                 )?;
+                inputs.into_iter().for_each(Input::recycle);
                 output_content(out, dtype)
             } else if strategy.is_lora_space() {
                 (

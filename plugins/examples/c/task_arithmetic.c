@@ -58,6 +58,13 @@ static int32_t merge(void *state, const XpmTensorView *t, XpmOutputView *out, Xp
     const State *s = state;
     size_t n = t->support_len;
     if (out->capacity != n) { set_err(err, "output capacity differs from the support"); return XPM_ERR; }
+#ifdef XPM_TEST_DROP_ODD
+    /* Test build: the host must preset every keep flag to 1 and every value to 0 on each call
+     * (it reuses these arrays from tensor to tensor); then drop the odd support entries. */
+    for (size_t k = 0; k < n; k++)
+        if (out->keep[k] != 1 || out->values[k] != 0.0f) { set_err(err, "output not preset"); return XPM_ERR; }
+    for (size_t k = 1; k < n; k += 2) out->keep[k] = 0;
+#endif
     double *acc = calloc(n ? n : 1, sizeof *acc);
     if (!acc) { set_err(err, "out of memory"); return XPM_ERR; }
     /* Each expert's entries: positions into the support and values. */
