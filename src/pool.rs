@@ -171,7 +171,7 @@ mod tests {
         on_a_thread(|| {
             let small: Vec<u64> = Vec::with_capacity(8 << 10);
             let big: Vec<u64> = Vec::with_capacity(64 << 10);
-            let (small_ptr, big_ptr) = (small.as_ptr(), big.as_ptr());
+            let small_ptr = small.as_ptr();
             give(big);
             let mut used = small;
             used.extend([1, 2, 3]);
@@ -181,10 +181,10 @@ mod tests {
             assert_eq!(a.as_ptr(), small_ptr);
             assert!(a.is_empty());
             assert_eq!(HELD.get(), 64 << 13);
-            // Nothing fits: a new buffer, and the largest too small one is freed.
+            // Nothing fits: a new buffer, and the largest too small one is freed (the
+            // allocator may place the new one at the freed one's address, so no pointer check).
             let b = take::<u64>(100 << 10);
             assert!(b.capacity() >= 100 << 10);
-            assert_ne!(b.as_ptr(), big_ptr);
             assert_eq!((FREE_U64.with_borrow(Vec::len), HELD.get()), (0, 0));
             // Below MIN_BYTES: not pooled either way.
             give(Vec::<u8>::with_capacity(16));
