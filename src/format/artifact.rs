@@ -694,25 +694,16 @@ impl ArtifactReader {
         scratch: &mut Vec<u8>,
         out: &mut Vec<u8>,
     ) -> Result<()> {
-        let p = self.part(index, role)?;
-        let what = format!(
-            "tensor `{}` ({})",
-            self.manifest.tensors[index].name,
-            role.suffix()
-        );
-        self.frame_bytes_into(p.offset, p.size, &p.sha256, &what, scratch)?;
-        self.decompress_into(scratch, p.raw_size, &what, out)
-    }
-
-    /// The stored part `role` of tensor `index`.
-    fn part(&self, index: usize, role: PartRole) -> Result<&StoredPart> {
         let t = &self.manifest.tensors[index];
-        t.stored.iter().find(|p| p.role == role).ok_or_else(|| {
+        let p = t.stored.iter().find(|p| p.role == role).ok_or_else(|| {
             Error::corrupt(
                 &self.path,
                 format!("tensor `{}` has no `{}` part", t.name, role.suffix()),
             )
-        })
+        })?;
+        let what = format!("tensor `{}` ({})", t.name, role.suffix());
+        self.frame_bytes_into(p.offset, p.size, &p.sha256, &what, scratch)?;
+        self.decompress_into(scratch, p.raw_size, &what, out)
     }
 
     /// Decode tensor `index` completely (mask decoded to indices, all sizes checked).
