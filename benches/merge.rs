@@ -327,17 +327,14 @@ fn main() {
         report.push_str(&torch_baseline(&python, dir.path(), &sparse, &sparse_runs));
     }
     // A plugin implementation of `mean` against the built-in, same inputs (release cdylib).
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-q", "-p", "xpm-plugin-mean"])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
-        "target/release/{}xpm_plugin_mean.{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_EXTENSION
-    ));
+    let lib = common::build_release(
+        "xpm-plugin-mean",
+        &format!(
+            "{}xpm_plugin_mean.{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_EXTENSION
+        ),
+    );
     let (tb, mb) = run_merge_with(
         &sparse,
         &["--strategy", "mean"],

@@ -110,7 +110,8 @@ fn child(index: usize, data: &Path, minilm: &Path, steps: usize) {
 
 fn main() {
     xpm::alloc::configure();
-    xpm::train::configure_threads();
+    // SAFETY: at the start of `main`, before this bench starts any thread.
+    unsafe { xpm::cli::configure_training_threads() };
     let args: Vec<String> = std::env::args().collect();
     let steps: usize = common::flag(&args, "--steps", 8);
     let rounds: usize = common::flag(&args, "--rounds", 3).max(1);

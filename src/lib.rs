@@ -1,37 +1,24 @@
 //! xpm: train, ship, find and merge parameter-efficient experts.
 //!
-//! The library behind the `xpm` command. Layout by concern:
+//! The `xpm` command line, on top of three library crates (docs/architecture.md):
 //!
-//! - [`format`]: the expert manifest, mask codecs, the `.xpm` artifact and the unpacked layout;
-//! - [`checkpoint`]: safetensors model checkpoints (single or sharded) and the base digest;
-//! - [`registry`]: the index protocol and its backends (local directory, HTTP);
-//!   [`resolve`]: choosing versions on one base; [`store`]: the content-addressed cache;
-//!   [`project`]: `xpm.toml` and `xpm.lock`;
-//! - [`ops`]: one operation per command; [`cli`]: flag parsing and rendering only;
-//! - [`printer`], [`error`], [`home`], [`digest`], [`fsutil`], [`select`], [`pool`]: shared
-//!   plumbing.
+//! - `xpm-core` (re-exported here module by module): the format, digests, the registry index
+//!   protocol and clients, the resolver, the store and the project files;
+//! - `xpm-merge` ([`merge`]): the merge engine, strategies, recipes, the plugin host, and
+//!   applying an expert to its base;
+//! - `xpm-train` ([`train`]): training and evaluation with Candle.
+//!
+//! This crate adds [`ops`] (one operation per command), [`cli`] (flag parsing and rendering
+//! only), [`experiment`] (experiments run through the public commands) and [`schema`].
 
-pub mod alloc;
-pub mod checkpoint;
 pub mod cli;
-pub mod digest;
-pub mod error;
 pub mod experiment;
-pub mod format;
-pub mod fsutil;
-pub mod home;
-pub mod merge;
 pub mod ops;
-pub mod pool;
-pub mod printer;
-pub mod project;
-pub mod registry;
-pub mod resolve;
-pub mod rng;
 pub mod schema;
-pub mod select;
-pub mod store;
-pub mod train;
-pub mod units;
 
-pub use error::{Error, Result};
+pub use xpm_core::{
+    Error, Result, alloc, checkpoint, digest, error, format, fsutil, home, parallel, pool,
+    printer, project, registry, resolve, rng, select, store, units,
+};
+pub use xpm_merge as merge;
+pub use xpm_train as train;

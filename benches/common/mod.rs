@@ -19,3 +19,30 @@ pub fn median(mut v: Vec<f64>) -> f64 {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
+
+/// The workspace's target directory: `$CARGO_TARGET_DIR` (relative to the workspace root when
+/// relative), else `target/` beside the workspace's Cargo.toml.
+#[allow(dead_code)] // not every bench builds other packages
+pub fn target_dir() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => root.join(d),
+        None => root.join("target"),
+    }
+}
+
+/// Build `package` with the release profile and return the path of `file` (a binary or a
+/// library, named as on disk) in the release output directory.
+#[allow(dead_code)] // not every bench builds other packages
+pub fn build_release(package: &str, file: &str) -> std::path::PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = std::process::Command::new(cargo)
+        .args(["build", "--release", "-q", "-p", package])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(st.success(), "cargo build --release -p {package} failed");
+    let path = target_dir().join("release").join(file);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}

@@ -20,8 +20,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use xpm::registry::IndexLine;
-use xpm::registry::index::{RegistryConfig, SearchResults, index_rel_path};
+use xpm_core::registry::IndexLine;
+use xpm_core::registry::index::{RegistryConfig, SearchResults, index_rel_path};
 
 use crate::storage::Storage;
 
@@ -71,8 +71,8 @@ impl ApiError {
     }
 
     /// Map a library error, without leaking server paths.
-    fn from_xpm(e: xpm::Error) -> Self {
-        use xpm::Error as E;
+    fn from_xpm(e: xpm_core::Error) -> Self {
+        use xpm_core::Error as E;
         let hint = e.hint();
         match e {
             E::Conflict { message, hint } => ApiError {
@@ -108,6 +108,14 @@ impl ApiError {
                 ),
                 None,
             ),
+            E::Compute { what, source } => {
+                eprintln!("xpm-registry: internal error: {what}: {source}");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error", None)
+            }
+            E::Plugin { .. } | E::Internal(_) => {
+                eprintln!("xpm-registry: internal error: {e}");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error", None)
+            }
             E::Io { action, source, .. } => {
                 eprintln!("xpm-registry: storage error: cannot {action}: {source}");
                 ApiError {
@@ -134,7 +142,7 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// Run blocking storage work off the async threads.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> xpm::Result<T> + Send + 'static,
+    f: impl FnOnce() -> xpm_core::Result<T> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -351,7 +359,7 @@ async fn publish(State(s): State<AppState>, headers: HeaderMap, body: Body) -> A
         .get("x-xpm-sha256")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-        .filter(|c| xpm::digest::is_digest(c))
+        .filter(|c| xpm_core::digest::is_digest(c))
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -380,8 +388,8 @@ async fn publish(State(s): State<AppState>, headers: HeaderMap, body: Body) -> A
     let tmp = tempfile::Builder::new()
         .prefix(".xpm-tmp-")
         .tempfile_in(&dir)
-        .map_err(|e| ApiError::from_xpm(xpm::Error::io("create a temporary file in", &dir, e)))?;
-    let io_err = |e: std::io::Error| ApiError::from_xpm(xpm::Error::io("write", "upload", e));
+        .map_err(|e| ApiError::from_xpm(xpm_core::Error::io("create a temporary file in", &dir, e)))?;
+    let io_err = |e: std::io::Error| ApiError::from_xpm(xpm_core::Error::io("write", "upload", e));
     let mut file = tokio::fs::File::from_std(tmp.reopen().map_err(io_err)?);
     let mut hasher = Sha256::new();
     let mut size = 0u64;
@@ -415,12 +423,12 @@ async fn publish(State(s): State<AppState>, headers: HeaderMap, body: Body) -> A
     let storage = s.storage.clone();
     let line = blocking(move || {
         let path = tmp.path().to_path_buf();
-        xpm::ops::verify::verify(&path, &xpm::printer::Printer::silent())?;
-        let manifest = xpm::format::ArtifactReader::open(&path)?.manifest().clone();
-        xpm::format::manifest::validate_name(&manifest.name).map_err(|e| {
-            xpm::Error::input(
+        xpm_core::format::verify::verify(&path, &xpm_core::printer::Printer::silent())?;
+        let manifest = xpm_core::format::ArtifactReader::open(&path)?.manifest().clone();
+        xpm_core::format::manifest::validate_name(&manifest.name).map_err(|e| {
+            xpm_core::Error::input(
                 format!("invalid expert name: {e}"),
-                Some(xpm::registry::index::NAME_HINT),
+                Some(xpm_core::registry::index::NAME_HINT),
             )
         })?;
         let line = IndexLine::for_artifact(&manifest, &digest, size);
@@ -463,7 +471,7 @@ async fn set_yanked(
     yanked: bool,
 ) -> ApiResult<Json<IndexLine>> {
     authorize(&s, &headers)?;
-    xpm::format::manifest::validate_name(&r.name).map_err(|e| {
+    xpm_core::format::manifest::validate_name(&r.name).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("invalid expert name: {e}"),

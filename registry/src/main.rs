@@ -58,7 +58,7 @@ struct Serve {
 }
 
 fn parse_size(s: &str) -> anyhow::Result<u64> {
-    Ok(xpm::units::parse_size(s)?)
+    Ok(xpm_core::units::parse_size(s)?)
 }
 
 fn main() -> anyhow::Result<()> {

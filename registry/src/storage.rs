@@ -6,9 +6,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use xpm::Result;
+use xpm_core::Result;
 
-use xpm::registry::{IndexLine, LocalRegistry, SearchHit};
+use xpm_core::registry::{IndexLine, LocalRegistry, SearchHit};
 
 /// Storage for one registry. Methods block; the API layer calls them on blocking threads.
 pub trait Storage: Send + Sync + 'static {
@@ -22,7 +22,7 @@ pub trait Storage: Send + Sync + 'static {
     /// matters (so [`Storage::publish`] can move instead of copy).
     fn staging_dir(&self) -> PathBuf;
     /// Store the verified upload at `staged` and append `line` to the index, atomically;
-    /// refuses an existing version with [`xpm::Error::Conflict`].
+    /// refuses an existing version with [`xpm_core::Error::Conflict`].
     fn publish(&self, staged: &Path, line: &IndexLine) -> Result<()>;
     /// Set or clear `yanked`; returns the updated line.
     fn set_yanked(&self, name: &str, version: &semver::Version, yanked: bool) -> Result<IndexLine>;
@@ -41,7 +41,7 @@ impl DiskStorage {
         let reg = LocalRegistry::open_or_init(root)?;
         let tmp = root.join("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| xpm::Error::io("create directory", &tmp, e))?;
+        std::fs::create_dir_all(&tmp).map_err(|e| xpm_core::Error::io("create directory", &tmp, e))?;
         Ok(DiskStorage { reg })
     }
 }
@@ -61,12 +61,12 @@ impl Storage for DiskStorage {
             Ok(f) => {
                 let len = f
                     .metadata()
-                    .map_err(|e| xpm::Error::io("read", &p, e))?
+                    .map_err(|e| xpm_core::Error::io("read", &p, e))?
                     .len();
                 Ok(Some((len, Box::new(f))))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(xpm::Error::io("open", &p, e)),
+            Err(e) => Err(xpm_core::Error::io("open", &p, e)),
         }
     }
 

@@ -33,7 +33,8 @@ pub struct Args {
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     crate::alloc::configure();
-    crate::train::configure_threads();
+    // SAFETY: the first thing the command does; `main` started no thread before it.
+    unsafe { super::configure_training_threads() };
     let locate = |s: &Option<String>| -> anyhow::Result<Option<PathBuf>> {
         Ok(match s {
             Some(s) => Some(super::merge::locate_all(std::slice::from_ref(s), ctx)?.remove(0)),

@@ -99,6 +99,25 @@ pub struct Context {
     pub printer: Printer,
 }
 
+/// Thread settings for commands that train or evaluate, applied at the command edge before any
+/// tensor operation: Candle's element-wise thread count
+/// ([`element_wise_threads`](crate::train::element_wise_threads)) unless the user set
+/// `CANDLE_NUM_THREADS`.
+///
+/// # Safety
+/// Call it before the process has started any thread that may read or write the environment
+/// (the start of a command is such a point: `main` starts none).
+pub unsafe fn configure_training_threads() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none()
+        && let Some(n) = crate::train::element_wise_threads(cores)
+    {
+        // SAFETY: the caller guarantees that no other thread exists yet, so nothing reads or
+        // writes the environment concurrently.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", n.to_string()) };
+    }
+}
+
 /// Parse the command line, run the command, print errors; the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();

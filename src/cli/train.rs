@@ -109,7 +109,8 @@ pub struct Args {
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     crate::alloc::configure();
-    crate::train::configure_threads();
+    // SAFETY: the first thing the command does; `main` started no thread before it.
+    unsafe { super::configure_training_threads() };
     let out = a.out.unwrap_or_else(|| {
         PathBuf::from(format!("{}-{}.xpm", a.name.replace('/', "-"), a.version))
     });

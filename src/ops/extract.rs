@@ -16,7 +16,7 @@ use crate::format::manifest::{
 use crate::format::{ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
 use crate::home::XpmHome;
 use crate::printer::Printer;
-use crate::select::top_k_abs;
+use crate::select::{keep_count, top_k_abs};
 
 /// Everything `extract` needs.
 #[derive(Debug, Clone)]
@@ -95,7 +95,7 @@ pub fn extract(opts: &ExtractOptions, home: &XpmHome, printer: &Printer) -> Resu
     );
     let pb = printer.progress(targets.len() as u64, "Extracting");
     let mut writer = ArtifactWriter::create(&opts.out, opts.level)?;
-    super::map_ordered(
+    crate::parallel::map_ordered(
         &targets,
         |name| {
             let t = delta_tensor(&base, &tuned, name, opts)?;
@@ -315,28 +315,4 @@ fn delta_tensor(
         dtype,
         content,
     })
-}
-
-/// k = ⌊density · n⌋, computed so that decimal densities behave as written: 0.29 of 100 is 29,
-/// even though `0.29 * 100.0` is 28.999999999999996 in binary floating point.
-pub fn keep_count(density: f64, n: usize) -> usize {
-    let x = density * n as f64;
-    let r = x.round();
-    if (x - r).abs() <= 1e-9 * r.max(1.0) {
-        r as usize
-    } else {
-        x.floor() as usize
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn keep_count_is_floor_of_the_decimal_product() {
-        assert_eq!(super::keep_count(0.29, 100), 29);
-        assert_eq!(super::keep_count(0.05, 16_777_216), 838_860);
-        assert_eq!(super::keep_count(0.5, 3), 1);
-        assert_eq!(super::keep_count(1.0, 7), 7);
-        assert_eq!(super::keep_count(0.01, 50), 0);
-    }
 }

@@ -10,8 +10,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
 
@@ -149,7 +147,7 @@ pub fn install(
         let mut names: Vec<&str> = reqs.iter().map(|r| r.name.as_str()).collect();
         names.sort_unstable();
         names.dedup();
-        let fetched = parallel_map(&names, opts.jobs, |n| reg.index(n))?;
+        let fetched = crate::parallel::collect_ordered(opts.jobs, &names, |n| reg.index(n))?;
         let mut index = BTreeMap::new();
         for (name, lines) in names.iter().zip(fetched) {
             if let Some(lines) = lines {
@@ -341,53 +339,7 @@ fn download_all(
             pb.dec((-n) as u64)
         }
     };
-    let results = parallel_map(lines, jobs, |line| store.fetch(reg, line, &progress));
+    let results = crate::parallel::collect_ordered(jobs, lines, |line| store.fetch(reg, line, &progress));
     pb.finish_and_clear();
     results
-}
-
-/// `f` over `items` on up to `jobs` threads, results in input order; the first error (in input
-/// order) if any failed. After a failure no new item is started.
-fn parallel_map<T: Sync, R: Send>(
-    items: &[T],
-    jobs: usize,
-    f: impl Fn(&T) -> Result<R> + Sync,
-) -> Result<Vec<R>> {
-    let next = AtomicUsize::new(0);
-    let failed = std::sync::atomic::AtomicBool::new(false);
-    let slots: Mutex<Vec<Option<Result<R>>>> = Mutex::new((0..items.len()).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..jobs.clamp(1, items.len().max(1)) {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(item) = items.get(i) else { break };
-                    if failed.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let r = f(item);
-                    if r.is_err() {
-                        failed.store(true, Ordering::Relaxed);
-                    }
-                    slots.lock().expect("no poisoned lock")[i] = Some(r);
-                }
-            });
-        }
-    });
-    // Items after a failure never ran (None); the first error in input order wins.
-    let mut out = Vec::with_capacity(items.len());
-    let mut first_err = None;
-    for r in slots.into_inner().expect("no poisoned lock") {
-        match r {
-            Some(Ok(v)) => out.push(v),
-            Some(Err(e)) => {
-                first_err.get_or_insert(e);
-            }
-            None => {}
-        }
-    }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
 }

@@ -12,6 +12,7 @@ use crate::merge::lora::{self, LoraFactors};
 use crate::merge::plugin::Plugin;
 use crate::merge::recipe::{Recipe, TensorOverride};
 use crate::merge::{Input, MergeParams, Output, Strategy};
+use crate::merge::input::{ExpertSet, load_input};
 use crate::printer::Printer;
 
 /// Everything `merge` needs.
@@ -148,7 +149,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
     let mut writer = ArtifactWriter::create(&opts.out, opts.level)?;
     let mut densified = Vec::new();
     let mut kinds = std::collections::HashSet::new();
-    super::map_ordered(
+    crate::parallel::map_ordered(
         &names,
         |name| {
             let (shape, dtype) = info[name].clone();
@@ -396,143 +397,4 @@ fn lora_merge(
         a: dtype.from_f32(&f.a),
         b: dtype.from_f32(&f.b),
     })
-}
-
-/// Experts opened for merging: same base digest, agreeing tensor shapes.
-pub(crate) struct ExpertSet {
-    pub readers: Vec<ArtifactReader>,
-    /// Every tensor of any expert, in first-seen order.
-    pub names: Vec<String>,
-    /// Shape and dtype per tensor.
-    pub info: BTreeMap<String, (Vec<u64>, Dtype)>,
-}
-
-impl ExpertSet {
-    /// Open `paths`; refuse experts on different bases or with disagreeing shapes.
-    pub(crate) fn open(paths: &[std::path::PathBuf]) -> Result<ExpertSet> {
-        let readers: Vec<ArtifactReader> = paths
-            .iter()
-            .map(ArtifactReader::open)
-            .collect::<Result<_>>()?;
-        let first = readers[0].manifest();
-        for r in &readers[1..] {
-            let m = r.manifest();
-            if m.base.digest != first.base.digest {
-                return Err(Error::input(
-                    format!(
-                        "`{}` ({}@{}) targets base `{}` ({}), but `{}` ({}@{}) targets `{}` ({})",
-                        r.path().display(),
-                        m.name,
-                        m.version,
-                        m.base.id,
-                        m.base.digest,
-                        readers[0].path().display(),
-                        first.name,
-                        first.version,
-                        first.base.id,
-                        first.base.digest
-                    ),
-                    Some("experts can only be merged when they were made from the same base model"),
-                ));
-            }
-        }
-        // The tensor set: every tensor of any expert, in first-seen order; shapes and dtypes must agree.
-        let mut names: Vec<String> = Vec::new();
-        let mut info: BTreeMap<String, (Vec<u64>, Dtype)> = BTreeMap::new();
-        for r in &readers {
-            // Task heads (`new` tensors) belong to one task: they are not merged.
-            for t in r.manifest().tensors.iter().filter(|t| !t.new) {
-                match info.get(&t.name) {
-                    None => {
-                        names.push(t.name.clone());
-                        info.insert(t.name.clone(), (t.shape.clone(), t.dtype));
-                    }
-                    Some((shape, _)) if *shape != t.shape => {
-                        return Err(Error::input(
-                            format!(
-                                "tensor `{}` is {:?} in `{}` but {:?} in an earlier expert",
-                                t.name,
-                                t.shape,
-                                r.path().display(),
-                                shape
-                            ),
-                            Some(
-                                "experts of one base model have the same tensor shapes; is one of them corrupt or for another model?",
-                            ),
-                        ));
-                    }
-                    Some((_, dtype)) if *dtype != t.dtype => {
-                        return Err(Error::input(
-                            format!(
-                                "tensor `{}` is stored as {} in `{}` but as {} in an earlier expert",
-                                t.name,
-                                t.dtype.as_str(),
-                                r.path().display(),
-                                dtype.as_str()
-                            ),
-                            Some(
-                                "merge experts stored in one dtype (re-extract with `--values-dtype`, or pack them alike)",
-                            ),
-                        ));
-                    }
-                    Some(_) => {}
-                }
-            }
-        }
-        Ok(ExpertSet {
-            readers,
-            names,
-            info,
-        })
-    }
-}
-
-/// One expert's delta for a tensor as an engine input; `true` when it is not sparse.
-pub(crate) fn load_input(r: &ArtifactReader, name: &str) -> Result<(Input, bool)> {
-    let Some(i) = r.manifest().tensors.iter().position(|t| t.name == name) else {
-        return Ok((Input::Absent, false));
-    };
-    let input = load_input_at(r, i)?;
-    let dense = !matches!(input, Input::Sparse { .. });
-    Ok((input, dense))
-}
-
-/// Tensor `i` of `r` as an engine input (LoRA densified to (α / r) · B · A).
-pub(crate) fn load_input_at(r: &ArtifactReader, i: usize) -> Result<Input> {
-    let t = r.read_tensor(i)?;
-    Ok(match t.content {
-        Content::Sparse {
-            indices, values, ..
-        } => Input::Sparse {
-            indices,
-            values: to_f32_pooled(t.dtype, values),
-        },
-        Content::Dense { delta } => Input::Dense {
-            values: to_f32_pooled(t.dtype, delta),
-        },
-        Content::Lora { rank, alpha, a, b } => {
-            // ΔW = (α / r) · B · A, formed densely (reported to the user).
-            let (out, inp, r) = (t.shape[0] as usize, t.shape[1] as usize, rank as usize);
-            let (a, b) = (t.dtype.to_f32(&a), t.dtype.to_f32(&b));
-            let scale = (alpha / rank as f64) as f32;
-            let mut w = vec![0f32; out * inp];
-            for o in 0..out {
-                for k in 0..r {
-                    let bk = b[o * r + k] * scale;
-                    let row = &a[k * inp..(k + 1) * inp];
-                    for (x, &av) in w[o * inp..(o + 1) * inp].iter_mut().zip(row) {
-                        *x += bk * av;
-                    }
-                }
-            }
-            Input::Dense { values: w }
-        }
-    })
-}
-
-/// `bytes` as f32s, in a buffer from [`crate::pool`] (the engine gives it back).
-fn to_f32_pooled(dtype: Dtype, bytes: Vec<u8>) -> Vec<f32> {
-    let mut out = crate::pool::take(bytes.len() / dtype.size());
-    dtype.to_f32_into(&bytes, &mut out);
-    out
 }

@@ -17,7 +17,7 @@ use crate::format::BaseModel;
 use crate::merge::engine::{Input, Output, merge_tensor};
 use crate::merge::{MergeParams, Strategy};
 
-use super::merge::{ExpertSet, load_input};
+use crate::merge::input::{ExpertSet, load_input};
 
 /// Version of the `--json` structure.
 pub const OVERLAP_SCHEMA_VERSION: u32 = 1;
@@ -307,7 +307,7 @@ pub fn overlap(paths: &[PathBuf]) -> Result<OverlapReport> {
     }
     let set = ExpertSet::open(paths)?;
     let mut tensors = Vec::with_capacity(set.names.len());
-    super::map_ordered(
+    crate::parallel::map_ordered(
         &set.names,
         |name| {
             let (shape, _) = set.info[name].clone();

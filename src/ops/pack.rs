@@ -40,7 +40,7 @@ pub fn pack(dir: &Path, out: &Path, level: i32, printer: &Printer) -> Result<Man
     let pb = printer.progress(m.tensors.len() as u64, "Packing");
     let mut writer = ArtifactWriter::create(out, level)?;
     let idx: Vec<usize> = (0..m.tensors.len()).collect();
-    super::map_ordered(
+    crate::parallel::map_ordered(
         &idx,
         |&i| {
             let e = src

@@ -1,0 +1,371 @@
+//! Registry benchmarks (docs/benchmarks.md, "Registry"):
+//!
+//! 1. Install N experts of ~S MB each from the real `xpm-registry` server on 127.0.0.1 into an
+//!    empty store, against a plain parallel HTTP download of the same blobs (reqwest, same
+//!    number of connections, no verification), in the same run.
+//! 2. Resolve 20 requirements against an index of 10 000 versions: in memory, from a local
+//!    directory registry, and over HTTP with a warm index cache (ETag revalidation).
+//!
+//! Run: `cargo bench --bench install` (`-- --quick` for 10 × 4 MB).
+//! Writes the table to `target/bench-registry.md`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use xpm::format::{
+    ArtifactWriter, BaseModel, Content, Dtype, ExpertKind, Manifest, TensorData, encode_tensor,
+};
+use xpm::home::XpmHome;
+use xpm::printer::Printer;
+use xpm::registry::index::render_index;
+use xpm::registry::{ClientOptions, IndexLine, LocalRegistry};
+use xpm::resolve::{Constraints, Requirement, resolve};
+
+mod common;
+
+/// The release build of the registry server, built on first use.
+static SERVER_BIN: std::sync::LazyLock<std::path::PathBuf> = std::sync::LazyLock::new(|| {
+    common::build_release(
+        "xpm-registry",
+        &format!("xpm-registry{}", std::env::consts::EXE_SUFFIX),
+    )
+});
+
+const JOBS: usize = 8;
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (n, mb) = if quick { (10, 4) } else { (50, 20) };
+    let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut report = String::new();
+    writeln!(
+        report,
+        "## Registry (`cargo bench --bench install`)\n"
+    )
+    .unwrap();
+
+    // --- Install vs plain download -------------------------------------------------------
+    let root = work.path().join("srv");
+    eprintln!("preparing {n} experts of {mb} MB …");
+    let names = populate(&root, n, mb << 20);
+    let server = Server::start(&root);
+    let lines: Vec<IndexLine> = names
+        .iter()
+        .map(|nm| {
+            LocalRegistry::open(&root)
+                .unwrap()
+                .read_index(nm)
+                .unwrap()
+                .unwrap()
+                .remove(0)
+        })
+        .collect();
+    let total: u64 = lines.iter().map(|l| l.size).sum();
+    let urls: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            format!(
+                "{}/blobs/sha256/{}/{}",
+                server.url,
+                &l.sha_hex()[..2],
+                l.sha_hex()
+            )
+        })
+        .collect();
+
+    let rounds = if quick { 2 } else { 5 };
+    let mut plain = Vec::new();
+    let mut inst = Vec::new();
+    let mut hashed = Vec::new();
+    plain_download(&urls, &work.path().join("warmup"), false); // warm the server's page cache
+    for r in 0..rounds {
+        let d = work.path().join(format!("plain{r}"));
+        let t = Instant::now();
+        plain_download(&urls, &d, false);
+        plain.push(t.elapsed());
+        std::fs::remove_dir_all(&d).unwrap();
+        let t = Instant::now();
+        plain_download(&urls, &d, true);
+        hashed.push(t.elapsed());
+        std::fs::remove_dir_all(&d).unwrap();
+
+        let home_dir = work.path().join(format!("home{r}"));
+        let proj = work.path().join(format!("proj{r}"));
+        std::fs::create_dir_all(&proj).unwrap();
+        let home = XpmHome {
+            root: home_dir.clone(),
+            cache: home_dir.join("cache"),
+        };
+        let opts = xpm::ops::install::InstallOptions {
+            specs: names.iter().map(|n| format!("{n}@1")).collect(),
+            registry: Some(server.url.clone()),
+            locked: false,
+            offline: false,
+            base: None,
+            jobs: JOBS,
+            dir: proj.clone(),
+        };
+        let t = Instant::now();
+        let rep =
+            xpm::ops::install::install(&home, &opts, &ClientOptions::default(), &Printer::silent())
+                .unwrap();
+        inst.push(t.elapsed());
+        assert_eq!(rep.experts.len(), n);
+        assert_eq!(rep.downloaded_bytes, total);
+        std::fs::remove_dir_all(&home_dir).unwrap();
+        std::fs::remove_dir_all(&proj).unwrap();
+    }
+    let (p, h, i) = (median(&mut plain), median(&mut hashed), median(&mut inst));
+    let mbs = |d: Duration| total as f64 / 1e6 / d.as_secs_f64();
+    writeln!(
+        report,
+        "Install {n} experts of {:.1} MB each ({:.0} MB) from the loopback server, {JOBS} parallel \
+         downloads, empty store, median of {rounds}:\n\n\
+         | | time | throughput | ratio |\n|---|---:|---:|---:|\n\
+         | plain parallel HTTP download (reqwest, no verification) | {:.2} s | {:.0} MB/s | 1.00× |\n\
+         | plain download + sha256 of every byte (the verification floor) | {:.2} s | {:.0} MB/s | {:.2}× |\n\
+         | `xpm install` (index, resolve, download, sha256 verify, commit, lock) | {:.2} s | {:.0} MB/s | {:.2}× |\n",
+        total as f64 / 1e6 / n as f64,
+        total as f64 / 1e6,
+        p.as_secs_f64(),
+        mbs(p),
+        h.as_secs_f64(),
+        mbs(h),
+        h.as_secs_f64() / p.as_secs_f64(),
+        i.as_secs_f64(),
+        mbs(i),
+        i.as_secs_f64() / p.as_secs_f64()
+    )
+    .unwrap();
+    drop(server);
+
+    // --- Resolution ----------------------------------------------------------------------
+    let idx_root = work.path().join("big-index");
+    let index = big_index(&idx_root, 20, 500);
+    let reqs: Vec<Requirement> = (0..20)
+        .map(|i| Requirement::parse(&format!("expert-{i:02}@^3")).unwrap())
+        .collect();
+    let c = Constraints::default();
+    let mut mem = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let got = resolve(&reqs, &index, &c).unwrap();
+        mem.push(t.elapsed());
+        assert_eq!(got.len(), 20);
+    }
+    let home_dir = work.path().join("home-resolve");
+    let home = XpmHome {
+        root: home_dir.clone(),
+        cache: home_dir.join("cache"),
+    };
+    let local = format!("file://{}", idx_root.display());
+    let from_registry = |loc: &str| {
+        let reg = xpm::registry::open(loc, &home, &ClientOptions::default(), false).unwrap();
+        let t = Instant::now();
+        let mut idx = BTreeMap::new();
+        for r in &reqs {
+            idx.insert(r.name.clone(), reg.index(&r.name).unwrap().unwrap());
+        }
+        let got = resolve(&reqs, &idx, &c).unwrap();
+        assert_eq!(got.len(), 20);
+        t.elapsed()
+    };
+    from_registry(&local);
+    let mut disk: Vec<Duration> = (0..20).map(|_| from_registry(&local)).collect();
+    let server = Server::start(&idx_root);
+    from_registry(&server.url); // fills the index cache
+    let mut http: Vec<Duration> = (0..20).map(|_| from_registry(&server.url)).collect();
+    writeln!(
+        report,
+        "\nResolve 20 requirements against an index of 10 000 versions (20 experts × 500 \
+         versions, two base models), median:\n\n\
+         | | time |\n|---|---:|\n\
+         | resolver only (index in memory) | {:.2} ms |\n\
+         | local directory registry (read + parse 20 index files + resolve) | {:.2} ms |\n\
+         | HTTP registry, warm cache (20 `If-None-Match` requests → 304, parse, resolve) | {:.2} ms |\n",
+        median(&mut mem).as_secs_f64() * 1e3,
+        median(&mut disk).as_secs_f64() * 1e3,
+        median(&mut http).as_secs_f64() * 1e3,
+    )
+    .unwrap();
+
+    println!("{report}");
+    let out = common::target_dir().join("bench-registry.md");
+    std::fs::write(&out, &report).unwrap();
+    eprintln!("wrote {}", out.display());
+}
+
+use std::fmt::Write as _;
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// N experts of about `bytes` each, published straight into the registry directory.
+fn populate(root: &Path, n: usize, bytes: usize) -> Vec<String> {
+    let reg = LocalRegistry::open_or_init(root).unwrap();
+    let tmp = root.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut names = Vec::new();
+    for i in 0..n {
+        let name = format!("bench-expert-{i:02}");
+        let path = tmp.join(format!("{name}.xpm"));
+        write_expert(&path, &name, "1.0.0", bytes, i as u64);
+        let (cksum, size) =
+            xpm::digest::sha256_reader(std::fs::File::open(&path).unwrap()).unwrap();
+        let m = xpm::format::ArtifactReader::open(&path)
+            .unwrap()
+            .manifest()
+            .clone();
+        reg.publish(&path, &IndexLine::for_artifact(&m, &cksum, size), true)
+            .unwrap();
+        names.push(name);
+    }
+    names
+}
+
+fn write_expert(path: &Path, name: &str, version: &str, bytes: usize, seed: u64) {
+    let nnz = bytes / 5;
+    let mut s = xpm::rng::SplitMix64(seed + 1);
+    let indices: Vec<u64> = (0..nnz as u64)
+        .map(|i| i * 20 + s.next_u64() % 20)
+        .collect();
+    let values: Vec<u8> = (0..nnz)
+        .flat_map(|_| ((s.next_u64() >> 40) as f32 / 16_777_216.0 - 0.5).to_le_bytes())
+        .collect();
+    let t = TensorData {
+        name: "encoder.layer.0.attention.self.query.weight".into(),
+        shape: vec![nnz as u64, 20],
+        dtype: Dtype::F32,
+        content: Content::Sparse {
+            indices,
+            values,
+            block_size: None,
+        },
+    };
+    let mut w = ArtifactWriter::create(path, 1).unwrap();
+    w.push(encode_tensor(&t, 1).unwrap()).unwrap();
+    w.finish(manifest(name, version, "bench-base")).unwrap();
+}
+
+fn manifest(name: &str, version: &str, base: &str) -> Manifest {
+    Manifest::new(
+        name,
+        version.parse().unwrap(),
+        BaseModel {
+            id: base.into(),
+            digest: xpm::digest::sha256(base.as_bytes()),
+        },
+        ExpertKind::Sparse,
+    )
+}
+
+/// `names × versions` index lines written as a directory registry (no blobs needed to
+/// resolve); every other version sits on a second base.
+fn big_index(root: &Path, names: usize, versions: usize) -> BTreeMap<String, Vec<IndexLine>> {
+    let reg = LocalRegistry::open_or_init(root).unwrap();
+    let mut all = BTreeMap::new();
+    for i in 0..names {
+        let name = format!("expert-{i:02}");
+        let lines: Vec<IndexLine> = (0..versions)
+            .map(|v| {
+                let base = if v % 2 == 0 { "base-a" } else { "base-b" };
+                let m = manifest(
+                    &name,
+                    &format!("{}.{}.{}", v / 100, (v / 10) % 10, v % 10),
+                    base,
+                );
+                let mut l = IndexLine::for_artifact(
+                    &m,
+                    &xpm::digest::sha256(format!("{name}{v}").as_bytes()),
+                    1000,
+                );
+                l.targets = (0..6)
+                    .map(|k| format!("encoder.layer.{k}.attention.self.query.weight"))
+                    .collect();
+                l.yanked = v % 17 == 0;
+                l
+            })
+            .collect();
+        let p = reg.index_path(&name).unwrap();
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, render_index(&lines)).unwrap();
+        all.insert(name, lines);
+    }
+    all
+}
+
+fn plain_download(urls: &[String], dir: &Path, hash: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .unwrap();
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..JOBS {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(url) = urls.get(i) else { break };
+                    let mut resp = client.get(url).send().unwrap();
+                    assert!(resp.status().is_success());
+                    let f = std::fs::File::create(dir.join(format!("{i}.bin"))).unwrap();
+                    if hash {
+                        let mut w = xpm::digest::HashingWriter::new(f);
+                        std::io::copy(&mut resp, &mut w).unwrap();
+                        std::hint::black_box(w.finish());
+                    } else {
+                        let mut f = f;
+                        std::io::copy(&mut resp, &mut f).unwrap();
+                    }
+                }
+            });
+        }
+    });
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(root: &Path) -> Server {
+        let mut child = Command::new(&*SERVER_BIN)
+            .args([
+                "serve",
+                "--quiet",
+                "--no-auth",
+                "--addr",
+                "127.0.0.1:0",
+                "--root",
+            ])
+            .arg(root)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap()
+            .to_string();
+        Server { child, url }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,915 @@
+//! The `.xpm` artifact: one file holding a zstd-compressed safetensors payload and a manifest.
+//!
+//! ```text
+//! prelude   16 B   magic, format major/minor, flags
+//! payload   P B    zstd frames: one per tensor part, in manifest order, then the safetensors
+//!                  header; header + parts decompressed back to back form one safetensors file
+//! manifest  M B    JSON (uncompressed: it reads without touching the payload)
+//! trailer   80 B   manifest length, manifest sha256, sha256 of every byte before it, end magic
+//! ```
+//!
+//! Like a Parquet footer, the manifest comes last so a writer streams every frame straight to
+//! disk once, in one pass, hashing as it goes; a reader finds the manifest from the fixed-size
+//! trailer. Writing is bounded in memory (one encoded tensor per worker in flight) and atomic
+//! (temporary file, fsync, rename). Reading is random access by frame, each frame checked
+//! against its sha256 before it is decompressed, and its declared size checked against the
+//! zstd frame header before anything is allocated. The byte-level specification is
+//! docs/format.md.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Metadata, TensorInfo};
+use sha2::{Digest, Sha256};
+
+use super::manifest::{
+    Delta, FORMAT_MAJOR, FORMAT_MINOR, Frame, Manifest, PartRole, Payload, StoredPart, TensorEntry,
+};
+use super::mask::{self, MaskEncoding};
+use super::tensor::{Content, TensorData};
+use crate::digest::{self, HashingWriter};
+use crate::error::{Error, IoResultExt, Result};
+
+/// First eight bytes of every artifact (PNG-style: catches text-mode and 7-bit transfers).
+pub const MAGIC: [u8; 8] = *b"\x89XPM\r\n\x1a\n";
+/// Last eight bytes of every artifact.
+pub const END_MAGIC: [u8; 8] = *b"XPM-END\n";
+/// Length of the fixed prelude.
+pub const PRELUDE_LEN: u64 = 16;
+/// Length of the fixed trailer.
+pub const TRAILER_LEN: u64 = 80;
+/// The last bytes of the trailer: the file sha256 and the end magic.
+const DIGEST_TAIL_LEN: u64 = 40;
+/// Largest manifest a reader accepts.
+pub const MAX_MANIFEST_LEN: u64 = 256 << 20;
+/// Largest safetensors header a reader accepts (the safetensors crate's own limit).
+pub const MAX_HEADER_LEN: u64 = 100_000_000;
+/// Upper bound of zstd's compression ratio (an RLE block stores 128 KiB in 4 bytes); a frame
+/// declaring more than this is refused before anything is allocated.
+pub const MAX_FRAME_RATIO: u64 = 1 << 16;
+/// `__metadata__` key of the payload's safetensors header holding the tensor entries (without
+/// storage offsets) as JSON.
+pub const HEADER_TENSORS_KEY: &str = "xpm.tensors";
+/// Default zstd level.
+pub const DEFAULT_LEVEL: i32 = 3;
+
+/// One tensor, encoded and compressed, ready to be written.
+#[derive(Debug)]
+pub struct EncodedTensor {
+    entry: TensorEntry,
+    parts: Vec<EncodedPart>,
+}
+
+#[derive(Debug)]
+struct EncodedPart {
+    role: PartRole,
+    st_dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    raw_size: u64,
+    frame: Vec<u8>,
+    sha256: String,
+}
+
+impl EncodedTensor {
+    /// The manifest entry (with the mask encoding chosen, without storage offsets).
+    pub fn entry(&self) -> &TensorEntry {
+        &self.entry
+    }
+
+    /// Mark a dense tensor as new: the base lacks it and it is stored whole (a task head).
+    pub fn mark_new(mut self) -> Result<Self> {
+        if self.entry.delta != Delta::Dense {
+            return Err(Error::input(
+                format!("only a dense tensor can be new, not `{}`", self.entry.name),
+                None,
+            ));
+        }
+        self.entry.new = true;
+        Ok(self)
+    }
+}
+
+/// One part before compression: role, safetensors dtype, shape, bytes.
+type RawPart<'a> = (PartRole, safetensors::Dtype, Vec<usize>, Cow<'a, [u8]>);
+
+/// Validate, encode (choosing the smallest mask encoding) and compress one tensor.
+/// Pure and thread-safe: callers run it in parallel across tensors.
+pub fn encode_tensor(t: &TensorData, level: i32) -> Result<EncodedTensor> {
+    t.validate()?;
+    let mut entry = t.entry();
+    let vdt = t.dtype.to_safetensors();
+    let to_usize = |s: &[u64]| s.iter().map(|&d| d as usize).collect::<Vec<_>>();
+    let raw_parts: Vec<RawPart> = match &t.content {
+        Content::Sparse {
+            indices, values, ..
+        } => {
+            let (enc, bytes) = mask::encode_best(indices, &t.shape);
+            if let Delta::Sparse { encoding, .. } = &mut entry.delta {
+                *encoding = Some(enc);
+            }
+            vec![
+                (
+                    PartRole::Mask,
+                    safetensors::Dtype::U8,
+                    vec![bytes.len()],
+                    Cow::Owned(bytes),
+                ),
+                (
+                    PartRole::Values,
+                    vdt,
+                    vec![indices.len()],
+                    Cow::Borrowed(values),
+                ),
+            ]
+        }
+        Content::Lora { rank, a, b, .. } => {
+            let r = *rank as usize;
+            let (out, inp) = (t.shape[0] as usize, t.shape[1] as usize);
+            vec![
+                (PartRole::LoraA, vdt, vec![r, inp], Cow::Borrowed(a)),
+                (PartRole::LoraB, vdt, vec![out, r], Cow::Borrowed(b)),
+            ]
+        }
+        Content::Dense { delta } => vec![(
+            PartRole::Delta,
+            vdt,
+            to_usize(&t.shape),
+            Cow::Borrowed(delta),
+        )],
+    };
+    let parts = raw_parts
+        .into_iter()
+        .map(|(role, st_dtype, shape, raw)| {
+            let frame = compress(&raw, level)?;
+            Ok(EncodedPart {
+                role,
+                st_dtype,
+                shape,
+                raw_size: raw.len() as u64,
+                sha256: digest::sha256(&frame),
+                frame,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(EncodedTensor { entry, parts })
+}
+
+fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>> {
+    crate::pool::compress(raw, level)
+        .map_err(|e| Error::compute("zstd compression", e))
+}
+
+/// Writes an artifact: push encoded tensors, then [`ArtifactWriter::finish`].
+///
+/// Frames go straight into a temporary file next to the destination, in push order, hashed as
+/// they are written; `finish` appends the safetensors header frame, the manifest and the
+/// trailer, then renames the file into place. Nothing appears at the destination unless
+/// `finish` succeeds; dropping the writer removes the temporary file.
+pub struct ArtifactWriter {
+    dest: PathBuf,
+    tmp: tempfile::NamedTempFile,
+    out: HashingWriter<BufWriter<File>>,
+    payload_len: u64,
+    tensors: Vec<(TensorEntry, Vec<WrittenPart>)>,
+    names: HashSet<String>,
+    level: i32,
+}
+
+struct WrittenPart {
+    stored: StoredPart,
+    st_dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+}
+
+impl ArtifactWriter {
+    /// Start an artifact that will be written to `dest` with zstd `level`.
+    pub fn create(dest: &Path, level: i32) -> Result<Self> {
+        let (tmp, file) = crate::fsutil::temp_file_beside(dest)?;
+        let mut out = HashingWriter::new(file);
+        out.write_all(&prelude()).at("write", tmp.path())?;
+        Ok(ArtifactWriter {
+            dest: dest.to_path_buf(),
+            tmp,
+            out,
+            payload_len: 0,
+            tensors: Vec::new(),
+            names: HashSet::new(),
+            level,
+        })
+    }
+
+    /// Append one encoded tensor.
+    pub fn push(&mut self, t: EncodedTensor) -> Result<()> {
+        if !self.names.insert(t.entry.name.clone()) {
+            return Err(Error::input(
+                format!("tensor `{}` is given twice", t.entry.name),
+                Some("each tensor may appear once in an expert"),
+            ));
+        }
+        let mut written = Vec::with_capacity(t.parts.len());
+        for p in t.parts {
+            self.out.write_all(&p.frame).at("write", self.tmp.path())?;
+            written.push(WrittenPart {
+                stored: StoredPart {
+                    role: p.role,
+                    offset: self.payload_len,
+                    size: p.frame.len() as u64,
+                    raw_size: p.raw_size,
+                    sha256: p.sha256,
+                },
+                st_dtype: p.st_dtype,
+                shape: p.shape,
+            });
+            self.payload_len += p.frame.len() as u64;
+        }
+        self.tensors.push((t.entry, written));
+        Ok(())
+    }
+
+    /// Finish the artifact at the destination. `manifest` supplies everything but `tensors`,
+    /// `payload` and `format_version`, which the writer fills in. Returns the final manifest.
+    pub fn finish(mut self, mut manifest: Manifest) -> Result<Manifest> {
+        let tmp_path = self.tmp.path().to_path_buf();
+        let werr = |e| Error::io("write", &tmp_path, e);
+
+        // The safetensors header: parts in payload order, and the tensor entries themselves
+        // (shape, kind, nnz, encoding) so the payload is self-describing and a manifest that
+        // disagrees with it is caught.
+        let mut infos = Vec::new();
+        let mut data_off = 0usize;
+        for (entry, parts) in &self.tensors {
+            for p in parts {
+                let end = data_off + p.stored.raw_size as usize;
+                infos.push((
+                    format!("{}.{}", entry.name, p.stored.role.suffix()),
+                    TensorInfo {
+                        dtype: p.st_dtype,
+                        shape: p.shape.clone(),
+                        data_offsets: (data_off, end),
+                    },
+                ));
+                data_off = end;
+            }
+        }
+        let described: Vec<&TensorEntry> = self.tensors.iter().map(|(e, _)| e).collect();
+        let header_meta = std::collections::HashMap::from([(
+            HEADER_TENSORS_KEY.to_string(),
+            serde_json::to_string(&described).expect("entries serialize"),
+        )]);
+        let meta = Metadata::new(Some(header_meta), infos)
+            .map_err(|e| Error::input(format!("cannot build the safetensors header: {e}"), None))?;
+        let mut header_json = serde_json::to_vec(&meta).expect("metadata serializes");
+        header_json.resize(header_json.len().next_multiple_of(8), b' ');
+        let mut header_raw = (header_json.len() as u64).to_le_bytes().to_vec();
+        header_raw.extend_from_slice(&header_json);
+        let header_frame = compress(&header_raw, self.level)?;
+        self.out.write_all(&header_frame).map_err(werr)?;
+
+        manifest.format_version = format!("{FORMAT_MAJOR}.{FORMAT_MINOR}");
+        manifest.payload = Some(Payload {
+            compression: "zstd".into(),
+            size: self.payload_len + header_frame.len() as u64,
+            raw_size: header_raw.len() as u64 + data_off as u64,
+            header: Frame {
+                offset: self.payload_len,
+                size: header_frame.len() as u64,
+                raw_size: header_raw.len() as u64,
+                sha256: digest::sha256(&header_frame),
+            },
+        });
+        manifest.tensors = std::mem::take(&mut self.tensors)
+            .into_iter()
+            .map(|(entry, parts)| TensorEntry {
+                stored: parts.into_iter().map(|p| p.stored).collect(),
+                ..entry
+            })
+            .collect();
+        let manifest_json = serde_json::to_vec(&manifest).expect("manifest serializes");
+        self.out.write_all(&manifest_json).map_err(werr)?;
+        self.out
+            .write_all(&(manifest_json.len() as u64).to_le_bytes())
+            .map_err(werr)?;
+        self.out
+            .write_all(&Sha256::digest(&manifest_json))
+            .map_err(werr)?;
+        let (file_digest, mut inner) = self.out.finish();
+        inner.write_all(&file_digest).map_err(werr)?;
+        inner.write_all(&END_MAGIC).map_err(werr)?;
+        let file = inner.into_inner().map_err(|e| werr(e.into_error()))?;
+        file.sync_all().map_err(werr)?;
+        self.tmp
+            .persist(&self.dest)
+            .map_err(|e| Error::io("write", &self.dest, e.error))?;
+        Ok(manifest)
+    }
+}
+
+fn prelude() -> Vec<u8> {
+    let mut p = Vec::with_capacity(PRELUDE_LEN as usize);
+    p.extend_from_slice(&MAGIC);
+    p.extend_from_slice(&FORMAT_MAJOR.to_le_bytes());
+    p.extend_from_slice(&FORMAT_MINOR.to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes()); // flags: none defined in 1.x
+    debug_assert_eq!(p.len() as u64, PRELUDE_LEN);
+    p
+}
+
+/// Reads an artifact: the manifest on open, tensors on demand, the whole-file digest on request.
+pub struct ArtifactReader {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    manifest: Manifest,
+    payload_start: u64,
+}
+
+impl std::fmt::Debug for ArtifactReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArtifactReader")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl ArtifactReader {
+    /// Open an artifact and check its prelude, manifest (digest and consistency), layout and
+    /// safetensors header. Does not read the tensor frames.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let mut file = File::open(&path).at("open", &path)?;
+        let len = file.metadata().at("read", &path)?.len();
+        let corrupt = |d: String| Error::corrupt(&path, d);
+        let mut pre = [0u8; PRELUDE_LEN as usize];
+        let got = read_up_to(&mut file, &mut pre).at("read", &path)?;
+        if got >= 8 && pre[..8] != MAGIC {
+            return Err(corrupt(format!(
+                "wrong magic bytes {} (expected {})",
+                hex::encode(&pre[..8]),
+                hex::encode(MAGIC)
+            )));
+        }
+        if len < PRELUDE_LEN + TRAILER_LEN {
+            return Err(corrupt(format!(
+                "the file is {len} bytes, shorter than the smallest artifact ({} bytes); it is truncated",
+                PRELUDE_LEN + TRAILER_LEN
+            )));
+        }
+        let major = u16::from_le_bytes([pre[8], pre[9]]);
+        let minor = u16::from_le_bytes([pre[10], pre[11]]);
+        let flags = u32::from_le_bytes(pre[12..16].try_into().expect("4 bytes"));
+        if major != FORMAT_MAJOR {
+            return Err(Error::UnsupportedFormat {
+                path,
+                found: format!("{major}.{minor}"),
+                supported: FORMAT_MAJOR,
+            });
+        }
+        if flags != 0 && minor > FORMAT_MINOR {
+            return Err(Error::UnsupportedFormat {
+                path,
+                found: format!("{major}.{minor} (flags {flags:#x})"),
+                supported: FORMAT_MAJOR,
+            });
+        }
+        if flags != 0 {
+            return Err(corrupt(format!(
+                "unknown flags {flags:#x} in the prelude (format {major}.{minor} defines none)"
+            )));
+        }
+        let mut trailer = [0u8; TRAILER_LEN as usize];
+        crate::fsutil::read_exact_at(&file, &mut trailer, len - TRAILER_LEN).at("read", &path)?;
+        if trailer[72..80] != END_MAGIC {
+            return Err(corrupt(
+                "the file does not end with the `XPM-END` marker: it is truncated or damaged"
+                    .into(),
+            ));
+        }
+        let manifest_len = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
+        let room = len - PRELUDE_LEN - TRAILER_LEN;
+        if manifest_len > MAX_MANIFEST_LEN || manifest_len > room {
+            return Err(corrupt(format!(
+                "the trailer declares a {manifest_len}-byte manifest but the file has {len} bytes; \
+                 it is truncated or the trailer is damaged"
+            )));
+        }
+        let manifest_offset = len - TRAILER_LEN - manifest_len;
+        let mut manifest_bytes = vec![0u8; manifest_len as usize];
+        crate::fsutil::read_exact_at(&file, &mut manifest_bytes, manifest_offset)
+            .at("read", &path)?;
+        if Sha256::digest(&manifest_bytes)[..] != trailer[8..40] {
+            return Err(corrupt(
+                "the manifest does not match its sha256 in the trailer (flipped bits?)".into(),
+            ));
+        }
+        let manifest: Manifest = match serde_json::from_slice(&manifest_bytes) {
+            Ok(m) => m,
+            Err(e) if minor > FORMAT_MINOR => {
+                return Err(Error::UnsupportedFormat {
+                    path,
+                    found: format!("{major}.{minor} ({e})"),
+                    supported: FORMAT_MAJOR,
+                });
+            }
+            Err(e) => return Err(corrupt(format!("the manifest is not valid: {e}"))),
+        };
+        if manifest.format() != Some((major, minor)) {
+            return Err(corrupt(format!(
+                "the manifest says format {} but the prelude says {major}.{minor}",
+                manifest.format_version
+            )));
+        }
+        let payload = manifest
+            .payload
+            .clone()
+            .ok_or_else(|| corrupt("the manifest has no `payload` section".into()))?;
+        if payload.size != manifest_offset - PRELUDE_LEN {
+            return Err(corrupt(format!(
+                "the manifest describes a {}-byte payload but the file holds {} bytes before the \
+                 manifest; it is truncated or damaged",
+                payload.size,
+                manifest_offset - PRELUDE_LEN
+            )));
+        }
+        check_manifest(&manifest, &payload).map_err(corrupt)?;
+        let reader = ArtifactReader {
+            path,
+            file,
+            len,
+            manifest,
+            payload_start: PRELUDE_LEN,
+        };
+        reader.check_safetensors_header(&payload)?;
+        Ok(reader)
+    }
+
+    /// The artifact's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The manifest (with storage details).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.len
+    }
+
+    /// Hash the whole file and compare with the trailer. Returns the file's `sha256:<hex>` (the
+    /// digest of the whole file, trailer included, as a registry would compute it).
+    pub fn verify_file_digest(&self) -> Result<String> {
+        let body = self.len - DIGEST_TAIL_LEN;
+        let mut f = &self.file;
+        f.seek(SeekFrom::Start(0)).at("read", &self.path)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = body;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            f.read_exact(&mut buf[..n]).at("read", &self.path)?;
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        let mut trailer = [0u8; DIGEST_TAIL_LEN as usize];
+        f.read_exact(&mut trailer).at("read", &self.path)?;
+        let mut whole = hasher.clone();
+        whole.update(trailer);
+        if hasher.finalize()[..] != trailer[..32] {
+            let located = self.locate_damage();
+            return Err(Error::corrupt(
+                &self.path,
+                format!("the file's sha256 does not match its trailer{located}"),
+            ));
+        }
+        Ok(digest::format_digest(&whole.finalize()))
+    }
+
+    /// After a digest mismatch, name the first frame whose own digest fails.
+    fn locate_damage(&self) -> String {
+        let Some(payload) = &self.manifest.payload else {
+            return String::new();
+        };
+        if self
+            .frame_bytes(
+                payload.header.offset,
+                payload.header.size,
+                &payload.header.sha256,
+                "the safetensors header",
+            )
+            .is_err()
+        {
+            return " (the safetensors header frame is damaged)".into();
+        }
+        for t in &self.manifest.tensors {
+            for p in &t.stored {
+                if self.frame_bytes(p.offset, p.size, &p.sha256, "").is_err() {
+                    return format!(
+                        " (the `{}` part of tensor `{}` is damaged)",
+                        p.role.suffix(),
+                        t.name
+                    );
+                }
+            }
+        }
+        " (the damage is outside the payload frames: prelude, manifest or trailer)".into()
+    }
+
+    /// Read the compressed bytes of a frame and verify them against their sha256.
+    fn frame_bytes(&self, offset: u64, size: u64, sha: &str, what: &str) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.frame_bytes_into(offset, size, sha, what, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Read the compressed bytes of a frame into `buf` and verify them against their sha256.
+    fn frame_bytes_into(
+        &self,
+        offset: u64,
+        size: u64,
+        sha: &str,
+        what: &str,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        buf.clear();
+        buf.resize(size as usize, 0);
+        crate::fsutil::read_exact_at(&self.file, buf, self.payload_start + offset)
+            .at("read", &self.path)?;
+        if digest::sha256(buf) != sha {
+            return Err(Error::corrupt(
+                &self.path,
+                format!("{what}: frame sha256 mismatch (flipped bits in the payload?)"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn decompress(&self, frame: &[u8], raw_size: u64, what: &str) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.decompress_into(frame, raw_size, what, &mut out)?;
+        Ok(out)
+    }
+
+    /// Decompress one frame into `out`, refusing before allocating if the zstd frame header
+    /// disagrees with the size the manifest declares.
+    fn decompress_into(
+        &self,
+        frame: &[u8],
+        raw_size: u64,
+        what: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let corrupt = |d: String| Error::corrupt(&self.path, format!("{what}: {d}"));
+        match zstd::zstd_safe::get_frame_content_size(frame) {
+            Ok(Some(n)) if n == raw_size => {}
+            Ok(Some(n)) => {
+                return Err(corrupt(format!(
+                    "the zstd frame declares {n} bytes, the manifest {raw_size}; refusing to decompress"
+                )));
+            }
+            _ => return Err(corrupt("the zstd frame does not declare its size".into())),
+        }
+        out.clear();
+        out.reserve(raw_size as usize);
+        crate::pool::with_decompressor(|d| d.decompress_to_buffer(frame, out))
+            .map_err(|e| corrupt(format!("zstd: {e}")))?;
+        if out.len() as u64 != raw_size {
+            return Err(corrupt(format!(
+                "decompressed to {} bytes, expected {raw_size}",
+                out.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_safetensors_header(&self, payload: &Payload) -> Result<()> {
+        let h = &payload.header;
+        let what = "safetensors header";
+        let frame = self.frame_bytes(h.offset, h.size, &h.sha256, what)?;
+        let raw = self.decompress(&frame, h.raw_size, what)?;
+        let corrupt = |d: String| Error::corrupt(&self.path, format!("{what}: {d}"));
+        let n = u64::from_le_bytes(raw[..8].try_into().expect("raw_size >= 8 was checked"));
+        if n != h.raw_size - 8 {
+            return Err(corrupt(format!(
+                "declares {n} bytes of JSON, holds {}",
+                h.raw_size - 8
+            )));
+        }
+        let meta: Metadata = serde_json::from_slice(&raw[8..])
+            .map_err(|e| corrupt(format!("invalid header: {e}")))?;
+        let described: Vec<TensorEntry> = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(HEADER_TENSORS_KEY))
+            .and_then(|j| serde_json::from_str(j).ok())
+            .ok_or_else(|| corrupt(format!("no valid `{HEADER_TENSORS_KEY}` metadata")))?;
+        if described.len() != self.manifest.tensors.len() {
+            return Err(corrupt(format!(
+                "describes {} tensors, the manifest {}",
+                described.len(),
+                self.manifest.tensors.len()
+            )));
+        }
+        for (d, t) in described.iter().zip(&self.manifest.tensors) {
+            let t = TensorEntry {
+                stored: Vec::new(),
+                ..t.clone()
+            };
+            if *d != t {
+                return Err(corrupt(format!(
+                    "tensor `{}` is {} in the payload but {} in the manifest",
+                    t.name,
+                    serde_json::to_string(d).expect("serializes"),
+                    serde_json::to_string(&t).expect("serializes")
+                )));
+            }
+        }
+        // Every stored part must appear with the same dtype, shape and size, at the offset its
+        // frame position implies.
+        let mut frames: Vec<(u64, u64, String, safetensors::Dtype, Vec<usize>)> = Vec::new();
+        for t in &self.manifest.tensors {
+            let vdt = t.dtype.to_safetensors();
+            for (p, (role, shape)) in t.stored.iter().zip(super::tensor::part_shapes(t)) {
+                let (dt, shape) = match role {
+                    PartRole::Mask => (safetensors::Dtype::U8, vec![p.raw_size as usize]),
+                    _ => (vdt, shape.iter().map(|&d| d as usize).collect()),
+                };
+                frames.push((
+                    p.offset,
+                    p.raw_size,
+                    format!("{}.{}", t.name, role.suffix()),
+                    dt,
+                    shape,
+                ));
+            }
+        }
+        frames.sort_by_key(|f| f.0);
+        if meta.tensors().len() != frames.len() {
+            return Err(corrupt(format!(
+                "holds {} tensors, the manifest describes {}",
+                meta.tensors().len(),
+                frames.len()
+            )));
+        }
+        let mut data_off = 0usize;
+        for (_, raw_size, name, dt, shape) in frames {
+            let info = meta.info(&name).ok_or_else(|| {
+                corrupt(format!("has no tensor `{name}`, which the manifest lists"))
+            })?;
+            if info.dtype != dt || info.shape != shape {
+                return Err(corrupt(format!(
+                    "tensor `{name}` is {:?} {:?}, the manifest says {:?} {:?}",
+                    info.dtype, info.shape, dt, shape
+                )));
+            }
+            if info.data_offsets != (data_off, data_off + raw_size as usize) {
+                return Err(corrupt(format!(
+                    "tensor `{name}` is at bytes {:?}, the manifest's frames put it at {:?}",
+                    info.data_offsets,
+                    (data_off, data_off + raw_size as usize)
+                )));
+            }
+            data_off += raw_size as usize;
+        }
+        Ok(())
+    }
+
+    /// Decompressed bytes of one part of tensor `index`.
+    pub fn read_part(&self, index: usize, role: PartRole) -> Result<Vec<u8>> {
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        self.read_part_into(index, role, &mut scratch, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`ArtifactReader::read_part`], reusing `scratch` for the compressed frame and
+    /// `out` for the result (no fresh allocation per part in streaming loops).
+    pub fn read_part_into(
+        &self,
+        index: usize,
+        role: PartRole,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let t = &self.manifest.tensors[index];
+        let p = t.stored.iter().find(|p| p.role == role).ok_or_else(|| {
+            Error::corrupt(
+                &self.path,
+                format!("tensor `{}` has no `{}` part", t.name, role.suffix()),
+            )
+        })?;
+        let what = format!("tensor `{}` ({})", t.name, role.suffix());
+        self.frame_bytes_into(p.offset, p.size, &p.sha256, &what, scratch)?;
+        self.decompress_into(scratch, p.raw_size, &what, out)
+    }
+
+    /// Decode tensor `index` completely (mask decoded to indices, all sizes checked).
+    pub fn read_tensor(&self, index: usize) -> Result<TensorData> {
+        let t = &self.manifest.tensors[index];
+        let content = match &t.delta {
+            Delta::Sparse {
+                nnz,
+                encoding,
+                block_size,
+                ..
+            } => {
+                let encoding = encoding.unwrap_or(MaskEncoding::DeltaRice);
+                let mask_bytes = self.read_part(index, PartRole::Mask)?;
+                let indices = mask::decode(encoding, &mask_bytes, &t.shape, *nnz)
+                    .map_err(|e| Error::corrupt(&self.path, format!("tensor `{}`: {e}", t.name)))?;
+                Content::Sparse {
+                    indices,
+                    values: self.read_part(index, PartRole::Values)?,
+                    block_size: *block_size,
+                }
+            }
+            Delta::Lora { rank, alpha } => Content::Lora {
+                rank: *rank,
+                alpha: *alpha,
+                a: self.read_part(index, PartRole::LoraA)?,
+                b: self.read_part(index, PartRole::LoraB)?,
+            },
+            Delta::Dense => Content::Dense {
+                delta: self.read_part(index, PartRole::Delta)?,
+            },
+        };
+        let data = TensorData {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            dtype: t.dtype,
+            content,
+        };
+        data.validate()
+            .map_err(|e| Error::corrupt(&self.path, e.to_string()))?;
+        Ok(data)
+    }
+}
+
+/// Structural checks of an artifact manifest against itself; the error is the detail.
+fn check_manifest(m: &Manifest, payload: &Payload) -> std::result::Result<(), String> {
+    if payload.compression != "zstd" {
+        return Err(format!(
+            "unknown payload compression `{}`",
+            payload.compression
+        ));
+    }
+    let mut frames: Vec<(u64, u64, u64, String)> = vec![(
+        payload.header.offset,
+        payload.header.size,
+        payload.header.raw_size,
+        "the safetensors header".into(),
+    )];
+    if !(8..=MAX_HEADER_LEN).contains(&payload.header.raw_size) {
+        return Err(format!(
+            "the safetensors header declares {} bytes (allowed: 8 to {MAX_HEADER_LEN})",
+            payload.header.raw_size
+        ));
+    }
+    let mut names = HashSet::new();
+    for t in &m.tensors {
+        let name = &t.name;
+        if name.is_empty() || !names.insert(name.as_str()) {
+            return Err(format!("tensor name `{name}` is empty or repeated"));
+        }
+        let n = t
+            .shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .filter(|&n| n < 1 << 56)
+            .ok_or_else(|| format!("tensor `{name}`: shape {:?} is too large", t.shape))?;
+        let es = t.dtype.size() as u64;
+        let roles: Vec<PartRole> = t.stored.iter().map(|p| p.role).collect();
+        let expect = |want: &[PartRole]| {
+            if roles == want {
+                Ok(())
+            } else {
+                Err(format!(
+                    "tensor `{name}`: stored parts {roles:?}, expected {want:?}"
+                ))
+            }
+        };
+        let raw = |i: usize| t.stored[i].raw_size;
+        match &t.delta {
+            Delta::Sparse {
+                nnz,
+                density,
+                encoding,
+                ..
+            } => {
+                expect(&[PartRole::Mask, PartRole::Values])?;
+                if *nnz > n {
+                    return Err(format!("tensor `{name}`: {nnz} entries in {n} elements"));
+                }
+                if (density - super::tensor::density(*nnz, n)).abs() > 1e-9 {
+                    return Err(format!(
+                        "tensor `{name}`: density {density} does not match nnz {nnz} of {n}"
+                    ));
+                }
+                let encoding = encoding
+                    .ok_or_else(|| format!("tensor `{name}`: no mask encoding recorded"))?;
+                let mask_max = match encoding {
+                    MaskEncoding::Full => 0,
+                    _ => n.div_ceil(8) + 16,
+                };
+                if raw(0) > mask_max {
+                    return Err(format!(
+                        "tensor `{name}`: mask declares {} bytes, at most {mask_max} possible",
+                        raw(0)
+                    ));
+                }
+                if raw(1) != nnz * es {
+                    return Err(format!(
+                        "tensor `{name}`: values declare {} bytes, {nnz} {} values are {}",
+                        raw(1),
+                        t.dtype,
+                        nnz * es
+                    ));
+                }
+            }
+            Delta::Lora { rank, .. } => {
+                expect(&[PartRole::LoraA, PartRole::LoraB])?;
+                let [out, inp] = t.shape[..] else {
+                    return Err(format!("tensor `{name}`: LoRA needs a 2-D shape"));
+                };
+                let r = *rank as u64;
+                let size = |a: u64, b: u64| a.checked_mul(b).and_then(|v| v.checked_mul(es));
+                if Some(raw(0)) != size(r, inp) || Some(raw(1)) != size(out, r) {
+                    return Err(format!(
+                        "tensor `{name}`: LoRA factor sizes do not match rank {r}"
+                    ));
+                }
+            }
+            Delta::Dense => {
+                expect(&[PartRole::Delta])?;
+                if raw(0) != n * es {
+                    return Err(format!(
+                        "tensor `{name}`: delta declares {} bytes, shape {:?} of {} is {}",
+                        raw(0),
+                        t.shape,
+                        t.dtype,
+                        n * es
+                    ));
+                }
+            }
+        }
+        for p in &t.stored {
+            frames.push((
+                p.offset,
+                p.size,
+                p.raw_size,
+                format!("tensor `{name}` ({})", p.role.suffix()),
+            ));
+        }
+    }
+    frames.sort_by_key(|f| f.0);
+    let mut at = 0u64;
+    let mut raw_total = 0u64;
+    for (offset, size, raw_size, what) in &frames {
+        if *offset != at {
+            return Err(format!(
+                "{what}: frame at payload offset {offset}, expected {at} (frames must be contiguous)"
+            ));
+        }
+        if *raw_size > size.saturating_add(1).saturating_mul(MAX_FRAME_RATIO) {
+            return Err(format!(
+                "{what}: {size} compressed bytes cannot hold the declared {raw_size} bytes \
+                 (decompression bomb?); refusing to decompress"
+            ));
+        }
+        at = at
+            .checked_add(*size)
+            .filter(|&end| end <= payload.size)
+            .ok_or_else(|| format!("{what}: frame runs past the end of the payload"))?;
+        raw_total = raw_total
+            .checked_add(*raw_size)
+            .ok_or_else(|| format!("{what}: sizes overflow"))?;
+    }
+    if at != payload.size {
+        return Err(format!(
+            "frames cover {at} bytes, the payload is {}",
+            payload.size
+        ));
+    }
+    if raw_total != payload.raw_size {
+        return Err(format!(
+            "frames decompress to {raw_total} bytes, the payload declares {}",
+            payload.raw_size
+        ));
+    }
+    Ok(())
+}
+
+/// Read as many bytes as are available, up to `buf.len()`.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
+}

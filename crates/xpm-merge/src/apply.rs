@@ -1,0 +1,305 @@
+//! Apply an expert to its base model: write base + Δ as a model directory.
+//!
+//! Used by `xpm apply` and `xpm merge --apply-to` (and by evaluation: there is one
+//! implementation of W0 + Δ). The output is what the base was — `model.safetensors`, or shards
+//! with a `model.safetensors.index.json` when it exceeds the shard size — plus every other file
+//! of the base directory (config, tokenizer, …), so it loads in Python's `safetensors` and
+//! `transformers` like the base did. One tensor at a time: peak memory follows the largest
+//! tensor. Δ is added in f32 and rounded once to the base tensor's dtype, so for f32 the result
+//! is exactly `W0 + Δ`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use xpm_core::checkpoint::{Checkpoint, is_float};
+use xpm_core::error::{Error, IoResultExt, Result};
+use xpm_core::format::ArtifactReader;
+use xpm_core::format::st::{PlannedTensor, write_safetensors};
+use xpm_core::fsutil::build_dir_atomic;
+use xpm_core::home::XpmHome;
+use crate::engine::Input;
+use xpm_core::printer::Printer;
+
+/// Hugging Face's default shard size (`max_shard_size="5GB"`).
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// What `apply` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyReport {
+    pub out: PathBuf,
+    /// Tensors that received a delta.
+    pub changed: usize,
+    /// Tensors copied from the base unchanged.
+    pub copied: usize,
+    /// Number of safetensors files written.
+    pub shards: usize,
+    /// Other files copied from the base directory.
+    pub files: Vec<String>,
+}
+
+/// Write `base` + the deltas of `expert` to the new directory `out`.
+pub fn apply(
+    base: &Path,
+    expert: &Path,
+    out: &Path,
+    max_shard_bytes: u64,
+    home: &XpmHome,
+    printer: &Printer,
+) -> Result<ApplyReport> {
+    let ck = Checkpoint::open(base)?;
+    let reader = ArtifactReader::open(expert)?;
+    let m = reader.manifest().clone();
+    printer.status("Hashing", format!("base model `{}`", base.display()));
+    let digest = ck.digest(Some(&home.cache))?;
+    if digest != m.base.digest {
+        return Err(Error::input(
+            format!(
+                "{}@{} was made from base `{}` ({}), but `{}` is {digest}",
+                m.name,
+                m.version,
+                m.base.id,
+                m.base.digest,
+                base.display()
+            ),
+            Some("apply an expert only to the base model it was made from"),
+        ));
+    }
+    // Every delta must target a float tensor of the same shape.
+    let mut delta_of: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut new_tensors: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, t) in m.tensors.iter().enumerate() {
+        if t.new {
+            // A task head: added whole, and it must not shadow a base tensor.
+            if ck.info(&t.name).is_some() {
+                return Err(Error::input(
+                    format!(
+                        "the expert adds tensor `{}`, but `{}` already has one",
+                        t.name,
+                        base.display()
+                    ),
+                    None,
+                ));
+            }
+            new_tensors.insert(t.name.clone(), i);
+            continue;
+        }
+        let info = ck.info(&t.name).ok_or_else(|| {
+            Error::input(
+                format!(
+                    "the expert changes `{}`, which `{}` does not have",
+                    t.name,
+                    base.display()
+                ),
+                None,
+            )
+        })?;
+        let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
+        if shape != t.shape
+            || !is_float(info.dtype)
+            || xpm_core::format::Dtype::from_safetensors(info.dtype).is_none()
+        {
+            return Err(Error::input(
+                format!(
+                    "tensor `{}` is {:?} {:?} in the base but the expert's delta is {:?}",
+                    t.name, info.dtype, info.shape, t.shape
+                ),
+                None,
+            ));
+        }
+        delta_of.insert(&t.name, i);
+    }
+    // Plan shards greedily in name order.
+    let names: Vec<String> = ck.names().map(str::to_string).collect();
+    let mut shards: Vec<Vec<PlannedTensor>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for n in &names {
+        let info = ck.info(n).expect("listed");
+        let bytes = (info.data_offsets.1 - info.data_offsets.0) as u64;
+        if size > 0 && size + bytes > max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        shards.last_mut().expect("one shard").push(PlannedTensor {
+            name: n.clone(),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+        });
+    }
+    for (n, &i) in &new_tensors {
+        let t = &m.tensors[i];
+        shards.last_mut().expect("one shard").push(PlannedTensor {
+            name: n.clone(),
+            dtype: safetensors::Dtype::F32,
+            shape: t.shape.iter().map(|&d| d as usize).collect(),
+        });
+    }
+    let n_shards = shards.len();
+    let file_name = |k: usize| {
+        if n_shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n_shards:05}.safetensors", k + 1)
+        }
+    };
+    printer.status(
+        "Applying",
+        format!(
+            "{}@{} to `{}` → {}",
+            m.name,
+            m.version,
+            base.display(),
+            out.display()
+        ),
+    );
+    let pb = printer.progress(names.len() as u64, "Applying");
+    let files = build_dir_atomic(out, |dir| {
+        let mut weight_map = BTreeMap::new();
+        let mut total = 0u64;
+        for (k, planned) in shards.iter().enumerate() {
+            let fname = file_name(k);
+            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+            write_safetensors(&dir.join(&fname), planned, Some(meta), |i| {
+                let t = &planned[i];
+                weight_map.insert(t.name.clone(), fname.clone());
+                if let Some(&idx) = new_tensors.get(&t.name) {
+                    let Input::Dense { values } = crate::input::load_input_at(&reader, idx)? else {
+                        return Err(Error::corrupt(
+                            expert,
+                            format!("new tensor `{}` is not dense", t.name),
+                        ));
+                    };
+                    total += 4 * values.len() as u64;
+                    return Ok(xpm_core::format::Dtype::F32.from_f32(&values));
+                }
+                let raw = ck.bytes(&t.name).expect("listed");
+                total += raw.len() as u64;
+                pb.inc(1);
+                match delta_of.get(t.name.as_str()) {
+                    None => Ok(raw.to_vec()),
+                    Some(&idx) => add_delta(&ck, &reader, &t.name, idx),
+                }
+            })?;
+        }
+        if n_shards > 1 {
+            let index = serde_json::json!({
+                "metadata": { "total_size": total },
+                "weight_map": weight_map,
+            });
+            xpm_core::fsutil::write_atomic(
+                &dir.join("model.safetensors.index.json"),
+                &serde_json::to_vec_pretty(&index).expect("index"),
+            )?;
+        }
+        let copied = if base.is_dir() {
+            copy_side_files(base, dir)?
+        } else {
+            Vec::new()
+        };
+        let note = serde_json::json!({
+            "applied_by": format!("xpm {}", env!("CARGO_PKG_VERSION")),
+            "expert": format!("{}@{}", m.name, m.version),
+            "expert_sha256": reader.verify_file_digest()?,
+            "base": m.base,
+            // The expert's provenance: for a merge, its inputs, strategy and recipe.
+            "provenance": m.provenance,
+        });
+        xpm_core::fsutil::write_atomic(
+            &dir.join("xpm-applied.json"),
+            &serde_json::to_vec_pretty(&note).expect("note"),
+        )?;
+        Ok(copied)
+    })?;
+    pb.finish_and_clear();
+    printer.status(
+        "Wrote",
+        format!("{} ({n_shards} safetensors file(s))", out.display()),
+    );
+    Ok(ApplyReport {
+        out: out.to_path_buf(),
+        changed: delta_of.len() + new_tensors.len(),
+        copied: names.len() - delta_of.len(),
+        shards: n_shards,
+        files,
+    })
+}
+
+/// W0 + Δ for one tensor, in the base tensor's dtype.
+fn add_delta(ck: &Checkpoint, reader: &ArtifactReader, name: &str, idx: usize) -> Result<Vec<u8>> {
+    let info = ck.info(name).expect("checked");
+    let mut w = ck.to_f32(name)?;
+    match crate::input::load_input_at(reader, idx)? {
+        Input::Sparse { indices, values } => {
+            for (i, v) in indices.iter().zip(values) {
+                w[*i as usize] += v;
+            }
+        }
+        Input::Dense { values } => {
+            for (x, d) in w.iter_mut().zip(values) {
+                *x += d;
+            }
+        }
+        Input::Absent => {}
+    }
+    let dtype = xpm_core::format::Dtype::from_safetensors(info.dtype).ok_or_else(|| {
+        Error::input(
+            format!("cannot write tensor `{name}` as {:?}", info.dtype),
+            None,
+        )
+    })?;
+    Ok(dtype.from_f32(&w))
+}
+
+/// Copy every file of the base directory except weights (recursively): config, tokenizer,
+/// pooling configs…. Other weight formats would be stale next to the new weights; they are
+/// skipped.
+fn copy_side_files(base: &Path, dest: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    copy_rec(base, dest, Path::new(""), &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn copy_rec(root: &Path, dest: &Path, rel: &Path, out: &mut Vec<String>) -> Result<()> {
+    let dir = root.join(rel);
+    for e in std::fs::read_dir(&dir).at("read directory", &dir)? {
+        let e = e.at("read directory", &dir)?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let rel_path = rel.join(&name);
+        // Follow symbolic links (a Hugging Face cache snapshot is made of them).
+        let ty = std::fs::metadata(e.path())
+            .at("read", e.path())?
+            .file_type();
+        if name.starts_with('.') {
+            continue;
+        }
+        if ty.is_dir() {
+            std::fs::create_dir_all(dest.join(&rel_path)).at("create directory", dest)?;
+            copy_rec(root, dest, &rel_path, out)?;
+        } else if ty.is_file() && !is_weight_file(&name) {
+            std::fs::copy(e.path(), dest.join(&rel_path)).at("copy", e.path())?;
+            out.push(rel_path.display().to_string());
+        }
+    }
+    Ok(())
+}
+
+fn is_weight_file(name: &str) -> bool {
+    name == "model.safetensors.index.json"
+        || name == "pytorch_model.bin.index.json"
+        || [
+            ".safetensors",
+            ".bin",
+            ".pt",
+            ".pth",
+            ".h5",
+            ".msgpack",
+            ".ckpt",
+            ".onnx",
+            ".gguf",
+        ]
+        .iter()
+        .any(|x| name.ends_with(x))
+}

@@ -1,0 +1,518 @@
+//! Merge strategies from dynamic libraries (the C ABI of `plugins/xpm-plugin-api`).
+//!
+//! Discovery: `--plugin PATH` (files), then `$XPM_PLUGIN_PATH` (files or directories,
+//! `:`-separated), then `$XPM_HOME/plugins`. A library is loaded with `libloading`, its
+//! `xpm_merge_plugin_v1` descriptor checked (size, ABI major) before anything else is read, and
+//! it is never unloaded while xpm runs (code from it may still be referenced). A plugin runs
+//! with your privileges: panics are caught by the SDK and reported; crashes are not containable.
+
+use std::ffi::c_void;
+use std::path::{Path, PathBuf};
+
+use xpm_plugin_api::{
+    ENTRY_V1, XPM_OK, XPM_PANIC, XPM_PLUGIN_ABI_MAJOR, XpmBuf, XpmEntryV1, XpmOutputView,
+    XpmPluginDescriptorV1, XpmStr, XpmTensorView,
+};
+
+use xpm_core::error::{Error, Result};
+use xpm_core::format::Dtype;
+use crate::engine::{Input, Output, Stream};
+
+/// A loaded plugin.
+pub struct Plugin {
+    pub path: PathBuf,
+    /// `sha256:` of the library file.
+    pub sha256: String,
+    pub name: String,
+    pub version: String,
+    pub abi_major: u32,
+    pub abi_minor: u32,
+    pub capabilities: u64,
+    /// The parameters' JSON Schema.
+    pub params_schema: serde_json::Value,
+    desc: &'static XpmPluginDescriptorV1,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+// SAFETY: the descriptor is a static in a library that is never unloaded; the ABI requires the
+// entry points to be callable from any thread (each call gets its own state).
+unsafe impl Send for Plugin {}
+unsafe impl Sync for Plugin {}
+
+fn plugin_error(path: &Path, msg: impl std::fmt::Display, hint: Option<&str>) -> Error {
+    Error::Plugin {
+        plugin: path.display().to_string(),
+        message: msg.to_string(),
+        hint: hint.map(str::to_string),
+    }
+}
+
+/// # Safety
+/// `s` must point at `len` readable bytes for the lifetime of the library.
+unsafe fn read_str(s: XpmStr) -> Option<String> {
+    if s.ptr.is_null() {
+        return None;
+    }
+    let b = unsafe { std::slice::from_raw_parts(s.ptr, s.len) };
+    std::str::from_utf8(b).ok().map(str::to_string)
+}
+
+impl Plugin {
+    /// Load and check a plugin library.
+    pub fn load(path: &Path) -> Result<Plugin> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| plugin_error(path, format!("cannot read it: {e}"), None))?;
+        let sha256 = xpm_core::digest::sha256(&bytes);
+        drop(bytes);
+        // SAFETY: loading a library runs its initialisers; that is the trust a user grants by
+        // naming or installing a plugin (docs/plugins.md, "Safety").
+        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+            plugin_error(
+                path,
+                format!("cannot load it: {e}"),
+                Some("is it a shared library built for this platform?"),
+            )
+        })?;
+        // SAFETY: the symbol's type is fixed by the ABI.
+        let entry: XpmEntryV1 = unsafe { lib.get::<XpmEntryV1>(ENTRY_V1) }
+            .map(|s| *s)
+            .map_err(|_| {
+                plugin_error(
+                    path,
+                    "it does not export `xpm_merge_plugin_v1`",
+                    Some("a plugin must be built for ABI 1 (with xpm-plugin-sdk's `export!`, or `xpm_plugin.h`)"),
+                )
+            })?;
+        // Never unload: code and statics of the library may be referenced for the process's life.
+        std::mem::forget(lib);
+        // SAFETY: ABI contract; the pointer is checked before use.
+        let d = unsafe { entry() };
+        if d.is_null() {
+            return Err(plugin_error(
+                path,
+                "its entry point returned no descriptor",
+                None,
+            ));
+        }
+        // Read the size field alone first: a shorter descriptor must not be read further.
+        // SAFETY: every descriptor starts with `size: usize`.
+        let size = unsafe { std::ptr::read_unaligned(d as *const usize) };
+        let want = std::mem::size_of::<XpmPluginDescriptorV1>();
+        if size < want {
+            return Err(plugin_error(
+                path,
+                format!("its descriptor is {size} bytes, smaller than the {want} of ABI 1.0"),
+                Some("rebuild the plugin against the current xpm-plugin-api"),
+            ));
+        }
+        // SAFETY: at least `want` bytes, static for the process.
+        let desc: &'static XpmPluginDescriptorV1 = unsafe { &*d };
+        if desc.abi_major != XPM_PLUGIN_ABI_MAJOR {
+            return Err(plugin_error(
+                path,
+                format!(
+                    "it was built for plugin ABI {}.{}, this xpm speaks ABI {XPM_PLUGIN_ABI_MAJOR}.x",
+                    desc.abi_major, desc.abi_minor
+                ),
+                Some("rebuild the plugin against this xpm's xpm-plugin-api, or use a matching xpm"),
+            ));
+        }
+        // SAFETY: strings in the descriptor are static in the library.
+        let name = unsafe { read_str(desc.name) }
+            .ok_or_else(|| plugin_error(path, "its name is not UTF-8", None))?;
+        let version = unsafe { read_str(desc.version) }
+            .ok_or_else(|| plugin_error(path, "its version is not UTF-8", None))?;
+        xpm_core::format::manifest::validate_name(&name)
+            .map_err(|e| plugin_error(path, format!("invalid strategy name: {e}"), None))?;
+        // SAFETY: ABI call returning a static string.
+        let schema_text = unsafe { read_str((desc.params_schema)()) }
+            .ok_or_else(|| plugin_error(path, "its parameter schema is not UTF-8", None))?;
+        let params_schema: serde_json::Value = serde_json::from_str(&schema_text).map_err(|e| {
+            plugin_error(path, format!("its parameter schema is not JSON: {e}"), None)
+        })?;
+        jsonschema::validator_for(&params_schema).map_err(|e| {
+            plugin_error(
+                path,
+                format!("its parameter schema is not a valid JSON Schema: {e}"),
+                None,
+            )
+        })?;
+        Ok(Plugin {
+            path: path.to_path_buf(),
+            sha256,
+            name,
+            version,
+            abi_major: desc.abi_major,
+            abi_minor: desc.abi_minor,
+            capabilities: desc.capabilities,
+            params_schema,
+            desc,
+        })
+    }
+
+    /// Check `params` against the plugin's schema, then create (and drop) one state, so bad
+    /// parameters fail before any work.
+    pub fn check_params(&self, params: &serde_json::Value) -> Result<()> {
+        let v = jsonschema::validator_for(&self.params_schema).expect("checked at load");
+        let errors: Vec<String> = v
+            .iter_errors(params)
+            .map(|e| format!("{e} (at `{}`)", e.instance_path()))
+            .collect();
+        if !errors.is_empty() {
+            return Err(plugin_error(
+                &self.path,
+                format!(
+                    "invalid parameters for `{}`: {}",
+                    self.name,
+                    errors.join("; ")
+                ),
+                Some(&format!("the parameter schema: {}", self.params_schema)),
+            ));
+        }
+        self.instance(params).map(drop)
+    }
+
+    /// A merge state for `params`.
+    pub fn instance(&self, params: &serde_json::Value) -> Result<Instance<'_>> {
+        let json = params.to_string();
+        let mut state: *mut c_void = std::ptr::null_mut();
+        let mut err = XpmBuf {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+        };
+        let s = XpmStr {
+            ptr: json.as_ptr(),
+            len: json.len(),
+        };
+        // SAFETY: ABI call with valid views and out-pointers.
+        let rc = unsafe { (self.desc.create)(s, &mut state, &mut err) };
+        if rc != XPM_OK {
+            return Err(self.call_error("create", rc, err));
+        }
+        Ok(Instance {
+            plugin: self,
+            state,
+        })
+    }
+
+    fn call_error(&self, what: &str, rc: i32, err: XpmBuf) -> Error {
+        let msg = if err.ptr.is_null() {
+            "no message".to_string()
+        } else {
+            // SAFETY: the plugin allocated `len` bytes; it frees them below.
+            let m =
+                String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(err.ptr, err.len) })
+                    .to_string();
+            unsafe { (self.desc.free_buf)(err) };
+            m
+        };
+        let kind = if rc == XPM_PANIC {
+            "panicked"
+        } else {
+            "failed"
+        };
+        plugin_error(
+            &self.path,
+            format!("`{}` {kind} in {what}: {msg}", self.name),
+            Some("nothing was written; report this to the plugin's author"),
+        )
+    }
+}
+
+/// One plugin state.
+pub struct Instance<'p> {
+    plugin: &'p Plugin,
+    state: *mut c_void,
+}
+
+impl Drop for Instance<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `state` came from this plugin's `create`.
+        unsafe { (self.plugin.desc.destroy)(self.state) };
+    }
+}
+
+/// The host's per-tensor arrays, kept per thread from one tensor to the next. They are a few
+/// times the tensor's entries in size, too large for [`xpm_core::pool`]; allocated afresh, their
+/// pages were faulted in and zeroed again for every tensor (a third of the plugin path's CPU
+/// time on the merge benchmark, docs/benchmarks.md).
+#[derive(Default)]
+struct Scratch {
+    bits: Vec<u64>,
+    prefix: Vec<u32>,
+    support: Vec<u64>,
+    starts: Vec<usize>,
+    slots: Vec<u32>,
+    values: Vec<f32>,
+    out_vals: Vec<f32>,
+    keep: Vec<u8>,
+}
+
+impl Scratch {
+    /// Larger scratch is dropped after use rather than kept for the next tensor.
+    const MAX_KEPT: usize = 64 << 20;
+
+    fn bytes(&self) -> usize {
+        fn b<T>(v: &Vec<T>) -> usize {
+            v.capacity() * size_of::<T>()
+        }
+        b(&self.bits)
+            + b(&self.prefix)
+            + b(&self.support)
+            + b(&self.starts)
+            + b(&self.slots)
+            + b(&self.values)
+            + b(&self.out_vals)
+            + b(&self.keep)
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// This thread's [`Scratch`] while a merge uses it; back to the thread when the merge ends.
+struct KeptScratch(Scratch);
+
+impl Drop for KeptScratch {
+    fn drop(&mut self) {
+        if self.0.bytes() <= Scratch::MAX_KEPT {
+            SCRATCH.set(std::mem::take(&mut self.0));
+        }
+    }
+}
+
+impl Instance<'_> {
+    /// Merge one tensor: build the union support and the experts' values on it, call the
+    /// plugin, check its output (length, finite values), keep the entries it kept.
+    pub fn merge(
+        &mut self,
+        tensor: &str,
+        shape: &[u64],
+        dtype: Dtype,
+        inputs: &[Input],
+        weights: &[f64],
+        seed: u64,
+    ) -> Result<Output> {
+        let mut kept = KeptScratch(SCRATCH.take());
+        let s = &mut kept.0;
+        let n: u64 = shape.iter().product();
+        let dense = inputs.iter().any(|i| matches!(i, Input::Dense { .. }));
+        // The union through a bitmap, O(entries + n / 64), no sort; with per-word prefix counts
+        // it gives every position its slot in the support in O(1).
+        let (bits, prefix, support) = (&mut s.bits, &mut s.prefix, &mut s.support);
+        support.clear();
+        if dense {
+            support.extend(0..n);
+        } else {
+            bits.clear();
+            bits.resize((n as usize).div_ceil(64), 0);
+            for i in inputs {
+                if let Input::Sparse { indices, .. } = i {
+                    for &x in indices {
+                        bits[(x / 64) as usize] |= 1 << (x % 64);
+                    }
+                }
+            }
+            prefix.clear();
+            let mut count = 0u32;
+            for b in bits.iter() {
+                prefix.push(count);
+                count += b.count_ones();
+            }
+            support.reserve(count as usize);
+            for (w, &word) in bits.iter().enumerate() {
+                let mut b = word;
+                while b != 0 {
+                    support.push(w as u64 * 64 + b.trailing_zeros() as u64);
+                    b &= b - 1;
+                }
+            }
+        }
+        let len = support.len();
+        let ne = inputs.len();
+        if len > u32::MAX as usize {
+            return Err(plugin_error(
+                &self.plugin.path,
+                format!(
+                    "tensor `{tensor}` has {len} support entries, more than the ABI's u32 positions"
+                ),
+                None,
+            ));
+        }
+        // Each expert's entries as (position in the support, value), concatenated.
+        let (starts, slots, values) = (&mut s.starts, &mut s.slots, &mut s.values);
+        starts.clear();
+        slots.clear();
+        values.clear();
+        let total: usize = inputs
+            .iter()
+            .map(|i| match i {
+                Input::Sparse { values, .. } | Input::Dense { values } => values.len(),
+                Input::Absent => 0,
+            })
+            .sum();
+        slots.reserve(total);
+        values.reserve(total);
+        starts.push(0usize);
+        for input in inputs {
+            match input {
+                Input::Dense { values: d } => {
+                    slots.extend(0..len as u32);
+                    values.extend_from_slice(d);
+                }
+                Input::Sparse {
+                    indices,
+                    values: sv,
+                } => {
+                    if dense {
+                        // The support is every position: a position is its own slot.
+                        slots.extend(indices.iter().map(|&i| i as u32));
+                    } else {
+                        slots.extend(indices.iter().map(|&i| {
+                            let w = (i / 64) as usize;
+                            prefix[w] + (bits[w] & ((1u64 << (i % 64)) - 1)).count_ones()
+                        }));
+                    }
+                    values.extend_from_slice(sv);
+                }
+                Input::Absent => {}
+            }
+            starts.push(slots.len());
+        }
+        let seeds: Vec<u64> = (0..ne as u64)
+            .map(|e| Stream::new(seed, e, tensor).key())
+            .collect();
+        let view = XpmTensorView {
+            name: XpmStr {
+                ptr: tensor.as_ptr(),
+                len: tensor.len(),
+            },
+            shape: shape.as_ptr(),
+            ndim: shape.len(),
+            dtype: match dtype {
+                Dtype::F16 => xpm_plugin_api::XPM_DTYPE_F16,
+                Dtype::BF16 => xpm_plugin_api::XPM_DTYPE_BF16,
+                _ => xpm_plugin_api::XPM_DTYPE_F32,
+            },
+            n_experts: ne,
+            support: support.as_ptr(),
+            support_len: len,
+            entries_start: starts.as_ptr(),
+            entry_slot: slots.as_ptr(),
+            entry_value: values.as_ptr(),
+            weights: weights.as_ptr(),
+            seeds: seeds.as_ptr(),
+        };
+        // Values zeroed and keep flags preset to 1 (as the ABI says) on every call.
+        let (out_vals, keep) = (&mut s.out_vals, &mut s.keep);
+        out_vals.clear();
+        out_vals.resize(len, 0.0);
+        keep.clear();
+        keep.resize(len, 1);
+        let mut out = XpmOutputView {
+            values: out_vals.as_mut_ptr(),
+            keep: keep.as_mut_ptr(),
+            capacity: len,
+            written: 0,
+        };
+        let mut err = XpmBuf {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+        };
+        // SAFETY: every view is valid for the call; outputs are host-allocated with `len`.
+        let rc = unsafe { (self.plugin.desc.merge)(self.state, &view, &mut out, &mut err) };
+        if rc != XPM_OK {
+            return Err(self
+                .plugin
+                .call_error(&format!("tensor `{tensor}`"), rc, err));
+        }
+        let p = self.plugin;
+        if out.written != len {
+            return Err(plugin_error(
+                &p.path,
+                format!(
+                    "`{}` returned {} values for tensor `{tensor}`, which has {len} support entries",
+                    p.name, out.written
+                ),
+                Some("nothing was written; report this to the plugin's author"),
+            ));
+        }
+        if let Some(k) = out_vals.iter().position(|v| !v.is_finite()) {
+            return Err(plugin_error(
+                &p.path,
+                format!(
+                    "`{}` produced {} at flat index {} of tensor `{tensor}`",
+                    p.name, out_vals[k], support[k]
+                ),
+                Some(
+                    "nothing was written; check the inputs and parameters, or report this to the plugin's author",
+                ),
+            ));
+        }
+        let n_kept = keep.iter().filter(|&&k| k != 0).count();
+        let (mut oi, mut ov) = (xpm_core::pool::take(n_kept), xpm_core::pool::take(n_kept));
+        for k in 0..len {
+            if keep[k] != 0 {
+                oi.push(support[k]);
+                ov.push(out_vals[k]);
+            }
+        }
+        Ok(Output::from_entries(n, dense, oi, ov))
+    }
+}
+
+/// Candidate plugin libraries, in discovery order: `explicit`, `$XPM_PLUGIN_PATH`,
+/// `$XPM_HOME/plugins`.
+pub fn candidates(explicit: &[PathBuf], home: &xpm_core::home::XpmHome) -> Vec<(PathBuf, bool)> {
+    let mut out: Vec<(PathBuf, bool)> = explicit.iter().map(|p| (p.clone(), true)).collect();
+    let mut dirs: Vec<PathBuf> = std::env::var_os("XPM_PLUGIN_PATH")
+        .map(|v| std::env::split_paths(&v).collect())
+        .unwrap_or_default();
+    dirs.push(home.root.join("plugins"));
+    for d in dirs {
+        if d.is_file() {
+            out.push((d, false));
+        } else if let Ok(rd) = std::fs::read_dir(&d) {
+            let mut libs: Vec<PathBuf> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|x| x == std::env::consts::DLL_EXTENSION)
+                })
+                .collect();
+            libs.sort();
+            out.extend(libs.into_iter().map(|p| (p, false)));
+        }
+    }
+    out
+}
+
+/// The plugin providing strategy `name`: explicit libraries must load; discovered ones that do
+/// not are skipped with a warning.
+pub fn find(
+    name: &str,
+    explicit: &[PathBuf],
+    home: &xpm_core::home::XpmHome,
+    printer: &xpm_core::printer::Printer,
+) -> Result<Option<Plugin>> {
+    for (path, must) in candidates(explicit, home) {
+        match Plugin::load(&path) {
+            Ok(p) if p.name == name => return Ok(Some(p)),
+            Ok(_) => {}
+            Err(e) if must => return Err(e),
+            Err(e) => printer.warn(format!("skipping {e}")),
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,202 @@
+//! Base models from the Hugging Face Hub: `hf:ORG/NAME[@REV]`, downloaded with `hf-hub` into
+//! its cache (`$HF_HOME/hub`, as Python's `huggingface_hub` does) and used from there.
+//!
+//! `HF_ENDPOINT` overrides the hub's address (mirrors, and the tests' local mock server);
+//! `HF_TOKEN` authenticates. Large (LFS) files are served with their sha256 as ETag: xpm
+//! checks each downloaded weight file against it before use.
+
+use std::path::{Path, PathBuf};
+
+use xpm_core::error::{Error, IoResultExt, Result};
+use xpm_core::home::XpmHome;
+use xpm_core::printer::Printer;
+
+/// A parsed `hf:ORG/NAME[@REV]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubSpec {
+    pub repo: String,
+    pub revision: String,
+}
+
+impl HubSpec {
+    pub fn parse(s: &str) -> Option<Result<Self>> {
+        let rest = s.strip_prefix("hf:")?;
+        let (repo, revision) = match rest.split_once('@') {
+            Some((r, v)) => (r, v),
+            None => (rest, "main"),
+        };
+        let ok = !repo.is_empty()
+            && !revision.is_empty()
+            && repo.split('/').count() <= 2
+            && repo
+                .split('/')
+                .all(|p| !p.is_empty() && p != "." && p != ".." && !p.contains('\\'));
+        Some(if ok {
+            Ok(HubSpec {
+                repo: repo.to_string(),
+                revision: revision.to_string(),
+            })
+        } else {
+            Err(Error::input(
+                format!("`{s}` is not a Hugging Face model reference"),
+                Some("write `hf:ORG/NAME` or `hf:ORG/NAME@REVISION`"),
+            ))
+        })
+    }
+}
+
+/// The local model directory for `--base`, and the id recorded in the manifest.
+pub fn resolve_base(base: &str, _home: &XpmHome, printer: &Printer) -> Result<(PathBuf, String)> {
+    match HubSpec::parse(base) {
+        None => {
+            let p = PathBuf::from(base);
+            let id = p
+                .canonicalize()
+                .ok()
+                .and_then(|c| c.file_name().map(|f| f.to_string_lossy().to_string()))
+                .unwrap_or_else(|| base.to_string());
+            Ok((p, id))
+        }
+        Some(spec) => {
+            let spec = spec?;
+            let dir = download(&spec, printer)?;
+            let id = if spec.revision == "main" {
+                spec.repo.clone()
+            } else {
+                format!("{}@{}", spec.repo, spec.revision)
+            };
+            Ok((dir, id))
+        }
+    }
+}
+
+/// Download (or find in the cache) the files a model directory needs; returns the snapshot
+/// directory.
+pub fn download(spec: &HubSpec, printer: &Printer) -> Result<PathBuf> {
+    use hf_hub::api::sync::ApiBuilder;
+    use hf_hub::{Repo, RepoType};
+    let endpoint =
+        std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".to_string());
+    let herr = |what: String| {
+        let endpoint = endpoint.clone();
+        move |e: hf_hub::api::sync::ApiError| {
+            Error::input(
+                format!("{what} from {endpoint}: {e}"),
+                Some(
+                    "check the model id and revision, your network, HF_TOKEN for gated models, \
+                     or HF_ENDPOINT for a mirror; or pass a local model directory",
+                ),
+            )
+        }
+    };
+    let mut builder = ApiBuilder::from_env().with_progress(printer.shows_progress());
+    if let Ok(token) = std::env::var("HF_TOKEN")
+        && !token.is_empty()
+    {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder
+        .build()
+        .map_err(herr("cannot set up the Hugging Face client".into()))?;
+    let repo = api.repo(Repo::with_revision(
+        spec.repo.clone(),
+        RepoType::Model,
+        spec.revision.clone(),
+    ));
+    printer.status("Resolving", format!("hf:{}@{}", spec.repo, spec.revision));
+    let info = repo.info().map_err(herr(format!(
+        "cannot read hf:{}@{}",
+        spec.repo, spec.revision
+    )))?;
+    let files: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+    let mut wanted: Vec<String> = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ]
+    .iter()
+    .filter(|f| files.iter().any(|x| x == *f))
+    .map(|s| s.to_string())
+    .collect();
+    if files.iter().any(|f| f == "model.safetensors") {
+        wanted.push("model.safetensors".into());
+    } else if files.iter().any(|f| f == "model.safetensors.index.json") {
+        wanted.push("model.safetensors.index.json".into());
+        wanted.extend(
+            files
+                .iter()
+                .filter(|f| f.ends_with(".safetensors") && !f.contains('/'))
+                .cloned(),
+        );
+    } else {
+        return Err(Error::input(
+            format!(
+                "hf:{}@{} has no safetensors weights (files: {})",
+                spec.repo,
+                spec.revision,
+                files.join(", ")
+            ),
+            Some("xpm loads safetensors only (no pickle); pick a repository that has them"),
+        ));
+    }
+    let mut dir = None;
+    for f in &wanted {
+        printer.status("Fetching", format!("{}/{f}", spec.repo));
+        let path = repo
+            .get(f)
+            .map_err(herr(format!("cannot download `{f}` of hf:{}", spec.repo)))?;
+        verify_lfs(&path)?;
+        dir = path.parent().map(Path::to_path_buf);
+    }
+    dir.ok_or_else(|| Error::input("nothing to download", None))
+}
+
+/// Weight files are stored under their ETag, which for LFS files is the sha256 of the
+/// content: check it (the download is not trusted until it matches).
+fn verify_lfs(pointer: &Path) -> Result<()> {
+    let blob = std::fs::canonicalize(pointer).at("read", pointer)?;
+    let Some(etag) = blob.file_name().map(|f| f.to_string_lossy().to_string()) else {
+        return Ok(());
+    };
+    if etag.len() != 64 || !etag.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(()); // a git blob id (small text file), not a content sha256
+    }
+    let file = std::fs::File::open(&blob).at("open", &blob)?;
+    let (digest, _) =
+        xpm_core::digest::sha256_reader(std::io::BufReader::new(file)).at("read", &blob)?;
+    if digest != format!("sha256:{etag}") {
+        // Remove the damaged blob so the next run downloads it again.
+        let _ = std::fs::remove_file(&blob);
+        return Err(Error::corrupt(
+            pointer,
+            format!("downloaded content has {digest}, but the hub announced sha256:{etag}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_references() {
+        assert_eq!(
+            HubSpec::parse("hf:sentence-transformers/all-MiniLM-L6-v2")
+                .unwrap()
+                .unwrap(),
+            HubSpec {
+                repo: "sentence-transformers/all-MiniLM-L6-v2".into(),
+                revision: "main".into()
+            }
+        );
+        assert_eq!(
+            HubSpec::parse("hf:gpt2@abc").unwrap().unwrap().revision,
+            "abc"
+        );
+        assert!(HubSpec::parse("./model").is_none());
+        assert!(HubSpec::parse("hf:a/../b").unwrap().is_err());
+        assert!(HubSpec::parse("hf:").unwrap().is_err());
+    }
+}
