@@ -5,7 +5,7 @@ use anyhow::Context as _;
 
 use super::Context;
 use crate::merge::recipe::{Recipe, RecipeExpert, param_from_str, parse_override};
-use crate::ops::merge::{MergeOptions, merge};
+use crate::ops::merge::{ApplyTo, MergeRequest, run};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -117,7 +117,7 @@ fn recipe_from_flags(a: &Args) -> anyhow::Result<Recipe> {
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
-    let mut recipe = match &a.recipe {
+    let recipe = match &a.recipe {
         Some(path) => {
             let mut r = Recipe::read(path)?;
             // An explicit --seed wins over the recipe's.
@@ -128,153 +128,52 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         }
         None => recipe_from_flags(&a)?,
     };
-    // A strategy that is not built in comes from a plugin.
-    let plugin = if recipe.strategy.parse::<crate::merge::Strategy>().is_ok() {
-        None
-    } else {
-        let p = crate::merge::plugin::find(&recipe.strategy, &a.plugins, &ctx.home, &ctx.printer)?
-            .ok_or_else(|| {
-                crate::Error::input(
-                    format!(
-                        "unknown merge strategy `{}`: not built in, and no plugin provides it",
-                        recipe.strategy
-                    ),
-                    Some(&format!(
-                        "built-in strategies: {}; plugins are loaded from --plugin PATH, $XPM_PLUGIN_PATH and {} (`xpm plugin list` shows them)",
-                        crate::merge::Strategy::ALL
-                            .into_iter()
-                            .chain(crate::merge::Strategy::LORA)
-                            .map(|s| s.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        ctx.home.root.join("plugins").display()
-                    )),
-                )
-            })?;
-        if let Some(want) = &recipe.plugin_sha256
-            && *want != p.sha256
-        {
-            anyhow::bail!(crate::Error::input(
-                format!(
-                    "the recipe pins plugin `{}` to {want}, but `{}` is {}",
-                    p.name,
-                    p.path.display(),
-                    p.sha256
-                ),
-                Some("use the exact plugin build the recipe names, or remove `plugin_sha256`"),
-            ));
-        }
-        if !recipe.overrides.is_empty() || recipe.preset.is_some() {
-            anyhow::bail!(crate::Error::input(
-                format!(
-                    "plugin strategy `{}` cannot be combined with --override or --preset",
-                    p.name
-                ),
-                Some(
-                    "merge with the plugin alone; overrides and presets apply to built-in strategies"
-                ),
-            ));
-        }
-        Some(std::sync::Arc::new(p))
+    let apply_to = match &a.apply_to {
+        Some(base) => Some(ApplyTo {
+            base: base.clone(),
+            save_expert: a.save_expert.clone(),
+            max_shard_bytes: crate::units::parse_size(&a.max_shard_size)?,
+        }),
+        None => None,
     };
-    let plan = match &plugin {
-        None => recipe.plan()?,
-        Some(_) => crate::merge::Plan {
-            strategy: crate::merge::Strategy::SparseMean,
-            params: crate::merge::MergeParams {
-                seed: recipe.seed,
-                ..Default::default()
-            },
-            weights: recipe.experts.iter().map(|e| e.weight).collect(),
-            overrides: Vec::new(),
-        },
-    };
-    let plugin = plugin.map(|p| (p, recipe.params_json()));
-    let strategy_label = recipe.strategy.clone();
-    let inputs: Vec<String> = recipe.experts.iter().map(|e| e.expert.clone()).collect();
-    let experts = locate_all(&inputs, ctx)?;
-    let name = a
-        .name
-        .clone()
-        .or_else(|| recipe.output.as_ref().map(|o| o.name.clone()))
-        .unwrap_or_else(|| "merged".into());
-    let version = match (&a.version, &recipe.output) {
-        (Some(v), _) => v.clone(),
-        (None, Some(o)) => o.version.parse().with_context(|| {
-            format!(
-                "the recipe's output version `{}` is not a semantic version",
-                o.version
-            )
-        })?,
-        (None, None) => semver::Version::new(0, 1, 0),
-    };
-    recipe.output = None;
-    // With --apply-to the merged expert goes to --save-expert, or to a temporary file beside
-    // the output directory.
-    let mut _tmp = None;
-    let artifact = match (&a.apply_to, &a.save_expert) {
-        (None, _) => a.out.clone(),
-        (Some(_), Some(f)) => f.clone(),
-        (Some(_), None) => {
-            let dir = crate::fsutil::parent_dir(&a.out);
-            std::fs::create_dir_all(&dir)?;
-            let t = tempfile::Builder::new()
-                .prefix(".xpm-tmp-")
-                .suffix(".xpm")
-                .tempfile_in(&dir)?
-                .into_temp_path();
-            let p = t.to_path_buf();
-            _tmp = Some(t);
-            p
-        }
-    };
-    let max_shard = crate::units::parse_size(&a.max_shard_size)?;
-    let opts = MergeOptions {
-        experts,
-        weights: plan.weights.clone(),
-        strategy: plan.strategy,
-        params: plan.params.clone(),
-        name,
-        version,
-        out: artifact.clone(),
+    let req = MergeRequest {
+        recipe,
+        plugin_paths: a.plugins,
+        name: a.name,
+        version: a.version,
+        out: a.out.clone(),
+        apply_to,
         level: a.level,
-        overrides: plan.overrides.clone(),
-        recipe: Some(recipe),
-        plugin,
+        cwd: std::env::current_dir()?,
     };
-    let s = merge(&opts, &ctx.printer)
+    let o = run(req, &ctx.home, &ctx.printer)
         .with_context(|| format!("cannot merge into `{}`", a.out.display()))?;
-    if let Some(base) = &a.apply_to {
-        let r =
-            crate::ops::apply::apply(base, &artifact, &a.out, max_shard, &ctx.home, &ctx.printer)?;
-        ctx.printer.out(format!(
+    ctx.printer.out(match (&o.applied, &a.apply_to) {
+        (Some(r), Some(base)) => format!(
             "merged {} experts with `{}` and applied them to {}: {} ({} tensors changed, {} safetensors file(s))",
-            opts.experts.len(),
-            strategy_label,
+            o.experts,
+            o.strategy,
             base.display(),
             a.out.display(),
             r.changed,
             r.shards
-        ));
-        return Ok(());
-    }
-    ctx.printer.out(format!(
-        "merged {} experts with `{}` into {} ({} tensors)",
-        opts.experts.len(),
-        strategy_label,
-        a.out.display(),
-        s.manifest.tensors.len()
-    ));
+        ),
+        _ => format!(
+            "merged {} experts with `{}` into {} ({} tensors)",
+            o.experts,
+            o.strategy,
+            a.out.display(),
+            o.summary.manifest.tensors.len()
+        ),
+    });
     Ok(())
 }
 
 /// Paths for merge inputs: files as given, installed experts (`name@req`) from the store.
 pub(super) fn locate_all(inputs: &[String], ctx: &Context) -> anyhow::Result<Vec<PathBuf>> {
-    let project = crate::project::Project::discover(&std::env::current_dir()?)?;
-    let lock = project.read_lock()?;
-    let store = crate::store::Store::new(&ctx.home);
-    Ok(inputs
-        .iter()
-        .map(|e| store.locate(e, lock.as_ref()))
-        .collect::<Result<Vec<_>, _>>()?)
+    Ok(crate::ops::locate_experts(
+        inputs,
+        &std::env::current_dir()?,
+        &ctx.home,
+    )?)
 }

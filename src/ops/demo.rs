@@ -144,15 +144,12 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
         &ops::merge::MergeOptions {
             experts: installed.experts.iter().map(|e| e.path.clone()).collect(),
             weights: vec![],
-            strategy: crate::merge::Strategy::SparseMean,
-            params: crate::merge::MergeParams::default(),
+            method: ops::merge::MergeMethod::builtin(crate::merge::Strategy::SparseMean),
             name: "demo-merged".into(),
             version: semver::Version::new(0, 1, 0),
             out: merged.clone(),
             level: crate::format::artifact::DEFAULT_LEVEL,
-            overrides: vec![],
             recipe: None,
-            plugin: None,
         },
         printer,
     )?;

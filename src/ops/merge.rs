@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoResultExt, Result};
 use crate::format::manifest::{BaseModel, ExpertKind, Manifest, Provenance, ProvenanceInput};
 use crate::format::{ArtifactReader, ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
 use crate::merge::engine::merge_tensor_owned;
@@ -13,7 +14,97 @@ use crate::merge::plugin::Plugin;
 use crate::merge::recipe::{Recipe, TensorOverride};
 use crate::merge::{Input, MergeParams, Output, Strategy};
 use crate::merge::input::{ExpertSet, load_input};
+use crate::home::XpmHome;
 use crate::printer::Printer;
+
+/// How the tensors are combined: built-in strategies, or one plugin strategy.
+#[derive(Debug, Clone)]
+pub enum MergeMethod {
+    /// A built-in strategy with its parameters, and per-tensor overrides (the first matching
+    /// pattern wins).
+    Builtin {
+        strategy: Strategy,
+        params: MergeParams,
+        overrides: Vec<TensorOverride>,
+    },
+    /// A plugin strategy for every tensor, with its parameters (a JSON object) and the seed.
+    Plugin {
+        plugin: Arc<Plugin>,
+        params: serde_json::Value,
+        seed: u64,
+    },
+}
+
+impl MergeMethod {
+    /// A built-in strategy with its default parameters and no overrides.
+    pub fn builtin(strategy: Strategy) -> Self {
+        MergeMethod::Builtin {
+            strategy,
+            params: MergeParams::default(),
+            overrides: Vec::new(),
+        }
+    }
+
+    /// What status lines and the description call it: `ties`, or `median (plugin 1.0.0)`.
+    pub fn label(&self) -> String {
+        match self {
+            MergeMethod::Builtin { strategy, .. } => strategy.to_string(),
+            MergeMethod::Plugin { plugin, .. } => format!("{} (plugin {})", plugin.name, plugin.version),
+        }
+    }
+
+    /// Check every parameter before any tensor is read.
+    fn validate(&self) -> Result<()> {
+        match self {
+            MergeMethod::Builtin {
+                strategy,
+                params,
+                overrides,
+            } => {
+                params.validate_for(*strategy)?;
+                for o in overrides {
+                    o.params.validate_for(o.strategy)?;
+                }
+                Ok(())
+            }
+            MergeMethod::Plugin { plugin, params, .. } => plugin.check_params(params),
+        }
+    }
+
+    /// The `merge` section of the merged expert's provenance (without `densified`).
+    fn provenance(&self, weights: &[f64]) -> serde_json::Value {
+        match self {
+            MergeMethod::Builtin {
+                strategy,
+                params,
+                overrides,
+            } => serde_json::json!({
+                "strategy": strategy,
+                "plugin": null,
+                "weights": weights,
+                "params": params,
+                "overrides": overrides.iter().map(|o| serde_json::json!({
+                    "tensors": o.pattern,
+                    "strategy": o.strategy,
+                    "params": o.params,
+                })).collect::<Vec<_>>(),
+            }),
+            MergeMethod::Plugin { plugin, params, .. } => serde_json::json!({
+                "strategy": plugin.name,
+                "plugin": {
+                    "name": plugin.name,
+                    "version": plugin.version,
+                    "sha256": plugin.sha256,
+                    "abi": format!("{}.{}", plugin.abi_major, plugin.abi_minor),
+                    "params": params,
+                },
+                "weights": weights,
+                "params": null,
+                "overrides": [],
+            }),
+        }
+    }
+}
 
 /// Everything `merge` needs.
 #[derive(Debug, Clone)]
@@ -21,19 +112,14 @@ pub struct MergeOptions {
     pub experts: Vec<PathBuf>,
     /// One weight per expert (default 1).
     pub weights: Vec<f64>,
-    pub strategy: Strategy,
-    pub params: MergeParams,
+    pub method: MergeMethod,
     pub name: String,
     pub version: semver::Version,
     pub out: PathBuf,
     pub level: i32,
-    /// Per-tensor strategy and parameters; the first matching pattern wins.
-    pub overrides: Vec<TensorOverride>,
     /// The recipe this merge runs, embedded in the manifest with each expert pinned to its
     /// exact version and sha256; expert digests it already names are checked.
     pub recipe: Option<Recipe>,
-    /// A plugin strategy and its parameters (JSON object); replaces `strategy` for every tensor.
-    pub plugin: Option<(std::sync::Arc<Plugin>, serde_json::Value)>,
 }
 
 /// What a merge did.
@@ -71,37 +157,17 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
     if weights.iter().any(|w| !w.is_finite()) {
         return Err(Error::input("weights must be finite numbers", None));
     }
-    opts.params.validate_for(opts.strategy)?;
-    if let Some((plugin, params)) = &opts.plugin {
-        if !opts.overrides.is_empty() {
-            return Err(Error::input(
-                "per-tensor overrides cannot be combined with a plugin strategy",
-                Some("merge with the plugin alone, or use built-in strategies with overrides"),
-            ));
-        }
-        plugin.check_params(params)?;
-    }
-    let label = match &opts.plugin {
-        Some((p, _)) => format!("{} (plugin {})", p.name, p.version),
-        None => opts.strategy.to_string(),
-    };
-    for o in &opts.overrides {
-        o.params.validate_for(o.strategy)?;
-    }
+    opts.method.validate()?;
+    let label = opts.method.label();
 
     let ExpertSet {
         readers,
         names,
         info,
     } = ExpertSet::open(&opts.experts)?;
-    // The strategy and parameters of a tensor: the first matching override, else the merge's.
-    let pick = |name: &str| match opts.overrides.iter().find(|o| o.matcher.is_match(name)) {
-        Some(o) => (o.strategy, &o.params),
-        None => (opts.strategy, &opts.params),
-    };
-    if opts.plugin.is_none() {
+    if let MergeMethod::Builtin { .. } = &opts.method {
         for name in &names {
-            let (strategy, params) = pick(name);
+            let (strategy, params) = pick(&opts.method, name);
             params.check_tensor(strategy, name, info[name].0.iter().product())?;
         }
     }
@@ -154,22 +220,22 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         |name| {
             let (shape, dtype) = info[name].clone();
             let mut dense_input = false;
-            let (strategy, params) = pick(name);
-            let (content, kind) = if let Some((plugin, pparams)) = &opts.plugin {
+            let (strategy, params) = pick(&opts.method, name);
+            let (content, kind) = if let MergeMethod::Plugin {
+                plugin,
+                params: pparams,
+                seed,
+            } = &opts.method
+            {
                 let mut inputs = Vec::with_capacity(readers.len());
                 for r in &readers {
                     let (input, dense) = load_input(r, name)?;
                     dense_input |= dense;
                     inputs.push(input);
                 }
-                let out = plugin.instance(pparams)?.merge(
-                    name,
-                    &shape,
-                    dtype,
-                    &inputs,
-                    &weights,
-                    opts.params.seed,
-                )?;
+                let out = plugin
+                    .instance(pparams)?
+                    .merge(name, &shape, dtype, &inputs, &weights, *seed)?;
                 inputs.into_iter().for_each(Input::recycle);
                 output_content(out, dtype)
             } else if strategy.is_lora_space() {
@@ -228,27 +294,11 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
     let mut extra = BTreeMap::new();
     extra.insert(
         "merge".to_string(),
-        serde_json::json!({
-            "strategy": match &opts.plugin {
-                Some((p, _)) => serde_json::Value::from(p.name.clone()),
-                None => serde_json::to_value(opts.strategy).expect("strategy"),
-            },
-            "plugin": opts.plugin.as_ref().map(|(p, params)| serde_json::json!({
-                "name": p.name,
-                "version": p.version,
-                "sha256": p.sha256,
-                "abi": format!("{}.{}", p.abi_major, p.abi_minor),
-                "params": params,
-            })),
-            "weights": weights,
-            "params": if opts.plugin.is_some() { serde_json::Value::Null } else { serde_json::to_value(&opts.params).expect("params") },
-            "overrides": opts.overrides.iter().map(|o| serde_json::json!({
-                "tensors": o.pattern,
-                "strategy": o.strategy,
-                "params": o.params,
-            })).collect::<Vec<_>>(),
-            "densified": densified,
-        }),
+        {
+            let mut m = opts.method.provenance(&weights);
+            m["densified"] = serde_json::json!(densified);
+            m
+        },
     );
     if let Some(recipe) = &opts.recipe {
         // Pin every expert to what was actually merged, so the recipe re-runs exactly.
@@ -258,8 +308,8 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
             e.expert = format!("{name}@={version}");
             e.sha256 = input.digest.clone();
         }
-        if let Some((p, _)) = &opts.plugin {
-            pinned.plugin_sha256 = Some(p.sha256.clone());
+        if let MergeMethod::Plugin { plugin, .. } = &opts.method {
+            pinned.plugin_sha256 = Some(plugin.sha256.clone());
         }
         pinned.output = Some(crate::merge::recipe::RecipeOutput {
             name: opts.name.clone(),
@@ -306,6 +356,215 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         manifest,
         densified,
     })
+}
+
+/// What `xpm merge` asks for: a recipe (from a file or from flags) and where the result goes.
+#[derive(Debug, Clone)]
+pub struct MergeRequest {
+    pub recipe: Recipe,
+    /// Plugin libraries named with `--plugin` (searched before the plugin directories).
+    pub plugin_paths: Vec<PathBuf>,
+    /// The merged expert's name and version [default: the recipe's, else `merged` 0.1.0].
+    pub name: Option<String>,
+    pub version: Option<semver::Version>,
+    /// The merged expert, or with `apply_to` the model directory.
+    pub out: PathBuf,
+    /// Write base + merged Δ to `out` as a model directory instead of an expert.
+    pub apply_to: Option<ApplyTo>,
+    pub level: i32,
+    /// Where installed experts are looked up (`xpm.lock` of the project around it).
+    pub cwd: PathBuf,
+}
+
+/// `--apply-to BASE`: the base model, where the merged expert is kept, the shard size.
+#[derive(Debug, Clone)]
+pub struct ApplyTo {
+    pub base: PathBuf,
+    /// Keep the merged expert here (else it is a temporary file beside the output).
+    pub save_expert: Option<PathBuf>,
+    pub max_shard_bytes: u64,
+}
+
+/// What `xpm merge` did.
+#[derive(Debug, Clone)]
+pub struct MergeOutcome {
+    pub summary: MergeSummary,
+    pub experts: usize,
+    /// The strategy as the recipe names it.
+    pub strategy: String,
+    /// The model directory written with `apply_to`.
+    pub applied: Option<crate::merge::apply::ApplyReport>,
+}
+
+/// The merge method a recipe names: a built-in strategy (its plan), else the plugin that
+/// provides it, checked against the recipe's `plugin_sha256` pin. Returns the method and the
+/// experts' weights.
+pub fn method_from_recipe(
+    recipe: &Recipe,
+    plugin_paths: &[PathBuf],
+    home: &XpmHome,
+    printer: &Printer,
+) -> Result<(MergeMethod, Vec<f64>)> {
+    if recipe.strategy.parse::<Strategy>().is_ok() {
+        let plan = recipe.plan()?;
+        let method = MergeMethod::Builtin {
+            strategy: plan.strategy,
+            params: plan.params,
+            overrides: plan.overrides,
+        };
+        return Ok((method, plan.weights));
+    }
+    let p = crate::merge::plugin::find(&recipe.strategy, plugin_paths, home, printer)?
+        .ok_or_else(|| {
+            Error::input(
+                format!(
+                    "unknown merge strategy `{}`: not built in, and no plugin provides it",
+                    recipe.strategy
+                ),
+                Some(&format!(
+                    "built-in strategies: {}; plugins are loaded from --plugin PATH, $XPM_PLUGIN_PATH and {} (`xpm plugin list` shows them)",
+                    Strategy::ALL
+                        .into_iter()
+                        .chain(Strategy::LORA)
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    home.root.join("plugins").display()
+                )),
+            )
+        })?;
+    if let Some(want) = &recipe.plugin_sha256
+        && *want != p.sha256
+    {
+        return Err(Error::input(
+            format!(
+                "the recipe pins plugin `{}` to {want}, but `{}` is {}",
+                p.name,
+                p.path.display(),
+                p.sha256
+            ),
+            Some("use the exact plugin build the recipe names, or remove `plugin_sha256`"),
+        ));
+    }
+    if !recipe.overrides.is_empty() || recipe.preset.is_some() {
+        return Err(Error::input(
+            format!(
+                "plugin strategy `{}` cannot be combined with --override or --preset",
+                p.name
+            ),
+            Some("merge with the plugin alone; overrides and presets apply to built-in strategies"),
+        ));
+    }
+    let method = MergeMethod::Plugin {
+        plugin: Arc::new(p),
+        params: recipe.params_json(),
+        seed: recipe.seed,
+    };
+    Ok((method, recipe.experts.iter().map(|e| e.weight).collect()))
+}
+
+/// `xpm merge`: locate the recipe's experts, merge them with the method it names, and with
+/// `apply_to` write base + merged Δ as a model directory.
+pub fn run(req: MergeRequest, home: &XpmHome, printer: &Printer) -> Result<MergeOutcome> {
+    let MergeRequest {
+        mut recipe,
+        plugin_paths,
+        name,
+        version,
+        out,
+        apply_to,
+        level,
+        cwd,
+    } = req;
+    let (method, weights) = method_from_recipe(&recipe, &plugin_paths, home, printer)?;
+    let inputs: Vec<String> = recipe.experts.iter().map(|e| e.expert.clone()).collect();
+    let experts = super::locate_experts(&inputs, &cwd, home)?;
+    let name = name
+        .or_else(|| recipe.output.as_ref().map(|o| o.name.clone()))
+        .unwrap_or_else(|| "merged".into());
+    let version = match (version, &recipe.output) {
+        (Some(v), _) => v,
+        (None, Some(o)) => o.version.parse().map_err(|e| {
+            Error::input(
+                format!(
+                    "the recipe's output version `{}` is not a semantic version: {e}",
+                    o.version
+                ),
+                Some("write it as MAJOR.MINOR.PATCH, e.g. `1.0.0`"),
+            )
+        })?,
+        (None, None) => semver::Version::new(0, 1, 0),
+    };
+    recipe.output = None;
+    let strategy = recipe.strategy.clone();
+    // With `apply_to` the merged expert goes to `save_expert`, or to a temporary file beside
+    // the output directory (removed when this returns).
+    let mut _tmp = None;
+    let artifact = match &apply_to {
+        None => out.clone(),
+        Some(ApplyTo {
+            save_expert: Some(f),
+            ..
+        }) => f.clone(),
+        Some(_) => {
+            let dir = crate::fsutil::parent_dir(&out);
+            std::fs::create_dir_all(&dir).at("create directory", &dir)?;
+            let t = tempfile::Builder::new()
+                .prefix(".xpm-tmp-")
+                .suffix(".xpm")
+                .tempfile_in(&dir)
+                .at("create a temporary file in", &dir)?
+                .into_temp_path();
+            let p = t.to_path_buf();
+            _tmp = Some(t);
+            p
+        }
+    };
+    let opts = MergeOptions {
+        experts,
+        weights,
+        method,
+        name,
+        version,
+        out: artifact.clone(),
+        level,
+        recipe: Some(recipe),
+    };
+    let summary = merge(&opts, printer)?;
+    let applied = match &apply_to {
+        Some(a) => Some(crate::merge::apply::apply(
+            &a.base,
+            &artifact,
+            &out,
+            a.max_shard_bytes,
+            home,
+            printer,
+        )?),
+        None => None,
+    };
+    Ok(MergeOutcome {
+        summary,
+        experts: opts.experts.len(),
+        strategy,
+        applied,
+    })
+}
+
+/// The strategy and parameters of a tensor: the first matching override, else the merge's (a
+/// plugin merge reports its placeholder: the plugin handles every tensor).
+fn pick<'m>(method: &'m MergeMethod, name: &str) -> (Strategy, &'m MergeParams) {
+    static PLUGIN: std::sync::LazyLock<MergeParams> = std::sync::LazyLock::new(MergeParams::default);
+    match method {
+        MergeMethod::Builtin {
+            strategy,
+            params,
+            overrides,
+        } => match overrides.iter().find(|o| o.matcher.is_match(name)) {
+            Some(o) => (o.strategy, &o.params),
+            None => (*strategy, params),
+        },
+        MergeMethod::Plugin { .. } => (Strategy::SparseMean, &PLUGIN),
+    }
 }
 
 /// A merged tensor as stored content, in the experts' dtype.

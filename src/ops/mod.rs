@@ -19,3 +19,17 @@ pub mod yank;
 
 /// `xpm apply` is the merge crate's [`apply`](crate::merge::apply::apply).
 pub use crate::merge::apply;
+
+/// Paths of merge inputs: `.xpm` files as given, installed experts (`name`, `name@req`) from the
+/// store, at the version the lockfile of the project around `cwd` pins (else the highest
+/// installed).
+pub fn locate_experts(
+    inputs: &[String],
+    cwd: &std::path::Path,
+    home: &crate::home::XpmHome,
+) -> crate::Result<Vec<std::path::PathBuf>> {
+    let project = crate::project::Project::discover(cwd)?;
+    let lock = project.read_lock()?;
+    let store = crate::store::Store::new(home);
+    inputs.iter().map(|e| store.locate(e, lock.as_ref())).collect()
+}
