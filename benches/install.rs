@@ -42,11 +42,7 @@ fn main() {
     let (n, mb) = if quick { (10, 4) } else { (50, 20) };
     let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let mut report = String::new();
-    writeln!(
-        report,
-        "## Registry (`cargo bench --bench install`)\n"
-    )
-    .unwrap();
+    writeln!(report, "## Registry (`cargo bench --bench install`)\n").unwrap();
 
     // --- Install vs plain download -------------------------------------------------------
     let root = work.path().join("srv");

@@ -17,8 +17,8 @@ pub mod ops;
 pub mod schema;
 
 pub use xpm_core::{
-    Error, Result, alloc, checkpoint, digest, error, format, fsutil, home, parallel, pool,
-    printer, project, registry, resolve, rng, select, store, units,
+    Error, Result, alloc, checkpoint, digest, error, format, fsutil, home, parallel, pool, printer,
+    project, registry, resolve, rng, select, store, units,
 };
 pub use xpm_merge as merge;
 pub use xpm_train as train;

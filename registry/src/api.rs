@@ -388,7 +388,9 @@ async fn publish(State(s): State<AppState>, headers: HeaderMap, body: Body) -> A
     let tmp = tempfile::Builder::new()
         .prefix(".xpm-tmp-")
         .tempfile_in(&dir)
-        .map_err(|e| ApiError::from_xpm(xpm_core::Error::io("create a temporary file in", &dir, e)))?;
+        .map_err(|e| {
+            ApiError::from_xpm(xpm_core::Error::io("create a temporary file in", &dir, e))
+        })?;
     let io_err = |e: std::io::Error| ApiError::from_xpm(xpm_core::Error::io("write", "upload", e));
     let mut file = tokio::fs::File::from_std(tmp.reopen().map_err(io_err)?);
     let mut hasher = Sha256::new();
@@ -424,7 +426,9 @@ async fn publish(State(s): State<AppState>, headers: HeaderMap, body: Body) -> A
     let line = blocking(move || {
         let path = tmp.path().to_path_buf();
         xpm_core::format::verify::verify(&path, &xpm_core::printer::Printer::silent())?;
-        let manifest = xpm_core::format::ArtifactReader::open(&path)?.manifest().clone();
+        let manifest = xpm_core::format::ArtifactReader::open(&path)?
+            .manifest()
+            .clone();
         xpm_core::format::manifest::validate_name(&manifest.name).map_err(|e| {
             xpm_core::Error::input(
                 format!("invalid expert name: {e}"),

@@ -41,7 +41,8 @@ impl DiskStorage {
         let reg = LocalRegistry::open_or_init(root)?;
         let tmp = root.join("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| xpm_core::Error::io("create directory", &tmp, e))?;
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| xpm_core::Error::io("create directory", &tmp, e))?;
         Ok(DiskStorage { reg })
     }
 }

@@ -93,6 +93,18 @@ pub enum Command {
     Demo(demo::Args),
 }
 
+/// An exit status to leave with, and nothing to print (the program that failed spoke for itself).
+#[derive(Debug)]
+pub struct ExitWith(pub u8);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
+
 /// What every command gets besides its own flags.
 pub struct Context {
     pub home: XpmHome,
@@ -150,6 +162,10 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A command that ran another program exits with its status; that program spoke.
+        Err(e) if e.downcast_ref::<ExitWith>().is_some() => {
+            ExitCode::from(e.downcast_ref::<ExitWith>().map_or(1, |x| x.0))
+        }
         Err(e) => {
             eprint!("{}", render_error(&e));
             ExitCode::from(1)

@@ -1,9 +1,10 @@
 //! `xpm registry serve …`: hands over to the `xpm-registry` server binary (the `registry/`
 //! crate), found next to `xpm` or on `PATH`, with the same arguments.
+//!
+//! On Unix the server replaces this process (`exec`), so signals sent to `xpm registry serve`
+//! (`kill -TERM`, Ctrl-C) reach the server itself and nothing is left running on the port.
 
 use std::process::Command;
-
-use anyhow::Context as _;
 
 use super::Context;
 
@@ -21,18 +22,28 @@ pub fn exec(a: Args, _ctx: &Context) -> anyhow::Result<()> {
         .and_then(|p| p.parent().map(|d| d.join(&exe_name)))
         .filter(|p| p.is_file());
     let program = beside.unwrap_or_else(|| exe_name.clone().into());
-    let status = Command::new(&program)
-        .args(&a.args)
-        .status()
-        .with_context(|| {
-            format!(
-                "cannot run `{}`; install the registry server with \
-                 `cargo install --path registry` (or build it with `cargo build -p xpm-registry`)",
-                program.display()
-            )
-        })?;
-    if !status.success() {
-        std::process::exit(status.code().unwrap_or(1));
+    let mut cmd = Command::new(&program);
+    cmd.args(&a.args);
+    let cannot_run = |e: std::io::Error| {
+        anyhow::Error::new(e).context(format!(
+            "cannot run `{}`; install the registry server with \
+             `cargo install --locked --path registry` beside `xpm` (or build both with \
+             `cargo build --release -p xpm -p xpm-registry`)",
+            program.display()
+        ))
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt as _;
+        // `exec` returns only when it failed.
+        Err(cannot_run(cmd.exec()))
     }
-    Ok(())
+    #[cfg(not(unix))]
+    {
+        let status = cmd.status().map_err(cannot_run)?;
+        match status.code() {
+            Some(0) => Ok(()),
+            code => Err(super::ExitWith(code.unwrap_or(1).clamp(1, 255) as u8).into()),
+        }
+    }
 }

@@ -171,11 +171,19 @@ pub fn install(
         resolve(&reqs, &index, &c)?
     };
 
-    // Download what the store lacks.
-    let missing: Vec<&IndexLine> = lines
-        .iter()
-        .filter(|l| !store.has_blob(&l.cksum, l.size))
-        .collect();
+    // Download what the store lacks, and what it holds damaged (checked, not trusted).
+    let mut missing: Vec<&IndexLine> = Vec::new();
+    for l in &lines {
+        if !store.has_blob(&l.cksum, l.size) {
+            missing.push(l);
+        } else if !store.cached_intact(l)? {
+            printer.warn(format!(
+                "the cached artifact of {} is damaged; fetching it again",
+                l.id()
+            ));
+            missing.push(l);
+        }
+    }
     let total: u64 = missing.iter().map(|l| l.size).sum();
     if !missing.is_empty() {
         printer.status(
@@ -339,7 +347,8 @@ fn download_all(
             pb.dec((-n) as u64)
         }
     };
-    let results = crate::parallel::collect_ordered(jobs, lines, |line| store.fetch(reg, line, &progress));
+    let results =
+        crate::parallel::collect_ordered(jobs, lines, |line| store.fetch(reg, line, &progress));
     pb.finish_and_clear();
     results
 }

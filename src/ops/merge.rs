@@ -8,13 +8,13 @@ use std::sync::Arc;
 use crate::error::{Error, IoResultExt, Result};
 use crate::format::manifest::{BaseModel, ExpertKind, Manifest, Provenance, ProvenanceInput};
 use crate::format::{ArtifactReader, ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
+use crate::home::XpmHome;
 use crate::merge::engine::merge_tensor_owned;
+use crate::merge::input::{ExpertSet, load_input};
 use crate::merge::lora::{self, LoraFactors};
 use crate::merge::plugin::Plugin;
 use crate::merge::recipe::{Recipe, TensorOverride};
 use crate::merge::{Input, MergeParams, Output, Strategy};
-use crate::merge::input::{ExpertSet, load_input};
-use crate::home::XpmHome;
 use crate::printer::Printer;
 
 /// How the tensors are combined: built-in strategies, or one plugin strategy.
@@ -49,7 +49,9 @@ impl MergeMethod {
     pub fn label(&self) -> String {
         match self {
             MergeMethod::Builtin { strategy, .. } => strategy.to_string(),
-            MergeMethod::Plugin { plugin, .. } => format!("{} (plugin {})", plugin.name, plugin.version),
+            MergeMethod::Plugin { plugin, .. } => {
+                format!("{} (plugin {})", plugin.name, plugin.version)
+            }
         }
     }
 
@@ -292,14 +294,11 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         });
     }
     let mut extra = BTreeMap::new();
-    extra.insert(
-        "merge".to_string(),
-        {
-            let mut m = opts.method.provenance(&weights);
-            m["densified"] = serde_json::json!(densified);
-            m
-        },
-    );
+    extra.insert("merge".to_string(), {
+        let mut m = opts.method.provenance(&weights);
+        m["densified"] = serde_json::json!(densified);
+        m
+    });
     if let Some(recipe) = &opts.recipe {
         // Pin every expert to what was actually merged, so the recipe re-runs exactly.
         let mut pinned = recipe.clone();
@@ -553,7 +552,8 @@ pub fn run(req: MergeRequest, home: &XpmHome, printer: &Printer) -> Result<Merge
 /// The strategy and parameters of a tensor: the first matching override, else the merge's (a
 /// plugin merge reports its placeholder: the plugin handles every tensor).
 fn pick<'m>(method: &'m MergeMethod, name: &str) -> (Strategy, &'m MergeParams) {
-    static PLUGIN: std::sync::LazyLock<MergeParams> = std::sync::LazyLock::new(MergeParams::default);
+    static PLUGIN: std::sync::LazyLock<MergeParams> =
+        std::sync::LazyLock::new(MergeParams::default);
     match method {
         MergeMethod::Builtin {
             strategy,

@@ -11,6 +11,7 @@ pub mod list;
 pub mod merge;
 pub mod overlap;
 pub mod pack;
+pub mod plugin;
 pub mod publish;
 pub mod search;
 pub mod unpack;
@@ -31,5 +32,8 @@ pub fn locate_experts(
     let project = crate::project::Project::discover(cwd)?;
     let lock = project.read_lock()?;
     let store = crate::store::Store::new(home);
-    inputs.iter().map(|e| store.locate(e, lock.as_ref())).collect()
+    inputs
+        .iter()
+        .map(|e| store.locate(e, lock.as_ref()))
+        .collect()
 }

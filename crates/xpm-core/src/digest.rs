@@ -23,6 +23,31 @@ pub fn is_digest(s: &str) -> bool {
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 
+/// Serde: a `sha256:` digest field of a file someone else wrote (a lockfile, an index line, a
+/// manifest, an install record); anything but `sha256:` and 64 lowercase hex digits is refused
+/// at read, before the value can name a path or a URL.
+pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    if is_digest(&s) {
+        Ok(s)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{} is not a sha256 digest (`sha256:` and 64 lowercase hex digits)",
+            quoted(&s)
+        )))
+    }
+}
+
+/// `s` in backticks for an error message, escaped and cut to 80 characters (the value may come
+/// from a hostile file).
+pub fn quoted(s: &str) -> String {
+    let mut e: String = s.chars().take(80).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 80 {
+        e.push('…');
+    }
+    format!("`{e}`")
+}
+
 /// Hash everything read from `r`; returns the digest and the byte count.
 pub fn sha256_reader(mut r: impl Read) -> io::Result<(String, u64)> {
     let mut hasher = Sha256::new();
@@ -81,5 +106,35 @@ impl<W: Write> Write for HashingWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(serde::Deserialize, Debug)]
+    struct D {
+        #[serde(deserialize_with = "super::deserialize")]
+        d: String,
+    }
+
+    #[test]
+    fn only_well_formed_digests_deserialize() {
+        let good = format!("sha256:{}", "ab".repeat(32));
+        let ok: D = serde_json::from_str(&format!(r#"{{"d":"{good}"}}"#)).unwrap();
+        assert_eq!(ok.d, good);
+        for bad in [
+            "sha256:../../../etc/passwd".to_string(),
+            format!("sha256:{}", "AB".repeat(32)),
+            format!("sha256:{}", "ab".repeat(31)),
+            format!("sha256:{}/", "ab".repeat(32)),
+            "ab".repeat(32),
+            String::new(),
+        ] {
+            let e = serde_json::from_str::<D>(&format!(r#"{{"d":"{bad}"}}"#)).unwrap_err();
+            assert!(
+                e.to_string().contains("is not a sha256 digest"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

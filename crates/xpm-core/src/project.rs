@@ -190,6 +190,7 @@ pub struct Lockfile {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LockedExpert {
+    #[serde(deserialize_with = "crate::format::manifest::deserialize_name")]
     pub name: String,
     /// The exact version.
     #[schemars(with = "String")]
@@ -197,6 +198,7 @@ pub struct LockedExpert {
     /// The registry it resolves from (`file:///…` or an HTTP base URL).
     pub source: String,
     /// `sha256:<hex>` of the artifact; install refuses any other bytes.
+    #[serde(deserialize_with = "crate::digest::deserialize")]
     pub cksum: String,
     /// Artifact size in bytes.
     pub size: u64,

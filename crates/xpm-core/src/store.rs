@@ -34,10 +34,12 @@ use sha2::{Digest, Sha256};
 /// One installed expert version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Installed {
+    #[serde(deserialize_with = "crate::format::manifest::deserialize_name")]
     pub name: String,
     #[schemars(with = "String")]
     pub version: semver::Version,
     /// `sha256:<hex>` of the artifact.
+    #[serde(deserialize_with = "crate::digest::deserialize")]
     pub cksum: String,
     pub size: u64,
     pub base: BaseModel,
@@ -178,6 +180,7 @@ impl Store {
                     Some("the registry's copy is damaged or was replaced; tell its operator"),
                 ));
             }
+            check_identity(tmp.path(), line, reg.source())?;
             // No fsync: a cache entry is content-addressed and every read of an artifact
             // checks the manifest and frame digests, so a file damaged by a crash is caught
             // where it is used (and `xpm verify` names it). Skipping it makes installs of
@@ -187,6 +190,20 @@ impl Store {
                 cksum: line.cksum.clone(),
             })
         })
+    }
+
+    /// Whether the cached blob for `line` is intact: its whole-file sha256 equals the index's
+    /// (so nothing in it changed since it was verified), and its manifest names the expert,
+    /// version, kind and base that `line` names. A damaged entry is `Ok(false)`: fetch it again.
+    pub fn cached_intact(&self, line: &IndexLine) -> Result<bool> {
+        let p = self.blob_path(&line.cksum);
+        let f = File::open(&p).at("open", &p)?;
+        let (digest, size) = crate::digest::sha256_reader(f).at("read", &p)?;
+        if digest != line.cksum || size != line.size {
+            return Ok(false);
+        }
+        check_identity(&p, line, "the store")?;
+        Ok(true)
     }
 
     /// Move verified downloads into the store and write the install records, under the lock.
@@ -279,6 +296,44 @@ impl Store {
             )),
         }
     }
+}
+
+/// The artifact at `path` (whose bytes match `line`'s digest) must be the expert `line` says it
+/// is: same name, version, kind and base digest in its manifest. An index line or a lockfile
+/// entry that points at another expert's artifact is refused.
+fn check_identity(path: &Path, line: &IndexLine, source: &str) -> Result<()> {
+    let reader = crate::format::ArtifactReader::open(path)?;
+    let m = reader.manifest();
+    let mut wrong = Vec::new();
+    if m.name != line.name {
+        wrong.push(format!("name `{}`", m.name));
+    }
+    if m.version != line.vers {
+        wrong.push(format!("version {}", m.version));
+    }
+    if m.kind != line.kind {
+        wrong.push(format!("kind {}", m.kind));
+    }
+    if m.base.digest != line.base.digest {
+        wrong.push(format!("base {}", m.base.digest));
+    }
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    Err(Error::registry(
+        source,
+        format!(
+            "{} ({} {}) points at an artifact whose manifest says {}; nothing was installed",
+            line.id(),
+            line.kind,
+            line.cksum,
+            wrong.join(", ")
+        ),
+        Some(
+            "the index or lockfile entry does not describe the artifact it names; \
+             if it is a lockfile, delete it and run `xpm install`, else tell the registry's operator",
+        ),
+    ))
 }
 
 fn collect_records(dir: &Path, out: &mut Vec<Installed>) -> Result<()> {

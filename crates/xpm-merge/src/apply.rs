@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::engine::Input;
 use xpm_core::checkpoint::{Checkpoint, is_float};
 use xpm_core::error::{Error, IoResultExt, Result};
 use xpm_core::format::ArtifactReader;
 use xpm_core::format::st::{PlannedTensor, write_safetensors};
 use xpm_core::fsutil::build_dir_atomic;
 use xpm_core::home::XpmHome;
-use crate::engine::Input;
 use xpm_core::printer::Printer;
 
 /// Hugging Face's default shard size (`max_shard_size="5GB"`).

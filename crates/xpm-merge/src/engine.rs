@@ -492,7 +492,10 @@ fn sparsify(
 
 /// Entries at positions `keep` (sorted offsets into `e`), mapped by `f(offset, value)`.
 fn subset(e: &Entries, keep: &[u64], f: impl Fn(usize, f32) -> f32) -> Entries {
-    let (mut indices, mut values) = (xpm_core::pool::take(keep.len()), xpm_core::pool::take(keep.len()));
+    let (mut indices, mut values) = (
+        xpm_core::pool::take(keep.len()),
+        xpm_core::pool::take(keep.len()),
+    );
     indices.extend(keep.iter().map(|&j| e.index(j as usize)));
     values.extend(keep.iter().map(|&j| f(j as usize, e.values[j as usize])));
     Entries {

@@ -185,7 +185,12 @@ mod tests {
     #[test]
     fn an_expert_set_takes_the_union_of_tensors_in_first_seen_order() {
         let dir = tempfile::tempdir().unwrap();
-        let a = write(dir.path(), "a", "base", vec![sparse("w1", vec![2, 2], vec![0], &[1.0])]);
+        let a = write(
+            dir.path(),
+            "a",
+            "base",
+            vec![sparse("w1", vec![2, 2], vec![0], &[1.0])],
+        );
         let b = write(
             dir.path(),
             "b",
@@ -214,11 +219,32 @@ mod tests {
     #[test]
     fn an_expert_set_refuses_other_bases_and_disagreeing_shapes() {
         let dir = tempfile::tempdir().unwrap();
-        let a = write(dir.path(), "a", "base", vec![sparse("w", vec![4], vec![0], &[1.0])]);
-        let other = write(dir.path(), "o", "other", vec![sparse("w", vec![4], vec![0], &[1.0])]);
-        let e = ExpertSet::open(&[a.clone(), other]).err().unwrap().to_string();
-        assert!(e.contains("targets base `other`") && e.contains("`base`"), "{e}");
-        let wide = write(dir.path(), "w", "base", vec![sparse("w", vec![5], vec![0], &[1.0])]);
+        let a = write(
+            dir.path(),
+            "a",
+            "base",
+            vec![sparse("w", vec![4], vec![0], &[1.0])],
+        );
+        let other = write(
+            dir.path(),
+            "o",
+            "other",
+            vec![sparse("w", vec![4], vec![0], &[1.0])],
+        );
+        let e = ExpertSet::open(&[a.clone(), other])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("targets base `other`") && e.contains("`base`"),
+            "{e}"
+        );
+        let wide = write(
+            dir.path(),
+            "w",
+            "base",
+            vec![sparse("w", vec![5], vec![0], &[1.0])],
+        );
         let e = ExpertSet::open(&[a, wide]).err().unwrap().to_string();
         assert!(e.contains("tensor `w` is [5]"), "{e}");
     }

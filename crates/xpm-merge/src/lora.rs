@@ -90,7 +90,14 @@ pub fn svd(
 
 /// ΔW = (alpha / rank) · B · A in f32, dense and row-major (`a` is rank × inp, `b` is
 /// out × rank): how a LoRA input enters a densified merge or a dense view of an expert.
-pub fn dense_f32(rank: usize, alpha: f64, a: &[f32], b: &[f32], out: usize, inp: usize) -> Vec<f32> {
+pub fn dense_f32(
+    rank: usize,
+    alpha: f64,
+    a: &[f32],
+    b: &[f32],
+    out: usize,
+    inp: usize,
+) -> Vec<f32> {
     let scale = (alpha / rank as f64) as f32;
     let mut w = vec![0f32; out * inp];
     for o in 0..out {

@@ -14,9 +14,9 @@ use xpm_plugin_api::{
     XpmPluginDescriptorV1, XpmStr, XpmTensorView,
 };
 
+use crate::engine::{Input, Output, Stream};
 use xpm_core::error::{Error, Result};
 use xpm_core::format::Dtype;
-use crate::engine::{Input, Output, Stream};
 
 /// A loaded plugin.
 pub struct Plugin {

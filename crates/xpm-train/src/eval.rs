@@ -11,9 +11,9 @@ use super::model::{self, DeviceChoice, Metrics, ModelDir, ce};
 use xpm_core::error::{Error, Result};
 use xpm_core::format::ArtifactReader;
 use xpm_core::home::XpmHome;
-use xpm_merge::engine::Input;
 use xpm_core::printer::Printer;
 use xpm_core::rng::SplitMix64;
+use xpm_merge::engine::Input;
 
 #[derive(Debug, Clone)]
 pub struct EvalOptions {

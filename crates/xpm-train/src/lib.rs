@@ -26,6 +26,11 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use globset::{Glob, GlobSetBuilder};
 
+use data::{Dataset, Task};
+use mask::ScoreRule;
+use model::{Batch, DeviceChoice, Metrics, ModelDir, Net, ce, make_batch, to_vec};
+use nn::Adapter;
+use optim::{Accum, AdamW, Param};
 use xpm_core::error::{Error, IoResultExt, Result};
 use xpm_core::format::manifest::{
     BaseModel, ExpertKind, Manifest, Provenance, ProvenanceInput, Selection, Training,
@@ -34,11 +39,6 @@ use xpm_core::format::{ArtifactWriter, Content, Dtype, TensorData, encode_tensor
 use xpm_core::home::XpmHome;
 use xpm_core::printer::Printer;
 use xpm_core::rng::SplitMix64;
-use data::{Dataset, Task};
-use mask::ScoreRule;
-use model::{Batch, DeviceChoice, Metrics, ModelDir, Net, ce, make_batch, to_vec};
-use nn::Adapter;
-use optim::{Accum, AdamW, Param};
 
 /// The adapter trained on the target layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -158,8 +158,7 @@ pub fn encode_tensor(t: &TensorData, level: i32) -> Result<EncodedTensor> {
 }
 
 fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>> {
-    crate::pool::compress(raw, level)
-        .map_err(|e| Error::compute("zstd compression", e))
+    crate::pool::compress(raw, level).map_err(|e| Error::compute("zstd compression", e))
 }
 
 /// Writes an artifact: push encoded tensors, then [`ArtifactWriter::finish`].

@@ -90,6 +90,7 @@ pub struct BaseModel {
     /// Human identifier, e.g. `sentence-transformers/all-MiniLM-L6-v2`.
     pub id: String,
     /// `sha256:<hex>` over the canonical tensor list (docs/format.md, "Base digest").
+    #[serde(deserialize_with = "crate::digest::deserialize")]
     pub digest: String,
 }
 
@@ -339,6 +340,19 @@ pub const RESERVED_NAMES: &[&str] = &[
     "com9", "lpt1", "lpt2", "lpt3", "lpt4", "lpt5", "lpt6", "lpt7", "lpt8", "lpt9", "api", "blobs",
     "index", "config",
 ];
+
+/// Serde: an expert name field of a file someone else wrote (a lockfile, an index line, an
+/// install record), checked by [`validate_name`] at read, before it can name a path.
+pub fn deserialize_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    validate_name(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid expert name {}: {e}",
+            crate::digest::quoted(&s)
+        ))
+    })?;
+    Ok(s)
+}
 
 pub fn validate_name(name: &str) -> Result<(), String> {
     let segs: Vec<&str> = name.split('/').collect();

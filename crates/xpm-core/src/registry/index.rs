@@ -16,11 +16,13 @@ pub const INDEX_LINE_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct IndexLine {
     /// Expert name (`namespace/name` or `name`).
+    #[serde(deserialize_with = "crate::format::manifest::deserialize_name")]
     pub name: String,
     /// Semantic version.
     #[schemars(with = "String")]
     pub vers: semver::Version,
     /// `sha256:<hex>` of the whole `.xpm` file; the blob's address.
+    #[serde(deserialize_with = "crate::digest::deserialize")]
     pub cksum: String,
     /// Size of the `.xpm` file in bytes.
     pub size: u64,
@@ -273,7 +275,7 @@ mod tests {
 
     #[test]
     fn newer_line_layouts_are_skipped() {
-        let line = r#"{"name":"a","vers":"1.0.0","cksum":"sha256:00","size":1,"base":{"id":"m","digest":"sha256:11"},"kind":"sparse","density":0.1,"targets":[],"pubtime":"t","format":"1.0"}"#;
+        let line = r#"{"name":"a","vers":"1.0.0","cksum":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":1,"base":{"id":"m","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111"},"kind":"sparse","density":0.1,"targets":[],"pubtime":"t","format":"1.0"}"#;
         let future = r#"{"name":"a","vers":"2.0.0","v":2,"something":"new"}"#;
         let text = format!("{line}\n\n{future}\n");
         let lines = parse_index(text.as_bytes(), "test").unwrap();
