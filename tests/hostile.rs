@@ -111,3 +111,102 @@ fn a_damaged_cache_entry_is_fetched_again_not_reported_as_cached() {
         .assert()
         .success();
 }
+
+/// Run `args`, expect a failure mentioning `want`, and check that `keep` is byte-identical.
+fn refused_and_kept(ctx: &TestContext, args: &[&str], want: &str, keep: &str) {
+    let before = std::fs::read(ctx.path(keep)).unwrap();
+    ctx.xpm()
+        .args(args)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(want));
+    assert_eq!(
+        std::fs::read(ctx.path(keep)).unwrap(),
+        before,
+        "{keep} changed"
+    );
+}
+
+#[test]
+fn an_output_that_is_an_input_is_refused_and_the_input_kept() {
+    let ctx = TestContext::new();
+    make_expert(&ctx.path("a.xpm"), "a", "1.0.0", "minilm", 4096, 1);
+    make_expert(&ctx.path("b.xpm"), "b", "1.0.0", "minilm", 4096, 2);
+    refused_and_kept(
+        &ctx,
+        &["merge", "a.xpm", "b.xpm", "-o", "a.xpm"],
+        "is also an input",
+        "a.xpm",
+    );
+    // The same file under another name: a hard link.
+    std::fs::hard_link(ctx.path("b.xpm"), ctx.path("b-link.xpm")).unwrap();
+    refused_and_kept(
+        &ctx,
+        &["merge", "a.xpm", "b.xpm", "-o", "b-link.xpm"],
+        "is also an input",
+        "b.xpm",
+    );
+    ctx.xpm()
+        .args(["unpack", "a.xpm", "-o", "d"])
+        .assert()
+        .success();
+    refused_and_kept(
+        &ctx,
+        &["pack", "d", "-o", "d/tensors.safetensors"],
+        "is also an input",
+        "d/tensors.safetensors",
+    );
+    std::fs::write(ctx.path("x.csv"), "text,label\nhello,a\nworld,b\n").unwrap();
+    refused_and_kept(
+        &ctx,
+        &["data", "import", "x.csv", "-o", "x.csv"],
+        "is also an input",
+        "x.csv",
+    );
+    ctx.xpm()
+        .args([
+            "data",
+            "import",
+            "x.csv",
+            "-o",
+            "t.jsonl",
+            "--eval-out",
+            "t.jsonl",
+        ])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("both name"));
+    assert!(!ctx.path("t.jsonl").exists());
+}
+
+#[test]
+fn a_device_or_fifo_output_is_refused_not_replaced() {
+    let ctx = TestContext::new();
+    make_expert(&ctx.path("a.xpm"), "a", "1.0.0", "minilm", 4096, 1);
+    let fifo = ctx.path("pipe");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    for out in ["/dev/null", "/dev/full", fifo.to_str().unwrap()] {
+        ctx.xpm()
+            .args(["merge", "a.xpm", "-o", out])
+            .assert()
+            .failure()
+            .stderr(predicate::str::contains("is not a regular file"));
+        let ft = std::fs::metadata(out).unwrap().file_type();
+        use std::os::unix::fs::FileTypeExt as _;
+        assert!(ft.is_char_device() || ft.is_fifo(), "{out} was replaced");
+    }
+    // A missing parent directory is created, and said.
+    ctx.xpm()
+        .args(["merge", "a.xpm", "-o", "new/dir/m.xpm"])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains(
+            "Creating directory `new/dir` for -o",
+        ));
+}

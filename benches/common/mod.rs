@@ -1,4 +1,5 @@
-//! Helpers shared by the bench binaries (`mod common;`).
+//! Helpers shared by the bench binaries (`mod common;`); each bench uses some of them.
+#![allow(dead_code)]
 
 /// The value after `--name` on the command line, parsed, or `default`.
 pub fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
@@ -22,7 +23,6 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 
 /// The workspace's target directory: `$CARGO_TARGET_DIR` (relative to the workspace root when
 /// relative), else `target/` beside the workspace's Cargo.toml.
-#[allow(dead_code)] // not every bench builds other packages
 pub fn target_dir() -> std::path::PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     match std::env::var_os("CARGO_TARGET_DIR") {
@@ -33,7 +33,6 @@ pub fn target_dir() -> std::path::PathBuf {
 
 /// Build `package` with the release profile and return the path of `file` (a binary or a
 /// library, named as on disk) in the release output directory.
-#[allow(dead_code)] // not every bench builds other packages
 pub fn build_release(package: &str, file: &str) -> std::path::PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = std::process::Command::new(cargo)

@@ -140,6 +140,10 @@ fn parse_bins(spec: &str) -> Result<Vec<(String, f64, f64)>> {
 }
 
 pub fn import(opts: &ImportOptions) -> Result<ImportReport> {
+    let mut outputs = vec![("-o", opts.out.as_path())];
+    outputs.extend(opts.eval_out.as_deref().map(|p| ("--eval-out", p)));
+    outputs.extend(opts.test_out.as_deref().map(|p| ("--test-out", p)));
+    crate::fsutil::check_outputs(&outputs, &[&opts.input])?;
     let t = read_table(&opts.input)?;
     let col = |want: &Option<String>, orange: Option<usize>, default: &str, what: &str| {
         let name = want.clone();

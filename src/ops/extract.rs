@@ -70,6 +70,13 @@ pub fn validate(opts: &ExtractOptions) -> Result<()> {
 /// Run the extraction and write the artifact. Returns the written manifest.
 pub fn extract(opts: &ExtractOptions, home: &XpmHome, printer: &Printer) -> Result<Manifest> {
     validate(opts)?;
+    let inputs: Vec<PathBuf> = [&opts.base, &opts.tuned]
+        .into_iter()
+        .flat_map(|p| crate::fsutil::files_of(p))
+        .collect();
+    let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
+    crate::fsutil::check_outputs(&[("-o", &opts.out)], &inputs)?;
+    crate::fsutil::announce_new_parents(&[("-o", &opts.out)], printer);
     let base = Checkpoint::open(&opts.base)?;
     let tuned = Checkpoint::open(&opts.tuned)?;
     compare_tensor_sets(&base, &tuned)?;

@@ -160,6 +160,9 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         return Err(Error::input("weights must be finite numbers", None));
     }
     opts.method.validate()?;
+    let inputs: Vec<&std::path::Path> = opts.experts.iter().map(PathBuf::as_path).collect();
+    crate::fsutil::check_outputs(&[("-o", &opts.out)], &inputs)?;
+    crate::fsutil::announce_new_parents(&[("-o", &opts.out)], printer);
     let label = opts.method.label();
 
     let ExpertSet {

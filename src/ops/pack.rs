@@ -10,6 +10,10 @@ use crate::printer::Printer;
 
 /// Pack the unpacked expert in `dir` into `out`. Returns the written manifest.
 pub fn pack(dir: &Path, out: &Path, level: i32, printer: &Printer) -> Result<Manifest> {
+    let inputs = crate::fsutil::files_of(dir);
+    let inputs: Vec<&Path> = inputs.iter().map(|p| p.as_path()).collect();
+    crate::fsutil::check_outputs(&[("-o", out)], &inputs)?;
+    crate::fsutil::announce_new_parents(&[("-o", out)], printer);
     let src = UnpackedDir::open(dir)?;
     let m = src.manifest();
     validate_name(&m.name).map_err(|e| {

@@ -12,11 +12,123 @@ pub fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// Refuse to replace `path` when it exists and is not a regular file (or a link to one): a
+/// device, a FIFO, a socket or a directory. Writes replace their target by renaming a temporary
+/// file onto it, which would destroy a device node (as root) or a pipe someone reads.
+pub fn check_replaceable(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Err(Error::input(
+            format!(
+                "`{}` is not a regular file ({}); xpm writes outputs by replacing the file and \
+                 will not replace it",
+                path.display(),
+                if m.is_dir() {
+                    "a directory"
+                } else {
+                    "a device, FIFO or socket"
+                }
+            ),
+            Some("choose a path for a new or regular file, e.g. `-o out.xpm`"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Check a command's outputs before it starts: no output is a special file
+/// ([`check_replaceable`]), no two outputs are the same file, and no output is one of the
+/// `inputs` (by path or by inode: a hard link or a symlink counts). A command that would
+/// overwrite what it reads is refused, instead of destroying its input.
+pub fn check_outputs(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Result<()> {
+    for (i, (flag, out)) in outputs.iter().enumerate() {
+        check_replaceable(out)?;
+        for (other_flag, other) in &outputs[..i] {
+            if same_file(out, other) {
+                return Err(Error::input(
+                    format!(
+                        "{other_flag} and {flag} both name `{}`; one would overwrite the other",
+                        out.display()
+                    ),
+                    Some("give each output its own path"),
+                ));
+            }
+        }
+        if let Some(input) = inputs.iter().find(|i| same_file(out, i)) {
+            return Err(Error::input(
+                format!(
+                    "{flag} `{}` is also an input (`{}`); writing it would destroy the input",
+                    out.display(),
+                    input.display()
+                ),
+                Some("write the output to another path"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Say which output directories do not exist yet (the write creates them), so that a typo in
+/// `-o` does not silently make a new directory tree.
+pub fn announce_new_parents(outputs: &[(&str, &Path)], printer: &crate::printer::Printer) {
+    for (flag, out) in outputs {
+        let dir = parent_dir(out);
+        if !dir.exists() {
+            printer.status(
+                "Creating",
+                format!("directory `{}` for {flag}", dir.display()),
+            );
+        }
+    }
+}
+
+/// The files a command reads at `path`: the files directly in it when it is a directory (a
+/// model or an unpacked expert), else `path` itself.
+pub fn files_of(path: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(path) {
+        Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+        Err(_) => vec![path.to_path_buf()],
+    }
+}
+
+/// Whether `a` and `b` are the same file: the same inode when both exist, else the same
+/// absolute path (a file that does not exist yet).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(ma), Ok(mb)) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt as _;
+                ma.dev() == mb.dev() && ma.ino() == mb.ino()
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = (ma, mb);
+                std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok()
+            }
+        }
+        (Err(_), Err(_)) => absolute(a) == absolute(b),
+        _ => false,
+    }
+}
+
+/// `path` made absolute against the working directory, with `.` and `..` resolved lexically
+/// and the existing part of it canonicalized.
+fn absolute(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+            .map(|d| d.join(name))
+            .unwrap_or(abs.clone()),
+        _ => abs,
+    }
+}
+
 /// A temporary file in the directory of `path` (so a rename onto `path` is atomic), and a
-/// buffered writer on it. The file is removed if dropped before being persisted.
+/// buffered writer on it. The file is removed if dropped before being persisted. Refuses a
+/// `path` that is a special file ([`check_replaceable`]).
 pub fn temp_file_beside(
     path: &Path,
 ) -> Result<(tempfile::NamedTempFile, std::io::BufWriter<std::fs::File>)> {
+    check_replaceable(path)?;
     let dir = parent_dir(path);
     std::fs::create_dir_all(&dir).at("create directory", &dir)?;
     let tmp = tempfile::Builder::new()
@@ -113,5 +225,33 @@ pub fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::
         let mut f = file;
         f.seek(SeekFrom::Start(offset))?;
         f.read_exact(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_that_are_inputs_special_files_or_each_other_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let input = d.path().join("in.xpm");
+        std::fs::write(&input, b"x").unwrap();
+        let link = d.path().join("link.xpm");
+        std::fs::hard_link(&input, &link).unwrap();
+        let out = d.path().join("out.xpm");
+        assert!(check_outputs(&[("-o", &out)], &[&input]).is_ok());
+        for same in [input.clone(), link, d.path().join("sub/../in.xpm")] {
+            std::fs::create_dir_all(d.path().join("sub")).unwrap();
+            let e = check_outputs(&[("-o", &same)], &[&input]).unwrap_err();
+            assert!(e.to_string().contains("is also an input"), "{e}");
+        }
+        let e = check_outputs(&[("-o", &out), ("--eval-out", &out)], &[]).unwrap_err();
+        assert!(e.to_string().contains("both name"), "{e}");
+        let e = check_outputs(&[("-o", Path::new("/dev/null"))], &[]).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let e = check_outputs(&[("-o", d.path())], &[]).unwrap_err();
+        assert!(e.to_string().contains("a directory"), "{e}");
+        assert!(temp_file_beside(Path::new("/dev/full")).is_err());
     }
 }

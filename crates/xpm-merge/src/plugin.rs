@@ -46,6 +46,8 @@ impl std::fmt::Debug for Plugin {
 // SAFETY: the descriptor is a static in a library that is never unloaded; the ABI requires the
 // entry points to be callable from any thread (each call gets its own state).
 unsafe impl Send for Plugin {}
+// SAFETY: as for `Send`: the descriptor is immutable, and concurrent calls on different states
+// are allowed by the ABI.
 unsafe impl Sync for Plugin {}
 
 fn plugin_error(path: &Path, msg: impl std::fmt::Display, hint: Option<&str>) -> Error {
@@ -62,6 +64,7 @@ unsafe fn read_str(s: XpmStr) -> Option<String> {
     if s.ptr.is_null() {
         return None;
     }
+    // SAFETY: non-null, and the caller guarantees `len` readable bytes.
     let b = unsafe { std::slice::from_raw_parts(s.ptr, s.len) };
     std::str::from_utf8(b).ok().map(str::to_string)
 }
@@ -129,6 +132,7 @@ impl Plugin {
         // SAFETY: strings in the descriptor are static in the library.
         let name = unsafe { read_str(desc.name) }
             .ok_or_else(|| plugin_error(path, "its name is not UTF-8", None))?;
+        // SAFETY: as for the name.
         let version = unsafe { read_str(desc.version) }
             .ok_or_else(|| plugin_error(path, "its version is not UTF-8", None))?;
         xpm_core::format::manifest::validate_name(&name)
@@ -212,6 +216,7 @@ impl Plugin {
             let m =
                 String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(err.ptr, err.len) })
                     .to_string();
+            // SAFETY: `err` was filled by this plugin and is freed exactly once, by it.
             unsafe { (self.desc.free_buf)(err) };
             m
         };

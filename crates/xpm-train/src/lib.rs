@@ -658,6 +658,11 @@ pub fn element_wise_threads(cores: usize) -> Option<usize> {
 pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<TrainReport> {
     opts.validate()?;
     let (model_dir, base_id) = hub::resolve_base(&opts.base, home, printer)?;
+    let mut inputs = xpm_core::fsutil::files_of(&model_dir);
+    inputs.extend([opts.data.clone()].into_iter().chain(opts.eval.clone()));
+    let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
+    xpm_core::fsutil::check_outputs(&[("-o", &opts.out)], &inputs)?;
+    xpm_core::fsutil::announce_new_parents(&[("-o", &opts.out)], printer);
     let md = ModelDir::open(&model_dir)?;
     let mut train_data = Dataset::load(&opts.data)?;
     if let Some(n) = opts.limit {

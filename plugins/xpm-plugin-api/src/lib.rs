@@ -143,6 +143,10 @@ pub struct XpmPluginDescriptorV1 {
 /// The entry point's type.
 pub type XpmEntryV1 = unsafe extern "C" fn() -> *const XpmPluginDescriptorV1;
 
-// The descriptor must be shareable as a static.
+// SAFETY: a descriptor is an immutable static (plain data and function pointers; its
+// `XpmStr`s point at static strings), never written after the plugin is built, so sharing it
+// between threads is sound.
 unsafe impl Sync for XpmPluginDescriptorV1 {}
+// SAFETY: an `XpmStr` in a descriptor points at a static, immutable string (the ABI's rule for
+// descriptor strings), so reading it from any thread is sound.
 unsafe impl Sync for XpmStr {}

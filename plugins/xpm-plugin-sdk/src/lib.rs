@@ -214,7 +214,12 @@ pub mod __rt {
             let (s, t, o) = unsafe { (&mut *(state as *mut S), &*tensor, &mut *out) };
             let n = t.support_len;
             let e = t.n_experts;
+            // SAFETY: the ABI contract: `name.ptr` points at `name.len` readable bytes for the
+            // call (the only pointer this closure is given).
             let slice = |p: *const u8, len: usize| unsafe { std::slice::from_raw_parts(p, len) };
+            // SAFETY: the ABI contract: `entries_start` has `n_experts + 1` entries, `shape`
+            // `ndim`, `support` `support_len`, `weights` and `seeds` `n_experts`, and the entry
+            // arrays `entries_start[n_experts]`, all readable for the duration of the call.
             let tensor = unsafe {
                 let starts = std::slice::from_raw_parts(t.entries_start, e + 1);
                 let total = starts[e];
@@ -231,6 +236,8 @@ pub mod __rt {
                     values: std::slice::from_raw_parts(t.entry_value, total),
                 }
             };
+            // SAFETY: the ABI contract: the host's output arrays hold `capacity` writable
+            // elements, not aliased by any input, for the duration of the call.
             let mut output = unsafe {
                 Output {
                     values: std::slice::from_raw_parts_mut(o.values, o.capacity),
@@ -248,6 +255,8 @@ pub mod __rt {
     pub unsafe extern "C" fn destroy<S: Strategy>(state: *mut c_void) {
         if !state.is_null() {
             let _ = catch_unwind(AssertUnwindSafe(|| {
+                // SAFETY: `state` came from `Box::into_raw` in `create::<S>` and the host
+                // never uses it again (the caller's contract).
                 drop(unsafe { Box::from_raw(state as *mut S) })
             }));
         }
@@ -257,6 +266,7 @@ pub mod __rt {
     /// `buf` came from this plugin's `set_err`.
     pub unsafe extern "C" fn free_buf(buf: XpmBuf) {
         if !buf.ptr.is_null() {
+            // SAFETY: `buf` is a boxed slice of `len` bytes leaked by `set_err`, freed once.
             drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(buf.ptr, buf.len)) });
         }
     }
