@@ -417,6 +417,28 @@ fn discovery_listing_and_builtin_clash() {
     assert!(!ctx.path("r.xpm").exists());
 }
 
+/// A descriptor from a later minor version (larger, fields appended past 1.0) loads in this
+/// host, which reads only the 1.0 fields; the minor-version rule of the ABI.
+#[test]
+fn a_descriptor_with_appended_fields_loads_under_a_1_0_host() {
+    let ctx = TestContext::new();
+    experts(&ctx);
+    let lib = c_plugin(&ctx, "libbig.so", &["-DXPM_TEST_BIG_DESCRIPTOR"]);
+    ctx.xpm()
+        .args([
+            "merge",
+            "e1.xpm",
+            "e2.xpm",
+            "--strategy",
+            "c-task-arithmetic",
+            "--plugin",
+        ])
+        .arg(&lib)
+        .args(["-o", "out.xpm"])
+        .assert()
+        .success();
+}
+
 #[test]
 fn faulty_plugins_are_reported_and_nothing_is_written() {
     let ctx = TestContext::new();
@@ -483,6 +505,41 @@ fn faulty_plugins_are_reported_and_nothing_is_written() {
             vec!["--param", "lambda=fast"],
             "invalid parameters",
         ),
+        // The ABI's rules, each refused with the plugin and the rule named.
+        (
+            c_plugin(&ctx, "libnull.so", &["-DXPM_TEST_NULL_MERGE"]),
+            "c-task-arithmetic",
+            vec![],
+            "descriptor's `merge` entry point is NULL",
+        ),
+        (
+            c_plugin(
+                &ctx,
+                "libundeclared.so",
+                &["-DXPM_TEST_DROP_ODD", "-DXPM_TEST_UNDECLARED_DROP"],
+            ),
+            "c-task-arithmetic",
+            vec![],
+            "without declaring the XPM_CAP_DROPS_ENTRIES capability",
+        ),
+        (
+            c_plugin(&ctx, "libkeep2.so", &["-DXPM_TEST_BAD_KEEP"]),
+            "c-task-arithmetic",
+            vec![],
+            "set keep flag 2",
+        ),
+        (
+            c_plugin(&ctx, "libnosemver.so", &["-DXPM_TEST_VERSION=\"banana\""]),
+            "c-task-arithmetic",
+            vec![],
+            "version `banana` is not a semantic version",
+        ),
+        (
+            c_plugin(&ctx, "librequired.so", &["-DXPM_TEST_REQUIRED_CAP"]),
+            "c-task-arithmetic",
+            vec![],
+            "requires capabilities this xpm does not implement",
+        ),
     ];
     for (lib, strategy, extra, want) in cases {
         ctx.xpm()
@@ -510,4 +567,24 @@ fn faulty_plugins_are_reported_and_nothing_is_written() {
             ctx.temp_leftovers()
         );
     }
+}
+
+/// `--plugin libx.so` names the file in the working directory, not a library on the dynamic
+/// loader's search path (the README's example failed this way).
+#[test]
+fn a_bare_plugin_file_name_loads_from_the_working_directory() {
+    let ctx = TestContext::new();
+    experts(&ctx);
+    c_plugin(&ctx, "libbare.so", &[]);
+    ctx.xpm()
+        .args([
+            "merge",
+            "e1.xpm",
+            "e2.xpm",
+            "--strategy",
+            "c-task-arithmetic",
+        ])
+        .args(["--plugin", "libbare.so", "-o", "out.xpm"])
+        .assert()
+        .success();
 }

@@ -10,8 +10,10 @@ use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 
 use xpm_plugin_api::{
-    ENTRY_V1, XPM_OK, XPM_PANIC, XPM_PLUGIN_ABI_MAJOR, XpmBuf, XpmEntryV1, XpmOutputView,
-    XpmPluginDescriptorV1, XpmStr, XpmTensorView,
+    ENTRY_V1, XPM_CAP_DROPS_ENTRIES, XPM_CAP_KNOWN, XPM_CAP_REQUIRED_MASK,
+    XPM_DESCRIPTOR_V1_0_SIZE, XPM_OK, XPM_PANIC, XPM_PLUGIN_ABI_MAJOR, XpmBuf, XpmCreateFn,
+    XpmDestroyFn, XpmEntryV1, XpmFreeBufFn, XpmMergeFn, XpmOutputView, XpmPluginDescriptorV1,
+    XpmStr, XpmTensorView,
 };
 
 use crate::engine::{Input, Output, Stream};
@@ -30,7 +32,27 @@ pub struct Plugin {
     pub capabilities: u64,
     /// The parameters' JSON Schema.
     pub params_schema: serde_json::Value,
-    desc: &'static XpmPluginDescriptorV1,
+    fns: Entries,
+}
+
+/// The function pointer inside an entry-point slot of the descriptor.
+type Fn<T> = <T as SlotFn>::F;
+
+/// Maps an `Option<fn>` slot type of the ABI to its non-NULL function pointer type.
+trait SlotFn {
+    type F;
+}
+
+impl<F> SlotFn for Option<F> {
+    type F = F;
+}
+
+/// The descriptor's entry points, checked non-NULL at load.
+struct Entries {
+    create: Fn<XpmCreateFn>,
+    merge: Fn<XpmMergeFn>,
+    destroy: Fn<XpmDestroyFn>,
+    free_buf: Fn<XpmFreeBufFn>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -76,9 +98,12 @@ impl Plugin {
             .map_err(|e| plugin_error(path, format!("cannot read it: {e}"), None))?;
         let sha256 = xpm_core::digest::sha256(&bytes);
         drop(bytes);
+        // A bare file name would go to the dynamic loader's search path (LD_LIBRARY_PATH,
+        // system directories), not to the file the user named: load by absolute path.
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         // SAFETY: loading a library runs its initialisers; that is the trust a user grants by
         // naming or installing a plugin (docs/plugins.md, "Safety").
-        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        let lib = unsafe { libloading::Library::new(&abs) }.map_err(|e| {
             plugin_error(
                 path,
                 format!("cannot load it: {e}"),
@@ -106,27 +131,63 @@ impl Plugin {
                 None,
             ));
         }
-        // Read the size field alone first: a shorter descriptor must not be read further.
-        // SAFETY: every descriptor starts with `size: usize`.
-        let size = unsafe { std::ptr::read_unaligned(d as *const usize) };
-        let want = std::mem::size_of::<XpmPluginDescriptorV1>();
-        if size < want {
-            return Err(plugin_error(
-                path,
-                format!("its descriptor is {size} bytes, smaller than the {want} of ABI 1.0"),
-                Some("rebuild the plugin against the current xpm-plugin-api"),
-            ));
-        }
-        // SAFETY: at least `want` bytes, static for the process.
-        let desc: &'static XpmPluginDescriptorV1 = unsafe { &*d };
-        if desc.abi_major != XPM_PLUGIN_ABI_MAJOR {
+        // The header every ABI version shares (size, major, minor) first: another major may
+        // lay out everything after it differently, so it is checked before the size.
+        // SAFETY: every descriptor of every ABI version starts with `size: usize` and the two
+        // `u32` version numbers.
+        let (size, major, minor) = unsafe {
+            let p = d as *const u8;
+            let size = std::ptr::read_unaligned(p as *const usize);
+            let major = std::ptr::read_unaligned(p.add(std::mem::size_of::<usize>()) as *const u32);
+            let minor =
+                std::ptr::read_unaligned(p.add(std::mem::size_of::<usize>() + 4) as *const u32);
+            (size, major, minor)
+        };
+        if major != XPM_PLUGIN_ABI_MAJOR {
             return Err(plugin_error(
                 path,
                 format!(
-                    "it was built for plugin ABI {}.{}, this xpm speaks ABI {XPM_PLUGIN_ABI_MAJOR}.x",
-                    desc.abi_major, desc.abi_minor
+                    "it was built for plugin ABI {major}.{minor}, this xpm speaks ABI {XPM_PLUGIN_ABI_MAJOR}.x"
                 ),
                 Some("rebuild the plugin against this xpm's xpm-plugin-api, or use a matching xpm"),
+            ));
+        }
+        // A 1.x descriptor is at least the frozen 1.0 size; fields that later minors append
+        // lie past it and are read only when `size` covers them (none yet).
+        if size < XPM_DESCRIPTOR_V1_0_SIZE {
+            return Err(plugin_error(
+                path,
+                format!(
+                    "its descriptor is {size} bytes, smaller than the {XPM_DESCRIPTOR_V1_0_SIZE} of ABI 1.0"
+                ),
+                Some("rebuild the plugin against the current xpm-plugin-api"),
+            ));
+        }
+        // SAFETY: at least the 1.0 size, which is this host's descriptor type, static for the
+        // process.
+        let desc: &'static XpmPluginDescriptorV1 = unsafe { &*d };
+        let null = |name: &str| {
+            plugin_error(
+                path,
+                format!("its descriptor's `{name}` entry point is NULL"),
+                Some("every function pointer of the descriptor must be set"),
+            )
+        };
+        let params_schema_fn = desc.params_schema.ok_or_else(|| null("params_schema"))?;
+        let fns = Entries {
+            create: desc.create.ok_or_else(|| null("create"))?,
+            merge: desc.merge.ok_or_else(|| null("merge"))?,
+            destroy: desc.destroy.ok_or_else(|| null("destroy"))?,
+            free_buf: desc.free_buf.ok_or_else(|| null("free_buf"))?,
+        };
+        let unknown_required = desc.capabilities & XPM_CAP_REQUIRED_MASK & !XPM_CAP_KNOWN;
+        if unknown_required != 0 {
+            return Err(plugin_error(
+                path,
+                format!(
+                    "it requires capabilities this xpm does not implement (bits {unknown_required:#x})"
+                ),
+                Some("upgrade xpm to a version that speaks the plugin's ABI minor version"),
             ));
         }
         // SAFETY: strings in the descriptor are static in the library.
@@ -137,8 +198,15 @@ impl Plugin {
             .ok_or_else(|| plugin_error(path, "its version is not UTF-8", None))?;
         xpm_core::format::manifest::validate_name(&name)
             .map_err(|e| plugin_error(path, format!("invalid strategy name: {e}"), None))?;
+        semver::Version::parse(&version).map_err(|e| {
+            plugin_error(
+                path,
+                format!("its version `{version}` is not a semantic version: {e}"),
+                Some("plugin versions go into the provenance of merged experts; use e.g. `1.0.0`"),
+            )
+        })?;
         // SAFETY: ABI call returning a static string.
-        let schema_text = unsafe { read_str((desc.params_schema)()) }
+        let schema_text = unsafe { read_str(params_schema_fn()) }
             .ok_or_else(|| plugin_error(path, "its parameter schema is not UTF-8", None))?;
         let params_schema: serde_json::Value = serde_json::from_str(&schema_text).map_err(|e| {
             plugin_error(path, format!("its parameter schema is not JSON: {e}"), None)
@@ -159,7 +227,7 @@ impl Plugin {
             abi_minor: desc.abi_minor,
             capabilities: desc.capabilities,
             params_schema,
-            desc,
+            fns,
         })
     }
 
@@ -198,7 +266,7 @@ impl Plugin {
             len: json.len(),
         };
         // SAFETY: ABI call with valid views and out-pointers.
-        let rc = unsafe { (self.desc.create)(s, &mut state, &mut err) };
+        let rc = unsafe { (self.fns.create)(s, &mut state, &mut err) };
         if rc != XPM_OK {
             return Err(self.call_error("create", rc, err));
         }
@@ -217,7 +285,7 @@ impl Plugin {
                 String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(err.ptr, err.len) })
                     .to_string();
             // SAFETY: `err` was filled by this plugin and is freed exactly once, by it.
-            unsafe { (self.desc.free_buf)(err) };
+            unsafe { (self.fns.free_buf)(err) };
             m
         };
         let kind = if rc == XPM_PANIC {
@@ -242,7 +310,7 @@ pub struct Instance<'p> {
 impl Drop for Instance<'_> {
     fn drop(&mut self) {
         // SAFETY: `state` came from this plugin's `create`.
-        unsafe { (self.plugin.desc.destroy)(self.state) };
+        unsafe { (self.plugin.fns.destroy)(self.state) };
     }
 }
 
@@ -435,7 +503,7 @@ impl Instance<'_> {
             len: 0,
         };
         // SAFETY: every view is valid for the call; outputs are host-allocated with `len`.
-        let rc = unsafe { (self.plugin.desc.merge)(self.state, &view, &mut out, &mut err) };
+        let rc = unsafe { (self.plugin.fns.merge)(self.state, &view, &mut out, &mut err) };
         if rc != XPM_OK {
             return Err(self
                 .plugin
@@ -464,7 +532,29 @@ impl Instance<'_> {
                 ),
             ));
         }
+        if let Some(k) = keep.iter().position(|&k| k > 1) {
+            return Err(plugin_error(
+                &p.path,
+                format!(
+                    "`{}` set keep flag {} at support entry {k} of tensor `{tensor}`; flags are 0 or 1",
+                    p.name, keep[k]
+                ),
+                Some("nothing was written; report this to the plugin's author"),
+            ));
+        }
         let n_kept = keep.iter().filter(|&&k| k != 0).count();
+        if n_kept < len && p.capabilities & XPM_CAP_DROPS_ENTRIES == 0 {
+            return Err(plugin_error(
+                &p.path,
+                format!(
+                    "`{}` dropped {} entries of tensor `{tensor}` without declaring the \
+                     XPM_CAP_DROPS_ENTRIES capability",
+                    p.name,
+                    len - n_kept
+                ),
+                Some("nothing was written; a plugin that drops entries must declare it"),
+            ));
+        }
         let (mut oi, mut ov) = (xpm_core::pool::take(n_kept), xpm_core::pool::take(n_kept));
         for k in 0..len {
             if keep[k] != 0 {

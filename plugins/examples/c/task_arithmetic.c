@@ -17,7 +17,10 @@
 #define XPM_TEST_NAME "c-task-arithmetic"
 #endif
 static const char NAME[] = XPM_TEST_NAME;
-static const char VERSION[] = "1.0.0";
+#ifndef XPM_TEST_VERSION
+#define XPM_TEST_VERSION "1.0.0"
+#endif
+static const char VERSION[] = XPM_TEST_VERSION;
 static const char SCHEMA[] =
     "{\"type\":\"object\",\"properties\":{\"lambda\":{\"type\":\"number\"}},"
     "\"additionalProperties\":false}";
@@ -65,6 +68,9 @@ static int32_t merge(void *state, const XpmTensorView *t, XpmOutputView *out, Xp
         if (out->keep[k] != 1 || out->values[k] != 0.0f) { set_err(err, "output not preset"); return XPM_ERR; }
     for (size_t k = 1; k < n; k += 2) out->keep[k] = 0;
 #endif
+#ifdef XPM_TEST_BAD_KEEP
+    if (n) out->keep[0] = 2; /* Test build: a keep flag other than 0 or 1. */
+#endif
     double *acc = calloc(n ? n : 1, sizeof *acc);
     if (!acc) { set_err(err, "out of memory"); return XPM_ERR; }
     /* Each expert's entries: positions into the support and values. */
@@ -95,14 +101,30 @@ const XpmPluginDescriptorV1 *xpm_merge_plugin_v1(void) {
 #ifdef XPM_TEST_SMALL_DESCRIPTOR
     DESCRIPTOR.size = 24;
 #endif
+#ifdef XPM_TEST_BIG_DESCRIPTOR
+    /* Test build: a descriptor from a later minor version, with fields appended past 1.0. */
+    DESCRIPTOR.size = sizeof DESCRIPTOR + 16;
+#endif
     DESCRIPTOR.abi_major = XPM_TEST_ABI_MAJOR;
     DESCRIPTOR.abi_minor = XPM_PLUGIN_ABI_MINOR;
     DESCRIPTOR.name = str_of(NAME);
     DESCRIPTOR.version = str_of(VERSION);
+#if defined(XPM_TEST_DROP_ODD) && !defined(XPM_TEST_UNDECLARED_DROP)
+    DESCRIPTOR.capabilities = XPM_CAP_DROPS_ENTRIES;
+#else
     DESCRIPTOR.capabilities = 0;
+#endif
+#ifdef XPM_TEST_REQUIRED_CAP
+    DESCRIPTOR.capabilities |= 1ull << 40; /* Test build: a required capability no host knows. */
+#endif
     DESCRIPTOR.params_schema = params_schema;
     DESCRIPTOR.create = create;
+#ifdef XPM_TEST_NULL_MERGE
+    DESCRIPTOR.merge = NULL;
+    (void)merge;
+#else
     DESCRIPTOR.merge = merge;
+#endif
     DESCRIPTOR.destroy = destroy;
     DESCRIPTOR.free_buf = free_buf;
     return &DESCRIPTOR;

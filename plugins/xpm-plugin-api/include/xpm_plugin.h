@@ -38,7 +38,8 @@
 #define XPM_PANIC 2
 
 /**
- * Capability: the plugin may drop support entries (clear keep flags).
+ * Capability: the plugin may drop support entries (clear keep flags). A plugin that clears a
+ * keep flag without declaring it is refused.
  */
 #define XPM_CAP_DROPS_ENTRIES 1
 
@@ -46,6 +47,18 @@
  * Capability: the plugin uses the per-(expert, tensor) seeds.
  */
 #define XPM_CAP_RANDOM 2
+
+/**
+ * Capability bits 0–31 are optional: a host that does not know one ignores it. Bits 32–63 are
+ * required: a host that does not know one refuses the plugin (a later minor version may define
+ * a behaviour the host must implement to merge correctly).
+ */
+#define XPM_CAP_REQUIRED_MASK 18446744069414584320ull
+
+/**
+ * Every capability bit this version of the ABI defines.
+ */
+#define XPM_CAP_KNOWN (XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM)
 
 /**
  * Element type of the tensor the values came from (values always cross as f32).
@@ -174,7 +187,10 @@ typedef void (*XpmDestroyFn)(void *state);
 typedef void (*XpmFreeBufFn)(struct XpmBuf buf);
 
 /**
- * What `xpm_merge_plugin_v1` returns. Later minor versions only append fields.
+ * What `xpm_merge_plugin_v1` returns. Later minor versions only append fields: a host reads a
+ * field only when the descriptor's `size` covers it, and a descriptor of
+ * [`XPM_DESCRIPTOR_V1_0_SIZE`] bytes (ABI 1.0) stays valid for every 1.x host. Every function
+ * pointer must be non-NULL; the host refuses a descriptor with a NULL one, naming the slot.
  */
 typedef struct XpmPluginDescriptorV1 {
   /**

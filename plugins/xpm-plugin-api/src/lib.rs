@@ -34,10 +34,17 @@ pub const XPM_ERR: i32 = 1;
 /// The plugin panicked; the error buffer holds the panic message.
 pub const XPM_PANIC: i32 = 2;
 
-/// Capability: the plugin may drop support entries (clear keep flags).
+/// Capability: the plugin may drop support entries (clear keep flags). A plugin that clears a
+/// keep flag without declaring it is refused.
 pub const XPM_CAP_DROPS_ENTRIES: u64 = 1;
 /// Capability: the plugin uses the per-(expert, tensor) seeds.
 pub const XPM_CAP_RANDOM: u64 = 2;
+/// Capability bits 0–31 are optional: a host that does not know one ignores it. Bits 32–63 are
+/// required: a host that does not know one refuses the plugin (a later minor version may define
+/// a behaviour the host must implement to merge correctly).
+pub const XPM_CAP_REQUIRED_MASK: u64 = 0xFFFF_FFFF_0000_0000;
+/// Every capability bit this version of the ABI defines.
+pub const XPM_CAP_KNOWN: u64 = XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM;
 
 /// Element type of the tensor the values came from (values always cross as f32).
 pub const XPM_DTYPE_F32: u32 = 0;
@@ -102,25 +109,34 @@ pub struct XpmOutputView {
     pub written: usize,
 }
 
+// The entry points are `Option`s of function pointers: the same layout as a C function pointer,
+// and a NULL from a C plugin is `None` (never a Rust fn pointer that is null).
+
 /// Returns the plugin's parameter JSON Schema (a static string the plugin owns).
-pub type XpmParamsSchemaFn = unsafe extern "C" fn() -> XpmStr;
+pub type XpmParamsSchemaFn = Option<unsafe extern "C" fn() -> XpmStr>;
 /// Create a merge state from parameters (a JSON object). On failure returns `XPM_ERR` or
 /// `XPM_PANIC` and sets `*err`.
-pub type XpmCreateFn =
-    unsafe extern "C" fn(params_json: XpmStr, state: *mut *mut c_void, err: *mut XpmBuf) -> i32;
+pub type XpmCreateFn = Option<
+    unsafe extern "C" fn(params_json: XpmStr, state: *mut *mut c_void, err: *mut XpmBuf) -> i32,
+>;
 /// Merge one tensor into `out`.
-pub type XpmMergeFn = unsafe extern "C" fn(
-    state: *mut c_void,
-    tensor: *const XpmTensorView,
-    out: *mut XpmOutputView,
-    err: *mut XpmBuf,
-) -> i32;
+pub type XpmMergeFn = Option<
+    unsafe extern "C" fn(
+        state: *mut c_void,
+        tensor: *const XpmTensorView,
+        out: *mut XpmOutputView,
+        err: *mut XpmBuf,
+    ) -> i32,
+>;
 /// Free a state made by `create`.
-pub type XpmDestroyFn = unsafe extern "C" fn(state: *mut c_void);
+pub type XpmDestroyFn = Option<unsafe extern "C" fn(state: *mut c_void)>;
 /// Free a buffer the plugin allocated (error messages).
-pub type XpmFreeBufFn = unsafe extern "C" fn(buf: XpmBuf);
+pub type XpmFreeBufFn = Option<unsafe extern "C" fn(buf: XpmBuf)>;
 
-/// What `xpm_merge_plugin_v1` returns. Later minor versions only append fields.
+/// What `xpm_merge_plugin_v1` returns. Later minor versions only append fields: a host reads a
+/// field only when the descriptor's `size` covers it, and a descriptor of
+/// [`XPM_DESCRIPTOR_V1_0_SIZE`] bytes (ABI 1.0) stays valid for every 1.x host. Every function
+/// pointer must be non-NULL; the host refuses a descriptor with a NULL one, naming the slot.
 #[repr(C)]
 pub struct XpmPluginDescriptorV1 {
     /// `sizeof(XpmPluginDescriptorV1)` as the plugin was compiled.
@@ -139,6 +155,32 @@ pub struct XpmPluginDescriptorV1 {
     pub destroy: XpmDestroyFn,
     pub free_buf: XpmFreeBufFn,
 }
+
+/// The size of an ABI 1.0 descriptor, frozen: fields appended by later minor versions lie past
+/// it, and hosts accept any descriptor at least this large.
+/// 96 bytes on 64-bit targets, 56 on 32-bit ones.
+pub const XPM_DESCRIPTOR_V1_0_SIZE: usize = 10 * core::mem::size_of::<usize>() + 16;
+
+// The 1.0 layout is frozen: these fail to compile if a field moves or the size changes.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    type D = XpmPluginDescriptorV1;
+    let p = size_of::<usize>();
+    assert!(offset_of!(D, size) == 0);
+    assert!(offset_of!(D, abi_major) == p);
+    assert!(offset_of!(D, abi_minor) == p + 4);
+    assert!(offset_of!(D, name) == p + 8);
+    assert!(offset_of!(D, version) == 3 * p + 8);
+    assert!(offset_of!(D, capabilities) == 5 * p + 8);
+    assert!(offset_of!(D, params_schema) == 5 * p + 16);
+    assert!(offset_of!(D, create) == 6 * p + 16);
+    assert!(offset_of!(D, merge) == 7 * p + 16);
+    assert!(offset_of!(D, destroy) == 8 * p + 16);
+    assert!(offset_of!(D, free_buf) == 9 * p + 16);
+    assert!(size_of::<D>() == XPM_DESCRIPTOR_V1_0_SIZE);
+    // `Option` of a function pointer is a nullable pointer: the C layout is unchanged.
+    assert!(size_of::<XpmMergeFn>() == p);
+};
 
 /// The entry point's type.
 pub type XpmEntryV1 = unsafe extern "C" fn() -> *const XpmPluginDescriptorV1;

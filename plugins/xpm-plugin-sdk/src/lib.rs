@@ -286,11 +286,11 @@ macro_rules! export {
                     name: $crate::xpm_str(<$strategy as $crate::Strategy>::NAME),
                     version: $crate::xpm_str(<$strategy as $crate::Strategy>::VERSION),
                     capabilities: <$strategy as $crate::Strategy>::CAPABILITIES,
-                    params_schema: $crate::__rt::params_schema::<$strategy>,
-                    create: $crate::__rt::create::<$strategy>,
-                    merge: $crate::__rt::merge::<$strategy>,
-                    destroy: $crate::__rt::destroy::<$strategy>,
-                    free_buf: $crate::__rt::free_buf,
+                    params_schema: Some($crate::__rt::params_schema::<$strategy>),
+                    create: Some($crate::__rt::create::<$strategy>),
+                    merge: Some($crate::__rt::merge::<$strategy>),
+                    destroy: Some($crate::__rt::destroy::<$strategy>),
+                    free_buf: Some($crate::__rt::free_buf),
                 };
             &DESCRIPTOR
         }
