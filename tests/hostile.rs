@@ -210,3 +210,74 @@ fn a_device_or_fifo_output_is_refused_not_replaced() {
             "Creating directory `new/dir` for -o",
         ));
 }
+
+/// The process umask, from /proc (Linux).
+fn umask() -> u32 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with("Umask:")).unwrap();
+    u32::from_str_radix(line.split_whitespace().nth(1).unwrap(), 8).unwrap()
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn written_files_follow_the_umask_and_replaced_files_keep_their_mode() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let ctx = TestContext::new();
+    installed_project(&ctx);
+    let want = 0o666 & !umask();
+    for f in [
+        ctx.path("xpm.lock"),
+        ctx.path("xpm.toml"),
+        files_under(&ctx.path("home/cache/blobs-v1")).remove(0),
+    ] {
+        assert_eq!(mode(&f), want, "{}", f.display());
+    }
+    let registry_files = files_under(&ctx.path("home/registry"));
+    assert!(!registry_files.is_empty());
+    for f in registry_files {
+        assert_eq!(mode(&f), want, "{}", f.display());
+    }
+    ctx.xpm()
+        .args(["merge", "alpha", "-o", "m.xpm"])
+        .assert()
+        .success();
+    assert_eq!(mode(&ctx.path("m.xpm")), want);
+    // An existing file keeps its own mode when xpm replaces it.
+    std::fs::set_permissions(ctx.path("xpm.toml"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    make_expert(&ctx.path("beta.xpm"), "beta", "1.0.0", "minilm", 4096, 8);
+    ctx.xpm().args(["publish", "beta.xpm"]).assert().success();
+    ctx.xpm().args(["install", "beta@1"]).assert().success();
+    assert!(
+        std::fs::read_to_string(ctx.path("xpm.toml"))
+            .unwrap()
+            .contains("beta")
+    );
+    assert_eq!(mode(&ctx.path("xpm.toml")), 0o640);
+}
+
+#[test]
+fn an_unknown_registry_scheme_or_credentials_in_a_url_are_refused() {
+    let ctx = TestContext::new();
+    make_expert(&ctx.path("a.xpm"), "a", "1.0.0", "minilm", 4096, 1);
+    for (reg, want) in [
+        (
+            "htp://127.0.0.1:9/x",
+            "unsupported registry scheme `htp://`",
+        ),
+        ("ftp://127.0.0.1/x", "unsupported registry scheme `ftp://`"),
+        ("127.0.0.1:8417", "did you mean `http://127.0.0.1:8417`"),
+        ("http://user:hunter2@127.0.0.1:9", "carries credentials"),
+    ] {
+        ctx.xpm()
+            .args(["publish", "a.xpm", "--registry", reg])
+            .assert()
+            .failure()
+            .stderr(predicate::str::contains(want).and(predicate::str::contains("hunter2").not()));
+    }
+    // Nothing was created under a directory named after the bad location.
+    assert!(!ctx.path("htp:").exists() && !ctx.path("127.0.0.1:8417").exists());
+}

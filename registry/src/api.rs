@@ -385,8 +385,7 @@ async fn publish(State(s): State<AppState>, headers: HeaderMap, body: Body) -> A
     }
     // Stream the body to a staging file, hashing as it arrives.
     let dir = s.storage.staging_dir();
-    let tmp = tempfile::Builder::new()
-        .prefix(".xpm-tmp-")
+    let tmp = xpm_core::fsutil::temp_builder(false)
         .tempfile_in(&dir)
         .map_err(|e| {
             ApiError::from_xpm(xpm_core::Error::io("create a temporary file in", &dir, e))

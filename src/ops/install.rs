@@ -9,7 +9,7 @@
 //! verified artifacts in the store and the old lockfile, which the next `xpm install` fixes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
@@ -72,12 +72,12 @@ pub fn registry_location(flag: Option<&str>, project: &Project, home: &XpmHome) 
         return f.to_string();
     }
     if let Some(r) = project.manifest.as_ref().and_then(|m| m.registry.clone()) {
-        // A relative path (plain or file://) in xpm.toml is relative to the project directory.
-        let path = r.strip_prefix("file://").unwrap_or(&r);
-        if r.starts_with("http://") || r.starts_with("https://") || Path::new(path).is_absolute() {
-            return r;
-        }
-        return project.dir.join(path).display().to_string();
+        // A relative path (plain or file://) in xpm.toml is relative to the project directory;
+        // a location that does not parse is reported when the registry is opened.
+        return match registry::Location::parse(&r) {
+            Ok(loc) => loc.resolved_against(&project.dir).to_string(),
+            Err(_) => r,
+        };
     }
     registry::default_location(home)
 }

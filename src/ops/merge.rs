@@ -511,8 +511,7 @@ pub fn run(req: MergeRequest, home: &XpmHome, printer: &Printer) -> Result<Merge
         Some(_) => {
             let dir = crate::fsutil::parent_dir(&out);
             std::fs::create_dir_all(&dir).at("create directory", &dir)?;
-            let t = tempfile::Builder::new()
-                .prefix(".xpm-tmp-")
+            let t = crate::fsutil::temp_builder(false)
                 .suffix(".xpm")
                 .tempfile_in(&dir)
                 .at("create a temporary file in", &dir)?

@@ -122,6 +122,28 @@ fn absolute(path: &Path) -> PathBuf {
     }
 }
 
+/// A builder for xpm's temporary files and directories (`.xpm-tmp-*`), created with the modes
+/// an ordinary file gets (`0666` and `0777` less the umask) instead of tempfile's private
+/// `0600`/`0700`: what xpm writes by renaming a temporary file (artifacts, `xpm.toml`,
+/// `xpm.lock`, registry indexes and blobs, applied models) must be readable by whoever the
+/// user's umask allows, e.g. a team sharing a registry directory.
+pub fn temp_builder(dir: bool) -> tempfile::Builder<'static, 'static> {
+    let mut b = tempfile::Builder::new();
+    b.prefix(".xpm-tmp-");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        b.permissions(std::fs::Permissions::from_mode(if dir {
+            0o777
+        } else {
+            0o666
+        }));
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    b
+}
+
 /// A temporary file in the directory of `path` (so a rename onto `path` is atomic), and a
 /// buffered writer on it. The file is removed if dropped before being persisted. Refuses a
 /// `path` that is a special file ([`check_replaceable`]).
@@ -131,10 +153,13 @@ pub fn temp_file_beside(
     check_replaceable(path)?;
     let dir = parent_dir(path);
     std::fs::create_dir_all(&dir).at("create directory", &dir)?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".xpm-tmp-")
+    let tmp = temp_builder(false)
         .tempfile_in(&dir)
         .at("create a temporary file in", &dir)?;
+    // Replacing a file keeps its mode (a 0644 `xpm.toml` stays 0644).
+    if let Ok(m) = std::fs::metadata(path) {
+        std::fs::set_permissions(tmp.path(), m.permissions()).at("set the mode of", tmp.path())?;
+    }
     let file = tmp.as_file().try_clone().at("open", tmp.path())?;
     Ok((tmp, std::io::BufWriter::with_capacity(1 << 20, file)))
 }
@@ -182,8 +207,7 @@ pub fn build_dir_atomic<T>(dest: &Path, fill: impl FnOnce(&Path) -> Result<T>) -
     }
     let parent = parent_dir(dest);
     std::fs::create_dir_all(&parent).at("create directory", &parent)?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".xpm-tmp-")
+    let tmp = temp_builder(true)
         .tempdir_in(&parent)
         .at("create a temporary directory in", &parent)?;
     let out = fill(tmp.path())?;

@@ -109,8 +109,7 @@ impl Store {
         let tmp_dir = self.cache.join("tmp-v1");
         std::fs::create_dir_all(&tmp_dir).at("create directory", &tmp_dir)?;
         retry(|| {
-            let tmp = tempfile::Builder::new()
-                .prefix(".xpm-tmp-")
+            let tmp = crate::fsutil::temp_builder(false)
                 .tempfile_in(&tmp_dir)
                 .at("create a temporary file in", &tmp_dir)?;
             let mut reader = reg.open_blob(line)?;

@@ -6,15 +6,17 @@
 pub mod http;
 pub mod index;
 pub mod local;
+pub mod location;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{Error, IoResultExt, Result};
 use crate::home::XpmHome;
 
 pub use index::{IndexLine, RegistryConfig, SearchHit, SearchResults};
 pub use local::LocalRegistry;
+pub use location::Location;
 
 /// What every registry backend does.
 pub trait Registry: Send + Sync {
@@ -61,14 +63,12 @@ pub fn open(
     opts: &ClientOptions,
     create: bool,
 ) -> Result<Box<dyn Registry>> {
-    if location.starts_with("http://") || location.starts_with("https://") {
-        return Ok(Box::new(http::HttpRegistry::new(location, home, opts)?));
-    }
-    let path = PathBuf::from(location.strip_prefix("file://").unwrap_or(location));
-    let path = if path.is_absolute() {
-        path
-    } else {
-        std::env::current_dir().at("read", ".")?.join(path)
+    let path = match Location::parse(location)? {
+        Location::Http(url) => {
+            return Ok(Box::new(http::HttpRegistry::new(url.as_str(), home, opts)?));
+        }
+        Location::Dir(path) if path.is_absolute() => path,
+        Location::Dir(path) => std::env::current_dir().at("read", ".")?.join(path),
     };
     let reg = if create {
         LocalRegistry::open_or_init(&path)?
