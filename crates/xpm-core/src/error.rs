@@ -91,9 +91,11 @@ impl Error {
                  and run `xpm verify {}` to check it",
                 path.display()
             )),
-            Error::UnsupportedFormat { .. } => {
-                Some("upgrade xpm (`cargo install --locked xpm`) to read this artifact".to_string())
-            }
+            Error::UnsupportedFormat { .. } => Some(
+                "upgrade xpm (from a clone of its repository: `cargo install --locked --path .`) \
+                     to read this artifact"
+                    .to_string(),
+            ),
             Error::Input { hint, .. }
             | Error::Conflict { hint, .. }
             | Error::Plugin { hint, .. }

@@ -237,7 +237,10 @@ impl Plugin {
         let v = jsonschema::validator_for(&self.params_schema).expect("checked at load");
         let errors: Vec<String> = v
             .iter_errors(params)
-            .map(|e| format!("{e} (at `{}`)", e.instance_path()))
+            .map(|e| match e.instance_path().to_string() {
+                p if p.is_empty() => format!("{e} (in the parameter object)"),
+                p => format!("{e} (at `{p}`)"),
+            })
             .collect();
         if !errors.is_empty() {
             return Err(plugin_error(
