@@ -281,3 +281,120 @@ fn an_unknown_registry_scheme_or_credentials_in_a_url_are_refused() {
     // Nothing was created under a directory named after the bad location.
     assert!(!ctx.path("htp:").exists() && !ctx.path("127.0.0.1:8417").exists());
 }
+
+#[test]
+fn non_finite_values_are_never_written() {
+    let ctx = TestContext::new();
+    // pack: an unpacked expert whose values were edited to hold NaN.
+    make_expert(&ctx.path("a.xpm"), "a", "1.0.0", "minilm", 4096, 1);
+    ctx.xpm()
+        .args(["unpack", "a.xpm", "-o", "d"])
+        .assert()
+        .success();
+    let st = ctx.path("d/tensors.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    let (n, hdr) = {
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let hdr: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        (n, hdr)
+    };
+    let (name, info) = hdr
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, v)| k.ends_with("values") && v["dtype"] == "F32")
+        .expect("an f32 values tensor");
+    let start = 8 + n + info["data_offsets"][0].as_u64().unwrap() as usize;
+    let mut bad = bytes.clone();
+    bad[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&st, bad).unwrap();
+    ctx.xpm()
+        .args(["pack", "d", "-o", "nan.xpm"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("holds NaN").and(predicate::str::contains("non-finite")));
+    assert!(!ctx.path("nan.xpm").exists(), "{name}");
+    // extract: a delta that overflows f16 (65504 − (−65504)) is refused, not stored as ∞.
+    let base: Tensors = vec![("w".into(), vec![2, 2], vec![-65504.0, 0.0, 0.0, 0.0])];
+    let tuned: Tensors = vec![("w".into(), vec![2, 2], vec![65504.0, 0.0, 0.0, 0.5])];
+    write_st(
+        &ctx.path("base/model.safetensors"),
+        &base,
+        safetensors::Dtype::F16,
+    );
+    write_st(
+        &ctx.path("tuned/model.safetensors"),
+        &tuned,
+        safetensors::Dtype::F16,
+    );
+    ctx.xpm()
+        .args([
+            "extract",
+            "--base",
+            "base",
+            "--tuned",
+            "tuned",
+            "--density",
+            "0.5",
+        ])
+        .args(["--name", "ov", "--version", "1.0.0", "-o", "ov.xpm"])
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("holds inf")
+                .and(predicate::str::contains("--values-dtype f32")),
+        );
+    assert!(!ctx.path("ov.xpm").exists());
+    ctx.xpm()
+        .args([
+            "extract",
+            "--base",
+            "base",
+            "--tuned",
+            "tuned",
+            "--density",
+            "0.5",
+        ])
+        .args([
+            "--name",
+            "ov",
+            "--version",
+            "1.0.0",
+            "-o",
+            "ov.xpm",
+            "--values-dtype",
+            "f32",
+        ])
+        .assert()
+        .success();
+}
+
+#[test]
+fn shapes_the_reader_would_refuse_are_refused_by_the_writer() {
+    let ctx = TestContext::new();
+    make_expert(&ctx.path("a.xpm"), "a", "1.0.0", "minilm", 4096, 1);
+    ctx.xpm()
+        .args(["unpack", "a.xpm", "-o", "d"])
+        .assert()
+        .success();
+    let manifest = ctx.path("d/manifest.json");
+    let good = std::fs::read_to_string(&manifest).unwrap();
+    for shape in [
+        serde_json::json!([1u64 << 57]),
+        serde_json::json!([(1u64 << 32) + 1, 1u64 << 32]),
+        serde_json::json!([1u64 << 32, 1u64 << 32]),
+    ] {
+        let mut m: serde_json::Value = serde_json::from_str(&good).unwrap();
+        m["tensors"][0]["shape"] = shape.clone();
+        std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+        ctx.xpm()
+            .args(["pack", "d", "-o", "big.xpm"])
+            .assert()
+            .failure()
+            .stderr(
+                predicate::str::contains("has more than")
+                    .and(predicate::str::contains("panicked").not()),
+            );
+        assert!(!ctx.path("big.xpm").exists(), "{shape}");
+    }
+}

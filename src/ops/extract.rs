@@ -237,6 +237,20 @@ pub fn select_targets(base: &Checkpoint, patterns: &[String]) -> Result<Vec<Stri
         })
         .map(str::to_string)
         .collect();
+    // `xpm apply` adds deltas to f32, f16 and bf16 tensors only: refuse now what it would
+    // refuse later.
+    if let Some(n) = names
+        .iter()
+        .find(|n| base.info(n).expect("listed").dtype == safetensors::Dtype::F64)
+    {
+        return Err(Error::input(
+            format!(
+                "target tensor `{n}` of `{}` is f64; xpm's experts apply to f32, f16 and bf16 tensors",
+                base.root().display()
+            ),
+            Some("convert both models to f32 first, or leave the f64 tensors out with --targets"),
+        ));
+    }
     if names.is_empty() {
         let sample: Vec<&str> = base.names().take(3).collect();
         return Err(Error::input(

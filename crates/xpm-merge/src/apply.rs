@@ -96,16 +96,23 @@ pub fn apply(
             )
         })?;
         let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
-        if shape != t.shape
-            || !is_float(info.dtype)
-            || xpm_core::format::Dtype::from_safetensors(info.dtype).is_none()
+        if shape != t.shape {
+            return Err(Error::input(
+                format!(
+                    "tensor `{}` is {:?} in the base but the expert's delta is {:?}",
+                    t.name, info.shape, t.shape
+                ),
+                Some("apply an expert only to the base model it was made from"),
+            ));
+        }
+        if !is_float(info.dtype) || xpm_core::format::Dtype::from_safetensors(info.dtype).is_none()
         {
             return Err(Error::input(
                 format!(
-                    "tensor `{}` is {:?} {:?} in the base but the expert's delta is {:?}",
-                    t.name, info.dtype, info.shape, t.shape
+                    "tensor `{}` is {:?} in the base; xpm applies deltas to f32, f16 and bf16 tensors",
+                    t.name, info.dtype
                 ),
-                None,
+                Some("convert the base model to f32 (or f16/bf16) first"),
             ));
         }
         delta_of.insert(&t.name, i);

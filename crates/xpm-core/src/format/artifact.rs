@@ -99,6 +99,19 @@ type RawPart<'a> = (PartRole, safetensors::Dtype, Vec<usize>, Cow<'a, [u8]>);
 /// Pure and thread-safe: callers run it in parallel across tensors.
 pub fn encode_tensor(t: &TensorData, level: i32) -> Result<EncodedTensor> {
     t.validate()?;
+    if let Some((part, i, v)) = t.first_non_finite() {
+        return Err(Error::input(
+            format!(
+                "tensor `{}` holds {v} (entry {i} of its {part}); xpm does not store non-finite deltas",
+                t.name
+            ),
+            Some(
+                "a NaN or ∞ usually means an overflow of the values dtype (for `xpm extract`, \
+                 store the values in f32 with `--values-dtype f32`) or diverged training (lower \
+                 the learning rate)",
+            ),
+        ));
+    }
     let mut entry = t.entry();
     let vdt = t.dtype.to_safetensors();
     let to_usize = |s: &[u64]| s.iter().map(|&d| d as usize).collect::<Vec<_>>();
@@ -743,6 +756,18 @@ impl ArtifactReader {
         };
         data.validate()
             .map_err(|e| Error::corrupt(&self.path, e.to_string()))?;
+        if let Some((part, i, v)) = data.first_non_finite() {
+            return Err(Error::input(
+                format!(
+                    "`{}`: tensor `{}` holds {v} (entry {i} of its {part}); xpm refuses non-finite deltas",
+                    self.path.display(),
+                    data.name
+                ),
+                Some(
+                    "re-create the expert from finite values; merging or applying it would spread the NaN or ∞",
+                ),
+            ));
+        }
         Ok(data)
     }
 }
@@ -773,12 +798,13 @@ fn check_manifest(m: &Manifest, payload: &Payload) -> std::result::Result<(), St
         if name.is_empty() || !names.insert(name.as_str()) {
             return Err(format!("tensor name `{name}` is empty or repeated"));
         }
-        let n = t
-            .shape
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .filter(|&n| n < 1 << 56)
-            .ok_or_else(|| format!("tensor `{name}`: shape {:?} is too large", t.shape))?;
+        let n = super::mask::checked_numel(&t.shape).ok_or_else(|| {
+            format!(
+                "tensor `{name}`: shape {:?} has more than {} elements",
+                t.shape,
+                super::mask::MAX_NUMEL
+            )
+        })?;
         let es = t.dtype.size() as u64;
         let roles: Vec<PartRole> = t.stored.iter().map(|p| p.role).collect();
         let expect = |want: &[PartRole]| {

@@ -51,6 +51,27 @@ impl Dtype {
     }
 
     /// Decode little-endian bytes of this dtype into `f32`s.
+    /// The position of the first value in `bytes` (little-endian values of this dtype) that is
+    /// NaN or ±∞, and that value as f32; `None` when every value is finite.
+    pub fn first_non_finite(self, bytes: &[u8]) -> Option<(usize, f32)> {
+        // A value is non-finite exactly when its exponent bits are all ones.
+        match self {
+            Dtype::F32 => bytes.chunks_exact(4).position(|c| {
+                u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000
+            }),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        }
+        .map(|i| {
+            let s = self.size();
+            (i, self.to_f32(&bytes[i * s..(i + 1) * s])[0])
+        })
+    }
+
     pub fn to_f32(self, bytes: &[u8]) -> Vec<f32> {
         let mut out = Vec::new();
         self.to_f32_into(bytes, &mut out);
@@ -125,6 +146,29 @@ impl std::str::FromStr for Dtype {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn non_finite_values_are_found_in_every_dtype() {
+        use super::Dtype;
+        for d in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            assert_eq!(d.first_non_finite(&d.from_f32(&[0.0, -1.5, 65000.0])), None);
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let (i, v) = d
+                    .first_non_finite(&d.from_f32(&[1.0, 2.0, bad, 3.0]))
+                    .unwrap();
+                assert_eq!(i, 2, "{d:?}");
+                assert!(!v.is_finite() && (v.is_nan() == bad.is_nan()), "{d:?} {v}");
+            }
+        }
+        // 1e6 overflows f16 to ∞.
+        assert_eq!(
+            Dtype::F16
+                .first_non_finite(&Dtype::F16.from_f32(&[1e6]))
+                .unwrap()
+                .0,
+            0
+        );
+    }
+
     use super::*;
 
     #[test]

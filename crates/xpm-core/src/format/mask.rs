@@ -190,9 +190,23 @@ pub fn decode(
     }
 }
 
-/// Number of elements of a shape (1 for a scalar).
+/// The largest number of elements a tensor may have, for writers and readers alike (2^56: flat
+/// indices, byte sizes and their sums stay far from u64 overflow).
+pub const MAX_NUMEL: u64 = 1 << 56;
+
+/// Number of elements of a shape (1 for a scalar), or `None` when the product overflows or
+/// exceeds [`MAX_NUMEL`].
+pub fn checked_numel(shape: &[u64]) -> Option<u64> {
+    shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= MAX_NUMEL)
+}
+
+/// Number of elements of a shape (1 for a scalar); saturates for shapes that
+/// [`checked_numel`] refuses (every reader and writer checks that first).
 pub fn numel(shape: &[u64]) -> u64 {
-    shape.iter().product()
+    checked_numel(shape).unwrap_or(u64::MAX)
 }
 
 // ---------------------------------------------------------------------------------------------

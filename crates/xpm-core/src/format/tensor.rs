@@ -87,6 +87,22 @@ impl TensorData {
         }
     }
 
+    /// The first non-finite stored value: which buffer (`values`, `delta`, `lora_a`,
+    /// `lora_b`), its position there and the value. xpm refuses to write such a tensor and to
+    /// read one (a NaN or ∞ in a delta poisons every merge and every applied model).
+    pub fn first_non_finite(&self) -> Option<(&'static str, usize, f32)> {
+        let parts: Vec<(&'static str, &[u8])> = match &self.content {
+            Content::Sparse { values, .. } => vec![("values", values)],
+            Content::Dense { delta } => vec![("delta", delta)],
+            Content::Lora { a, b, .. } => vec![("lora_a", a), ("lora_b", b)],
+        };
+        parts.into_iter().find_map(|(part, bytes)| {
+            self.dtype
+                .first_non_finite(bytes)
+                .map(|(i, v)| (part, i, v))
+        })
+    }
+
     /// Check that sizes, shapes and indices are consistent.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String, hint: &str| {
@@ -98,7 +114,16 @@ impl TensorData {
         if self.name.is_empty() {
             return bad("empty tensor name".into(), "every tensor needs a name");
         }
-        let n = self.numel();
+        let Some(n) = mask::checked_numel(&self.shape) else {
+            return bad(
+                format!(
+                    "shape {:?} has more than {} elements",
+                    self.shape,
+                    mask::MAX_NUMEL
+                ),
+                "a tensor may have at most 2^56 elements",
+            );
+        };
         let es = self.dtype.size() as u64;
         match &self.content {
             Content::Sparse {
@@ -137,7 +162,8 @@ impl TensorData {
                 if r == 0 {
                     return bad("LoRA rank 0".into(), "rank must be at least 1");
                 }
-                if a.len() as u64 != r * inp * es || b.len() as u64 != out * r * es {
+                let bytes = |x: u64, y: u64| x.checked_mul(y).and_then(|v| v.checked_mul(es));
+                if bytes(r, inp) != Some(a.len() as u64) || bytes(out, r) != Some(b.len() as u64) {
                     return bad(
                         format!(
                             "LoRA factors have {} and {} bytes; rank {r} and shape [{out}, {inp}] need A = [{r}, {inp}] and B = [{out}, {r}]",
