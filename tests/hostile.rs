@@ -398,3 +398,37 @@ fn shapes_the_reader_would_refuse_are_refused_by_the_writer() {
         assert!(!ctx.path("big.xpm").exists(), "{shape}");
     }
 }
+
+#[test]
+fn mistyped_names_get_a_did_you_mean() {
+    let ctx = TestContext::new();
+    make_expert(&ctx.path("sst2.xpm"), "sst2", "1.0.0", "minilm", 4096, 3);
+    ctx.xpm().args(["publish", "sst2.xpm"]).assert().success();
+    ctx.xpm()
+        .args(["install", "sst"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("did you mean `sst2` for `sst`?"));
+    for (args, want) in [
+        (vec!["--strategy", "tie"], "did you mean `ties`?"),
+        (
+            vec!["--strategy", "sparse_mean"],
+            "did you mean `sparse-mean`?",
+        ),
+        (
+            vec!["--strategy", "ties", "--param", "densty=0.5"],
+            "did you mean `density`?",
+        ),
+        (
+            vec!["--strategy", "ties", "--preset", "mergekt"],
+            "a similar value exists: 'mergekit'",
+        ),
+    ] {
+        ctx.xpm()
+            .args(["merge", "sst2.xpm", "sst2.xpm", "-o", "m.xpm"])
+            .args(&args)
+            .assert()
+            .failure()
+            .stderr(predicate::str::contains(want));
+    }
+}

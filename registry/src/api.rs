@@ -86,8 +86,8 @@ impl ApiError {
                 hint,
             },
             // Only the server's own storage yields these (e.g. a damaged index file).
-            E::Registry { message, .. } => {
-                eprintln!("xpm-registry: storage error: {message}");
+            E::Registry { url, message, .. } => {
+                eprintln!("xpm-registry: storage error in {url}: {message}");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal storage error",

@@ -84,6 +84,16 @@ impl Storage for DiskStorage {
     }
 
     fn search(&self, query: &str) -> Result<Vec<SearchHit>> {
-        self.reg.search(query)
+        let (hits, skipped) = self.reg.search_skipping(query)?;
+        for e in skipped {
+            // The error names the index file (its source) and the line.
+            match &e {
+                xpm_core::Error::Registry { url, message, .. } => {
+                    eprintln!("xpm-registry: skipping a damaged index file {url}: {message}")
+                }
+                other => eprintln!("xpm-registry: skipping a damaged index file: {other}"),
+            }
+        }
+        Ok(hits)
     }
 }

@@ -15,7 +15,12 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     tuned: PathBuf,
     /// Fraction of entries kept per target tensor, in (0, 1]
-    #[arg(long, default_value_t = 0.05, value_name = "D")]
+    #[arg(
+        long,
+        default_value_t = 0.05,
+        value_name = "D",
+        allow_negative_numbers = true
+    )]
     density: f64,
     /// Glob patterns over tensor names [default: every floating-point tensor of rank ≥ 2]
     #[arg(long, num_args = 1.., value_name = "GLOB")]

@@ -25,7 +25,12 @@ pub struct Args {
     #[arg(long = "plugin", value_name = "PATH")]
     plugins: Vec<PathBuf>,
     /// One weight per expert, comma-separated [default: all 1]
-    #[arg(long, value_delimiter = ',', value_name = "W,…")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "W,…",
+        allow_hyphen_values = true
+    )]
     weights: Vec<f64>,
     /// Strategy parameter, repeatable: lambda, density, gamma, epsilon, sign
     /// (total|weighted|frequency), divisor (count|weights|none), rescale (bernoulli|l1),
@@ -33,8 +38,8 @@ pub struct Args {
     #[arg(long = "param", value_name = "KEY=VALUE")]
     params: Vec<String>,
     /// Start from another library's defaults: `peft` or `mergekit`
-    #[arg(long)]
-    preset: Option<crate::merge::Preset>,
+    #[arg(long, value_parser = ["peft", "mergekit"])]
+    preset: Option<String>,
     /// Other settings for tensors matching a glob, repeatable, first match wins:
     /// `GLOB:strategy=mean,density=0.5`
     #[arg(long = "override", value_name = "GLOB:KEY=VALUE,…")]
@@ -93,7 +98,7 @@ fn recipe_from_flags(a: &Args) -> anyhow::Result<Recipe> {
     Ok(Recipe {
         version: crate::merge::recipe::RECIPE_VERSION,
         strategy: a.strategy.clone(),
-        preset: a.preset.map(|p| p.to_string()),
+        preset: a.preset.clone(),
         seed: a.seed.unwrap_or(0),
         output: None,
         params,

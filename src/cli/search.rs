@@ -7,8 +7,8 @@ pub struct Args {
     #[arg(required = true)]
     words: Vec<String>,
     /// Show at most this many results
-    #[arg(long, default_value_t = 20)]
-    limit: usize,
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    limit: u64,
     /// Print the results as JSON
     #[arg(long)]
     json: bool,
@@ -19,8 +19,13 @@ pub struct Args {
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     let location = a.registry.location(&ctx.home)?;
     let query = a.words.join(" ");
-    let r =
-        crate::ops::search::search(&ctx.home, &query, a.limit, &location, &a.registry.client())?;
+    let r = crate::ops::search::search(
+        &ctx.home,
+        &query,
+        a.limit as usize,
+        &location,
+        &a.registry.client(),
+    )?;
     if a.json {
         ctx.printer.out(serde_json::to_string_pretty(&r)?);
     } else if r.experts.is_empty() {

@@ -168,7 +168,7 @@ pub fn install(
             base: pinned_base.clone(),
             locked: pinned,
         };
-        resolve(&reqs, &index, &c)?
+        resolve(&reqs, &index, &c).map_err(|e| suggest_names(e, &names, &index, reg.as_ref()))?
     };
 
     // Download what the store lacks, and what it holds damaged (checked, not trusted).
@@ -351,4 +351,42 @@ fn download_all(
         crate::parallel::collect_ordered(jobs, lines, |line| store.fetch(reg, line, &progress));
     pb.finish_and_clear();
     results
+}
+
+/// Add "did you mean" to a resolution error for the requested names the registry does not
+/// have, from the names it does have (its search listing).
+fn suggest_names(
+    e: Error,
+    names: &[&str],
+    index: &BTreeMap<String, Vec<IndexLine>>,
+    reg: &dyn Registry,
+) -> Error {
+    let Error::Input { message, hint } = e else {
+        return e;
+    };
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| !index.contains_key(*n))
+        .collect();
+    let known: Vec<String> = match missing.is_empty() {
+        true => Vec::new(),
+        false => reg
+            .search("", 10_000)
+            .map(|r| r.experts.into_iter().map(|h| h.name).collect())
+            .unwrap_or_default(),
+    };
+    let tips: Vec<String> = missing
+        .iter()
+        .filter_map(|m| {
+            crate::suggest::did_you_mean(m, known.iter().map(String::as_str))
+                .map(|k| format!("did you mean `{k}` for `{m}`?"))
+        })
+        .collect();
+    let hint = match (tips.is_empty(), hint) {
+        (true, h) => h,
+        (false, Some(h)) => Some(format!("{} {h}", tips.join(" "))),
+        (false, None) => Some(tips.join(" ")),
+    };
+    Error::Input { message, hint }
 }

@@ -424,7 +424,11 @@ pub fn method_from_recipe(
                     recipe.strategy
                 ),
                 Some(&format!(
-                    "built-in strategies: {}; plugins are loaded from --plugin PATH, $XPM_PLUGIN_PATH and {} (`xpm plugin list` shows them)",
+                    "{}built-in strategies: {}; plugins are loaded from --plugin PATH, $XPM_PLUGIN_PATH and {} (`xpm plugin list` shows them)",
+                    crate::suggest::hint_prefix(
+                        &recipe.strategy,
+                        Strategy::ALL.into_iter().chain(Strategy::LORA).map(|s| s.as_str())
+                    ),
                     Strategy::ALL
                         .into_iter()
                         .chain(Strategy::LORA)

@@ -6,7 +6,7 @@
 //!   [`resolve`]: choosing versions on one base; [`store`]: the content-addressed cache;
 //!   [`project`]: `xpm.toml` and `xpm.lock`;
 //! - plumbing: [`error`], [`digest`], [`fsutil`], [`home`], [`printer`] (all user-facing output
-//!   and progress), [`parallel`] (the one ordered parallel map), [`select`] (selection counts),
+//!   and progress), [`suggest`] ("did you mean"), [`parallel`] (the one ordered parallel map), [`select`] (selection counts),
 //!   [`pool`] and [`alloc`] (buffer reuse, allocator settings), [`rng`], [`units`].
 //!
 //! Layering: this crate depends on no other xpm crate. `xpm-merge` and `xpm-train` build on it,
@@ -28,6 +28,7 @@ pub mod resolve;
 pub mod rng;
 pub mod select;
 pub mod store;
+pub mod suggest;
 pub mod units;
 
 pub use error::{Error, Result};

@@ -118,7 +118,14 @@ impl std::str::FromStr for Strategy {
                 Error::input(
                     format!("unknown merge strategy `{s}`"),
                     Some(&format!(
-                        "built-in strategies: {}",
+                        "{}built-in strategies: {}",
+                        xpm_core::suggest::hint_prefix(
+                            s,
+                            Strategy::ALL
+                                .into_iter()
+                                .chain(Strategy::LORA)
+                                .map(|x| x.as_str())
+                        ),
                         Strategy::ALL
                             .into_iter()
                             .chain(Strategy::LORA)
@@ -235,7 +242,10 @@ impl std::str::FromStr for Preset {
             "mergekit" => Ok(Preset::Mergekit),
             other => Err(Error::input(
                 format!("unknown preset `{other}`"),
-                Some("presets: `peft`, `mergekit`"),
+                Some(&format!(
+                    "{}presets: `peft`, `mergekit`",
+                    xpm_core::suggest::hint_prefix(other, ["peft", "mergekit"])
+                )),
             )),
         }
     }
@@ -366,11 +376,25 @@ impl MergeParams {
                     }
                 }
                 _ => {
+                    const PARAMS: [&str; 10] = [
+                        "lambda",
+                        "density",
+                        "gamma",
+                        "epsilon",
+                        "sign",
+                        "divisor",
+                        "rescale",
+                        "normalize",
+                        "seed",
+                        "rank",
+                    ];
                     return Err(Error::input(
                         format!("unknown merge parameter `{k}`"),
-                        Some(
-                            "parameters: lambda, density, gamma, epsilon, sign, divisor, rescale, normalize, seed, rank",
-                        ),
+                        Some(&format!(
+                            "{}parameters: {}",
+                            xpm_core::suggest::hint_prefix(k, PARAMS),
+                            PARAMS.join(", ")
+                        )),
                     ));
                 }
             }

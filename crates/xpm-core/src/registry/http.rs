@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::fsutil::write_atomic_nosync;
 use crate::home::XpmHome;
 
-use super::index::{IndexLine, RegistryConfig, SearchResults, index_rel_path, parse_index};
+use super::index::{IndexLine, RegistryConfig, SearchResults, index_rel_path, parse_index_of};
 use super::{ClientOptions, Registry};
 
 /// Attempts per request (the first try and its retries).
@@ -288,7 +288,7 @@ impl Registry for HttpRegistry {
         let source = format!("{}/index/{rel}", self.base);
         if self.offline {
             return match cached {
-                Some((_, body)) => Ok(Some(parse_index(&body, &source)?)),
+                Some((_, body)) => Ok(Some(parse_index_of(&body, &source, name)?)),
                 None => Err(self.offline_error(&format!("the index of `{name}`"))),
             };
         }
@@ -302,7 +302,7 @@ impl Registry for HttpRegistry {
         })?;
         match resp.status() {
             StatusCode::NOT_MODIFIED => match cached {
-                Some((_, body)) => Ok(Some(parse_index(&body, &source)?)),
+                Some((_, body)) => Ok(Some(parse_index_of(&body, &source, name)?)),
                 None => Err(Error::Registry {
                     url: self.base.clone(),
                     message: format!(
@@ -324,7 +324,7 @@ impl Registry for HttpRegistry {
                     .unwrap_or("")
                     .to_string();
                 let body = resp.bytes().map_err(|e| self.transport_error(&what, e))?;
-                let lines = parse_index(&body, &source)?;
+                let lines = parse_index_of(&body, &source, name)?;
                 write_cached(&cached_path, &etag, &body)?;
                 Ok(Some(lines))
             }

@@ -198,6 +198,34 @@ pub fn parse_index(bytes: &[u8], source: &str) -> Result<Vec<IndexLine>> {
     Ok(out)
 }
 
+/// [`parse_index`] for the index file of `name`: every line must name `name`, and no version
+/// may appear twice. A line that names another expert (or a second copy of a version) would let
+/// a registry's index serve one expert's artifact under another's name.
+pub fn parse_index_of(bytes: &[u8], source: &str, name: &str) -> Result<Vec<IndexLine>> {
+    let lines = parse_index(bytes, source)?;
+    let mut seen = std::collections::HashSet::new();
+    for l in &lines {
+        if l.name != name {
+            return Err(Error::registry(
+                source,
+                format!(
+                    "the index of `{name}` holds a line for `{}@{}`",
+                    l.name, l.vers
+                ),
+                Some("the registry's index is damaged or tampered with; tell its operator"),
+            ));
+        }
+        if !seen.insert(l.vers.clone()) {
+            return Err(Error::registry(
+                source,
+                format!("the index of `{name}` lists version {} twice", l.vers),
+                Some("the registry's index is damaged or tampered with; tell its operator"),
+            ));
+        }
+    }
+    Ok(lines)
+}
+
 #[derive(Deserialize)]
 struct VersionProbe {
     #[serde(default = "one")]

@@ -18,8 +18,8 @@ use crate::error::{Error, IoResultExt, Result};
 use crate::fsutil::write_atomic;
 
 use super::index::{
-    IndexLine, RegistryConfig, SearchHit, blob_rel_path, index_rel_path, parse_index, render_index,
-    search_hit, search_matches,
+    IndexLine, RegistryConfig, SearchHit, blob_rel_path, index_rel_path, parse_index,
+    parse_index_of, render_index, search_hit, search_matches,
 };
 
 /// A registry rooted at a directory.
@@ -116,9 +116,10 @@ impl LocalRegistry {
     /// The parsed index of `name`.
     pub fn read_index(&self, name: &str) -> Result<Option<Vec<IndexLine>>> {
         match self.read_index_bytes(name)? {
-            Some(b) => Ok(Some(parse_index(
+            Some(b) => Ok(Some(parse_index_of(
                 &b,
                 &self.index_path(name)?.display().to_string(),
+                name,
             )?)),
             None => Ok(None),
         }
@@ -217,11 +218,27 @@ impl LocalRegistry {
 
     /// Every expert whose name or description contains all words of `query`.
     pub fn search(&self, query: &str) -> Result<Vec<SearchHit>> {
+        Ok(self.search_skipping(query)?.0)
+    }
+
+    /// [`search`](Self::search), and the errors of index files that could not be read or
+    /// parsed: those are skipped (one damaged file must not hide every other expert), and the
+    /// caller reports them (the server logs them with the file's path).
+    pub fn search_skipping(&self, query: &str) -> Result<(Vec<SearchHit>, Vec<Error>)> {
         let mut hits = Vec::new();
+        let mut skipped = Vec::new();
         let index = self.root.join("index");
         for path in walk_files(&index)? {
-            let bytes = std::fs::read(&path).at("read", &path)?;
-            let lines = parse_index(&bytes, &path.display().to_string())?;
+            let parsed = std::fs::read(&path)
+                .at("read", &path)
+                .and_then(|bytes| parse_index(&bytes, &path.display().to_string()));
+            let lines = match parsed {
+                Ok(lines) => lines,
+                Err(e) => {
+                    skipped.push(e);
+                    continue;
+                }
+            };
             if let Some(hit) = search_hit(&lines)
                 && search_matches(query, &hit.name, hit.description.as_deref())
             {
@@ -229,7 +246,7 @@ impl LocalRegistry {
             }
         }
         hits.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(hits)
+        Ok((hits, skipped))
     }
 }
 
