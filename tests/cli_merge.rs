@@ -267,6 +267,8 @@ fn bad_merges_are_refused_and_write_nothing() {
             "merge",
             "e1.xpm",
             "e2.xpm",
+            "--strategy",
+            "ties",
             "--param",
             "density=2",
             "-o",

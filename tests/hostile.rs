@@ -432,3 +432,110 @@ fn mistyped_names_get_a_did_you_mean() {
             .stderr(predicate::str::contains(want));
     }
 }
+
+#[test]
+fn degenerate_merges_are_refused_or_warned_about() {
+    let ctx = TestContext::new();
+    make_expert(&ctx.path("a.xpm"), "a", "1.0.0", "minilm", 4096, 1);
+    make_expert(&ctx.path("b.xpm"), "b", "1.0.0", "minilm", 4096, 2);
+    let merge = |extra: &[&str]| {
+        let mut c = ctx.xpm();
+        c.args(["merge", "-o", "m.xpm"]).args(extra);
+        c.assert()
+    };
+    for (args, want) in [
+        (vec!["a.xpm", "b.xpm", "--weights=0,0"], "every weight is 0"),
+        (
+            vec!["a.xpm", "b.xpm", "--strategy", "mean", "--weights", "-1,1"],
+            "sum to 0",
+        ),
+        (
+            vec![
+                "a.xpm",
+                "b.xpm",
+                "--strategy",
+                "task-arithmetic",
+                "--weights",
+                "1e308,1e308",
+            ],
+            "their sum overflows",
+        ),
+        (
+            vec!["a.xpm", "b.xpm", "--param", "density=0.5"],
+            "`sparse-mean` does not use the parameter `density`",
+        ),
+        (
+            vec![
+                "a.xpm",
+                "b.xpm",
+                "--strategy",
+                "ties",
+                "--param",
+                "normalize=false",
+            ],
+            "`ties` does not use the parameter `normalize`",
+        ),
+        (
+            vec![
+                "a.xpm",
+                "b.xpm",
+                "--strategy",
+                "mean",
+                "--param",
+                "lambda=2",
+            ],
+            "`mean` takes no parameters",
+        ),
+    ] {
+        merge(&args)
+            .failure()
+            .stderr(predicate::str::contains(want));
+        assert!(!ctx.path("m.xpm").exists(), "{want}");
+    }
+    // 1e308,1e308 is 1,1 for a mean: the same bytes.
+    merge(&["a.xpm", "b.xpm", "--strategy", "mean"]).success();
+    let want = std::fs::read(ctx.path("m.xpm")).unwrap();
+    std::fs::remove_file(ctx.path("m.xpm")).unwrap();
+    merge(&[
+        "a.xpm",
+        "b.xpm",
+        "--strategy",
+        "mean",
+        "--weights",
+        "1e308,1e308",
+    ])
+    .success();
+    let got = std::fs::read(ctx.path("m.xpm")).unwrap();
+    assert_eq!(
+        common::split_artifact(&got).2,
+        common::split_artifact(&want).2,
+        "the payloads differ"
+    );
+    std::fs::remove_file(ctx.path("m.xpm")).unwrap();
+    // Under mergekit's preset, `normalize` on ties means what it means in mergekit.
+    merge(&[
+        "a.xpm",
+        "b.xpm",
+        "--strategy",
+        "ties",
+        "--preset",
+        "mergekit",
+        "--param",
+        "normalize=false",
+    ])
+    .success();
+    std::fs::remove_file(ctx.path("m.xpm")).unwrap();
+    for (args, want) in [
+        (vec!["a.xpm"], "merging a single expert"),
+        (vec!["a.xpm", "a.xpm"], "are the same artifact"),
+        (
+            vec!["a.xpm", "b.xpm", "--override", "nothing.*:strategy=mean"],
+            "matches no tensor",
+        ),
+    ] {
+        merge(&args)
+            .success()
+            .stderr(predicate::str::contains(want));
+        std::fs::remove_file(ctx.path("m.xpm")).unwrap();
+    }
+}

@@ -207,6 +207,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         .iter()
         .map(|r| format!("{}@{}", r.manifest().name, r.manifest().version))
         .collect();
+    let weights = degenerate_checks(opts, weights, &names, &digests, &inputs_desc, printer)?;
     printer.status(
         "Merging",
         format!(
@@ -553,6 +554,87 @@ pub fn run(req: MergeRequest, home: &XpmHome, printer: &Printer) -> Result<Merge
         strategy,
         applied,
     })
+}
+
+/// Merges that cannot mean what the user wants are refused, and ones that are probably a
+/// mistake are warned about, each with a hint: all-zero weights, weights that sum to 0 for
+/// `mean`, weights whose sum overflows (rescaled where the strategy is scale-invariant), a
+/// single expert, the same artifact twice, an override that matches no tensor. Returns the
+/// weights to merge with.
+fn degenerate_checks(
+    opts: &MergeOptions,
+    weights: Vec<f64>,
+    names: &[String],
+    digests: &[String],
+    inputs_desc: &[String],
+    printer: &Printer,
+) -> Result<Vec<f64>> {
+    if weights.iter().all(|&w| w == 0.0) {
+        return Err(Error::input(
+            "every weight is 0: the merge would be empty",
+            Some("give at least one expert a non-zero weight, e.g. `--weights 1,0.5`"),
+        ));
+    }
+    let (strategy, normalize) = match &opts.method {
+        MergeMethod::Builtin {
+            strategy, params, ..
+        } => (Some(*strategy), params.normalize),
+        MergeMethod::Plugin { .. } => (None, false),
+    };
+    let sum: f64 = weights.iter().sum();
+    if strategy == Some(Strategy::Mean) && sum == 0.0 {
+        return Err(Error::input(
+            format!("the weights {weights:?} sum to 0, and `mean` divides by their sum"),
+            Some("use weights with a non-zero sum, or `task-arithmetic` for signed combinations"),
+        ));
+    }
+    let mut weights = weights;
+    if !weights.iter().map(|w| w.abs()).sum::<f64>().is_finite() {
+        let scale_free =
+            matches!(strategy, Some(Strategy::Mean | Strategy::SparseMean)) || normalize;
+        if !scale_free {
+            return Err(Error::input(
+                format!("the weights {weights:?} are too large: their sum overflows"),
+                Some(
+                    "scale the weights down; only their ratios matter for `mean` and `sparse-mean`",
+                ),
+            ));
+        }
+        // Only the ratios matter here: 1e308,1e308 means 1,1.
+        let max = weights.iter().fold(0f64, |m, w| m.max(w.abs()));
+        weights.iter_mut().for_each(|w| *w /= max);
+    }
+    if weights.len() == 1 {
+        printer.warn(format!(
+            "merging a single expert ({}): the result is its own delta{}",
+            inputs_desc[0],
+            match strategy {
+                Some(s) if s.keeps_union() || s == Strategy::SparseMean => "",
+                _ => " after the strategy's trimming",
+            }
+        ));
+    }
+    for (j, d) in digests.iter().enumerate() {
+        if let Some(i) = digests[..j].iter().position(|x| x == d) {
+            printer.warn(format!(
+                "expert {} and expert {} are the same artifact ({}); it counts twice",
+                i + 1,
+                j + 1,
+                inputs_desc[i]
+            ));
+        }
+    }
+    if let MergeMethod::Builtin { overrides, .. } = &opts.method {
+        for o in overrides {
+            if !names.iter().any(|n| o.matcher.is_match(n)) {
+                printer.warn(format!(
+                    "the override `{}` matches no tensor of these experts; it does nothing",
+                    o.pattern
+                ));
+            }
+        }
+    }
+    Ok(weights)
 }
 
 /// The strategy and parameters of a tensor: the first matching override, else the merge's (a

@@ -97,7 +97,69 @@ impl Strategy {
     }
 }
 
+/// Every merge parameter (`scale` is an alias of `lambda`).
+pub const PARAMS: [&str; 10] = [
+    "lambda",
+    "density",
+    "gamma",
+    "epsilon",
+    "sign",
+    "divisor",
+    "rescale",
+    "normalize",
+    "seed",
+    "rank",
+];
+
 impl Strategy {
+    /// The parameters this strategy reads (`scale` is an alias of `lambda`). A parameter given
+    /// for a strategy that does not read it is refused, never ignored (docs/merging.md).
+    pub fn params(self) -> &'static [&'static str] {
+        match self {
+            Strategy::SparseMean => &["lambda"],
+            Strategy::Mean | Strategy::Cat => &[],
+            Strategy::Linear | Strategy::TaskArithmetic => &["lambda", "normalize"],
+            Strategy::MagnitudePrune => &["lambda", "normalize", "density", "rescale"],
+            Strategy::Ties => &["lambda", "density", "sign", "divisor", "rescale"],
+            Strategy::DareLinear => &["lambda", "normalize", "density", "rescale", "seed"],
+            Strategy::DareTies => &["lambda", "density", "sign", "divisor", "rescale", "seed"],
+            Strategy::Breadcrumbs => &["lambda", "normalize", "density", "gamma", "rescale"],
+            Strategy::BreadcrumbsTies => {
+                &["lambda", "density", "gamma", "sign", "divisor", "rescale"]
+            }
+            Strategy::Della => &[
+                "lambda", "density", "epsilon", "sign", "divisor", "rescale", "seed",
+            ],
+            Strategy::Svd => &["rank"],
+        }
+    }
+
+    /// Refuse a parameter in `keys` that this strategy does not read (names that are no
+    /// parameter at all are left to [`MergeParams::apply`], which suggests the nearest).
+    pub fn check_params<'a>(self, keys: impl IntoIterator<Item = &'a str>) -> Result<()> {
+        let used = self.params();
+        for k in keys {
+            let k_used = if k == "scale" { "lambda" } else { k };
+            if !PARAMS.contains(&k_used) {
+                continue;
+            }
+            if !used.contains(&k_used) {
+                return Err(Error::input(
+                    format!("`{self}` does not use the parameter `{k}`"),
+                    Some(&if used.is_empty() {
+                        format!("`{self}` takes no parameters; remove `{k}`")
+                    } else {
+                        format!(
+                            "`{self}` takes: {}; remove `{k}`, or pick a strategy that uses it",
+                            used.join(", ")
+                        )
+                    }),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The strategies that merge LoRA experts in LoRA space.
     pub const LORA: [Strategy; 2] = [Strategy::Cat, Strategy::Svd];
 
@@ -376,18 +438,6 @@ impl MergeParams {
                     }
                 }
                 _ => {
-                    const PARAMS: [&str; 10] = [
-                        "lambda",
-                        "density",
-                        "gamma",
-                        "epsilon",
-                        "sign",
-                        "divisor",
-                        "rescale",
-                        "normalize",
-                        "seed",
-                        "rank",
-                    ];
                     return Err(Error::input(
                         format!("unknown merge parameter `{k}`"),
                         Some(&format!(

@@ -239,6 +239,8 @@ impl Recipe {
             .as_deref()
             .map(str::parse::<Preset>)
             .transpose()?;
+        // mergekit's `normalize` is a parameter of its TIES family too.
+        let mergekit_normalize = |s: Strategy| preset == Some(Preset::Mergekit) && s.elects_sign();
         // A preset's defaults depend on the strategy, so each override starts from its own.
         let has_density = self.params.contains_key("density");
         let base = |s: Strategy| -> Result<MergeParams> {
@@ -276,8 +278,23 @@ impl Recipe {
             };
             p.seed = self.seed;
             p.apply(&to_strings(&self.params))?;
+            // mergekit's `normalize` on its TIES-family methods divides by the agreeing weights
+            // (true) or not at all (false): xpm's `divisor`.
+            if mergekit_normalize(s) && self.params.contains_key("normalize") {
+                p.divisor = if p.normalize {
+                    crate::params::Divisor::Weights
+                } else {
+                    crate::params::Divisor::None
+                };
+            }
             Ok(p)
         };
+        strategy.check_params(
+            self.params
+                .keys()
+                .map(String::as_str)
+                .filter(|k| !(mergekit_normalize(strategy) && *k == "normalize")),
+        )?;
         let params = base(strategy)?;
         params.validate_for(strategy)?;
         let mut overrides = Vec::new();
@@ -295,6 +312,18 @@ impl Recipe {
                 Some(s) => s.parse()?,
                 None => strategy,
             };
+            s.check_params(
+                o.params
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|k| !(mergekit_normalize(s) && *k == "normalize")),
+            )
+            .map_err(|e| {
+                Error::input(
+                    format!("override `{}`: {e}", o.tensors),
+                    e.hint().as_deref(),
+                )
+            })?;
             let mut p = base(s)?;
             p.apply(&to_strings(&o.params))?;
             p.validate_for(s).map_err(|e| {
