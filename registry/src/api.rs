@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// Log one line per request to stderr.
     pub access_log: bool,
+    /// Longest wait for the next piece of an upload body before the upload is refused (408).
+    pub body_idle_timeout: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -395,7 +397,20 @@ async fn publish(State(s): State<AppState>, headers: HeaderMap, body: Body) -> A
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let next = tokio::time::timeout(s.cfg.body_idle_timeout, stream.next())
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the upload stalled: nothing arrived for {} s",
+                        s.cfg.body_idle_timeout.as_secs_f64()
+                    ),
+                    Some("check the connection and publish again"),
+                )
+            })?;
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,

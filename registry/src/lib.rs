@@ -5,7 +5,9 @@
 //! to a TCP listener (`xpm-registry serve --root DIR --addr HOST:PORT`).
 
 pub mod api;
+pub mod serve;
 pub mod storage;
 
 pub use api::{ServerConfig, router};
+pub use serve::{Limits, serve};
 pub use storage::{DiskStorage, Storage};

@@ -55,6 +55,19 @@ struct Serve {
     /// No access log
     #[arg(short, long)]
     quiet: bool,
+    /// Longest time a client may take to send a request's headers, and to stay idle between
+    /// requests on a kept-alive connection
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    header_timeout: std::time::Duration,
+    /// Longest pause in an upload body before the upload is refused (408)
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    body_idle_timeout: std::time::Duration,
+    /// Connections served at once; more clients wait until one closes
+    #[arg(long, default_value_t = 512, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Largest request head (request line and headers)
+    #[arg(long, default_value = "64KiB", value_name = "SIZE")]
+    max_header_size: String,
 }
 
 fn parse_size(s: &str) -> anyhow::Result<u64> {
@@ -92,6 +105,12 @@ fn main() -> anyhow::Result<()> {
         max_upload_size: parse_size(&a.max_upload_size)?,
         public_url: a.public_url.clone(),
         access_log: !a.quiet,
+        body_idle_timeout: a.body_idle_timeout,
+    };
+    let limits = xpm_registry::Limits {
+        header_timeout: a.header_timeout,
+        max_connections: a.max_connections as usize,
+        max_header_bytes: usize::try_from(parse_size(&a.max_header_size)?).unwrap_or(usize::MAX),
     };
     let storage = DiskStorage::open(&a.root)
         .with_context(|| format!("cannot open the registry at `{}`", a.root.display()))?;
@@ -109,9 +128,7 @@ fn main() -> anyhow::Result<()> {
         );
         std::io::stdout().flush()?;
         let app = router(Arc::new(storage), cfg);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        xpm_registry::serve(listener, app, limits, shutdown_signal()).await?;
         anyhow::Ok(())
     })
 }

@@ -131,3 +131,88 @@ fn refuses_to_start_without_tokens() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no tokens configured"));
 }
+
+/// `host:port` of a server URL.
+fn host_port(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// Whether the server closed `s` within `within` (reads return 0 or fail with a reset).
+fn closed_within(s: &mut std::net::TcpStream, within: std::time::Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a response (e.g. 408) before the close
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false, // timed out: still open
+        }
+    }
+}
+
+/// Slow clients (headers a byte at a time, idle keep-alive connections, stalled upload bodies)
+/// are cut off, and a connection cap holds while normal clients still get through.
+#[test]
+fn slow_clients_are_cut_off_and_connections_are_capped() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    let s = start(&[
+        "--header-timeout",
+        "1s",
+        "--body-idle-timeout",
+        "1s",
+        "--max-connections",
+        "4",
+    ]);
+    let addr = host_port(&s.url);
+    // Four clients that dribble their headers take every slot…
+    let mut slow: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+            c
+        })
+        .collect();
+    // …and a normal request waits for a slot, which the header timeout frees.
+    let t = Instant::now();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let r = client.get(format!("{}/health", s.url)).send().unwrap();
+    assert_eq!(r.text().unwrap(), "ok");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    for c in &mut slow {
+        assert!(
+            closed_within(c, Duration::from_secs(5)),
+            "a slow client stayed connected"
+        );
+    }
+    // A kept-alive connection that goes quiet after a request is closed too.
+    let mut idle = TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(5)),
+        "an idle connection stayed open"
+    );
+    // An upload that stalls mid-body is refused with 408.
+    let mut up = TcpStream::connect(&addr).unwrap();
+    let digest = format!("sha256:{}", "0".repeat(64));
+    write!(
+        up,
+        "PUT /api/v1/experts/new HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n\
+         X-Xpm-Sha256: {digest}\r\nContent-Length: 1000\r\n\r\n0123456789"
+    )
+    .unwrap();
+    up.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut resp = String::new();
+    let _ = std::io::Read::read_to_string(&mut up, &mut resp);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("the upload stalled"), "{resp}");
+}
