@@ -108,6 +108,7 @@ impl Store {
     ) -> Result<Staged> {
         let tmp_dir = self.cache.join("tmp-v1");
         std::fs::create_dir_all(&tmp_dir).at("create directory", &tmp_dir)?;
+        remove_stale_temp_files(&tmp_dir);
         retry(|| {
             let tmp = crate::fsutil::temp_builder(false)
                 .tempfile_in(&tmp_dir)
@@ -293,6 +294,24 @@ impl Store {
                     "install it first with `xpm install {input}`, or give a path to a .xpm file"
                 )),
             )),
+        }
+    }
+}
+
+/// Remove `.xpm-tmp-*` files in `dir` untouched for an hour: what interrupted downloads left
+/// behind. A download in progress writes to its file continually, so it is never that old.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    for e in rd.flatten() {
+        let stale = e.file_name().to_string_lossy().starts_with(".xpm-tmp-")
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > hour));
+        if stale {
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }

@@ -757,14 +757,13 @@ impl ArtifactReader {
         data.validate()
             .map_err(|e| Error::corrupt(&self.path, e.to_string()))?;
         if let Some((part, i, v)) = data.first_non_finite() {
-            return Err(Error::input(
+            // The format requires finite values (docs/format.md): merging or applying a NaN
+            // or ∞ would spread it.
+            return Err(Error::corrupt(
+                &self.path,
                 format!(
-                    "`{}`: tensor `{}` holds {v} (entry {i} of its {part}); xpm refuses non-finite deltas",
-                    self.path.display(),
+                    "tensor `{}` holds {v} (entry {i} of its {part}); deltas must be finite",
                     data.name
-                ),
-                Some(
-                    "re-create the expert from finite values; merging or applying it would spread the NaN or ∞",
                 ),
             ));
         }
