@@ -101,11 +101,24 @@ fn a_damaged_cache_entry_is_fetched_again_not_reported_as_cached() {
     bad[n - 10] ^= 0xff; // same size, other bytes
     std::fs::write(&blob, &bad).unwrap();
     ctx.xpm()
+        .args(["verify", "--store"])
+        .assert()
+        .failure()
+        .stdout(predicate::str::contains("damaged alpha@1.0.0"))
+        .stderr(predicate::str::contains(
+            "1 of 1 installed artifact(s) in the store are damaged",
+        ));
+    ctx.xpm()
         .args(["install"])
         .assert()
         .success()
         .stderr(predicate::str::contains("is damaged; fetching it again"));
     assert_eq!(std::fs::read(&blob).unwrap(), good);
+    ctx.xpm()
+        .args(["verify", "--store"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("ok alpha@1.0.0"));
     ctx.xpm()
         .args(["merge", "alpha", "alpha", "-o", "m.xpm"])
         .assert()

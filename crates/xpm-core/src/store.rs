@@ -50,6 +50,16 @@ pub struct Installed {
     pub installed_at: String,
 }
 
+/// What [`Store::verify_all`] found for one installed expert.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreCheck {
+    /// `name@version`.
+    pub id: String,
+    pub path: PathBuf,
+    /// What is wrong; `None` when the artifact is intact.
+    pub problem: Option<String>,
+}
+
 /// A downloaded, verified artifact waiting to be committed into the store.
 pub struct Staged {
     tmp: tempfile::TempPath,
@@ -204,6 +214,44 @@ impl Store {
         }
         check_identity(&p, line, "the store")?;
         Ok(true)
+    }
+
+    /// Check every installed artifact: present, its whole-file sha256 equal to its record's,
+    /// and every tensor readable (frame digests, masks, finite values). One result per install
+    /// record, in the order of [`installed`](Self::installed).
+    pub fn verify_all(&self, printer: &crate::printer::Printer) -> Result<Vec<StoreCheck>> {
+        let records = self.installed()?;
+        let pb = printer.progress(records.len() as u64, "Verifying");
+        let out = records
+            .into_iter()
+            .map(|r| {
+                let path = self.blob_path(&r.cksum);
+                let problem = if !path.is_file() {
+                    Some("its artifact is missing from the store".to_string())
+                } else {
+                    match File::open(&path).and_then(crate::digest::sha256_reader) {
+                        Err(e) => Some(format!("cannot read its artifact: {e}")),
+                        Ok((d, n)) if d != r.cksum || n != r.size => Some(format!(
+                            "its artifact has {n} bytes with {d}, not {} bytes with {}",
+                            r.size, r.cksum
+                        )),
+                        Ok(_) => {
+                            crate::format::verify::verify(&path, &crate::printer::Printer::silent())
+                                .err()
+                                .map(|e| e.to_string())
+                        }
+                    }
+                };
+                pb.inc(1);
+                StoreCheck {
+                    id: format!("{}@{}", r.name, r.version),
+                    path,
+                    problem,
+                }
+            })
+            .collect();
+        pb.finish_and_clear();
+        Ok(out)
     }
 
     /// Move verified downloads into the store and write the install records, under the lock.
