@@ -552,3 +552,31 @@ fn degenerate_merges_are_refused_or_warned_about() {
         std::fs::remove_file(ctx.path("m.xpm")).unwrap();
     }
 }
+
+#[test]
+fn a_command_waiting_for_a_lock_says_so() {
+    let ctx = TestContext::new();
+    make_expert(&ctx.path("alpha.xpm"), "alpha", "1.0.0", "minilm", 4096, 7);
+    ctx.xpm().args(["publish", "alpha.xpm"]).assert().success();
+    // Another process holds the registry's lock for a moment.
+    let lock = std::fs::File::options()
+        .write(true)
+        .open(ctx.path("home/registry/.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    make_expert(&ctx.path("beta.xpm"), "beta", "1.0.0", "minilm", 4096, 8);
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("xpm"))
+        .current_dir(ctx.dir.path())
+        .env("XPM_HOME", ctx.path("home"))
+        .env("NO_COLOR", "1")
+        .args(["publish", "beta.xpm"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    drop(lock);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("Waiting for the lock on"), "{err}");
+}

@@ -35,7 +35,12 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         jobs: a.jobs.max(1),
         dir: std::env::current_dir()?,
     };
-    let r = install::install(&ctx.home, &opts, &a.registry.client(), &ctx.printer)?;
+    let r = install::install(
+        &ctx.home,
+        &opts,
+        &a.registry.client(&ctx.printer),
+        &ctx.printer,
+    )?;
     if a.json {
         ctx.printer.out(serde_json::to_string_pretty(&r)?);
         return Ok(());

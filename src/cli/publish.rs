@@ -20,7 +20,7 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         &ctx.home,
         &a.artifact,
         &location,
-        &a.registry.client(),
+        &a.registry.client(&ctx.printer),
         &ctx.printer,
     )?;
     if a.json {

@@ -16,10 +16,11 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    pub fn client(&self) -> ClientOptions {
+    pub fn client(&self, printer: &crate::printer::Printer) -> ClientOptions {
         ClientOptions {
             token: self.token.clone(),
             offline: false,
+            printer: *printer,
         }
     }
 

@@ -24,7 +24,7 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         &query,
         a.limit as usize,
         &location,
-        &a.registry.client(),
+        &a.registry.client(&ctx.printer),
     )?;
     if a.json {
         ctx.printer.out(serde_json::to_string_pretty(&r)?);

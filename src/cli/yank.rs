@@ -19,7 +19,7 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         &a.spec,
         a.undo,
         &location,
-        &a.registry.client(),
+        &a.registry.client(&ctx.printer),
         &ctx.printer,
     )?;
     let verb = if line.yanked { "Yanked" } else { "Unyanked" };

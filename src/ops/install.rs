@@ -108,7 +108,7 @@ pub fn install(
         ..client.clone()
     };
     let reg = registry::open(&location, home, &client, false)?;
-    let store = Store::new(home);
+    let store = Store::new(home).with_printer(*printer);
 
     let pinned_base = opts
         .base

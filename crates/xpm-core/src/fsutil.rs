@@ -223,8 +223,9 @@ pub fn build_dir_atomic<T>(dest: &Path, fill: impl FnOnce(&Path) -> Result<T>) -
 }
 
 /// Open (creating) `path` and take an exclusive OS lock on it, blocking while another process
-/// holds it; released when the file is dropped (or the process dies).
-pub fn lock_file(path: &Path) -> Result<std::fs::File> {
+/// holds it (and saying so through `printer`); released when the file is dropped (or the
+/// process dies).
+pub fn lock_file(path: &Path, printer: &crate::printer::Printer) -> Result<std::fs::File> {
     let dir = parent_dir(path);
     std::fs::create_dir_all(&dir).at("create directory", &dir)?;
     let file = std::fs::File::options()
@@ -233,7 +234,20 @@ pub fn lock_file(path: &Path) -> Result<std::fs::File> {
         .write(true)
         .open(path)
         .at("open", path)?;
-    file.lock().at("lock", path)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            printer.status(
+                "Waiting",
+                format!(
+                    "for the lock on `{}` (another xpm process is using it)",
+                    path.display()
+                ),
+            );
+            file.lock().at("lock", path)?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", path, e)),
+    }
     Ok(file)
 }
 

@@ -16,6 +16,14 @@ pub struct Printer {
     progress: bool,
 }
 
+impl Default for Printer {
+    /// [`Printer::silent`]: library types that may report (a lock wait, a retry) stay quiet
+    /// unless the command gives them its printer.
+    fn default() -> Self {
+        Printer::silent()
+    }
+}
+
 impl Printer {
     /// A printer; `quiet` silences status lines and progress bars (results still print).
     pub fn new(quiet: bool) -> Self {

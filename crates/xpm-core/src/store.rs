@@ -71,6 +71,7 @@ pub struct Staged {
 pub struct Store {
     cache: PathBuf,
     installed: PathBuf,
+    printer: crate::printer::Printer,
 }
 
 /// The store's exclusive lock, held until dropped.
@@ -83,7 +84,14 @@ impl Store {
         Store {
             cache: home.cache.clone(),
             installed: home.root.join("installed-v1"),
+            printer: crate::printer::Printer::silent(),
         }
+    }
+
+    /// Report through `printer` (a wait for the store's lock).
+    pub fn with_printer(mut self, printer: crate::printer::Printer) -> Self {
+        self.printer = printer;
+        self
     }
 
     /// Where the artifact with this digest lives once installed.
@@ -103,7 +111,7 @@ impl Store {
     /// Take the store's exclusive lock (blocks while another process commits).
     pub fn lock(&self) -> Result<StoreLock> {
         Ok(StoreLock {
-            _file: crate::fsutil::lock_file(&self.cache.join(".lock"))?,
+            _file: crate::fsutil::lock_file(&self.cache.join(".lock"), &self.printer)?,
         })
     }
 
@@ -119,7 +127,7 @@ impl Store {
         let tmp_dir = self.cache.join("tmp-v1");
         std::fs::create_dir_all(&tmp_dir).at("create directory", &tmp_dir)?;
         remove_stale_temp_files(&tmp_dir);
-        retry(|| {
+        retry(&self.printer, || {
             let tmp = crate::fsutil::temp_builder(false)
                 .tempfile_in(&tmp_dir)
                 .at("create a temporary file in", &tmp_dir)?;

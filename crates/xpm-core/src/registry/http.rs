@@ -18,6 +18,7 @@ use crate::digest::sha256;
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic_nosync;
 use crate::home::XpmHome;
+use crate::printer::Printer;
 
 use super::index::{IndexLine, RegistryConfig, SearchResults, index_rel_path, parse_index_of};
 use super::{ClientOptions, Registry};
@@ -27,7 +28,7 @@ pub const ATTEMPTS: u32 = 4;
 /// Delay before the first retry; doubled on each further one.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// Whole-request limit for index files, config.json and API calls.
-const SMALL_TIMEOUT: Duration = Duration::from_secs(60);
+const SMALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Whole-request limit for moving `size` bytes: a minute plus 10 s per MB (100 kB/s), so a
 /// stalled transfer ends instead of hanging (blocking reqwest has no idle-read timeout).
@@ -43,6 +44,7 @@ pub struct HttpRegistry {
     offline: bool,
     cache: PathBuf,
     config: OnceLock<RegistryConfig>,
+    printer: Printer,
 }
 
 /// The error body every registry API response carries on failure.
@@ -72,6 +74,7 @@ impl HttpRegistry {
             base,
             client,
             token: opts.token.clone(),
+            printer: opts.printer,
             offline: opts.offline,
             config: OnceLock::new(),
         })
@@ -102,7 +105,9 @@ impl HttpRegistry {
 
     /// Send a small request (index, config, API), retrying transient failures.
     fn send(&self, what: &str, build: impl Fn() -> RequestBuilder) -> Result<Response> {
-        retry(|| self.attempt(what, build().timeout(SMALL_TIMEOUT)))
+        retry(&self.printer, || {
+            self.attempt(what, build().timeout(SMALL_TIMEOUT))
+        })
     }
 
     fn transport_error(&self, what: &str, e: reqwest::Error) -> Error {
@@ -245,12 +250,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Run `f` up to [`ATTEMPTS`] times while it fails transiently, sleeping with exponential
 /// backoff in between.
-pub fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+pub fn retry<T>(printer: &Printer, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let mut delay = FIRST_BACKOFF;
     let mut attempt = 1;
     loop {
         match f() {
             Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                printer.warn(format!(
+                    "{e}; retrying in {} s (attempt {} of {ATTEMPTS})",
+                    delay.as_secs_f64(),
+                    attempt + 1
+                ));
                 std::thread::sleep(delay);
                 delay *= 2;
                 attempt += 1;
@@ -387,7 +397,7 @@ impl Registry for HttpRegistry {
         }
         let what = format!("publishing {}", line.id());
         let mut tries = 0;
-        let result = retry(|| {
+        let result = retry(&self.printer, || {
             tries += 1;
             let file = std::fs::File::open(artifact).map_err(|e| Error::io("open", artifact, e))?;
             progress.set_position(0);

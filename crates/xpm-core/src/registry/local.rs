@@ -26,6 +26,7 @@ use super::index::{
 #[derive(Debug, Clone)]
 pub struct LocalRegistry {
     root: PathBuf,
+    printer: crate::printer::Printer,
 }
 
 /// An exclusive lock on the registry, held until dropped.
@@ -38,6 +39,7 @@ impl LocalRegistry {
     pub fn open_or_init(root: &Path) -> Result<Self> {
         let reg = LocalRegistry {
             root: root.to_path_buf(),
+            printer: crate::printer::Printer::silent(),
         };
         let cfg = root.join("config.json");
         if !cfg.exists() {
@@ -72,7 +74,14 @@ impl LocalRegistry {
         }
         Ok(LocalRegistry {
             root: root.to_path_buf(),
+            printer: crate::printer::Printer::silent(),
         })
+    }
+
+    /// Report through `printer` (a wait for the registry's lock).
+    pub fn with_printer(mut self, printer: crate::printer::Printer) -> Self {
+        self.printer = printer;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -82,7 +91,7 @@ impl LocalRegistry {
     /// Take the registry's exclusive lock (blocks while another publisher holds it).
     pub fn lock(&self) -> Result<RegistryLock> {
         Ok(RegistryLock {
-            _file: crate::fsutil::lock_file(&self.root.join(".lock"))?,
+            _file: crate::fsutil::lock_file(&self.root.join(".lock"), &self.printer)?,
         })
     }
 

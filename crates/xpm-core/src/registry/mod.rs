@@ -47,6 +47,8 @@ pub struct ClientOptions {
     pub token: Option<String>,
     /// Use only what is cached; never touch the network.
     pub offline: bool,
+    /// Where waits (a held lock) and retries are reported.
+    pub printer: crate::printer::Printer,
 }
 
 /// The registry to use: `--registry`, else `$XPM_REGISTRY`, else `xpm.toml`'s `registry`, else
@@ -74,7 +76,8 @@ pub fn open(
         LocalRegistry::open_or_init(&path)?
     } else {
         LocalRegistry::open(&path)?
-    };
+    }
+    .with_printer(opts.printer);
     Ok(Box::new(LocalBackend {
         source: format!("file://{}", path.display()),
         reg,
