@@ -348,7 +348,13 @@ fn discovery_listing_and_builtin_clash() {
         "home/plugins/libties.so",
         &["-DXPM_TEST_NAME=\"ties\""],
     );
-    std::fs::copy(rust_plugin("median"), plugdir.join("libmedian.so")).unwrap();
+    // Named as `xpm merge --strategy median` looks for it; a copy under another name is listed
+    // but never loaded by a merge.
+    std::fs::copy(
+        rust_plugin("median"),
+        plugdir.join("libxpm_plugin_median.so"),
+    )
+    .unwrap();
     ctx.xpm()
         .args(["plugin", "list"])
         .assert()
@@ -391,6 +397,42 @@ fn discovery_listing_and_builtin_clash() {
         ])
         .assert()
         .success();
+    // Only the file named for the strategy is loaded: `magmax` under another name is not.
+    std::fs::copy(rust_plugin("magmax"), plugdir.join("libsomething.so")).unwrap();
+    ctx.xpm()
+        .args([
+            "merge",
+            "e1.xpm",
+            "e2.xpm",
+            "--strategy",
+            "magmax",
+            "-o",
+            "x.xpm",
+        ])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("libxpm_plugin_magmax.so"));
+    // A file named for one strategy that provides another is refused, naming both.
+    std::fs::copy(
+        rust_plugin("median"),
+        plugdir.join("libxpm_plugin_magmax.so"),
+    )
+    .unwrap();
+    ctx.xpm()
+        .args([
+            "merge",
+            "e1.xpm",
+            "e2.xpm",
+            "--strategy",
+            "magmax",
+            "-o",
+            "x.xpm",
+        ])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "provides strategy `median`, not `magmax`",
+        ));
     // Unknown strategy: says where it looked.
     ctx.xpm()
         .args(["merge", "e1.xpm", "--strategy", "nope", "-o", "x.xpm"])

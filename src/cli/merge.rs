@@ -144,6 +144,7 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     let req = MergeRequest {
         recipe,
         plugin_paths: a.plugins,
+        plugin_search: ctx.plugin_search.clone(),
         name: a.name,
         version: a.version,
         out: a.out.clone(),

@@ -109,6 +109,9 @@ impl std::error::Error for ExitWith {}
 pub struct Context {
     pub home: XpmHome,
     pub printer: Printer,
+    /// Where merge plugins are searched: `$XPM_PLUGIN_PATH`, then `$XPM_HOME/plugins` (the
+    /// environment is read here, once).
+    pub plugin_search: Vec<std::path::PathBuf>,
 }
 
 /// Thread settings for commands that train or evaluate, applied at the command edge before any
@@ -133,9 +136,13 @@ pub unsafe fn configure_training_threads() {
 /// Parse the command line, run the command, print errors; the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let home = XpmHome::resolve(cli.home.clone());
+    let plugin_search =
+        crate::merge::plugin::search_path(std::env::var_os("XPM_PLUGIN_PATH").as_deref(), &home);
     let ctx = Context {
-        home: XpmHome::resolve(cli.home.clone()),
+        home,
         printer: Printer::new(cli.quiet),
+        plugin_search,
     };
     let result = match cli.command {
         Command::Train(a) => train::exec(*a, &ctx),

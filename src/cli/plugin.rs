@@ -33,7 +33,11 @@ enum Sub {
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     match a.command {
         Sub::List { plugins, json } => {
-            let rows = plugin::list(&plugins, &ctx.home);
+            ctx.printer.status(
+                "Scanning",
+                "the plugin directories (every library there is loaded to read its descriptor)",
+            );
+            let rows = plugin::list(&plugins, &ctx.plugin_search);
             if json {
                 ctx.printer.out(serde_json::to_string_pretty(&rows)?);
             } else if rows.is_empty() {

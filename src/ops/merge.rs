@@ -367,6 +367,8 @@ pub struct MergeRequest {
     pub recipe: Recipe,
     /// Plugin libraries named with `--plugin` (searched before the plugin directories).
     pub plugin_paths: Vec<PathBuf>,
+    /// The plugin search path ([`crate::merge::plugin::search_path`]).
+    pub plugin_search: Vec<PathBuf>,
     /// The merged expert's name and version [default: the recipe's, else `merged` 0.1.0].
     pub name: Option<String>,
     pub version: Option<semver::Version>,
@@ -405,8 +407,7 @@ pub struct MergeOutcome {
 pub fn method_from_recipe(
     recipe: &Recipe,
     plugin_paths: &[PathBuf],
-    home: &XpmHome,
-    printer: &Printer,
+    plugin_search: &[PathBuf],
 ) -> Result<(MergeMethod, Vec<f64>)> {
     if recipe.strategy.parse::<Strategy>().is_ok() {
         let plan = recipe.plan()?;
@@ -417,7 +418,7 @@ pub fn method_from_recipe(
         };
         return Ok((method, plan.weights));
     }
-    let p = crate::merge::plugin::find(&recipe.strategy, plugin_paths, home, printer)?
+    let p = crate::merge::plugin::find(&recipe.strategy, plugin_paths, plugin_search)?
         .ok_or_else(|| {
             Error::input(
                 format!(
@@ -425,7 +426,7 @@ pub fn method_from_recipe(
                     recipe.strategy
                 ),
                 Some(&format!(
-                    "{}built-in strategies: {}; plugins are loaded from --plugin PATH, $XPM_PLUGIN_PATH and {} (`xpm plugin list` shows them)",
+                    "{}built-in strategies: {}; plugins are loaded from --plugin PATH, or as `{}` from $XPM_PLUGIN_PATH and {} (`xpm plugin list` shows what is there)",
                     crate::suggest::hint_prefix(
                         &recipe.strategy,
                         Strategy::ALL.into_iter().chain(Strategy::LORA).map(|s| s.as_str())
@@ -436,7 +437,10 @@ pub fn method_from_recipe(
                         .map(|s| s.as_str())
                         .collect::<Vec<_>>()
                         .join(", "),
-                    home.root.join("plugins").display()
+                    crate::merge::plugin::library_file_name(&recipe.strategy),
+                    plugin_search
+                        .last()
+                        .map_or_else(String::new, |d| d.display().to_string())
                 )),
             )
         })?;
@@ -476,6 +480,7 @@ pub fn run(req: MergeRequest, home: &XpmHome, printer: &Printer) -> Result<Merge
     let MergeRequest {
         mut recipe,
         plugin_paths,
+        plugin_search,
         name,
         version,
         out,
@@ -483,7 +488,7 @@ pub fn run(req: MergeRequest, home: &XpmHome, printer: &Printer) -> Result<Merge
         level,
         cwd,
     } = req;
-    let (method, weights) = method_from_recipe(&recipe, &plugin_paths, home, printer)?;
+    let (method, weights) = method_from_recipe(&recipe, &plugin_paths, &plugin_search)?;
     let inputs: Vec<String> = recipe.experts.iter().map(|e| e.expert.clone()).collect();
     let experts = super::locate_experts(&inputs, &cwd, home)?;
     let name = name

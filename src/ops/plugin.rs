@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::home::XpmHome;
 use crate::merge::plugin::{Plugin, candidates};
 use crate::merge::{Input, Output, Strategy};
 
@@ -31,8 +30,8 @@ pub enum PluginRow {
 }
 
 /// Every library in the plugin search path (`explicit` first), loaded to read its descriptor.
-pub fn list(explicit: &[PathBuf], home: &XpmHome) -> Vec<PluginRow> {
-    candidates(explicit, home)
+pub fn list(explicit: &[PathBuf], search: &[PathBuf]) -> Vec<PluginRow> {
+    candidates(explicit, search)
         .into_iter()
         .map(|(path, _)| match Plugin::load(&path) {
             Ok(p) => PluginRow::Loaded {

@@ -1,7 +1,8 @@
 //! Merge strategies from dynamic libraries (the C ABI of `plugins/xpm-plugin-api`).
 //!
 //! Discovery: `--plugin PATH` (files), then `$XPM_PLUGIN_PATH` (files or directories,
-//! `:`-separated), then `$XPM_HOME/plugins`. A library is loaded with `libloading`, its
+//! `:`-separated), then `$XPM_HOME/plugins`; in those directories only the file named for the
+//! strategy (`libxpm_plugin_<name>.so`) is loaded. A library is loaded with `libloading`, its
 //! `xpm_merge_plugin_v1` descriptor checked (size, ABI major) before anything else is read, and
 //! it is never unloaded while xpm runs (code from it may still be referenced). A plugin runs
 //! with your privileges: panics are caught by the SDK and reported; crashes are not containable.
@@ -569,18 +570,39 @@ impl Instance<'_> {
     }
 }
 
-/// Candidate plugin libraries, in discovery order: `explicit`, `$XPM_PLUGIN_PATH`,
-/// `$XPM_HOME/plugins`.
-pub fn candidates(explicit: &[PathBuf], home: &xpm_core::home::XpmHome) -> Vec<(PathBuf, bool)> {
-    let mut out: Vec<(PathBuf, bool)> = explicit.iter().map(|p| (p.clone(), true)).collect();
-    let mut dirs: Vec<PathBuf> = std::env::var_os("XPM_PLUGIN_PATH")
-        .map(|v| std::env::split_paths(&v).collect())
+/// The directories (and library files) searched for plugins: the entries of
+/// `$XPM_PLUGIN_PATH` (`plugin_path`, read by the command), then `$XPM_HOME/plugins`.
+pub fn search_path(
+    plugin_path: Option<&std::ffi::OsStr>,
+    home: &xpm_core::home::XpmHome,
+) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = plugin_path
+        .map(|v| std::env::split_paths(v).collect())
         .unwrap_or_default();
     dirs.push(home.root.join("plugins"));
-    for d in dirs {
+    dirs
+}
+
+/// The file a plugin providing strategy `name` has in a plugin directory, as cargo names a
+/// `cdylib` crate `xpm-plugin-<name>`: `libxpm_plugin_<name>.so` (`.dylib` on macOS,
+/// `xpm_plugin_<name>.dll` on Windows), with `-` in the name as `_`.
+pub fn library_file_name(name: &str) -> String {
+    format!(
+        "{}xpm_plugin_{}{}",
+        std::env::consts::DLL_PREFIX,
+        name.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    )
+}
+
+/// Every library in `explicit` and the `search` path (directories are listed), in discovery
+/// order, with whether it was named explicitly. `xpm plugin list` loads all of them.
+pub fn candidates(explicit: &[PathBuf], search: &[PathBuf]) -> Vec<(PathBuf, bool)> {
+    let mut out: Vec<(PathBuf, bool)> = explicit.iter().map(|p| (p.clone(), true)).collect();
+    for d in search {
         if d.is_file() {
-            out.push((d, false));
-        } else if let Ok(rd) = std::fs::read_dir(&d) {
+            out.push((d.clone(), false));
+        } else if let Ok(rd) = std::fs::read_dir(d) {
             let mut libs: Vec<PathBuf> = rd
                 .flatten()
                 .map(|e| e.path())
@@ -596,21 +618,45 @@ pub fn candidates(explicit: &[PathBuf], home: &xpm_core::home::XpmHome) -> Vec<(
     out
 }
 
-/// The plugin providing strategy `name`: explicit libraries must load; discovered ones that do
-/// not are skipped with a warning.
-pub fn find(
-    name: &str,
-    explicit: &[PathBuf],
-    home: &xpm_core::home::XpmHome,
-    printer: &xpm_core::printer::Printer,
-) -> Result<Option<Plugin>> {
-    for (path, must) in candidates(explicit, home) {
-        match Plugin::load(&path) {
-            Ok(p) if p.name == name => return Ok(Some(p)),
-            Ok(_) => {}
-            Err(e) if must => return Err(e),
-            Err(e) => printer.warn(format!("skipping {e}")),
+/// The plugin providing strategy `name`. Libraries named with `--plugin` (`explicit`) are
+/// loaded in order until one provides it. In the `search` path only the library file named
+/// for the strategy ([`library_file_name`]) is loaded, as cargo finds `cargo-<cmd>`: a typo in
+/// `--strategy` runs no plugin's initialisers, and no other library is loaded.
+pub fn find(name: &str, explicit: &[PathBuf], search: &[PathBuf]) -> Result<Option<Plugin>> {
+    for path in explicit {
+        let p = Plugin::load(path)?;
+        if p.name == name {
+            return Ok(Some(p));
         }
+    }
+    let file = library_file_name(name);
+    for d in search {
+        let path = if d.is_file() {
+            if d.file_name().is_none_or(|f| *f != *file) {
+                continue;
+            }
+            d.clone()
+        } else {
+            d.join(&file)
+        };
+        if !path.is_file() {
+            continue;
+        }
+        let p = Plugin::load(&path)?;
+        if p.name != name {
+            return Err(plugin_error(
+                &path,
+                format!(
+                    "it provides strategy `{}`, not `{name}` as its file name says",
+                    p.name
+                ),
+                Some(&format!(
+                    "rename the file to `{}`, or load it with --plugin",
+                    library_file_name(&p.name)
+                )),
+            ));
+        }
+        return Ok(Some(p));
     }
     Ok(None)
 }

@@ -220,6 +220,13 @@ typedef struct XpmPluginDescriptorV1 {
 
 /**
  * The entry point's type.
+ *
+ * Safety, for plugin authors: a plugin runs inside the xpm process with the user's privileges
+ * (loading it runs its initialisers). `merge` may be called concurrently from several threads,
+ * each on its own state from `create`; data shared between states must be synchronised. A
+ * crash, an `abort` (a Rust plugin built with `panic = "abort"`) or a C++ exception that
+ * crosses this ABI takes xpm down with it: catch everything at the boundary and report it
+ * through `err`.
  */
 typedef const struct XpmPluginDescriptorV1 *(*XpmEntryV1)(void);
 

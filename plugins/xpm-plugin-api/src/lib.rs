@@ -183,6 +183,13 @@ const _: () = {
 };
 
 /// The entry point's type.
+///
+/// Safety, for plugin authors: a plugin runs inside the xpm process with the user's privileges
+/// (loading it runs its initialisers). `merge` may be called concurrently from several threads,
+/// each on its own state from `create`; data shared between states must be synchronised. A
+/// crash, an `abort` (a Rust plugin built with `panic = "abort"`) or a C++ exception that
+/// crosses this ABI takes xpm down with it: catch everything at the boundary and report it
+/// through `err`.
 pub type XpmEntryV1 = unsafe extern "C" fn() -> *const XpmPluginDescriptorV1;
 
 // SAFETY: a descriptor is an immutable static (plain data and function pointers; its
