@@ -217,7 +217,7 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
                 acc * 100.0
             ),
         );
-        trained.push((r.method.clone(), acc));
+        trained.push((r.method.to_string(), acc));
     }
 
     let energy_kept = energy_kept(&base, &tuned, &artifact)?;

@@ -8,6 +8,7 @@
 pub mod bert;
 pub mod data;
 pub mod eval;
+mod export;
 pub mod fused;
 pub mod hub;
 mod linear;
@@ -16,32 +17,38 @@ pub mod mask;
 pub mod model;
 pub mod nn;
 pub mod optim;
+mod prepare;
 pub mod toy;
+mod trainer;
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use globset::{Glob, GlobSetBuilder};
 
-use data::{Dataset, Task};
 use mask::ScoreRule;
-use model::{Batch, DeviceChoice, Metrics, ModelDir, Net, ce, make_batch, to_vec};
+use model::{Batch, DeviceChoice, Metrics, Net, ce, to_vec};
 use nn::Adapter;
 use optim::{Accum, AdamW, Param};
-use xpm_core::error::{Error, IoResultExt, Result};
-use xpm_core::format::manifest::{
-    BaseModel, ExpertKind, Manifest, Provenance, ProvenanceInput, Selection, Training,
-};
-use xpm_core::format::{ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
+use xpm_core::error::{Error, Result};
 use xpm_core::home::XpmHome;
 use xpm_core::printer::Printer;
 use xpm_core::rng::SplitMix64;
 
 /// The adapter trained on the target layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Method {
     Sparse,
     Lora,
@@ -49,6 +56,12 @@ pub enum Method {
     /// Only the classification head on the frozen base (a linear probe: the "base + head"
     /// baseline, and the head for evaluating a merge on a task it was not merged from).
     Head,
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Method {
@@ -250,8 +263,8 @@ impl TrainOptions {
 pub struct TrainReport {
     /// The written expert.
     pub out: PathBuf,
-    /// `sparse`, `lora` or `full`.
-    pub method: String,
+    /// `sparse`, `lora`, `full` or `head`.
+    pub method: Method,
     /// Optimizer steps taken.
     pub steps: usize,
     /// Trainable elements (adapter values or factors, and the head).
@@ -655,554 +668,14 @@ pub fn element_wise_threads(cores: usize) -> Option<usize> {
 }
 
 /// Train and write the expert. The artifact appears only when everything succeeded.
+///
+/// Three stages, each in its own module: [`prepare`] (check the options, the model and the
+/// data), [`trainer`] (the optimizer loop, evaluations and the best snapshot), [`export`] (the
+/// saved state as an artifact).
 pub fn train(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<TrainReport> {
-    opts.validate()?;
-    let (model_dir, base_id) = hub::resolve_base(&opts.base, home, printer)?;
-    let mut inputs = xpm_core::fsutil::files_of(&model_dir);
-    inputs.extend([opts.data.clone()].into_iter().chain(opts.eval.clone()));
-    let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
-    xpm_core::fsutil::check_outputs(&[("-o", &opts.out)], &inputs)?;
-    xpm_core::fsutil::announce_new_parents(&[("-o", &opts.out)], printer);
-    let md = ModelDir::open(&model_dir)?;
-    let mut train_data = Dataset::load(&opts.data)?;
-    if let Some(n) = opts.limit {
-        train_data.examples.truncate(n);
-    }
-    train_data.check_trainable()?;
-    let task = md.arch.task();
-    if train_data.task != task {
-        return Err(Error::input(
-            format!(
-                "`{}` is {} data, but `{}` is a {} model ({})",
-                opts.data.display(),
-                train_data.task.as_str(),
-                model_dir.display(),
-                md.arch.as_str(),
-                task.as_str()
-            ),
-            Some(
-                "encoders train on {\"text\", \"label\"}; decoders on {\"prompt\", \"completion\"}",
-            ),
-        ));
-    }
-    let eval_data = match &opts.eval {
-        Some(p) => {
-            let d = Dataset::load(p)?;
-            if d.task != task {
-                return Err(Error::input(
-                    format!(
-                        "`{}` is {} data, but training is {}",
-                        p.display(),
-                        d.task.as_str(),
-                        task.as_str()
-                    ),
-                    None,
-                ));
-            }
-            Some(d)
-        }
-        None => None,
-    };
-    let labels = train_data.labels();
-    if opts.method == Method::Head && task != Task::Classification {
-        return Err(Error::input(
-            format!(
-                "`--method head` trains a classification head, but `{}` is {} data",
-                opts.data.display(),
-                task.as_str()
-            ),
-            Some("use --method sparse, lora or full for prompt/completion data"),
-        ));
-    }
-    if task == Task::Classification {
-        for name in ["classifier.weight", "classifier.bias"] {
-            if md.checkpoint.info(name).is_some() {
-                return Err(Error::input(
-                    format!("`{}` already has a `{name}` tensor", model_dir.display()),
-                    Some("train from the encoder alone (a model without a classification head)"),
-                ));
-            }
-        }
-        let max_pos = md
-            .config
-            .get("max_position_embeddings")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(512) as usize;
-        if opts.max_seq_len > max_pos {
-            return Err(Error::input(
-                format!(
-                    "--max-seq-len {} exceeds the model's {max_pos} positions",
-                    opts.max_seq_len
-                ),
-                Some(&format!("use --max-seq-len {max_pos} or less")),
-            ));
-        }
-    }
-    let dev = model::device(opts.device)?;
-    printer.status("Hashing", format!("base model `{}`", model_dir.display()));
-    let base_digest = md.checkpoint.digest(Some(&home.cache))?;
-    let train_enc = md.encode(&train_data.examples, &labels, opts.max_seq_len, &opts.data)?;
-    let eval_enc = match (&eval_data, &opts.eval) {
-        (Some(d), Some(p)) => Some(md.encode(&d.examples, &labels, opts.max_seq_len, p)?),
-        _ => None,
-    };
-    let mut rng = SplitMix64(opts.seed);
-    let net = model::build_net(&md, &dev, labels.len(), None, &mut rng)?;
-    let names: Vec<String> = net.linears().iter().map(|l| l.name.clone()).collect();
-    let lr = opts.lr();
-    let head_lr = opts.head_lr.unwrap_or(lr.max(1e-3));
-    let mut run = Run::new(opts, net, dev.clone(), head_lr / lr, &mut rng)?;
-    let pad = md.pad_id();
-    let steps_per_epoch = train_enc
-        .len()
-        .div_ceil(opts.batch_size)
-        .div_ceil(opts.grad_accum);
-    let mut total_steps = steps_per_epoch * opts.epochs;
-    if let Some(m) = opts.max_steps {
-        total_steps = total_steps.min(m);
-    }
-    let opt = AdamW {
-        lr,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: opts.weight_decay(),
-        clip: opts.clip,
-        warmup_steps: ((total_steps as f64) * opts.warmup).round() as usize,
-        total_steps,
-    };
-    let mut log = match &opts.json_log {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).at("create", p)?,
-        )),
-        None => None,
-    };
-    let mut log_line = |v: serde_json::Value| -> Result<()> {
-        if let Some(w) = log.as_mut() {
-            writeln!(w, "{v}")
-                .and_then(|_| w.flush())
-                .map_err(|e| Error::io("write", opts.json_log.as_ref().expect("set"), e))?;
-        }
-        Ok(())
-    };
-
-    // One-shot selection before training.
-    let mut data_rng = SplitMix64(opts.seed ^ 0x5eed_da7a);
-    if opts.method == Method::Sparse && opts.schedule == Schedule::OneShot {
-        let t0 = Instant::now();
-        let order = data::batches(
-            train_enc.len(),
-            opts.batch_size,
-            Some(&mut data_rng.clone()),
-        );
-        let sb: Vec<Batch> = order
-            .iter()
-            .take(opts.score_batches.max(1))
-            .map(|idx| make_batch(&train_enc, idx, task, pad, &dev))
-            .collect::<candle_core::Result<_>>()
-            .map_err(ce("batch"))?;
-        run.reselect(&sb, &mut rng)?;
-        printer.status(
-            "Selected",
-            format!(
-                "{} of each target weight by `{}` over {} batch(es) in {:.1}s",
-                pct(opts.keep_ratio),
-                opts.score.as_str(),
-                sb.len(),
-                t0.elapsed().as_secs_f64()
-            ),
-        );
-    }
-    let (trainable, _) = run.trainable();
-    printer.status(
-        "Training",
-        format!(
-            "{} on `{}` ({} layers, {} trainable parameters): {} examples, {} step(s)",
-            opts.method.as_str(),
-            base_id,
-            run.targets.len(),
-            trainable,
-            train_enc.len(),
-            total_steps
-        ),
-    );
-    let pb = printer.progress(total_steps as u64, "Training");
-    let mut step = 0usize;
-    let mut first_loss = None;
-    let mut last_loss = f64::NAN;
-    let mut best: Option<(f64, Snapshot, Metrics)> = None;
-    let mut examples_seen = 0usize;
-    let mut next_reselect = opts.reselect_every;
-    let mut step_times = Vec::new();
-    // Under the periodic schedule the mask changes until the end of the first epoch: only
-    // evaluations after it is frozen can pick the saved state (the saved mask must be the one
-    // that belongs to the saved values, and the dense start is no sparse expert).
-    let mut frozen = !(opts.method == Method::Sparse && opts.schedule == Schedule::Periodic);
-    let mut recent: std::collections::VecDeque<Batch> = std::collections::VecDeque::new();
-    let eval_now = |run: &Run,
-                    step: usize,
-                    candidate: bool,
-                    log_line: &mut dyn FnMut(serde_json::Value) -> Result<()>,
-                    best: &mut Option<(f64, Snapshot, Metrics)>|
-     -> Result<()> {
-        let Some(enc) = &eval_enc else { return Ok(()) };
-        let m = model::evaluate(
-            &run.net,
-            enc,
-            task,
-            labels.len(),
-            opts.batch_size.max(32),
-            pad,
-            &dev,
-        )?;
-        log_line(serde_json::json!({"event": "eval", "step": step, "metrics": m}))?;
-        let line = format!(
-            "step {step}: eval loss {:.4}{}",
-            m.loss,
-            m.accuracy
-                .map(|a| format!(", accuracy {:.2} %", a * 100.0))
-                .unwrap_or_default()
-        );
-        if printer.shows_progress() {
-            pb.println(format!("{:>12} {line}", "Evaluated"));
-        } else {
-            printer.status("Evaluated", line);
-        }
-        if candidate && best.as_ref().is_none_or(|(l, _, _)| m.loss < *l) {
-            *best = Some((m.loss, run.snapshot(step)?, m));
-        }
-        Ok(())
-    };
-    // The starting point: eval loss before any update (the saved state if nothing improves).
-    eval_now(&run, 0, frozen, &mut log_line, &mut best)?;
-    let mut last_eval = Some(0);
-    // The final selection of the periodic schedule, on the most recent batches.
-    let freeze = |run: &mut Run,
-                  recent: &std::collections::VecDeque<Batch>,
-                  rng: &mut SplitMix64|
-     -> Result<()> {
-        let batches: Vec<Batch> = recent.iter().cloned().collect();
-        run.reselect(&batches, rng)
-    };
-    'epochs: for epoch in 0..opts.epochs {
-        let order = data::batches(train_enc.len(), opts.batch_size, Some(&mut data_rng));
-        for chunk in order.chunks(opts.grad_accum) {
-            if step >= total_steps {
-                break 'epochs;
-            }
-            let t0 = Instant::now();
-            let micro: Vec<Batch> = chunk
-                .iter()
-                .map(|idx| make_batch(&train_enc, idx, task, pad, &dev))
-                .collect::<candle_core::Result<_>>()
-                .map_err(ce("batch"))?;
-            let (loss, norm) = run.train_step(&micro, &opt, step, &mut rng)?;
-            if !loss.is_finite() {
-                return Err(Error::input(
-                    format!("the training loss became {loss} at step {step}"),
-                    Some(
-                        "lower --lr, or clip gradients harder (a smaller --clip) and warm up longer (--warmup)",
-                    ),
-                ));
-            }
-            examples_seen += micro.iter().map(|b| b.size).sum::<usize>();
-            if !frozen {
-                for b in &micro {
-                    recent.push_back(b.clone());
-                    if recent.len() > opts.score_batches.max(1) {
-                        recent.pop_front();
-                    }
-                }
-            }
-            let mut reselected = false;
-            if !frozen && epoch == 0 && examples_seen >= next_reselect {
-                freeze(&mut run, &recent, &mut rng)?;
-                next_reselect += opts.reselect_every;
-                reselected = true;
-            }
-            let dt = t0.elapsed().as_secs_f64();
-            step_times.push(dt);
-            first_loss.get_or_insert(loss);
-            last_loss = loss;
-            log_line(serde_json::json!({
-                "step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": opt.lr_at(step),
-                "grad_norm": norm, "step_time_s": dt, "examples": examples_seen,
-                "reselected": reselected,
-            }))?;
-            step += 1;
-            pb.inc(1);
-            pb.set_message(format!(
-                "epoch {} · loss {loss:.4} · {dt:.2} s/step",
-                epoch + 1
-            ));
-            if let Some(every) = opts.eval_every
-                && step.is_multiple_of(every)
-            {
-                eval_now(&run, step, frozen, &mut log_line, &mut best)?;
-                last_eval = Some(step);
-            }
-        }
-        if !frozen {
-            // End of the first epoch: the last selection, then the mask stays.
-            freeze(&mut run, &recent, &mut rng)?;
-            frozen = true;
-            recent.clear();
-            last_eval = None;
-        }
-        if last_eval != Some(step) {
-            eval_now(&run, step, frozen, &mut log_line, &mut best)?;
-            last_eval = Some(step);
-        }
-    }
-    if !frozen {
-        // Stopped by --max-steps inside the first epoch.
-        freeze(&mut run, &recent, &mut rng)?;
-        last_eval = None;
-    }
-    if last_eval != Some(step) {
-        eval_now(&run, step, true, &mut log_line, &mut best)?;
-    }
-    pb.finish_and_clear();
-    let (snapshot, eval_metrics) = match best {
-        Some((_, s, m)) => (s, Some(m)),
-        None => (run.snapshot(step)?, None),
-    };
-    if eval_metrics.is_some() && snapshot.step == 0 {
-        printer.warn(
-            "training did not lower the eval loss: the saved expert is the starting point \
-             (untrained values and head); try another --lr, more data or more epochs",
-        );
-    }
-    let (trainable_end, state_end) = run.trainable();
-    let seconds_per_step = median(&mut step_times);
-
-    // The expert.
-    let mut tensors = Vec::new();
-    let linears = run.net.linears();
-    for (&li, st) in run.targets.iter().zip(&snapshot.layers) {
-        let l = linears[li];
-        let shape = vec![l.out_dim() as u64, l.in_dim() as u64];
-        let content = match st {
-            LayerState::Sparse { indices, values } => Content::Sparse {
-                indices: indices.iter().map(|&i| i as u64).collect(),
-                values: Dtype::F32.from_f32(values),
-                block_size: opts.block_size,
-            },
-            LayerState::Lora { a, b } => Content::Lora {
-                rank: opts.lora_rank,
-                alpha: opts.lora_alpha,
-                a: Dtype::F32.from_f32(a),
-                b: Dtype::F32.from_f32(b),
-            },
-            LayerState::Full { w } => {
-                let w0 = to_vec(&l.w0)?;
-                let d: Vec<f32> = w.iter().zip(&w0).map(|(a, b)| a - b).collect();
-                Content::Dense {
-                    delta: Dtype::F32.from_f32(&d),
-                }
-            }
-        };
-        tensors.push((
-            TensorData {
-                name: l.name.clone(),
-                shape,
-                dtype: Dtype::F32,
-                content,
-            },
-            false,
-        ));
-    }
-    if let Some((w, b)) = &snapshot.head {
-        let hidden = w.len() / labels.len();
-        for (name, shape, v) in [
-            (
-                "classifier.weight",
-                vec![labels.len() as u64, hidden as u64],
-                w,
-            ),
-            ("classifier.bias", vec![labels.len() as u64], b),
-        ] {
-            tensors.push((
-                TensorData {
-                    name: name.into(),
-                    shape,
-                    dtype: Dtype::F32,
-                    content: Content::Dense {
-                        delta: Dtype::F32.from_f32(v),
-                    },
-                },
-                true,
-            ));
-        }
-    }
-    let kind = match opts.method {
-        Method::Sparse => ExpertKind::Sparse,
-        Method::Lora => ExpertKind::Lora,
-        Method::Full | Method::Head => ExpertKind::Dense,
-    };
-    let mut manifest = Manifest::new(
-        &opts.name,
-        opts.version.clone(),
-        BaseModel {
-            id: base_id.clone(),
-            digest: base_digest.clone(),
-        },
-        kind,
-    );
-    manifest.description = opts.description.clone();
-    manifest.license = opts.license.clone();
-    let target_names: Vec<String> = run.targets.iter().map(|&i| names[i].clone()).collect();
-    if opts.method == Method::Sparse {
-        manifest.selection = Some(Selection {
-            method: "train".into(),
-            score_rule: Some(opts.score.as_str().into()),
-            keep_ratio: Some(opts.keep_ratio),
-            block_size: opts.block_size,
-            schedule: Some(opts.schedule.as_str().into()),
-            seed: Some(opts.seed),
-            targets: opts.targets.clone(),
-            tie_break: Some("lower flat index first".into()),
-            extra: BTreeMap::from([
-                ("score_batches".into(), opts.score_batches.into()),
-                ("reselect_every".into(), opts.reselect_every.into()),
-            ]),
-        });
-    }
-    let mut hp = BTreeMap::new();
-    for (k, v) in [
-        ("epochs", serde_json::json!(opts.epochs)),
-        ("lr", serde_json::json!(lr)),
-        ("head_lr", serde_json::json!(head_lr)),
-        ("batch_size", serde_json::json!(opts.batch_size)),
-        ("grad_accum", serde_json::json!(opts.grad_accum)),
-        ("max_seq_len", serde_json::json!(opts.max_seq_len)),
-        ("optimizer", serde_json::json!("adamw")),
-        ("betas", serde_json::json!([0.9, 0.999])),
-        ("weight_decay", serde_json::json!(opts.weight_decay())),
-        ("warmup", serde_json::json!(opts.warmup)),
-        ("schedule", serde_json::json!("linear")),
-        ("clip", serde_json::json!(opts.clip)),
-        ("steps", serde_json::json!(step)),
-        ("targets", serde_json::json!(target_names)),
-    ] {
-        hp.insert(k.to_string(), v);
-    }
-    if opts.method == Method::Lora {
-        hp.insert("lora_rank".into(), opts.lora_rank.into());
-        hp.insert("lora_alpha".into(), opts.lora_alpha.into());
-        hp.insert("lora_dropout".into(), opts.lora_dropout.into());
-    }
-    if let Some(m) = opts.max_steps {
-        hp.insert("max_steps".into(), m.into());
-    }
-    if let Some(n) = opts.limit {
-        hp.insert("limit".into(), n.into());
-    }
-    let mut metrics = BTreeMap::from([
-        (
-            "train_loss_first".to_string(),
-            first_loss.unwrap_or(f64::NAN),
-        ),
-        ("train_loss_last".to_string(), last_loss),
-        ("saved_step".to_string(), snapshot.step as f64),
-        ("trainable_params".to_string(), trainable_end as f64),
-    ]);
-    if let Some(m) = &eval_metrics {
-        metrics.insert("eval_loss".into(), m.loss);
-        if let Some(a) = m.accuracy {
-            metrics.insert("eval_accuracy".into(), a);
-        }
-        if let Some(f) = m.macro_f1 {
-            metrics.insert("eval_macro_f1".into(), f);
-        }
-        if let Some(e) = m.exact_match {
-            metrics.insert("eval_exact_match".into(), e);
-        }
-    }
-    metrics.retain(|_, v| v.is_finite());
-    let mut extra = BTreeMap::from([
-        ("task".to_string(), serde_json::json!(task.as_str())),
-        (
-            "architecture".to_string(),
-            serde_json::json!(md.arch.as_str()),
-        ),
-        (
-            "train_examples".to_string(),
-            serde_json::json!(train_enc.len()),
-        ),
-        (
-            "device".to_string(),
-            serde_json::json!(if dev.is_cpu() { "cpu" } else { "cuda" }),
-        ),
-    ]);
-    if task == Task::Classification {
-        extra.insert("labels".into(), serde_json::json!(labels));
-        extra.insert("pooling".into(), serde_json::json!("mean"));
-        extra.insert(
-            "head".into(),
-            serde_json::json!(["classifier.weight", "classifier.bias"]),
-        );
-    }
-    if let (Some(d), Some(_)) = (&eval_data, &opts.eval) {
-        extra.insert("eval_data_digest".into(), serde_json::json!(d.digest));
-    }
-    manifest.training = Some(Training {
-        method: Some(opts.method.as_str().into()),
-        data_digest: Some(train_data.digest.clone()),
-        seed: Some(opts.seed),
-        hyperparameters: hp,
-        metrics,
-        extra,
-    });
-    manifest.provenance = Some(Provenance {
-        tool: format!("xpm {}", env!("CARGO_PKG_VERSION")),
-        inputs: vec![
-            ProvenanceInput {
-                role: "base".into(),
-                name: base_id.clone(),
-                digest: Some(base_digest),
-            },
-            ProvenanceInput {
-                role: "data".into(),
-                name: opts.data.display().to_string(),
-                digest: Some(train_data.digest.clone()),
-            },
-        ],
-        ..Provenance::default()
-    });
-    if let Some(parent) = opts.out.parent()
-        && !parent.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(parent).at("create directory", parent)?;
-    }
-    let mut writer = ArtifactWriter::create(&opts.out, 3)?;
-    for (t, new) in &tensors {
-        let e = encode_tensor(t, 3)?;
-        writer.push(if *new { e.mark_new()? } else { e })?;
-    }
-    writer.finish(manifest)?;
-    printer.status(
-        "Wrote",
-        format!(
-            "{} ({} expert, {} tensors, saved step {})",
-            opts.out.display(),
-            opts.method.as_str(),
-            tensors.len(),
-            snapshot.step
-        ),
-    );
-    Ok(TrainReport {
-        out: opts.out.clone(),
-        method: opts.method.as_str().to_string(),
-        steps: step,
-        trainable_params: trainable_end,
-        optimizer_state_bytes: state_end,
-        train_loss_first: first_loss.unwrap_or(f64::NAN),
-        train_loss_last: last_loss,
-        eval: eval_metrics,
-        saved_step: snapshot.step,
-        seconds_per_step,
-    })
+    let input = prepare::prepare(opts, home, printer)?;
+    let fit = trainer::Trainer::new(opts, &input, printer)?.fit()?;
+    export::write_expert(opts, &input, &fit, printer)
 }
 
 fn pct(x: f64) -> String {
@@ -1222,7 +695,8 @@ mod tests {
     use super::*;
     use crate::bert::Bert;
     use crate::bert::tests::{tiny_config, tiny_weights};
-    use crate::data::Encoded;
+    use crate::data::{Encoded, Task};
+    use crate::model::make_batch;
     use crate::nn::Head;
 
     fn run_for(opts: &TrainOptions) -> (Run<'_>, Vec<Batch>) {
