@@ -98,7 +98,7 @@ fn recipe_from_flags(a: &Args) -> anyhow::Result<Recipe> {
     Ok(Recipe {
         version: crate::merge::recipe::RECIPE_VERSION,
         strategy: a.strategy.clone(),
-        preset: a.preset.clone(),
+        preset: a.preset.as_deref().map(str::parse).transpose()?,
         seed: a.seed.unwrap_or(0),
         output: None,
         params,

@@ -289,7 +289,7 @@ impl Default for MergeParams {
 }
 
 /// A set of defaults that reproduces another library's choices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
     Peft,

@@ -58,7 +58,7 @@ pub struct Recipe {
     pub strategy: String,
     /// Start from another library's defaults: `peft` or `mergekit`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub preset: Option<String>,
+    pub preset: Option<Preset>,
     /// Seed of the random strategies.
     #[serde(default)]
     pub seed: u64,
@@ -234,11 +234,7 @@ impl Recipe {
     /// Parse the strategy, preset, parameters and overrides; check every value.
     pub fn plan(&self) -> Result<Plan> {
         let strategy: Strategy = self.strategy.parse()?;
-        let preset = self
-            .preset
-            .as_deref()
-            .map(str::parse::<Preset>)
-            .transpose()?;
+        let preset = self.preset;
         // mergekit's `normalize` is a parameter of its TIES family too.
         let mergekit_normalize = |s: Strategy| preset == Some(Preset::Mergekit) && s.elects_sign();
         // A preset's defaults depend on the strategy, so each override starts from its own.

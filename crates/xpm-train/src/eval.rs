@@ -45,7 +45,7 @@ pub struct EvalReport {
     pub data: String,
     pub data_digest: String,
     /// `classification` or `causal-lm`.
-    pub task: String,
+    pub task: crate::data::Task,
     #[serde(flatten)]
     pub metrics: Metrics,
 }
@@ -176,7 +176,7 @@ pub fn eval(opts: &EvalOptions, home: &XpmHome, printer: &Printer) -> Result<Eva
         merged: opts.merged.as_ref().map(|p| p.display().to_string()),
         data: opts.data.display().to_string(),
         data_digest: data.digest,
-        task: task.as_str().to_string(),
+        task,
         metrics,
     })
 }
