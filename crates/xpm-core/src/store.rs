@@ -433,3 +433,129 @@ fn collect_records(dir: &Path, out: &mut Vec<Installed>) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::manifest::Manifest;
+    use crate::format::{ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
+    use crate::registry::LocalRegistry;
+
+    /// A local registry with `x@1.0.0` published, and a store in another directory.
+    fn setup(d: &Path) -> (Store, LocalRegistry, IndexLine) {
+        let art = d.join("x.xpm");
+        let mut w = ArtifactWriter::create(&art, 1).unwrap();
+        let t = TensorData {
+            name: "w".into(),
+            shape: vec![4],
+            dtype: Dtype::F32,
+            content: Content::Sparse {
+                indices: vec![1, 3],
+                values: Dtype::F32.from_f32(&[0.5, -1.0]),
+                block_size: None,
+            },
+        };
+        w.push(encode_tensor(&t, 1).unwrap()).unwrap();
+        let base = BaseModel {
+            id: "b".into(),
+            digest: crate::digest::sha256(b"b"),
+        };
+        let m = w
+            .finish(Manifest::new(
+                "x",
+                "1.0.0".parse().unwrap(),
+                base,
+                ExpertKind::Sparse,
+            ))
+            .unwrap();
+        let (cksum, size) = crate::digest::sha256_reader(File::open(&art).unwrap()).unwrap();
+        let reg = LocalRegistry::open_or_init(&d.join("reg")).unwrap();
+        let line = IndexLine::for_artifact(&m, &cksum, size);
+        reg.publish(&art, &line, false).unwrap();
+        let home = XpmHome {
+            root: d.join("home"),
+            cache: d.join("home/cache"),
+        };
+        (Store::new(&home), reg, line)
+    }
+
+    #[test]
+    fn fetch_commit_locate_and_verify_the_store() {
+        let d = tempfile::tempdir().unwrap();
+        let (store, reg, line) = setup(d.path());
+        let backend = crate::registry::open(
+            &reg_location(d.path()),
+            &XpmHome {
+                root: d.path().join("home"),
+                cache: d.path().join("home/cache"),
+            },
+            &Default::default(),
+            false,
+        )
+        .unwrap();
+        assert!(!store.has_blob(&line.cksum, line.size));
+        let staged = store.fetch(backend.as_ref(), &line, &|_| {}).unwrap();
+        let record = Installed {
+            name: line.name.clone(),
+            version: line.vers.clone(),
+            cksum: line.cksum.clone(),
+            size: line.size,
+            base: line.base.clone(),
+            kind: line.kind,
+            source: backend.source().to_string(),
+            installed_at: "now".into(),
+        };
+        store
+            .commit(vec![staged], std::slice::from_ref(&record))
+            .unwrap();
+        assert!(store.has_blob(&line.cksum, line.size));
+        assert!(store.cached_intact(&line).unwrap());
+        assert_eq!(store.installed().unwrap(), vec![record]);
+        assert_eq!(
+            store.locate("x@^1", None).unwrap(),
+            store.blob_path(&line.cksum)
+        );
+        assert!(store.locate("y", None).is_err());
+        let checks = store
+            .verify_all(&crate::printer::Printer::silent())
+            .unwrap();
+        assert!(checks.iter().all(|c| c.problem.is_none()), "{checks:?}");
+        // A damaged blob of the right size: not intact, and named by the store check.
+        let p = store.blob_path(&line.cksum);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let n = bytes.len();
+        bytes[n / 2] ^= 1;
+        std::fs::write(&p, bytes).unwrap();
+        assert!(!store.cached_intact(&line).unwrap());
+        let checks = store
+            .verify_all(&crate::printer::Printer::silent())
+            .unwrap();
+        assert!(checks[0].problem.is_some());
+        drop(reg);
+    }
+
+    #[test]
+    fn an_index_line_that_names_another_artifact_is_refused_after_download() {
+        let d = tempfile::tempdir().unwrap();
+        let (store, _reg, line) = setup(d.path());
+        let backend = crate::registry::open(
+            &reg_location(d.path()),
+            &XpmHome {
+                root: d.path().join("home"),
+                cache: d.path().join("home/cache"),
+            },
+            &Default::default(),
+            false,
+        )
+        .unwrap();
+        // Same bytes and digest, but the line claims another version.
+        let mut lie = line.clone();
+        lie.vers = "2.0.0".parse().unwrap();
+        let e = store.fetch(backend.as_ref(), &lie, &|_| {}).err().unwrap();
+        assert!(e.to_string().contains("manifest says version 1.0.0"), "{e}");
+    }
+
+    fn reg_location(d: &Path) -> String {
+        format!("file://{}", d.join("reg").display())
+    }
+}

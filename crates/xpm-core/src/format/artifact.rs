@@ -937,3 +937,94 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     }
     Ok(got)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Dtype;
+    use crate::format::manifest::{BaseModel, ExpertKind};
+
+    fn tensor(name: &str, values: &[f32]) -> TensorData {
+        TensorData {
+            name: name.into(),
+            shape: vec![values.len() as u64 * 2],
+            dtype: Dtype::F32,
+            content: Content::Sparse {
+                indices: (0..values.len() as u64).map(|i| i * 2).collect(),
+                values: Dtype::F32.from_f32(values),
+                block_size: None,
+            },
+        }
+    }
+
+    fn manifest() -> Manifest {
+        let base = BaseModel {
+            id: "b".into(),
+            digest: crate::digest::sha256(b"b"),
+        };
+        Manifest::new("t", "1.0.0".parse().unwrap(), base, ExpertKind::Sparse)
+    }
+
+    #[test]
+    fn what_is_written_reads_back_and_the_file_digest_matches_its_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.xpm");
+        let mut w = ArtifactWriter::create(&p, DEFAULT_LEVEL).unwrap();
+        for (name, v) in [("a", vec![1.0, -2.0]), ("b", vec![0.5])] {
+            w.push(encode_tensor(&tensor(name, &v), DEFAULT_LEVEL).unwrap())
+                .unwrap();
+        }
+        w.finish(manifest()).unwrap();
+        let r = ArtifactReader::open(&p).unwrap();
+        assert_eq!(r.manifest().tensors.len(), 2);
+        let t = r.read_tensor(0).unwrap();
+        assert_eq!(t, tensor("a", &[1.0, -2.0]));
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(
+            r.verify_file_digest().unwrap(),
+            crate::digest::sha256(&bytes)
+        );
+    }
+
+    #[test]
+    fn a_repeated_tensor_name_and_non_finite_values_are_refused_by_the_writer() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.xpm");
+        let mut w = ArtifactWriter::create(&p, DEFAULT_LEVEL).unwrap();
+        w.push(encode_tensor(&tensor("a", &[1.0]), DEFAULT_LEVEL).unwrap())
+            .unwrap();
+        assert!(
+            w.push(encode_tensor(&tensor("a", &[2.0]), DEFAULT_LEVEL).unwrap())
+                .is_err()
+        );
+        let e = encode_tensor(&tensor("n", &[f32::NAN]), DEFAULT_LEVEL).unwrap_err();
+        assert!(e.to_string().contains("holds NaN"), "{e}");
+        drop(w);
+        assert!(!p.exists(), "an unfinished writer leaves nothing");
+    }
+
+    #[test]
+    fn a_flipped_byte_anywhere_is_caught() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.xpm");
+        let mut w = ArtifactWriter::create(&p, DEFAULT_LEVEL).unwrap();
+        w.push(encode_tensor(&tensor("a", &[1.0, 3.0, -4.0]), DEFAULT_LEVEL).unwrap())
+            .unwrap();
+        w.finish(manifest()).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        for i in (0..good.len()).step_by(7) {
+            let mut bad = good.clone();
+            bad[i] ^= 0x40;
+            std::fs::write(&p, &bad).unwrap();
+            let caught = ArtifactReader::open(&p).and_then(|r| {
+                r.verify_file_digest()?;
+                r.read_tensor(0)
+            });
+            assert!(
+                caught.is_err(),
+                "byte {i} of {} changed unnoticed",
+                good.len()
+            );
+        }
+    }
+}
