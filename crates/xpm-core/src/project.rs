@@ -152,7 +152,8 @@ impl Project {
         let mut doc: toml_edit::DocumentMut = text
             .parse()
             .map_err(|e| Error::input(format!("`{}` is not valid TOML: {e}", p.display()), None))?;
-        if !doc.contains_table("experts") {
+        // `[experts]` or an inline `experts = { … }`: either keeps what it holds.
+        if doc.get("experts").and_then(|i| i.as_table_like()).is_none() {
             doc["experts"] = toml_edit::table();
         }
         for r in reqs {
@@ -231,4 +232,27 @@ pub fn template(registry: Option<&str>, base: Option<&str>) -> String {
     }
     s.push_str("\n[experts]\n# sst2 = \"^1.2\"\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzzing (tests/fuzz/regressions/project_toml): adding a requirement to an
+    /// `xpm.toml` whose experts are an inline table dropped the ones it held.
+    #[test]
+    fn adding_to_an_inline_experts_table_keeps_what_it_holds() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join(MANIFEST),
+            "experts = { a = \"1\", \"ns/b\" = \">=0.1, <2\" }\n",
+        )
+        .unwrap();
+        let p = Project::discover(d.path()).unwrap();
+        p.add_requirements(&[Requirement::parse("c@^2").unwrap()])
+            .unwrap();
+        let m = read_manifest(&d.path().join(MANIFEST)).unwrap();
+        let names: Vec<&str> = m.experts.keys().map(String::as_str).collect();
+        assert_eq!(names, ["a", "c", "ns/b"]);
+    }
 }
