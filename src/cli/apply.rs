@@ -13,8 +13,8 @@ pub struct Args {
     #[arg(short, long, value_name = "DIR")]
     out: PathBuf,
     /// Largest safetensors file before sharding, e.g. `5GB`, `500MB`
-    #[arg(long, default_value = "5GB", value_name = "SIZE")]
-    max_shard_size: String,
+    #[arg(long, default_value = "5GB", value_name = "SIZE", value_parser = super::size_arg)]
+    max_shard_size: u64,
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
@@ -23,7 +23,7 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         &a.base,
         &expert,
         &a.out,
-        crate::units::parse_size(&a.max_shard_size)?,
+        a.max_shard_size,
         &ctx.home,
         &ctx.printer,
     )?;

@@ -68,9 +68,10 @@ pub struct Args {
         long,
         default_value = "5GB",
         value_name = "SIZE",
-        requires = "apply_to"
+        requires = "apply_to",
+        value_parser = super::size_arg
     )]
-    max_shard_size: String,
+    max_shard_size: u64,
     /// zstd level (1–22)
     #[arg(long, default_value_t = crate::format::artifact::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
     level: i32,
@@ -137,7 +138,7 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         Some(base) => Some(ApplyTo {
             base: base.clone(),
             save_expert: a.save_expert.clone(),
-            max_shard_bytes: crate::units::parse_size(&a.max_shard_size)?,
+            max_shard_bytes: a.max_shard_size,
         }),
         None => None,
     };

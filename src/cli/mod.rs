@@ -93,6 +93,11 @@ pub enum Command {
     Demo(demo::Args),
 }
 
+/// A size flag (`5GB`, `500MiB`, `1048576`), parsed when the command line is.
+pub(crate) fn size_arg(s: &str) -> Result<u64, String> {
+    crate::units::parse_size(s).map_err(|e| e.to_string())
+}
+
 /// An exit status to leave with, and nothing to print (the program that failed spoke for itself).
 #[derive(Debug)]
 pub struct ExitWith(pub u8);
