@@ -580,3 +580,204 @@ fn a_command_waiting_for_a_lock_says_so() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("Waiting for the lock on"), "{err}");
 }
+
+#[test]
+fn registry_serve_hands_over_to_the_server_so_signals_reach_it() {
+    use std::io::BufRead;
+    let ctx = TestContext::new();
+    server_bin(); // built beside `xpm`
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("xpm"))
+        .args([
+            "registry",
+            "serve",
+            "--no-auth",
+            "--quiet",
+            "--addr",
+            "127.0.0.1:0",
+            "--root",
+        ])
+        .arg(ctx.path("srv"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http://"))
+        .unwrap()
+        .to_string();
+    assert!(std::net::TcpStream::connect(&addr).is_ok());
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    child.wait().unwrap();
+    // Nothing is left serving the port (a child server would have kept it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(&addr).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server outlived `xpm registry serve`"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn stale_download_leftovers_are_removed_and_fresh_ones_kept() {
+    let ctx = TestContext::new();
+    make_expert(&ctx.path("alpha.xpm"), "alpha", "1.0.0", "minilm", 4096, 7);
+    ctx.xpm().args(["publish", "alpha.xpm"]).assert().success();
+    let tmp = ctx.path("home/cache/tmp-v1");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let (old, fresh) = (tmp.join(".xpm-tmp-old"), tmp.join(".xpm-tmp-fresh"));
+    for p in [&old, &fresh] {
+        std::fs::write(p, b"partial").unwrap();
+    }
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+        .unwrap();
+    ctx.xpm().args(["install", "alpha@1"]).assert().success();
+    assert!(!old.exists(), "a two-hour-old leftover stayed");
+    assert!(
+        fresh.exists(),
+        "a fresh temporary file (maybe another download's) was removed"
+    );
+}
+
+#[test]
+fn an_f64_model_is_refused_by_extract_as_apply_would_refuse_it() {
+    let ctx = TestContext::new();
+    for (dir, v) in [("base", 0.0f64), ("tuned", 0.5f64)] {
+        let bytes: Vec<u8> = (0..16).flat_map(|i| (v * i as f64).to_le_bytes()).collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![4, 4], &bytes)
+                .unwrap();
+        std::fs::create_dir_all(ctx.path(dir)).unwrap();
+        safetensors::serialize_to_file(
+            [("w".to_string(), view)],
+            None,
+            &ctx.path(&format!("{dir}/model.safetensors")),
+        )
+        .unwrap();
+    }
+    ctx.xpm()
+        .args([
+            "extract",
+            "--base",
+            "base",
+            "--tuned",
+            "tuned",
+            "--name",
+            "f",
+            "--version",
+            "1.0.0",
+        ])
+        .args(["-o", "f.xpm"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("is f64").and(predicate::str::contains("convert")));
+    assert!(!ctx.path("f.xpm").exists());
+}
+
+#[test]
+fn negative_numbers_are_values_and_a_zero_limit_is_refused() {
+    let ctx = TestContext::new();
+    make_expert(&ctx.path("a.xpm"), "a", "1.0.0", "minilm", 4096, 1);
+    make_expert(&ctx.path("b.xpm"), "b", "1.0.0", "minilm", 4096, 2);
+    ctx.xpm()
+        .args([
+            "merge",
+            "a.xpm",
+            "b.xpm",
+            "--strategy",
+            "task-arithmetic",
+            "--weights",
+            "-1,2",
+        ])
+        .args(["-o", "m.xpm"])
+        .assert()
+        .success();
+    ctx.xpm()
+        .args([
+            "extract",
+            "--base",
+            "x",
+            "--tuned",
+            "y",
+            "--density",
+            "-1",
+            "--name",
+            "n",
+        ])
+        .args(["--version", "1.0.0", "-o", "n.xpm"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("density -1 is outside (0, 1]"));
+    ctx.xpm()
+        .args(["search", "a", "--limit", "0"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("invalid value '0' for '--limit"));
+}
+
+#[test]
+fn a_lockfile_digest_the_registry_does_not_have_blames_the_lockfile_too() {
+    let ctx = TestContext::new();
+    let lock = installed_project(&ctx);
+    std::fs::remove_dir_all(ctx.path("home/cache")).unwrap();
+    let real = lock
+        .lines()
+        .find(|l| l.starts_with("cksum"))
+        .unwrap()
+        .to_string();
+    locked_install_refuses(
+        &ctx,
+        lock.replace(&real, &format!("cksum = \"sha256:{}\"", "ab".repeat(32))),
+        "if xpm.lock was edited",
+    );
+}
+
+#[test]
+fn one_damaged_index_file_does_not_break_search() {
+    let ctx = TestContext::new();
+    let srv = Server::start(&ctx.path("srv"));
+    for name in ["alpha", "beta"] {
+        make_expert(
+            &ctx.path(&format!("{name}.xpm")),
+            name,
+            "1.0.0",
+            "minilm",
+            4096,
+            9,
+        );
+        ctx.xpm()
+            .args([
+                "publish",
+                &format!("{name}.xpm"),
+                "--registry",
+                &srv.url,
+                "--token",
+                TOKEN,
+            ])
+            .assert()
+            .success();
+    }
+    std::fs::write(
+        ctx.path("srv/index/be/ta/beta"),
+        "this is not an index line\n",
+    )
+    .unwrap();
+    ctx.xpm()
+        .args(["search", "a", "--registry", &srv.url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("alpha"));
+}

@@ -285,13 +285,13 @@ impl Recipe {
             }
             Ok(p)
         };
+        let params = base(strategy)?;
         strategy.check_params(
             self.params
                 .keys()
                 .map(String::as_str)
                 .filter(|k| !(mergekit_normalize(strategy) && *k == "normalize")),
         )?;
-        let params = base(strategy)?;
         params.validate_for(strategy)?;
         let mut overrides = Vec::new();
         for o in &self.overrides {

@@ -357,7 +357,11 @@ impl Registry for HttpRegistry {
             return Err(Error::registry(
                 &self.base,
                 format!("{what}: the registry has no blob {}", line.cksum),
-                Some("the registry is damaged; ask its operator to publish the version again"),
+                Some(
+                    "if xpm.lock was edited or comes from another registry, delete it and run \
+                     `xpm install`; otherwise the registry is damaged: ask its operator to \
+                     publish the version again",
+                ),
             ));
         }
         if !resp.status().is_success() {

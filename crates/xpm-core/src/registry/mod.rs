@@ -108,7 +108,11 @@ impl Registry for LocalBackend {
                     "the artifact of {} is missing from the registry: {e}",
                     line.id()
                 ),
-                Some("the registry is damaged; ask its owner to publish the version again"),
+                Some(
+                    "if xpm.lock was edited or comes from another registry, delete it and run \
+                     `xpm install`; otherwise the registry is damaged: ask its owner to publish \
+                     the version again",
+                ),
             )
         })?;
         Ok(Box::new(f))
