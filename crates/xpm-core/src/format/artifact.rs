@@ -112,6 +112,11 @@ pub fn encode_tensor(t: &TensorData, level: i32) -> Result<EncodedTensor> {
             ),
         ));
     }
+    encode_checked(t, level)
+}
+
+/// [`encode_tensor`] after its checks (tests use it to write what a writer must refuse).
+fn encode_checked(t: &TensorData, level: i32) -> Result<EncodedTensor> {
     let mut entry = t.entry();
     let vdt = t.dtype.to_safetensors();
     let to_usize = |s: &[u64]| s.iter().map(|&d| d as usize).collect::<Vec<_>>();
@@ -1001,6 +1006,23 @@ mod tests {
         assert!(e.to_string().contains("holds NaN"), "{e}");
         drop(w);
         assert!(!p.exists(), "an unfinished writer leaves nothing");
+    }
+
+    /// An artifact that holds a NaN (written by another tool, or an older xpm) is refused by
+    /// every read (`verify`, `merge`, `apply` and `eval` read through `read_tensor`).
+    #[test]
+    fn a_stored_non_finite_value_is_refused_on_read() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.xpm");
+        let mut w = ArtifactWriter::create(&p, DEFAULT_LEVEL).unwrap();
+        w.push(encode_checked(&tensor("n", &[1.0, f32::INFINITY]), DEFAULT_LEVEL).unwrap())
+            .unwrap();
+        w.finish(manifest()).unwrap();
+        let r = ArtifactReader::open(&p).unwrap();
+        let e = r.read_tensor(0).unwrap_err().to_string();
+        assert!(e.contains("holds inf (entry 1 of its values)"), "{e}");
+        let e = crate::format::verify::verify(&p, &crate::printer::Printer::silent()).unwrap_err();
+        assert!(e.to_string().contains("deltas must be finite"), "{e}");
     }
 
     #[test]
