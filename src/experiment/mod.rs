@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use config::Config;
-use config::{TaskConfig, resolve};
+use config::{MethodConfig, TaskConfig, resolve};
 
 use crate::error::{Error, IoResultExt, Result};
 use crate::printer::Printer;
@@ -209,86 +209,509 @@ fn metric(v: &Value, key: &str, step: &str) -> Result<f64> {
     })
 }
 
-/// Run the experiment `opts.file` describes; the results.
+/// Run the experiment `opts.file` describes; the results. The steps run in order: split every
+/// task's data, then per seed the base + head baselines and, per method, the task experts
+/// (train, publish, evaluate), their installation into a project, their overlap and every
+/// merge; results are written after each seed. A step done in an earlier run (same
+/// configuration, same work directory) is not run again.
 pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) -> Result<Results> {
-    let cfg = Config::load(&opts.file)?;
-    let file_dir = opts
-        .file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    // Steps run in other directories (the install projects): every path is made absolute.
-    let abs = |p: PathBuf| std::path::absolute(&p).at("resolve", &p);
-    let file_dir = abs(if file_dir.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        file_dir
-    })?;
-    let data_dir = match (&opts.data_dir, &cfg.data_dir) {
-        (Some(d), _) => abs(d.clone())?,
-        (None, Some(d)) => resolve(&file_dir, d)?,
-        (None, None) => file_dir.clone(),
-    };
-    let work = abs(opts
-        .work
-        .clone()
-        .unwrap_or_else(|| home.root.join("experiments").join(&cfg.name)))?;
-    let out_dir = match (&opts.out, &cfg.out) {
-        (Some(o), _) => abs(o.clone())?,
-        (None, Some(o)) => resolve(&file_dir, o)?,
-        (None, None) => work.join("results"),
-    };
-    let base = if cfg.base.starts_with("hf:") {
-        cfg.base.clone()
-    } else {
-        let p = resolve(&data_dir, &cfg.base)?;
-        if !p.join("config.json").is_file() {
-            return Err(Error::input(
-                format!("base model `{}` is not a model directory", p.display()),
-                Some(
-                    "run scripts/fetch-assets.sh (it downloads MiniLM and the data sets), or set data_dir / --data-dir",
-                ),
-            ));
+    let mut x = Experiment::open(opts, home, printer)?;
+    x.import_data()?;
+    for &seed in &x.cfg.seeds.clone() {
+        let heads = x.heads(seed)?;
+        for m in &x.cfg.methods.clone() {
+            let files = x.experts(seed, m)?;
+            let (project, names) = x.install(seed, m, &files)?;
+            x.overlap(seed, m, &files, &names, &project)?;
+            x.merges(seed, m, &files, &names, &project, &heads)?;
         }
-        p.display().to_string()
-    };
-    let digest = crate::digest::sha256(&serde_json::to_vec(&cfg).expect("serializes"));
-    if opts.fresh && work.exists() {
-        std::fs::remove_dir_all(&work).at("remove", &work)?;
+        x.seeds_done.push(seed);
+        report::write_all(&x.results(), &x.out_dir, printer)?;
     }
-    std::fs::create_dir_all(&work).at("create directory", &work)?;
-    let state_path = work.join("state.json");
-    let state = if state_path.exists() {
-        let st: State = serde_json::from_slice(
-            &std::fs::read(&state_path).at("read", &state_path)?,
+    let results = x.results();
+    printer.status(
+        "Finished",
+        format!(
+            "{} in {:.0} min of commands; results in {}",
+            x.cfg.name,
+            results.seconds.values().sum::<f64>() / 60.0,
+            x.out_dir.display()
+        ),
+    );
+    Ok(results)
+}
+
+/// An experiment in progress: its configuration, where everything lives, the step runner and
+/// the records so far.
+struct Experiment<'a> {
+    cfg: Config,
+    r: Runner<'a>,
+    /// The base model: a directory path or `hf:…`.
+    base: String,
+    data_dir: PathBuf,
+    work: PathBuf,
+    out_dir: PathBuf,
+    tasks: Vec<TaskInfo>,
+    records: Vec<Record>,
+    overlap: Vec<OverlapRecord>,
+    seeds_done: Vec<u64>,
+}
+
+/// One task expert of a method: (task, expert name, file).
+type ExpertFile = (String, String, PathBuf);
+
+impl<'a> Experiment<'a> {
+    /// Resolve the paths, check the base, and open (or start) the work directory's state.
+    fn open(opts: &RunOptions, home: &crate::home::XpmHome, printer: &'a Printer) -> Result<Self> {
+        let cfg = Config::load(&opts.file)?;
+        let file_dir = opts
+            .file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        // Steps run in other directories (the install projects): every path is made absolute.
+        let abs = |p: PathBuf| std::path::absolute(&p).at("resolve", &p);
+        let file_dir = abs(if file_dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            file_dir
+        })?;
+        let data_dir = match (&opts.data_dir, &cfg.data_dir) {
+            (Some(d), _) => abs(d.clone())?,
+            (None, Some(d)) => resolve(&file_dir, d)?,
+            (None, None) => file_dir.clone(),
+        };
+        let work = abs(opts
+            .work
+            .clone()
+            .unwrap_or_else(|| home.root.join("experiments").join(&cfg.name)))?;
+        let out_dir = match (&opts.out, &cfg.out) {
+            (Some(o), _) => abs(o.clone())?,
+            (None, Some(o)) => resolve(&file_dir, o)?,
+            (None, None) => work.join("results"),
+        };
+        let base = if cfg.base.starts_with("hf:") {
+            cfg.base.clone()
+        } else {
+            let p = resolve(&data_dir, &cfg.base)?;
+            if !p.join("config.json").is_file() {
+                return Err(Error::input(
+                    format!("base model `{}` is not a model directory", p.display()),
+                    Some(
+                        "run scripts/fetch-assets.sh (it downloads MiniLM and the data sets), or set data_dir / --data-dir",
+                    ),
+                ));
+            }
+            p.display().to_string()
+        };
+        if opts.fresh && work.exists() {
+            std::fs::remove_dir_all(&work).at("remove", &work)?;
+        }
+        std::fs::create_dir_all(&work).at("create directory", &work)?;
+        let state = open_state(&cfg, &work, &opts.file)?;
+        let exe = match &opts.exe {
+            Some(e) => e.clone(),
+            None => std::env::current_exe().map_err(|e| Error::io("locate", "xpm", e))?,
+        };
+        let r = Runner {
+            exe,
+            home: work.join("home"),
+            work: work.clone(),
+            state,
+            printer,
+            done: 0,
+            total: step_count(&cfg),
+        };
+        printer.status(
+            "Experiment",
+            format!(
+                "{}: {} tasks × {} methods × {} seeds ({} steps; work in {})",
+                cfg.name,
+                cfg.tasks.len(),
+                cfg.methods.len(),
+                cfg.seeds.len(),
+                r.total,
+                work.display()
+            ),
+        );
+        for d in ["data", "experts", "merged"] {
+            let d = work.join(d);
+            std::fs::create_dir_all(&d).at("create directory", &d)?;
+        }
+        Ok(Experiment {
+            cfg,
+            r,
+            base,
+            data_dir,
+            work,
+            out_dir,
+            tasks: Vec::new(),
+            records: Vec::new(),
+            overlap: Vec::new(),
+            seeds_done: Vec::new(),
+        })
+    }
+
+    /// Every task split once (the same split for every seed).
+    fn import_data(&mut self) -> Result<()> {
+        let data = self.work.join("data");
+        let all: Vec<(TaskConfig, bool)> = self
+            .cfg
+            .tasks
+            .iter()
+            .map(|t| (t.clone(), false))
+            .chain(self.cfg.heldout.iter().map(|t| (t.clone(), true)))
+            .collect();
+        for (t, heldout) in all {
+            let info = import_task(&mut self.r, &self.cfg, &t, heldout, &self.data_dir, &data)?;
+            self.tasks.push(info);
+        }
+        Ok(())
+    }
+
+    fn split(&self, task: &str, part: &str) -> PathBuf {
+        self.work.join("data").join(format!("{task}.{part}.jsonl"))
+    }
+
+    /// `xpm train` for one (task, seed): the shared settings, then the method's arguments.
+    fn train_args(
+        &self,
+        seed: u64,
+        task: &str,
+        name: &str,
+        file: &Path,
+        extra: &[String],
+    ) -> Vec<String> {
+        let cfg = &self.cfg;
+        let mut a = vec![
+            s("train"),
+            s("--base"),
+            self.base.clone(),
+            s("--seed"),
+            s(seed),
+            s("--epochs"),
+            s(cfg.epochs),
+            s("--batch-size"),
+            s(cfg.batch_size),
+            s("--max-seq-len"),
+            s(cfg.max_seq_len),
+            s("--json"),
+            s("--data"),
+            self.split(task, "train").display().to_string(),
+            s("--eval"),
+            self.split(task, "eval").display().to_string(),
+            s("--name"),
+            name.to_string(),
+            s("--version"),
+            s("1.0.0"),
+            s("-o"),
+            file.display().to_string(),
+        ];
+        a.extend(extra.iter().cloned());
+        a
+    }
+
+    /// `xpm eval` of an expert (and a merge) on a task's test split.
+    fn eval_args(&self, expert: &Path, merged: Option<&Path>, task: &str) -> Vec<String> {
+        let mut a = vec![
+            s("eval"),
+            s("--base"),
+            self.base.clone(),
+            s("--expert"),
+            expert.display().to_string(),
+            s("--data"),
+            self.split(task, "test").display().to_string(),
+            s("--batch-size"),
+            s(self.cfg.eval_batch_size),
+            s("--json"),
+        ];
+        if let Some(m) = merged {
+            a.extend([s("--merged"), m.display().to_string()]);
+        }
+        a
+    }
+
+    /// Run an evaluation step and keep its record.
+    fn eval(&mut self, key: &str, what: &str, args: &[String], at: RecordAt<'_>) -> Result<()> {
+        let v = self.r.xpm(key, what, args, None)?;
+        self.records.push(Record {
+            seed: at.seed,
+            task: at.task.into(),
+            method: at.method.into(),
+            setting: at.setting.into(),
+            strategy: at.strategy.map(String::from),
+            merged_tasks: at.k,
+            accuracy: metric(&v, "accuracy", key)?,
+            macro_f1: metric(&v, "macro_f1", key)?,
+            examples: metric(&v, "examples", key)? as usize,
+        });
+        Ok(())
+    }
+
+    /// Base + head only, on every task (the held-out task's head is the one merges use).
+    fn heads(&mut self, seed: u64) -> Result<BTreeMap<String, PathBuf>> {
+        let mut heads = BTreeMap::new();
+        let tasks: Vec<String> = self.tasks.iter().map(|t| t.name.clone()).collect();
+        for task in tasks {
+            let name = format!("{task}-head-s{seed}");
+            let file = self.work.join("experts").join(format!("{name}-1.0.0.xpm"));
+            let mut extra = vec![s("--method"), s("head")];
+            extra.extend(self.cfg.head_args.iter().cloned());
+            let a = self.train_args(seed, &task, &name, &file, &extra);
+            self.r.xpm(
+                &format!("train/{name}"),
+                &format!("train a head on the base for {task} (seed {seed})"),
+                &a,
+                None,
+            )?;
+            let a = self.eval_args(&file, None, &task);
+            let at = RecordAt::new(seed, &task, "head", "head");
+            self.eval(
+                &format!("eval/{name}"),
+                &format!("evaluate base + head on {task}"),
+                &a,
+                at,
+            )?;
+            heads.insert(task, file);
+        }
+        Ok(heads)
+    }
+
+    /// Train, publish and evaluate every task's expert of method `m`.
+    fn experts(&mut self, seed: u64, m: &MethodConfig) -> Result<Vec<ExpertFile>> {
+        let mut files = Vec::new();
+        let tasks: Vec<String> = self.cfg.tasks.iter().map(|t| t.name.clone()).collect();
+        for task in tasks {
+            let name = format!("{task}-{}-s{seed}", m.name);
+            let file = self.work.join("experts").join(format!("{name}-1.0.0.xpm"));
+            let a = self.train_args(seed, &task, &name, &file, &m.args);
+            self.r.xpm(
+                &format!("train/{name}"),
+                &format!("train {} on {task} (seed {seed})", m.name),
+                &a,
+                None,
+            )?;
+            self.r.xpm(
+                &format!("publish/{name}"),
+                &format!("publish {name}@1.0.0"),
+                &[s("publish"), file.display().to_string()],
+                None,
+            )?;
+            let a = self.eval_args(&file, None, &task);
+            let at = RecordAt::new(seed, &task, &m.name, "single");
+            self.eval(
+                &format!("eval/{name}"),
+                &format!("evaluate {name} on {task}"),
+                &a,
+                at,
+            )?;
+            files.push((task, name, file));
+        }
+        Ok(files)
+    }
+
+    /// Install the set into a project, from the registry, as a team member would. Returns the
+    /// project directory and the experts' names.
+    fn install(
+        &mut self,
+        seed: u64,
+        m: &MethodConfig,
+        files: &[ExpertFile],
+    ) -> Result<(PathBuf, Vec<String>)> {
+        let project = self
+            .work
+            .join("projects")
+            .join(format!("{}-s{seed}", m.name));
+        std::fs::create_dir_all(&project).at("create directory", &project)?;
+        let tag = format!("{}-s{seed}", m.name);
+        if !project.join("xpm.toml").exists() {
+            self.r.state.steps.remove(&format!("init/{tag}"));
+        }
+        self.r.xpm(
+            &format!("init/{tag}"),
+            &format!("init a project for {tag}"),
+            &[s("init")],
+            Some(&project),
+        )?;
+        let mut a = vec![s("install"), s("--json")];
+        a.extend(files.iter().map(|(_, n, _)| format!("{n}@=1.0.0")));
+        self.r.xpm(
+            &format!("install/{tag}"),
+            &format!("install the {} {} experts", files.len(), m.name),
+            &a,
+            Some(&project),
+        )?;
+        Ok((project, files.iter().map(|(_, n, _)| n.clone()).collect()))
+    }
+
+    /// Mask overlap of the installed experts (sparse methods: the others overlap fully).
+    fn overlap(
+        &mut self,
+        seed: u64,
+        m: &MethodConfig,
+        files: &[ExpertFile],
+        names: &[String],
+        project: &Path,
+    ) -> Result<()> {
+        if !m
+            .args
+            .windows(2)
+            .any(|w| w[0] == "--method" && w[1] == "sparse")
+        {
+            self.r.done += 1;
+            return Ok(());
+        }
+        let tag = format!("{}-s{seed}", m.name);
+        let mut a = vec![s("overlap"), s("--json")];
+        a.extend(names.iter().cloned());
+        let key = format!("overlap/{tag}");
+        let v = self.r.xpm(
+            &key,
+            &format!("overlap of the {tag} experts"),
+            &a,
+            Some(project),
+        )?;
+        self.overlap
+            .push(overlap_record(seed, &m.name, files, &v, &key)?);
+        Ok(())
+    }
+
+    /// Every merge of method `m`'s experts (each strategy, each count k), evaluated on the
+    /// merged tasks and, for the merge of all of them, on the held-out task.
+    fn merges(
+        &mut self,
+        seed: u64,
+        m: &MethodConfig,
+        files: &[ExpertFile],
+        names: &[String],
+        project: &Path,
+        heads: &BTreeMap<String, PathBuf>,
+    ) -> Result<()> {
+        let n_tasks = self.cfg.tasks.len();
+        for st in &m.strategies {
+            for k in self.cfg.counts_for(st) {
+                let mname = format!("{}-{st}-k{k}-s{seed}", m.name);
+                let mfile = self.work.join("merged").join(format!("{mname}.xpm"));
+                let mut a = vec![s("merge"), s("--strategy"), st.clone()];
+                a.extend(m.merge_args.get(st).into_iter().flatten().cloned());
+                a.extend([
+                    s("--name"),
+                    mname.clone(),
+                    s("--version"),
+                    s("1.0.0"),
+                    s("-o"),
+                    mfile.display().to_string(),
+                ]);
+                a.extend(names[..k].iter().cloned());
+                if !mfile.exists() {
+                    self.r.state.steps.remove(&format!("merge/{mname}"));
+                }
+                self.r.xpm(
+                    &format!("merge/{mname}"),
+                    &format!("merge {k} {} experts with {st}", m.name),
+                    &a,
+                    Some(project),
+                )?;
+                for (task, _, file) in &files[..k] {
+                    let a = self.eval_args(file, Some(&mfile), task);
+                    let at = RecordAt::new(seed, task, &m.name, "merged").merge(st, k);
+                    self.eval(
+                        &format!("eval/{mname}/{task}"),
+                        &format!("evaluate {mname} on {task}"),
+                        &a,
+                        at,
+                    )?;
+                }
+                if let (true, Some(h)) = (k == n_tasks, self.cfg.heldout.clone()) {
+                    let a = self.eval_args(&heads[&h.name], Some(&mfile), &h.name);
+                    let at = RecordAt::new(seed, &h.name, &m.name, "heldout").merge(st, k);
+                    self.eval(
+                        &format!("eval/{mname}/{}", h.name),
+                        &format!("evaluate {mname} on held-out {}", h.name),
+                        &a,
+                        at,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn results(&self) -> Results {
+        collect(
+            &self.cfg,
+            &self.r,
+            &self.tasks,
+            &self.records,
+            &self.overlap,
+            &self.seeds_done,
         )
+    }
+}
+
+/// Where an evaluation's record belongs.
+struct RecordAt<'s> {
+    seed: u64,
+    task: &'s str,
+    method: &'s str,
+    setting: &'s str,
+    strategy: Option<&'s str>,
+    k: Option<usize>,
+}
+
+impl<'s> RecordAt<'s> {
+    fn new(seed: u64, task: &'s str, method: &'s str, setting: &'s str) -> Self {
+        RecordAt {
+            seed,
+            task,
+            method,
+            setting,
+            strategy: None,
+            k: None,
+        }
+    }
+
+    fn merge(self, strategy: &'s str, k: usize) -> Self {
+        RecordAt {
+            strategy: Some(strategy),
+            k: Some(k),
+            ..self
+        }
+    }
+}
+
+/// The work directory's state: resumed when it belongs to this configuration.
+fn open_state(cfg: &Config, work: &Path, file: &Path) -> Result<State> {
+    let digest = crate::digest::sha256(&serde_json::to_vec(cfg).expect("serializes"));
+    let state_path = work.join("state.json");
+    if !state_path.exists() {
+        return Ok(State {
+            config_digest: digest,
+            steps: BTreeMap::new(),
+        });
+    }
+    let st: State = serde_json::from_slice(&std::fs::read(&state_path).at("read", &state_path)?)
         .map_err(|e| {
             Error::input(
                 format!("`{}` is damaged: {e}", state_path.display()),
                 Some("run with --fresh to start over"),
             )
         })?;
-        if st.config_digest != digest {
-            return Err(Error::input(
-                format!(
-                    "`{}` holds a run of a different version of `{}`",
-                    work.display(),
-                    opts.file.display()
-                ),
-                Some("pass --fresh to start over, or --work DIR for a new work directory"),
-            ));
-        }
-        st
-    } else {
-        State {
-            config_digest: digest,
-            steps: BTreeMap::new(),
-        }
-    };
-    let exe = match &opts.exe {
-        Some(e) => e.clone(),
-        None => std::env::current_exe().map_err(|e| Error::io("locate", "xpm", e))?,
-    };
+    if st.config_digest != digest {
+        return Err(Error::input(
+            format!(
+                "`{}` holds a run of a different version of `{}`",
+                work.display(),
+                file.display()
+            ),
+            Some("pass --fresh to start over, or --work DIR for a new work directory"),
+        ));
+    }
+    Ok(st)
+}
+
+/// How many steps the whole experiment has (for the progress count).
+fn step_count(cfg: &Config) -> usize {
     let n_tasks = cfg.tasks.len();
     let merges_per_seed: usize = cfg
         .methods
@@ -308,299 +731,7 @@ pub fn run(opts: &RunOptions, home: &crate::home::XpmHome, printer: &Printer) ->
         .sum();
     let all_tasks = n_tasks + usize::from(cfg.heldout.is_some());
     let per_seed = all_tasks * 2 + cfg.methods.len() * n_tasks * 3 + merges_per_seed;
-    let mut r = Runner {
-        exe,
-        home: work.join("home"),
-        work: work.clone(),
-        state,
-        printer,
-        done: 0,
-        total: all_tasks * 2 + per_seed * cfg.seeds.len(),
-    };
-    printer.status(
-        "Experiment",
-        format!(
-            "{}: {} tasks × {} methods × {} seeds ({} steps; work in {})",
-            cfg.name,
-            n_tasks,
-            cfg.methods.len(),
-            cfg.seeds.len(),
-            r.total,
-            work.display()
-        ),
-    );
-
-    // Data: every task split once (the same split for every seed).
-    let data = work.join("data");
-    std::fs::create_dir_all(&data).at("create directory", &data)?;
-    let mut tasks = Vec::new();
-    for (t, heldout) in cfg
-        .tasks
-        .iter()
-        .map(|t| (t, false))
-        .chain(cfg.heldout.iter().map(|t| (t, true)))
-    {
-        tasks.push(import_task(&mut r, &cfg, t, heldout, &data_dir, &data)?);
-    }
-
-    let experts = work.join("experts");
-    let merged_dir = work.join("merged");
-    for d in [&experts, &merged_dir] {
-        std::fs::create_dir_all(d).at("create directory", d)?;
-    }
-    let split = |t: &str, s: &str| data.join(format!("{t}.{s}.jsonl"));
-    // `xpm train` for one (task, seed): the shared settings, then the method's arguments.
-    let train_args = |seed: u64, task: &str, name: &str, file: &Path, extra: &[String]| {
-        let mut a = vec![
-            s("train"),
-            s("--base"),
-            base.clone(),
-            s("--seed"),
-            s(seed),
-            s("--epochs"),
-            s(cfg.epochs),
-            s("--batch-size"),
-            s(cfg.batch_size),
-            s("--max-seq-len"),
-            s(cfg.max_seq_len),
-            s("--json"),
-            s("--data"),
-            split(task, "train").display().to_string(),
-            s("--eval"),
-            split(task, "eval").display().to_string(),
-            s("--name"),
-            name.to_string(),
-            s("--version"),
-            s("1.0.0"),
-            s("-o"),
-            file.display().to_string(),
-        ];
-        a.extend(extra.iter().cloned());
-        a
-    };
-    let eval_args = |expert: &Path, merged: Option<&Path>, task: &str| -> Vec<String> {
-        let mut a = vec![
-            s("eval"),
-            s("--base"),
-            base.clone(),
-            s("--expert"),
-            expert.display().to_string(),
-            s("--data"),
-            split(task, "test").display().to_string(),
-            s("--batch-size"),
-            s(cfg.eval_batch_size),
-            s("--json"),
-        ];
-        if let Some(m) = merged {
-            a.extend([s("--merged"), m.display().to_string()]);
-        }
-        a
-    };
-    let mut records = Vec::new();
-    let mut overlap = Vec::new();
-    let mut seeds_done = Vec::new();
-    let record = |seed: u64,
-                  task: &str,
-                  method: &str,
-                  setting: &str,
-                  strategy: Option<&str>,
-                  k: Option<usize>,
-                  v: &Value,
-                  key: &str|
-     -> Result<Record> {
-        Ok(Record {
-            seed,
-            task: task.into(),
-            method: method.into(),
-            setting: setting.into(),
-            strategy: strategy.map(String::from),
-            merged_tasks: k,
-            accuracy: metric(v, "accuracy", key)?,
-            macro_f1: metric(v, "macro_f1", key)?,
-            examples: metric(v, "examples", key)? as usize,
-        })
-    };
-
-    for &seed in &cfg.seeds {
-        // Base + head only, on every task (the held-out task's head is the one merges use).
-        let mut heads = BTreeMap::new();
-        for t in &tasks {
-            let name = format!("{}-head-s{seed}", t.name);
-            let file = experts.join(format!("{name}-1.0.0.xpm"));
-            let mut extra = vec![s("--method"), s("head")];
-            extra.extend(cfg.head_args.iter().cloned());
-            let a = train_args(seed, &t.name, &name, &file, &extra);
-            r.xpm(
-                &format!("train/{name}"),
-                &format!("train a head on the base for {} (seed {seed})", t.name),
-                &a,
-                None,
-            )?;
-            let key = format!("eval/{name}");
-            let v = r.xpm(
-                &key,
-                &format!("evaluate base + head on {}", t.name),
-                &eval_args(&file, None, &t.name),
-                None,
-            )?;
-            records.push(record(seed, &t.name, "head", "head", None, None, &v, &key)?);
-            heads.insert(t.name.clone(), file);
-        }
-
-        for m in &cfg.methods {
-            // Train, publish and evaluate every task's expert.
-            let mut files = Vec::new();
-            for t in &cfg.tasks {
-                let name = format!("{}-{}-s{seed}", t.name, m.name);
-                let file = experts.join(format!("{name}-1.0.0.xpm"));
-                let a = train_args(seed, &t.name, &name, &file, &m.args);
-                r.xpm(
-                    &format!("train/{name}"),
-                    &format!("train {} on {} (seed {seed})", m.name, t.name),
-                    &a,
-                    None,
-                )?;
-                r.xpm(
-                    &format!("publish/{name}"),
-                    &format!("publish {name}@1.0.0"),
-                    &[s("publish"), file.display().to_string()],
-                    None,
-                )?;
-                let key = format!("eval/{name}");
-                let v = r.xpm(
-                    &key,
-                    &format!("evaluate {name} on {}", t.name),
-                    &eval_args(&file, None, &t.name),
-                    None,
-                )?;
-                records.push(record(
-                    seed, &t.name, &m.name, "single", None, None, &v, &key,
-                )?);
-                files.push((t.name.clone(), name, file));
-            }
-
-            // Install the set into a project, from the registry, as a team member would.
-            let project = work.join("projects").join(format!("{}-s{seed}", m.name));
-            std::fs::create_dir_all(&project).at("create directory", &project)?;
-            let tag = format!("{}-s{seed}", m.name);
-            if !project.join("xpm.toml").exists() {
-                r.state.steps.remove(&format!("init/{tag}"));
-            }
-            r.xpm(
-                &format!("init/{tag}"),
-                &format!("init a project for {tag}"),
-                &[s("init")],
-                Some(&project),
-            )?;
-            let mut a = vec![s("install"), s("--json")];
-            a.extend(files.iter().map(|(_, n, _)| format!("{n}@=1.0.0")));
-            r.xpm(
-                &format!("install/{tag}"),
-                &format!("install the {} {} experts", files.len(), m.name),
-                &a,
-                Some(&project),
-            )?;
-            let names: Vec<String> = files.iter().map(|(_, n, _)| n.clone()).collect();
-
-            // Mask overlap of the installed experts (sparse methods: the others overlap fully).
-            if m.args
-                .windows(2)
-                .any(|w| w[0] == "--method" && w[1] == "sparse")
-            {
-                let mut a = vec![s("overlap"), s("--json")];
-                a.extend(names.iter().cloned());
-                let key = format!("overlap/{tag}");
-                let v = r.xpm(
-                    &key,
-                    &format!("overlap of the {tag} experts"),
-                    &a,
-                    Some(&project),
-                )?;
-                overlap.push(overlap_record(seed, &m.name, &files, &v, &key)?);
-            } else {
-                r.done += 1;
-            }
-
-            for st in &m.strategies {
-                for k in cfg.counts_for(st) {
-                    let mname = format!("{}-{st}-k{k}-s{seed}", m.name);
-                    let mfile = merged_dir.join(format!("{mname}.xpm"));
-                    let mut a = vec![s("merge"), s("--strategy"), st.clone()];
-                    a.extend(m.merge_args.get(st).into_iter().flatten().cloned());
-                    a.extend([
-                        s("--name"),
-                        mname.clone(),
-                        s("--version"),
-                        s("1.0.0"),
-                        s("-o"),
-                        mfile.display().to_string(),
-                    ]);
-                    a.extend(names[..k].iter().cloned());
-                    if !mfile.exists() {
-                        r.state.steps.remove(&format!("merge/{mname}"));
-                    }
-                    r.xpm(
-                        &format!("merge/{mname}"),
-                        &format!("merge {k} {} experts with {st}", m.name),
-                        &a,
-                        Some(&project),
-                    )?;
-                    for (task, _, file) in &files[..k] {
-                        let key = format!("eval/{mname}/{task}");
-                        let v = r.xpm(
-                            &key,
-                            &format!("evaluate {mname} on {task}"),
-                            &eval_args(file, Some(&mfile), task),
-                            None,
-                        )?;
-                        records.push(record(
-                            seed,
-                            task,
-                            &m.name,
-                            "merged",
-                            Some(st),
-                            Some(k),
-                            &v,
-                            &key,
-                        )?);
-                    }
-                    if let (true, Some(h)) = (k == n_tasks, &cfg.heldout) {
-                        let key = format!("eval/{mname}/{}", h.name);
-                        let v = r.xpm(
-                            &key,
-                            &format!("evaluate {mname} on held-out {}", h.name),
-                            &eval_args(&heads[&h.name], Some(&mfile), &h.name),
-                            None,
-                        )?;
-                        records.push(record(
-                            seed,
-                            &h.name,
-                            &m.name,
-                            "heldout",
-                            Some(st),
-                            Some(k),
-                            &v,
-                            &key,
-                        )?);
-                    }
-                }
-            }
-        }
-        seeds_done.push(seed);
-        let results = collect(&cfg, &r, &tasks, &records, &overlap, &seeds_done);
-        report::write_all(&results, &out_dir, printer)?;
-    }
-    let results = collect(&cfg, &r, &tasks, &records, &overlap, &seeds_done);
-    printer.status(
-        "Finished",
-        format!(
-            "{} in {:.0} min of commands; results in {}",
-            cfg.name,
-            results.seconds.values().sum::<f64>() / 60.0,
-            out_dir.display()
-        ),
-    );
-    Ok(results)
+    all_tasks * 2 + per_seed * cfg.seeds.len()
 }
 
 fn collect(
