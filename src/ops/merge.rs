@@ -134,6 +134,61 @@ pub struct MergeSummary {
 
 /// Merge and write the artifact.
 pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
+    let weights = check_request(opts, printer)?;
+    let label = opts.method.label();
+    let set = ExpertSet::open(&opts.experts)?;
+    if let MergeMethod::Builtin { .. } = &opts.method {
+        for name in &set.names {
+            let (strategy, params) = pick(&opts.method, name);
+            params.check_tensor(strategy, name, set.info[name].0.iter().product())?;
+        }
+    }
+    let digests = input_digests(opts, &set.readers)?;
+    let inputs_desc: Vec<String> = set
+        .readers
+        .iter()
+        .map(|r| format!("{}@{}", r.manifest().name, r.manifest().version))
+        .collect();
+    let weights = degenerate_checks(opts, weights, &set.names, &digests, &inputs_desc, printer)?;
+    printer.status(
+        "Merging",
+        format!(
+            "{} with `{}` ({} tensors)",
+            inputs_desc.join(", "),
+            label,
+            set.names.len()
+        ),
+    );
+    let mut writer = ArtifactWriter::create(&opts.out, opts.level)?;
+    let (densified, kinds) = merge_tensors(opts, &set, &weights, &mut writer, printer)?;
+    let manifest = merged_manifest(
+        opts,
+        &set,
+        &weights,
+        &digests,
+        &densified,
+        &kinds,
+        &label,
+        &inputs_desc,
+    );
+    let manifest = writer.finish(manifest)?;
+    if !densified.is_empty() {
+        printer.warn(format!(
+            "{} tensor(s) had LoRA or dense inputs and were merged densely: {}",
+            densified.len(),
+            densified.join(", ")
+        ));
+    }
+    printer.status("Wrote", opts.out.display());
+    Ok(MergeSummary {
+        manifest,
+        densified,
+    })
+}
+
+/// The request's own checks, before any expert is read: something to merge, a valid name, one
+/// finite weight per expert (default 1), valid parameters, safe outputs. Returns the weights.
+fn check_request(opts: &MergeOptions, printer: &Printer) -> Result<Vec<f64>> {
     if opts.experts.is_empty() {
         return Err(Error::input(
             "nothing to merge",
@@ -163,21 +218,11 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
     let inputs: Vec<&std::path::Path> = opts.experts.iter().map(PathBuf::as_path).collect();
     crate::fsutil::check_outputs(&[("-o", &opts.out)], &inputs)?;
     crate::fsutil::announce_new_parents(&[("-o", &opts.out)], printer);
-    let label = opts.method.label();
+    Ok(weights)
+}
 
-    let ExpertSet {
-        readers,
-        names,
-        info,
-    } = ExpertSet::open(&opts.experts)?;
-    if let MergeMethod::Builtin { .. } = &opts.method {
-        for name in &names {
-            let (strategy, params) = pick(&opts.method, name);
-            params.check_tensor(strategy, name, info[name].0.iter().product())?;
-        }
-    }
-    let first = readers[0].manifest();
-    // Every input's file digest (recorded in provenance, checked against recipe pins).
+/// Every input's whole-file digest (recorded in provenance), checked against the recipe's pins.
+fn input_digests(opts: &MergeOptions, readers: &[ArtifactReader]) -> Result<Vec<String>> {
     let digests: Vec<String> = {
         use rayon::prelude::*;
         readers
@@ -186,7 +231,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
             .collect::<Result<_>>()?
     };
     if let Some(recipe) = &opts.recipe {
-        for ((e, r), got) in recipe.experts.iter().zip(&readers).zip(&digests) {
+        for ((e, r), got) in recipe.experts.iter().zip(readers).zip(&digests) {
             if let Some(want) = &e.sha256
                 && got != want
             {
@@ -203,26 +248,24 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
             }
         }
     }
-    let inputs_desc: Vec<String> = readers
-        .iter()
-        .map(|r| format!("{}@{}", r.manifest().name, r.manifest().version))
-        .collect();
-    let weights = degenerate_checks(opts, weights, &names, &digests, &inputs_desc, printer)?;
-    printer.status(
-        "Merging",
-        format!(
-            "{} with `{}` ({} tensors)",
-            inputs_desc.join(", "),
-            label,
-            names.len()
-        ),
-    );
+    Ok(digests)
+}
+
+/// Merge every tensor (in parallel, written in order) into `writer`. Returns the tensors that
+/// had LoRA or dense inputs and the kinds of the merged tensors.
+fn merge_tensors(
+    opts: &MergeOptions,
+    set: &ExpertSet,
+    weights: &[f64],
+    writer: &mut ArtifactWriter,
+    printer: &Printer,
+) -> Result<(Vec<String>, std::collections::HashSet<ExpertKind>)> {
+    let (readers, names, info) = (&set.readers, &set.names, &set.info);
     let pb = printer.progress(names.len() as u64, "Merging");
-    let mut writer = ArtifactWriter::create(&opts.out, opts.level)?;
     let mut densified = Vec::new();
     let mut kinds = std::collections::HashSet::new();
     crate::parallel::map_ordered(
-        &names,
+        names,
         |name| {
             let (shape, dtype) = info[name].clone();
             let mut dense_input = false;
@@ -234,30 +277,30 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
             } = &opts.method
             {
                 let mut inputs = Vec::with_capacity(readers.len());
-                for r in &readers {
+                for r in readers {
                     let (input, dense) = load_input(r, name)?;
                     dense_input |= dense;
                     inputs.push(input);
                 }
                 let out = plugin
                     .instance(pparams)?
-                    .merge(name, &shape, dtype, &inputs, &weights, *seed)?;
+                    .merge(name, &shape, dtype, &inputs, weights, *seed)?;
                 inputs.into_iter().for_each(Input::recycle);
                 output_content(out, dtype)
             } else if strategy.is_lora_space() {
                 (
-                    lora_merge(&readers, name, &shape, &weights, strategy, params)?,
+                    lora_merge(readers, name, &shape, weights, strategy, params)?,
                     ExpertKind::Lora,
                 )
             } else {
                 let mut inputs = Vec::with_capacity(readers.len());
-                for r in &readers {
+                for r in readers {
                     let (input, dense) = load_input(r, name)?;
                     dense_input |= dense;
                     inputs.push(input);
                 }
                 output_content(
-                    merge_tensor_owned(name, &shape, inputs, &weights, strategy, params),
+                    merge_tensor_owned(name, &shape, inputs, weights, strategy, params),
                     dtype,
                 )
             };
@@ -281,6 +324,23 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         },
     )?;
     pb.finish_and_clear();
+    Ok((densified, kinds))
+}
+
+/// The merged expert's manifest: the kind of its tensors, the inputs and the method in
+/// provenance, and the recipe with every expert pinned to what was merged.
+#[allow(clippy::too_many_arguments)]
+fn merged_manifest(
+    opts: &MergeOptions,
+    set: &ExpertSet,
+    weights: &[f64],
+    digests: &[String],
+    densified: &[String],
+    kinds: &std::collections::HashSet<ExpertKind>,
+    label: &str,
+    inputs_desc: &[String],
+) -> Manifest {
+    let first = set.readers[0].manifest();
     let kind = if kinds.contains(&ExpertKind::Lora) {
         ExpertKind::Lora
     } else if kinds.contains(&ExpertKind::Sparse) {
@@ -289,7 +349,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         ExpertKind::Dense
     };
     let mut inputs = Vec::new();
-    for (r, d) in readers.iter().zip(&digests) {
+    for (r, d) in set.readers.iter().zip(digests) {
         let m = r.manifest();
         inputs.push(ProvenanceInput {
             role: "expert".into(),
@@ -299,7 +359,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
     }
     let mut extra = BTreeMap::new();
     extra.insert("merge".to_string(), {
-        let mut m = opts.method.provenance(&weights);
+        let mut m = opts.method.provenance(weights);
         m["densified"] = serde_json::json!(densified);
         m
     });
@@ -323,7 +383,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
             serde_json::to_value(&pinned).expect("recipe serializes"),
         );
     }
-    let manifest = Manifest {
+    Manifest {
         format_version: String::new(),
         name: opts.name.clone(),
         version: opts.version.clone(),
@@ -345,20 +405,7 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         }),
         payload: None,
         extra: BTreeMap::new(),
-    };
-    let manifest = writer.finish(manifest)?;
-    if !densified.is_empty() {
-        printer.warn(format!(
-            "{} tensor(s) had LoRA or dense inputs and were merged densely: {}",
-            densified.len(),
-            densified.join(", ")
-        ));
     }
-    printer.status("Wrote", opts.out.display());
-    Ok(MergeSummary {
-        manifest,
-        densified,
-    })
 }
 
 /// What `xpm merge` asks for: a recipe (from a file or from flags) and where the result goes.
