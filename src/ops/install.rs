@@ -114,83 +114,18 @@ pub fn install(
         .base
         .clone()
         .or_else(|| project.manifest.as_ref().and_then(|m| m.base.clone()));
-    let lines: Vec<IndexLine> = if opts.locked {
-        let lines = from_lock(&project, lock.as_ref(), &reqs, reg.source())?;
-        if let Some(b) = &pinned_base
-            && lines[0].base.digest != *b
-            && lines[0].base.id != *b
-        {
-            return Err(Error::input(
-                format!(
-                    "{} locks base {} ({}), not the pinned base {b}",
-                    project.lock_path().display(),
-                    lines[0].base.id,
-                    lines[0].base.digest
-                ),
-                Some("run `xpm install` without --locked to re-resolve on the pinned base"),
-            ));
-        }
-        lines
-    } else {
-        if reqs.is_empty() {
-            return Err(Error::input(
-                "nothing to install: no requirements given and no [experts] in xpm.toml",
-                Some(
-                    "pass requirements like `xpm install sst2@^1.2`, or run `xpm init` and list them in xpm.toml",
-                ),
-            ));
-        }
-        printer.status(
-            "Resolving",
-            format!("{} requirement(s) against {}", reqs.len(), reg.source()),
-        );
-        let mut names: Vec<&str> = reqs.iter().map(|r| r.name.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
-        let fetched = crate::parallel::collect_ordered(opts.jobs, &names, |n| reg.index(n))?;
-        let mut index = BTreeMap::new();
-        for (name, lines) in names.iter().zip(fetched) {
-            if let Some(lines) = lines {
-                index.insert(name.to_string(), lines);
-            }
-        }
-        let pinned: HashMap<String, semver::Version> = lock
-            .as_ref()
-            .map(|l| {
-                l.experts
-                    .iter()
-                    .filter(|e| e.source == reg.source())
-                    .map(|e| (e.name.clone(), e.version.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let c = Constraints {
-            base: pinned_base.clone(),
-            locked: pinned,
-        };
-        resolve(&reqs, &index, &c).map_err(|e| suggest_names(e, &names, &index, reg.as_ref()))?
-    };
+    let lines = lines_to_install(
+        opts,
+        &project,
+        lock.as_ref(),
+        &reqs,
+        reg.as_ref(),
+        pinned_base,
+        printer,
+    )?;
 
-    // Download what the store lacks, and what it holds damaged (checked, not trusted).
-    let mut missing: Vec<&IndexLine> = Vec::new();
-    for l in &lines {
-        if !store.has_blob(&l.cksum, l.size) {
-            missing.push(l);
-        } else if !store.cached_intact(l)? {
-            printer.warn(format!(
-                "the cached artifact of {} is damaged; fetching it again",
-                l.id()
-            ));
-            missing.push(l);
-        }
-    }
+    let missing = missing_or_damaged(&store, &lines, printer)?;
     let total: u64 = missing.iter().map(|l| l.size).sum();
-    if !missing.is_empty() {
-        printer.status(
-            "Downloading",
-            format!("{} artifact(s), {}", missing.len(), human_bytes(total)),
-        );
-    }
     let staged = download_all(&store, reg.as_ref(), &missing, opts.jobs, printer)?;
     let now = registry::index::now_rfc3339();
     let records: Vec<Installed> = lines
@@ -250,6 +185,102 @@ pub fn install(
         lockfile: project.lock_path(),
         downloaded_bytes: total,
     })
+}
+
+/// The index lines to install: exactly the lockfile's with `--locked` (checked against the
+/// pinned base), else the resolution of `reqs` against the registry's index.
+fn lines_to_install(
+    opts: &InstallOptions,
+    project: &Project,
+    lock: Option<&Lockfile>,
+    reqs: &[Requirement],
+    reg: &dyn Registry,
+    pinned_base: Option<String>,
+    printer: &Printer,
+) -> Result<Vec<IndexLine>> {
+    if opts.locked {
+        let lines = from_lock(project, lock, reqs, reg.source())?;
+        if let Some(b) = &pinned_base
+            && lines[0].base.digest != *b
+            && lines[0].base.id != *b
+        {
+            return Err(Error::input(
+                format!(
+                    "{} locks base {} ({}), not the pinned base {b}",
+                    project.lock_path().display(),
+                    lines[0].base.id,
+                    lines[0].base.digest
+                ),
+                Some("run `xpm install` without --locked to re-resolve on the pinned base"),
+            ));
+        }
+        Ok(lines)
+    } else {
+        if reqs.is_empty() {
+            return Err(Error::input(
+                "nothing to install: no requirements given and no [experts] in xpm.toml",
+                Some(
+                    "pass requirements like `xpm install sst2@^1.2`, or run `xpm init` and list them in xpm.toml",
+                ),
+            ));
+        }
+        printer.status(
+            "Resolving",
+            format!("{} requirement(s) against {}", reqs.len(), reg.source()),
+        );
+        let mut names: Vec<&str> = reqs.iter().map(|r| r.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let fetched = crate::parallel::collect_ordered(opts.jobs, &names, |n| reg.index(n))?;
+        let mut index = BTreeMap::new();
+        for (name, lines) in names.iter().zip(fetched) {
+            if let Some(lines) = lines {
+                index.insert(name.to_string(), lines);
+            }
+        }
+        let pinned: HashMap<String, semver::Version> = lock
+            .map(|l| {
+                l.experts
+                    .iter()
+                    .filter(|e| e.source == reg.source())
+                    .map(|e| (e.name.clone(), e.version.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let c = Constraints {
+            base: pinned_base.clone(),
+            locked: pinned,
+        };
+        resolve(reqs, &index, &c).map_err(|e| suggest_names(e, &names, &index, reg))
+    }
+}
+
+/// The lines whose artifact the store lacks, or holds damaged (checked, not trusted).
+fn missing_or_damaged<'l>(
+    store: &Store,
+    lines: &'l [IndexLine],
+    printer: &Printer,
+) -> Result<Vec<&'l IndexLine>> {
+    let mut missing: Vec<&IndexLine> = Vec::new();
+    for l in lines {
+        if !store.has_blob(&l.cksum, l.size) {
+            missing.push(l);
+        } else if !store.cached_intact(l)? {
+            printer.warn(format!(
+                "the cached artifact of {} is damaged; fetching it again",
+                l.id()
+            ));
+            missing.push(l);
+        }
+    }
+    let total: u64 = missing.iter().map(|l| l.size).sum();
+    if !missing.is_empty() {
+        printer.status(
+            "Downloading",
+            format!("{} artifact(s), {}", missing.len(), human_bytes(total)),
+        );
+    }
+    Ok(missing)
 }
 
 /// The lines `--locked` installs: exactly the lockfile's, which must cover the requirements.
