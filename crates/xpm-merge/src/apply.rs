@@ -66,83 +66,9 @@ pub fn apply(
             Some("apply an expert only to the base model it was made from"),
         ));
     }
-    // Every delta must target a float tensor of the same shape.
-    let mut delta_of: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut new_tensors: BTreeMap<String, usize> = BTreeMap::new();
-    for (i, t) in m.tensors.iter().enumerate() {
-        if t.new {
-            // A task head: added whole, and it must not shadow a base tensor.
-            if ck.info(&t.name).is_some() {
-                return Err(Error::input(
-                    format!(
-                        "the expert adds tensor `{}`, but `{}` already has one",
-                        t.name,
-                        base.display()
-                    ),
-                    None,
-                ));
-            }
-            new_tensors.insert(t.name.clone(), i);
-            continue;
-        }
-        let info = ck.info(&t.name).ok_or_else(|| {
-            Error::input(
-                format!(
-                    "the expert changes `{}`, which `{}` does not have",
-                    t.name,
-                    base.display()
-                ),
-                None,
-            )
-        })?;
-        let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
-        if shape != t.shape {
-            return Err(Error::input(
-                format!(
-                    "tensor `{}` is {:?} in the base but the expert's delta is {:?}",
-                    t.name, info.shape, t.shape
-                ),
-                Some("apply an expert only to the base model it was made from"),
-            ));
-        }
-        if !is_float(info.dtype) || xpm_core::format::Dtype::from_safetensors(info.dtype).is_none()
-        {
-            return Err(Error::input(
-                format!(
-                    "tensor `{}` is {:?} in the base; xpm applies deltas to f32, f16 and bf16 tensors",
-                    t.name, info.dtype
-                ),
-                Some("convert the base model to f32 (or f16/bf16) first"),
-            ));
-        }
-        delta_of.insert(&t.name, i);
-    }
-    // Plan shards greedily in name order.
+    let (delta_of, new_tensors) = match_tensors(&ck, &m, base)?;
     let names: Vec<String> = ck.names().map(str::to_string).collect();
-    let mut shards: Vec<Vec<PlannedTensor>> = vec![Vec::new()];
-    let mut size = 0u64;
-    for n in &names {
-        let info = ck.info(n).expect("listed");
-        let bytes = (info.data_offsets.1 - info.data_offsets.0) as u64;
-        if size > 0 && size + bytes > max_shard_bytes {
-            shards.push(Vec::new());
-            size = 0;
-        }
-        size += bytes;
-        shards.last_mut().expect("one shard").push(PlannedTensor {
-            name: n.clone(),
-            dtype: info.dtype,
-            shape: info.shape.clone(),
-        });
-    }
-    for (n, &i) in &new_tensors {
-        let t = &m.tensors[i];
-        shards.last_mut().expect("one shard").push(PlannedTensor {
-            name: n.clone(),
-            dtype: safetensors::Dtype::F32,
-            shape: t.shape.iter().map(|&d| d as usize).collect(),
-        });
-    }
+    let shards = plan_shards(&ck, &names, &m, &new_tensors, max_shard_bytes);
     let n_shards = shards.len();
     let file_name = |k: usize| {
         if n_shards == 1 {
@@ -205,18 +131,7 @@ pub fn apply(
         } else {
             Vec::new()
         };
-        let note = serde_json::json!({
-            "applied_by": format!("xpm {}", env!("CARGO_PKG_VERSION")),
-            "expert": format!("{}@{}", m.name, m.version),
-            "expert_sha256": reader.verify_file_digest()?,
-            "base": m.base,
-            // The expert's provenance: for a merge, its inputs, strategy and recipe.
-            "provenance": m.provenance,
-        });
-        xpm_core::fsutil::write_atomic(
-            &dir.join("xpm-applied.json"),
-            &serde_json::to_vec_pretty(&note).expect("note"),
-        )?;
+        write_applied_note(dir, &m, &reader)?;
         Ok(copied)
     })?;
     pb.finish_and_clear();
@@ -231,6 +146,124 @@ pub fn apply(
         shards: n_shards,
         files,
     })
+}
+
+/// Which base tensor each expert tensor changes (index into the manifest), and the tensors it
+/// adds (a task head). Every delta must target a float tensor of the same shape; an added
+/// tensor must not shadow a base tensor.
+#[allow(clippy::type_complexity)]
+fn match_tensors<'m>(
+    ck: &Checkpoint,
+    m: &'m xpm_core::format::Manifest,
+    base: &Path,
+) -> Result<(BTreeMap<&'m str, usize>, BTreeMap<String, usize>)> {
+    let mut delta_of: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut new_tensors: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, t) in m.tensors.iter().enumerate() {
+        if t.new {
+            // A task head: added whole, and it must not shadow a base tensor.
+            if ck.info(&t.name).is_some() {
+                return Err(Error::input(
+                    format!(
+                        "the expert adds tensor `{}`, but `{}` already has one",
+                        t.name,
+                        base.display()
+                    ),
+                    None,
+                ));
+            }
+            new_tensors.insert(t.name.clone(), i);
+            continue;
+        }
+        let info = ck.info(&t.name).ok_or_else(|| {
+            Error::input(
+                format!(
+                    "the expert changes `{}`, which `{}` does not have",
+                    t.name,
+                    base.display()
+                ),
+                None,
+            )
+        })?;
+        let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
+        if shape != t.shape {
+            return Err(Error::input(
+                format!(
+                    "tensor `{}` is {:?} in the base but the expert's delta is {:?}",
+                    t.name, info.shape, t.shape
+                ),
+                Some("apply an expert only to the base model it was made from"),
+            ));
+        }
+        if !is_float(info.dtype) || xpm_core::format::Dtype::from_safetensors(info.dtype).is_none()
+        {
+            return Err(Error::input(
+                format!(
+                    "tensor `{}` is {:?} in the base; xpm applies deltas to f32, f16 and bf16 tensors",
+                    t.name, info.dtype
+                ),
+                Some("convert the base model to f32 (or f16/bf16) first"),
+            ));
+        }
+        delta_of.insert(&t.name, i);
+    }
+    Ok((delta_of, new_tensors))
+}
+
+/// Shards in name order, filled greedily up to `max_shard_bytes`; new tensors (a head) go in the
+/// last one.
+fn plan_shards(
+    ck: &Checkpoint,
+    names: &[String],
+    m: &xpm_core::format::Manifest,
+    new_tensors: &BTreeMap<String, usize>,
+    max_shard_bytes: u64,
+) -> Vec<Vec<PlannedTensor>> {
+    let mut shards: Vec<Vec<PlannedTensor>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for n in names {
+        let info = ck.info(n).expect("listed");
+        let bytes = (info.data_offsets.1 - info.data_offsets.0) as u64;
+        if size > 0 && size + bytes > max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        shards.last_mut().expect("one shard").push(PlannedTensor {
+            name: n.clone(),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+        });
+    }
+    for (n, &i) in new_tensors {
+        let t = &m.tensors[i];
+        shards.last_mut().expect("one shard").push(PlannedTensor {
+            name: n.clone(),
+            dtype: safetensors::Dtype::F32,
+            shape: t.shape.iter().map(|&d| d as usize).collect(),
+        });
+    }
+    shards
+}
+
+/// `xpm-applied.json`: which expert made this model, from which base, and its provenance.
+fn write_applied_note(
+    dir: &Path,
+    m: &xpm_core::format::Manifest,
+    reader: &ArtifactReader,
+) -> Result<()> {
+    let note = serde_json::json!({
+        "applied_by": format!("xpm {}", env!("CARGO_PKG_VERSION")),
+        "expert": format!("{}@{}", m.name, m.version),
+        "expert_sha256": reader.verify_file_digest()?,
+        "base": m.base,
+        // The expert's provenance: for a merge, its inputs, strategy and recipe.
+        "provenance": m.provenance,
+    });
+    xpm_core::fsutil::write_atomic(
+        &dir.join("xpm-applied.json"),
+        &serde_json::to_vec_pretty(&note).expect("note"),
+    )
 }
 
 /// W0 + Δ for one tensor, in the base tensor's dtype.
