@@ -56,7 +56,7 @@ pub fn make_expert(path: &Path, name: &str, version: &str, base_id: &str, bytes:
 }
 
 /// The `xpm-registry` binary: built by `cargo test --workspace` next to `xpm` (the registry
-/// crate's own tests need it); when missing (`cargo test -p xpm`), built here once.
+/// crate's own tests need it); when missing (`cargo test -p xpm-cli`), built here once.
 pub fn server_bin() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
