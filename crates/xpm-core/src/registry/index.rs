@@ -57,12 +57,14 @@ fn one() -> u32 {
 impl IndexLine {
     /// The line for an artifact with this manifest, file digest and size, published now.
     pub fn for_artifact(m: &Manifest, cksum: &str, size: u64) -> IndexLine {
-        let (stored, numel) = m.tensors.iter().fold((0u64, 0u64), |(s, n), t| {
-            let numel = t.numel();
+        // Sums over tensors in u128: each tensor has at most 2^56 elements, but an artifact may
+        // hold many such tensors (found by fuzzing: tests/fuzz/regressions/upload).
+        let (stored, numel) = m.tensors.iter().fold((0u128, 0u128), |(s, n), t| {
+            let numel = u128::from(crate::format::mask::numel(&t.shape));
             let stored = match &t.delta {
-                crate::format::Delta::Sparse { nnz, .. } => *nnz,
+                crate::format::Delta::Sparse { nnz, .. } => u128::from(*nnz),
                 crate::format::Delta::Lora { rank, .. } => {
-                    *rank as u64 * t.shape.iter().take(2).sum::<u64>()
+                    u128::from(*rank) * t.shape.iter().take(2).map(|&d| u128::from(d)).sum::<u128>()
                 }
                 crate::format::Delta::Dense => numel,
             };
@@ -324,5 +326,35 @@ mod tests {
             "sst2",
             Some("Movie review sentiment")
         ));
+    }
+
+    /// Found by fuzzing (tests/fuzz/regressions/upload/many-huge-empty-sparse): the density of
+    /// an artifact whose tensors' element counts sum past u64 is computed without overflow.
+    #[test]
+    fn density_of_many_huge_tensors_does_not_overflow() {
+        use crate::format::manifest::{BaseModel, Delta, ExpertKind, Manifest, TensorEntry};
+        let base = BaseModel {
+            id: "b".into(),
+            digest: crate::digest::sha256(b"b"),
+        };
+        let mut m = Manifest::new("x", "1.0.0".parse().unwrap(), base, ExpertKind::Sparse);
+        for i in 0..300 {
+            m.tensors.push(TensorEntry {
+                name: format!("t{i}"),
+                shape: vec![(1 << 56) - 1],
+                dtype: crate::format::Dtype::F32,
+                delta: Delta::Sparse {
+                    nnz: 1,
+                    density: 0.0,
+                    encoding: None,
+                    block_size: None,
+                },
+                stored: Vec::new(),
+                new: false,
+            });
+        }
+        let l = IndexLine::for_artifact(&m, &crate::digest::sha256(b"x"), 1);
+        let want = 300.0 / (300.0 * ((1u64 << 56) - 1) as f64);
+        assert!((l.density - want).abs() < 1e-25, "{}", l.density);
     }
 }
