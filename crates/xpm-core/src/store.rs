@@ -472,27 +472,14 @@ mod tests {
         let reg = LocalRegistry::open_or_init(&d.join("reg")).unwrap();
         let line = IndexLine::for_artifact(&m, &cksum, size);
         reg.publish(&art, &line, false).unwrap();
-        let home = XpmHome {
-            root: d.join("home"),
-            cache: d.join("home/cache"),
-        };
-        (Store::new(&home), reg, line)
+        (Store::new(&home(d)), reg, line)
     }
 
     #[test]
     fn fetch_commit_locate_and_verify_the_store() {
         let d = tempfile::tempdir().unwrap();
         let (store, reg, line) = setup(d.path());
-        let backend = crate::registry::open(
-            &reg_location(d.path()),
-            &XpmHome {
-                root: d.path().join("home"),
-                cache: d.path().join("home/cache"),
-            },
-            &Default::default(),
-            false,
-        )
-        .unwrap();
+        let backend = open_registry(d.path());
         assert!(!store.has_blob(&line.cksum, line.size));
         let staged = store.fetch(backend.as_ref(), &line, &|_| {}).unwrap();
         let record = Installed {
@@ -538,16 +525,7 @@ mod tests {
     fn an_index_line_that_names_another_artifact_is_refused_after_download() {
         let d = tempfile::tempdir().unwrap();
         let (store, _reg, line) = setup(d.path());
-        let backend = crate::registry::open(
-            &reg_location(d.path()),
-            &XpmHome {
-                root: d.path().join("home"),
-                cache: d.path().join("home/cache"),
-            },
-            &Default::default(),
-            false,
-        )
-        .unwrap();
+        let backend = open_registry(d.path());
         // Same bytes and digest, but the line claims another version.
         let mut lie = line.clone();
         lie.vers = "2.0.0".parse().unwrap();
@@ -555,7 +533,15 @@ mod tests {
         assert!(e.to_string().contains("manifest says version 1.0.0"), "{e}");
     }
 
-    fn reg_location(d: &Path) -> String {
-        format!("file://{}", d.join("reg").display())
+    fn home(d: &Path) -> XpmHome {
+        XpmHome {
+            root: d.join("home"),
+            cache: d.join("home/cache"),
+        }
+    }
+
+    fn open_registry(d: &Path) -> Box<dyn Registry> {
+        let loc = format!("file://{}", d.join("reg").display());
+        crate::registry::open(&loc, &home(d), &Default::default(), false).unwrap()
     }
 }

@@ -357,11 +357,7 @@ impl Registry for HttpRegistry {
             return Err(Error::registry(
                 &self.base,
                 format!("{what}: the registry has no blob {}", line.cksum),
-                Some(
-                    "if xpm.lock was edited or comes from another registry, delete it and run \
-                     `xpm install`; otherwise the registry is damaged: ask its operator to \
-                     publish the version again",
-                ),
+                Some(super::MISSING_BLOB_HINT),
             ));
         }
         if !resp.status().is_success() {

@@ -40,6 +40,12 @@ pub trait Registry: Send + Sync {
     fn search(&self, query: &str, limit: usize) -> Result<SearchResults>;
 }
 
+/// The hint for an artifact a registry does not have: the digest came from the index or from a
+/// lockfile, and either may be the one that is wrong.
+pub const MISSING_BLOB_HINT: &str = "if xpm.lock was edited or comes from another registry, \
+     delete it and run `xpm install`; otherwise the registry is damaged: ask its operator to \
+     publish the version again";
+
 /// How to reach a registry.
 #[derive(Debug, Clone, Default)]
 pub struct ClientOptions {
@@ -108,11 +114,7 @@ impl Registry for LocalBackend {
                     "the artifact of {} is missing from the registry: {e}",
                     line.id()
                 ),
-                Some(
-                    "if xpm.lock was edited or comes from another registry, delete it and run \
-                     `xpm install`; otherwise the registry is damaged: ask its owner to publish \
-                     the version again",
-                ),
+                Some(MISSING_BLOB_HINT),
             )
         })?;
         Ok(Box::new(f))
