@@ -28,7 +28,7 @@ pub fn exec(a: Args, _ctx: &Context) -> anyhow::Result<()> {
         anyhow::Error::new(e).context(format!(
             "cannot run `{}`; install the registry server with \
              `cargo install --locked --path registry` beside `xpm` (or build both with \
-             `cargo build --release -p xpm -p xpm-registry`)",
+             `cargo build --release -p xpm-cli -p xpm-registry`)",
             program.display()
         ))
     };
