@@ -174,11 +174,11 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        // A command that ran another program exits with its status; that program spoke.
-        Err(e) if e.downcast_ref::<ExitWith>().is_some() => {
-            ExitCode::from(e.downcast_ref::<ExitWith>().map_or(1, |x| x.0))
-        }
         Err(e) => {
+            // A command that ran another program exits with its status; that program spoke.
+            if let Some(ExitWith(code)) = e.downcast_ref::<ExitWith>() {
+                return ExitCode::from(*code);
+            }
             eprint!("{}", render_error(&e));
             ExitCode::from(1)
         }

@@ -137,9 +137,8 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
     let weights = check_request(opts, printer)?;
     let label = opts.method.label();
     let set = ExpertSet::open(&opts.experts)?;
-    if let MergeMethod::Builtin { .. } = &opts.method {
-        for name in &set.names {
-            let (strategy, params) = pick(&opts.method, name);
+    for name in &set.names {
+        if let Some((strategy, params)) = builtin_for(&opts.method, name) {
             params.check_tensor(strategy, name, set.info[name].0.iter().product())?;
         }
     }
@@ -269,7 +268,7 @@ fn merge_tensors(
         |name| {
             let (shape, dtype) = info[name].clone();
             let mut dense_input = false;
-            let (strategy, params) = pick(&opts.method, name);
+            let builtin = builtin_for(&opts.method, name);
             let (content, kind) = if let MergeMethod::Plugin {
                 plugin,
                 params: pparams,
@@ -287,12 +286,13 @@ fn merge_tensors(
                     .merge(name, &shape, dtype, &inputs, weights, *seed)?;
                 inputs.into_iter().for_each(Input::recycle);
                 output_content(out, dtype)
-            } else if strategy.is_lora_space() {
+            } else if let Some((strategy, params)) = builtin.filter(|(s, _)| s.is_lora_space()) {
                 (
                     lora_merge(readers, name, &shape, weights, strategy, params)?,
                     ExpertKind::Lora,
                 )
             } else {
+                let (strategy, params) = builtin.expect("a built-in method");
                 let mut inputs = Vec::with_capacity(readers.len());
                 for r in readers {
                     let (input, dense) = load_input(r, name)?;
@@ -689,21 +689,19 @@ fn degenerate_checks(
     Ok(weights)
 }
 
-/// The strategy and parameters of a tensor: the first matching override, else the merge's (a
-/// plugin merge reports its placeholder: the plugin handles every tensor).
-fn pick<'m>(method: &'m MergeMethod, name: &str) -> (Strategy, &'m MergeParams) {
-    static PLUGIN: std::sync::LazyLock<MergeParams> =
-        std::sync::LazyLock::new(MergeParams::default);
+/// The built-in strategy and parameters of a tensor: the first matching override, else the
+/// merge's; `None` for a plugin merge (the plugin handles every tensor).
+fn builtin_for<'m>(method: &'m MergeMethod, name: &str) -> Option<(Strategy, &'m MergeParams)> {
     match method {
         MergeMethod::Builtin {
             strategy,
             params,
             overrides,
-        } => match overrides.iter().find(|o| o.matcher.is_match(name)) {
+        } => Some(match overrides.iter().find(|o| o.matcher.is_match(name)) {
             Some(o) => (o.strategy, &o.params),
             None => (*strategy, params),
-        },
-        MergeMethod::Plugin { .. } => (Strategy::SparseMean, &PLUGIN),
+        }),
+        MergeMethod::Plugin { .. } => None,
     }
 }
 

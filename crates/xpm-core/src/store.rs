@@ -234,20 +234,17 @@ impl Store {
             .into_iter()
             .map(|r| {
                 let path = self.blob_path(&r.cksum);
+                // One read of the file: `verify` hashes it whole and checks every tensor.
                 let problem = if !path.is_file() {
                     Some("its artifact is missing from the store".to_string())
                 } else {
-                    match File::open(&path).and_then(crate::digest::sha256_reader) {
-                        Err(e) => Some(format!("cannot read its artifact: {e}")),
-                        Ok((d, n)) if d != r.cksum || n != r.size => Some(format!(
-                            "its artifact has {n} bytes with {d}, not {} bytes with {}",
-                            r.size, r.cksum
+                    match crate::format::verify::verify(&path, &crate::printer::Printer::silent()) {
+                        Err(e) => Some(e.to_string()),
+                        Ok(v) if v.sha256 != r.cksum => Some(format!(
+                            "its artifact has digest {}, not the recorded {}",
+                            v.sha256, r.cksum
                         )),
-                        Ok(_) => {
-                            crate::format::verify::verify(&path, &crate::printer::Printer::silent())
-                                .err()
-                                .map(|e| e.to_string())
-                        }
+                        Ok(_) => None,
                     }
                 };
                 pb.inc(1);
