@@ -2,8 +2,11 @@
 # Coverage-guided fuzzing of xpm's readers of hostile input (cargo-fuzz / libFuzzer, stable
 # Rust). The targets, what they cover and the figures measured: tests/fuzz/README.md.
 #
-#   scripts/fuzz.sh [--smoke SECONDS | --run SECONDS] [TARGET…]
+#   scripts/fuzz.sh [--ci RUNS | --smoke SECONDS | --run SECONDS] [TARGET…]
 #
+#   --ci N     like --smoke, but reproducible: each target runs exactly N inputs from a fixed
+#              seed (-seed=1 -runs=N) instead of for a time, so the same commit fuzzes the same
+#              inputs on every CI run. .ci/run uses --ci 50000.
 #   --smoke S  (default, S = 20) run each target S seconds on a temporary copy of its committed
 #              corpus (tests/fuzz/corpus/TARGET, left untouched), after replaying every input
 #              under tests/fuzz/regressions/TARGET once. For CI.
@@ -37,10 +40,10 @@ SECONDS_PER_TARGET=20
 TARGETS=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --smoke | --run)
+        --ci | --smoke | --run)
             MODE="${1#--}"
             [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || {
-                echo "fuzz.sh: $1 needs a number of seconds" >&2
+                echo "fuzz.sh: $1 needs a number (of runs for --ci, of seconds otherwise)" >&2
                 exit 2
             }
             SECONDS_PER_TARGET="$2"
@@ -125,7 +128,7 @@ for t in "${TARGETS[@]}"; do
         fi
     fi
 
-    if [[ "$MODE" == smoke ]]; then
+    if [[ "$MODE" != run ]]; then
         corpus="$TMP/corpus-$t"
         mkdir -p "$corpus"
         if [[ -d "$FUZZ_DIR/corpus/$t" ]]; then cp -R "$FUZZ_DIR/corpus/$t/." "$corpus/"; fi
@@ -133,9 +136,15 @@ for t in "${TARGETS[@]}"; do
         corpus="$FUZZ_DIR/corpus/$t"
         mkdir -p "$corpus"
     fi
-    echo "== $t: fuzzing for ${SECONDS_PER_TARGET} s ($MODE)" >&2
+    if [[ "$MODE" == ci ]]; then
+        echo "== $t: fuzzing ${SECONDS_PER_TARGET} inputs from seed 1 (ci)" >&2
+        budget=(-seed=1 -runs="$SECONDS_PER_TARGET")
+    else
+        echo "== $t: fuzzing for ${SECONDS_PER_TARGET} s ($MODE)" >&2
+        budget=(-max_total_time="$SECONDS_PER_TARGET")
+    fi
     log="$TMP/$t.log"
-    if "$bin" "${opts[@]}" -max_total_time="$SECONDS_PER_TARGET" "$corpus" > "$log" 2>&1; then
+    if "$bin" "${opts[@]}" "${budget[@]}" "$corpus" > "$log" 2>&1; then
         grep -E '^#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units' "$log" | tail -n 2 >&2 || true
     else
         tail -n 60 "$log" >&2
@@ -148,4 +157,8 @@ if [[ ${#failed[@]} -gt 0 ]]; then
     echo "fuzz.sh: FAILED: ${failed[*]}" >&2
     exit 1
 fi
-echo "fuzz.sh: ${#TARGETS[@]} target(s) clean ($MODE, ${SECONDS_PER_TARGET} s each)" >&2
+if [[ "$MODE" == ci ]]; then
+    echo "fuzz.sh: ${#TARGETS[@]} target(s) clean (ci, ${SECONDS_PER_TARGET} inputs each)" >&2
+else
+    echo "fuzz.sh: ${#TARGETS[@]} target(s) clean ($MODE, ${SECONDS_PER_TARGET} s each)" >&2
+fi
