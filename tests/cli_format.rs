@@ -381,18 +381,9 @@ fn the_decompressed_payload_is_one_safetensors_file() {
 fn unpacked_files_load_in_python_safetensors() {
     // CI installs Python's `safetensors` and `numpy` and sets XPM_REQUIRE_PYTHON=1, so this test
     // cannot pass vacuously there; elsewhere it is skipped when they are missing.
-    let have = std::process::Command::new("python3")
-        .args(["-c", "import safetensors, numpy"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        assert!(
-            std::env::var_os("XPM_REQUIRE_PYTHON").is_none(),
-            "python3 with safetensors and numpy is required"
-        );
-        eprintln!("skipping: python3 with safetensors + numpy not available");
+    let Some(python) = common::python("safetensors, numpy") else {
         return;
-    }
+    };
     let ctx = TestContext::new();
     let (base, tuned, bt, tt) = base_and_tuned(&ctx);
     extract(
@@ -425,7 +416,7 @@ d = np.zeros(int(np.prod(e["shape"])), dtype=np.float32)
 d[idx] = val
 print(json.dumps(d.reshape(e["shape"]).tolist()))
 "#;
-    let out = std::process::Command::new("python3")
+    let out = std::process::Command::new(&python)
         .args(["-c", script])
         .arg(ctx.path("un"))
         .output()

@@ -194,18 +194,9 @@ fn apply_to_writes_base_plus_delta_exactly_as_a_sharded_model() {
 }
 
 fn python_check(ctx: &TestContext) {
-    let have = std::process::Command::new("python3")
-        .args(["-c", "import safetensors, numpy"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        assert!(
-            std::env::var_os("XPM_REQUIRE_PYTHON").is_none(),
-            "python3 with safetensors and numpy is required"
-        );
-        eprintln!("skipping: python3 with safetensors + numpy not available");
+    let Some(python) = common::python("safetensors, numpy") else {
         return;
-    }
+    };
     let script = r#"
 import json, sys, os
 from safetensors.numpy import load_file
@@ -223,7 +214,7 @@ changed = [k for k in a if (a[k] != b[k]).any()]
 assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
 print(len(changed))
 "#;
-    let out = std::process::Command::new("python3")
+    let out = std::process::Command::new(&python)
         .args(["-c", script])
         .arg(ctx.path("base"))
         .arg(ctx.path("model"))

@@ -228,3 +228,30 @@ pub fn rewrite_manifest(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) 
 pub fn sha256_hex(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
 }
+
+/// The Python interpreter for tests that check xpm against a real Python client, if it can
+/// import every module in `modules` (comma-separated, as in an `import` statement).
+///
+/// `$XPM_PYTHON` (set by scripts/test.sh to the environment of scripts/python-env.sh) or
+/// `python3`. When the modules are missing the test is skipped, except where
+/// `XPM_REQUIRE_PYTHON=1` (CI), where that is a failure: such a test can never pass vacuously
+/// in CI.
+pub fn python(modules: &str) -> Option<PathBuf> {
+    let py = std::env::var_os("XPM_PYTHON").map_or_else(|| PathBuf::from("python3"), PathBuf::from);
+    let have = std::process::Command::new(&py)
+        .args(["-c", &format!("import {modules}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if have {
+        return Some(py);
+    }
+    assert!(
+        std::env::var_os("XPM_REQUIRE_PYTHON").is_none(),
+        "{} cannot import {modules}; run scripts/python-env.sh and set XPM_PYTHON to the \
+         interpreter it prints (scripts/test.sh does both)",
+        py.display()
+    );
+    eprintln!("skipping: {} cannot import {modules}", py.display());
+    None
+}
