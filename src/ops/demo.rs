@@ -50,42 +50,9 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
     write_models(&base, &[&tuned, &tuned_b])?;
 
     let artifact = dir.join("demo-expert-0.1.0.xpm");
-    let opts = ops::extract::ExtractOptions {
-        base: base.clone(),
-        tuned: tuned.clone(),
-        density: 0.05,
-        targets: vec!["*.attention.*.weight".into()],
-        kind: ExpertKind::Sparse,
-        name: "demo-expert".into(),
-        version: semver::Version::new(0, 1, 0),
-        out: artifact.clone(),
-        base_id: Some("xpm/demo-bert-tiny".into()),
-        values_dtype: None,
-        description: Some("A sparse expert extracted by `xpm demo`".into()),
-        license: Some("MIT".into()),
-        authors: vec!["xpm demo".into()],
-        level: crate::format::artifact::DEFAULT_LEVEL,
-    };
+    let opts = extract_options(&base, &tuned, &artifact);
     ops::extract::extract(&opts, home, printer)?;
-
-    let report = ops::inspect::inspect(&artifact)?;
-    printer.out(ops::inspect::render(&report));
-
-    printer.status("Verifying", artifact.display());
-    let v = ops::verify::verify(&artifact, printer)?;
-    printer.status("Verified", format!("{}@{} {}", v.name, v.version, v.sha256));
-
-    let unpacked = dir.join("unpacked");
-    ops::unpack::unpack(&artifact, &unpacked, printer)?;
-    let repacked = dir.join("repacked.xpm");
-    ops::pack::pack(
-        &unpacked,
-        &repacked,
-        crate::format::artifact::DEFAULT_LEVEL,
-        printer,
-    )?;
-    check_same_tensors(&artifact, &repacked)?;
-    printer.status("Checked", "unpack → pack reproduces every tensor exactly");
+    let report = inspect_and_round_trip(dir, &artifact, printer)?;
 
     // A second expert from the other fine-tune.
     let artifact_b = dir.join("demo-expert-b-0.1.0.xpm");
@@ -97,12 +64,91 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
     };
     ops::extract::extract(&opts_b, home, printer)?;
 
-    // Publish both to the embedded local registry ($XPM_HOME/registry), then install them into
-    // a project from there, as a user would.
+    let installed = publish_and_install(dir, home, &[&opts, &opts_b], printer)?;
+    merge_installed(dir, &installed, printer)?;
+    let trained = train_and_eval(dir, home, printer)?;
+
+    let energy_kept = energy_kept(&base, &tuned, &artifact)?;
+    printer.status(
+        "Kept",
+        format!(
+            "{:.1} % of the fine-tuning delta's energy with {:.1} % of the attention weights",
+            energy_kept * 100.0,
+            report.totals.density * 100.0
+        ),
+    );
+    Ok(DemoSummary {
+        dir: dir.to_path_buf(),
+        artifact,
+        tensors: report.tensors.len(),
+        nnz: report.totals.nnz,
+        file_size: report.file_size,
+        dense_bytes: report.totals.dense_bytes,
+        energy_kept,
+        trained,
+    })
+}
+
+/// The demo's sparse extraction of `tuned` against `base` into `out`.
+fn extract_options(base: &Path, tuned: &Path, out: &Path) -> ops::extract::ExtractOptions {
+    ops::extract::ExtractOptions {
+        base: base.to_path_buf(),
+        tuned: tuned.to_path_buf(),
+        density: 0.05,
+        targets: vec!["*.attention.*.weight".into()],
+        kind: ExpertKind::Sparse,
+        name: "demo-expert".into(),
+        version: semver::Version::new(0, 1, 0),
+        out: out.to_path_buf(),
+        base_id: Some("xpm/demo-bert-tiny".into()),
+        values_dtype: None,
+        description: Some("A sparse expert extracted by `xpm demo`".into()),
+        license: Some("MIT".into()),
+        authors: vec!["xpm demo".into()],
+        level: crate::format::artifact::DEFAULT_LEVEL,
+    }
+}
+
+/// Inspect and verify `artifact`, then unpack it and pack it again and check that every tensor
+/// survives exactly; its inspection report.
+fn inspect_and_round_trip(
+    dir: &Path,
+    artifact: &Path,
+    printer: &Printer,
+) -> Result<ops::inspect::InspectReport> {
+    let report = ops::inspect::inspect(artifact)?;
+    printer.out(ops::inspect::render(&report));
+
+    printer.status("Verifying", artifact.display());
+    let v = ops::verify::verify(artifact, printer)?;
+    printer.status("Verified", format!("{}@{} {}", v.name, v.version, v.sha256));
+
+    let unpacked = dir.join("unpacked");
+    ops::unpack::unpack(artifact, &unpacked, printer)?;
+    let repacked = dir.join("repacked.xpm");
+    ops::pack::pack(
+        &unpacked,
+        &repacked,
+        crate::format::artifact::DEFAULT_LEVEL,
+        printer,
+    )?;
+    check_same_tensors(artifact, &repacked)?;
+    printer.status("Checked", "unpack → pack reproduces every tensor exactly");
+    Ok(report)
+}
+
+/// Publish the experts to the embedded local registry ($XPM_HOME/registry), then install them
+/// into a new project from there, as a user would.
+fn publish_and_install(
+    dir: &Path,
+    home: &XpmHome,
+    experts: &[&ops::extract::ExtractOptions],
+    printer: &Printer,
+) -> Result<ops::install::InstallReport> {
     let registry = crate::registry::default_location(home);
     let client = crate::registry::ClientOptions::default();
     let mut specs = Vec::new();
-    for o in [&opts, &opts_b] {
+    for o in experts {
         let line = publish_once(home, o, &registry, &client, printer)?;
         specs.push(format!("{}@={}", line.name, line.vers));
     }
@@ -137,8 +183,15 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
             installed.lockfile.display()
         ),
     );
+    Ok(installed)
+}
 
-    // The paper's merge of the installed experts.
+/// The paper's merge of the installed experts, inspected and verified.
+fn merge_installed(
+    dir: &Path,
+    installed: &ops::install::InstallReport,
+    printer: &Printer,
+) -> Result<()> {
     let merged = dir.join("demo-merged-0.1.0.xpm");
     ops::merge::merge(
         &ops::merge::MergeOptions {
@@ -165,9 +218,13 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
             merged_report.totals.density * 100.0
         ),
     );
+    Ok(())
+}
 
-    // Train experts too: a tiny BERT folder (config, tokenizer, weights) and a keyword task,
-    // one sparse and one LoRA expert, each evaluated through `apply` as `xpm eval` does.
+/// Train experts too: a tiny BERT folder (config, tokenizer, weights) and a keyword task, one
+/// sparse and one LoRA expert, each evaluated through `apply` as `xpm eval` does; (method, eval
+/// accuracy) of each.
+fn train_and_eval(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<Vec<(String, f64)>> {
     let bert = dir.join("tiny-bert");
     crate::train::toy::write_tiny_bert(&bert, 1)?;
     let (train_data, eval_data) = (dir.join("train.jsonl"), dir.join("eval.jsonl"));
@@ -219,26 +276,7 @@ pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary
         );
         trained.push((r.method.to_string(), acc));
     }
-
-    let energy_kept = energy_kept(&base, &tuned, &artifact)?;
-    printer.status(
-        "Kept",
-        format!(
-            "{:.1} % of the fine-tuning delta's energy with {:.1} % of the attention weights",
-            energy_kept * 100.0,
-            report.totals.density * 100.0
-        ),
-    );
-    Ok(DemoSummary {
-        dir: dir.to_path_buf(),
-        artifact,
-        tensors: report.tensors.len(),
-        nnz: report.totals.nnz,
-        file_size: report.file_size,
-        dense_bytes: report.totals.dense_bytes,
-        energy_kept,
-        trained,
-    })
+    Ok(trained)
 }
 
 /// Publish the expert `opts` extracted unless the registry already holds its exact bytes (a
@@ -306,30 +344,15 @@ fn prepare_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Sizes of the demo's BERT-shaped models.
+const HIDDEN: usize = 128;
+const FFN: usize = 512;
+const VOCAB: usize = 1000;
+const LAYERS: usize = 4;
+
 /// Write the base (two shards + index) and fine-tuned models (one file each).
 fn write_models(base: &Path, tuned: &[&Path]) -> Result<()> {
-    let (hidden, ffn, vocab, layers) = (128usize, 512usize, 1000usize, 4usize);
-    let mut specs: Vec<(String, Vec<usize>)> = vec![(
-        "embeddings.word_embeddings.weight".into(),
-        vec![vocab, hidden],
-    )];
-    for l in 0..layers {
-        let p = format!("encoder.layer.{l}");
-        for m in ["query", "key", "value"] {
-            specs.push((
-                format!("{p}.attention.self.{m}.weight"),
-                vec![hidden, hidden],
-            ));
-            specs.push((format!("{p}.attention.self.{m}.bias"), vec![hidden]));
-        }
-        specs.push((
-            format!("{p}.attention.output.dense.weight"),
-            vec![hidden, hidden],
-        ));
-        specs.push((format!("{p}.intermediate.dense.weight"), vec![ffn, hidden]));
-        specs.push((format!("{p}.output.dense.weight"), vec![hidden, ffn]));
-        specs.push((format!("{p}.output.LayerNorm.weight"), vec![hidden]));
-    }
+    let specs = model_specs();
     let mut rng = SplitMix64(0x5eed);
     let base_vals: Vec<Vec<f32>> = specs
         .iter()
@@ -360,29 +383,66 @@ fn write_models(base: &Path, tuned: &[&Path]) -> Result<()> {
         })
         .collect();
     for d in std::iter::once(base).chain(tuned.iter().copied()) {
-        std::fs::create_dir_all(d).at("create directory", d)?;
-        let config = serde_json::json!({
-            "architectures": ["BertModel"], "model_type": "bert", "hidden_size": hidden,
-            "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": 4,
-            "vocab_size": vocab, "_name_or_path": "xpm/demo-bert-tiny"
-        });
-        std::fs::write(
-            d.join("config.json"),
-            serde_json::to_vec_pretty(&config).expect("json"),
-        )
-        .at("write", d.join("config.json"))?;
+        write_config(d)?;
     }
-    let plan = |idx: &[usize]| -> Vec<PlannedTensor> {
-        idx.iter()
-            .map(|&i| PlannedTensor {
-                name: specs[i].0.clone(),
-                dtype: safetensors::Dtype::F32,
-                shape: specs[i].1.clone(),
-            })
-            .collect()
-    };
-    let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    // Base: two shards and an index, the layout large Hugging Face models use.
+    write_base_shards(base, &specs, &base_vals)?;
+    let all: Vec<usize> = (0..specs.len()).collect();
+    for (dir, vals) in tuned.iter().zip(&tuned_vals) {
+        write_safetensors(
+            &dir.join(crate::checkpoint::SINGLE_FILE),
+            &plan(&specs, &all),
+            None,
+            |k| Ok(f32_bytes(&vals[k])),
+        )?;
+    }
+    Ok(())
+}
+
+/// (name, shape) of every tensor of the demo models, in file order.
+fn model_specs() -> Vec<(String, Vec<usize>)> {
+    let (hidden, ffn, vocab, layers) = (HIDDEN, FFN, VOCAB, LAYERS);
+    let mut specs: Vec<(String, Vec<usize>)> = vec![(
+        "embeddings.word_embeddings.weight".into(),
+        vec![vocab, hidden],
+    )];
+    for l in 0..layers {
+        let p = format!("encoder.layer.{l}");
+        for m in ["query", "key", "value"] {
+            specs.push((
+                format!("{p}.attention.self.{m}.weight"),
+                vec![hidden, hidden],
+            ));
+            specs.push((format!("{p}.attention.self.{m}.bias"), vec![hidden]));
+        }
+        specs.push((
+            format!("{p}.attention.output.dense.weight"),
+            vec![hidden, hidden],
+        ));
+        specs.push((format!("{p}.intermediate.dense.weight"), vec![ffn, hidden]));
+        specs.push((format!("{p}.output.dense.weight"), vec![hidden, ffn]));
+        specs.push((format!("{p}.output.LayerNorm.weight"), vec![hidden]));
+    }
+    specs
+}
+
+/// A model folder's `config.json`.
+fn write_config(d: &Path) -> Result<()> {
+    std::fs::create_dir_all(d).at("create directory", d)?;
+    let config = serde_json::json!({
+        "architectures": ["BertModel"], "model_type": "bert", "hidden_size": HIDDEN,
+        "intermediate_size": FFN, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+        "vocab_size": VOCAB, "_name_or_path": "xpm/demo-bert-tiny"
+    });
+    std::fs::write(
+        d.join("config.json"),
+        serde_json::to_vec_pretty(&config).expect("json"),
+    )
+    .at("write", d.join("config.json"))?;
+    Ok(())
+}
+
+/// The base: two shards and an index, the layout large Hugging Face models use.
+fn write_base_shards(base: &Path, specs: &[(String, Vec<usize>)], vals: &[Vec<f32>]) -> Result<()> {
     let half = specs.len() / 2;
     let shards = [
         (0..half).collect::<Vec<_>>(),
@@ -393,9 +453,9 @@ fn write_models(base: &Path, tuned: &[&Path]) -> Result<()> {
         let file = format!("model-{:05}-of-00002.safetensors", s + 1);
         write_safetensors(
             &base.join(&file),
-            &plan(idx),
+            &plan(specs, idx),
             Some(HashMap::from([("format".to_string(), "pt".to_string())])),
-            |k| Ok(f32_bytes(&base_vals[idx[k]])),
+            |k| Ok(f32_bytes(&vals[idx[k]])),
         )?;
         for &i in idx {
             weight_map.insert(specs[i].0.clone(), file.clone().into());
@@ -404,16 +464,22 @@ fn write_models(base: &Path, tuned: &[&Path]) -> Result<()> {
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
     let ip = base.join(crate::checkpoint::INDEX_FILE);
     std::fs::write(&ip, serde_json::to_vec_pretty(&index).expect("json")).at("write", &ip)?;
-    let all: Vec<usize> = (0..specs.len()).collect();
-    for (dir, vals) in tuned.iter().zip(&tuned_vals) {
-        write_safetensors(
-            &dir.join(crate::checkpoint::SINGLE_FILE),
-            &plan(&all),
-            None,
-            |k| Ok(f32_bytes(&vals[k])),
-        )?;
-    }
     Ok(())
+}
+
+/// F32 plans of the tensors `idx` of `specs`.
+fn plan(specs: &[(String, Vec<usize>)], idx: &[usize]) -> Vec<PlannedTensor> {
+    idx.iter()
+        .map(|&i| PlannedTensor {
+            name: specs[i].0.clone(),
+            dtype: safetensors::Dtype::F32,
+            shape: specs[i].1.clone(),
+        })
+        .collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// Both artifacts decode to identical tensors.

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use xpm_plugin_api::{
     ENTRY_V1, XPM_CAP_DROPS_ENTRIES, XPM_CAP_KNOWN, XPM_CAP_REQUIRED_MASK,
     XPM_DESCRIPTOR_V1_0_SIZE, XPM_OK, XPM_PANIC, XPM_PLUGIN_ABI_MAJOR, XpmBuf, XpmCreateFn,
-    XpmDestroyFn, XpmEntryV1, XpmFreeBufFn, XpmMergeFn, XpmOutputView, XpmPluginDescriptorV1,
-    XpmStr, XpmTensorView,
+    XpmDestroyFn, XpmEntryV1, XpmFreeBufFn, XpmMergeFn, XpmOutputView, XpmParamsSchemaFn,
+    XpmPluginDescriptorV1, XpmStr, XpmTensorView,
 };
 
 use crate::engine::{Input, Output, Stream};
@@ -92,6 +92,126 @@ unsafe fn read_str(s: XpmStr) -> Option<String> {
     std::str::from_utf8(b).ok().map(str::to_string)
 }
 
+/// Load the library at `path` (never unloaded) and call its entry point; the descriptor it
+/// returned, non-NULL.
+fn load_descriptor(path: &Path) -> Result<*const XpmPluginDescriptorV1> {
+    // A bare file name would go to the dynamic loader's search path (LD_LIBRARY_PATH,
+    // system directories), not to the file the user named: load by absolute path.
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    // SAFETY: loading a library runs its initialisers; that is the trust a user grants by
+    // naming or installing a plugin (docs/plugins.md, "Safety").
+    let lib = unsafe { libloading::Library::new(&abs) }.map_err(|e| {
+        plugin_error(
+            path,
+            format!("cannot load it: {e}"),
+            Some("is it a shared library built for this platform?"),
+        )
+    })?;
+    // SAFETY: the symbol's type is fixed by the ABI.
+    let entry: XpmEntryV1 = unsafe { lib.get::<XpmEntryV1>(ENTRY_V1) }
+        .map(|s| *s)
+        .map_err(|_| {
+            plugin_error(
+                path,
+                "it does not export `xpm_merge_plugin_v1`",
+                Some("a plugin must be built for ABI 1 (with xpm-plugin-sdk's `export!`, or `xpm_plugin.h`)"),
+            )
+        })?;
+    // Never unload: code and statics of the library may be referenced for the process's life.
+    std::mem::forget(lib);
+    // SAFETY: ABI contract; the pointer is checked before use.
+    let d = unsafe { entry() };
+    if d.is_null() {
+        return Err(plugin_error(
+            path,
+            "its entry point returned no descriptor",
+            None,
+        ));
+    }
+    Ok(d)
+}
+
+/// Check the descriptor's ABI major version, then its size; the descriptor as this host's type.
+fn check_descriptor_header(
+    path: &Path,
+    d: *const XpmPluginDescriptorV1,
+) -> Result<&'static XpmPluginDescriptorV1> {
+    // The header every ABI version shares (size, major, minor) first: another major may
+    // lay out everything after it differently, so it is checked before the size.
+    // SAFETY: every descriptor of every ABI version starts with `size: usize` and the two
+    // `u32` version numbers.
+    let (size, major, minor) = unsafe {
+        let p = d as *const u8;
+        let size = std::ptr::read_unaligned(p as *const usize);
+        let major = std::ptr::read_unaligned(p.add(std::mem::size_of::<usize>()) as *const u32);
+        let minor = std::ptr::read_unaligned(p.add(std::mem::size_of::<usize>() + 4) as *const u32);
+        (size, major, minor)
+    };
+    if major != XPM_PLUGIN_ABI_MAJOR {
+        return Err(plugin_error(
+            path,
+            format!(
+                "it was built for plugin ABI {major}.{minor}, this xpm speaks ABI {XPM_PLUGIN_ABI_MAJOR}.x"
+            ),
+            Some("rebuild the plugin against this xpm's xpm-plugin-api, or use a matching xpm"),
+        ));
+    }
+    // A 1.x descriptor is at least the frozen 1.0 size; fields that later minors append
+    // lie past it and are read only when `size` covers them (none yet).
+    if size < XPM_DESCRIPTOR_V1_0_SIZE {
+        return Err(plugin_error(
+            path,
+            format!(
+                "its descriptor is {size} bytes, smaller than the {XPM_DESCRIPTOR_V1_0_SIZE} of ABI 1.0"
+            ),
+            Some("rebuild the plugin against the current xpm-plugin-api"),
+        ));
+    }
+    // SAFETY: at least the 1.0 size, which is this host's descriptor type, static for the
+    // process.
+    Ok(unsafe { &*d })
+}
+
+/// The plugin's strategy name and version, checked (a valid name, a semantic version).
+fn read_identity(path: &Path, desc: &XpmPluginDescriptorV1) -> Result<(String, String)> {
+    // SAFETY: strings in the descriptor are static in the library.
+    let name = unsafe { read_str(desc.name) }
+        .ok_or_else(|| plugin_error(path, "its name is not UTF-8", None))?;
+    // SAFETY: as for the name.
+    let version = unsafe { read_str(desc.version) }
+        .ok_or_else(|| plugin_error(path, "its version is not UTF-8", None))?;
+    xpm_core::format::manifest::validate_name(&name)
+        .map_err(|e| plugin_error(path, format!("invalid strategy name: {e}"), None))?;
+    semver::Version::parse(&version).map_err(|e| {
+        plugin_error(
+            path,
+            format!("its version `{version}` is not a semantic version: {e}"),
+            Some("plugin versions go into the provenance of merged experts; use e.g. `1.0.0`"),
+        )
+    })?;
+    Ok((name, version))
+}
+
+/// The plugin's parameter schema: UTF-8, JSON, and a valid JSON Schema.
+fn read_params_schema(
+    path: &Path,
+    params_schema_fn: Fn<XpmParamsSchemaFn>,
+) -> Result<serde_json::Value> {
+    // SAFETY: ABI call returning a static string.
+    let schema_text = unsafe { read_str(params_schema_fn()) }
+        .ok_or_else(|| plugin_error(path, "its parameter schema is not UTF-8", None))?;
+    let params_schema: serde_json::Value = serde_json::from_str(&schema_text)
+        .map_err(|e| plugin_error(path, format!("its parameter schema is not JSON: {e}"), None))?;
+    jsonschema::validator_for(&params_schema).map_err(|e| {
+        plugin_error(
+            path,
+            format!("its parameter schema is not a valid JSON Schema: {e}"),
+            None,
+        )
+    })?;
+    Ok(params_schema)
+}
+
 impl Plugin {
     /// Load and check a plugin library.
     pub fn load(path: &Path) -> Result<Plugin> {
@@ -99,74 +219,8 @@ impl Plugin {
             .map_err(|e| plugin_error(path, format!("cannot read it: {e}"), None))?;
         let sha256 = xpm_core::digest::sha256(&bytes);
         drop(bytes);
-        // A bare file name would go to the dynamic loader's search path (LD_LIBRARY_PATH,
-        // system directories), not to the file the user named: load by absolute path.
-        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        // SAFETY: loading a library runs its initialisers; that is the trust a user grants by
-        // naming or installing a plugin (docs/plugins.md, "Safety").
-        let lib = unsafe { libloading::Library::new(&abs) }.map_err(|e| {
-            plugin_error(
-                path,
-                format!("cannot load it: {e}"),
-                Some("is it a shared library built for this platform?"),
-            )
-        })?;
-        // SAFETY: the symbol's type is fixed by the ABI.
-        let entry: XpmEntryV1 = unsafe { lib.get::<XpmEntryV1>(ENTRY_V1) }
-            .map(|s| *s)
-            .map_err(|_| {
-                plugin_error(
-                    path,
-                    "it does not export `xpm_merge_plugin_v1`",
-                    Some("a plugin must be built for ABI 1 (with xpm-plugin-sdk's `export!`, or `xpm_plugin.h`)"),
-                )
-            })?;
-        // Never unload: code and statics of the library may be referenced for the process's life.
-        std::mem::forget(lib);
-        // SAFETY: ABI contract; the pointer is checked before use.
-        let d = unsafe { entry() };
-        if d.is_null() {
-            return Err(plugin_error(
-                path,
-                "its entry point returned no descriptor",
-                None,
-            ));
-        }
-        // The header every ABI version shares (size, major, minor) first: another major may
-        // lay out everything after it differently, so it is checked before the size.
-        // SAFETY: every descriptor of every ABI version starts with `size: usize` and the two
-        // `u32` version numbers.
-        let (size, major, minor) = unsafe {
-            let p = d as *const u8;
-            let size = std::ptr::read_unaligned(p as *const usize);
-            let major = std::ptr::read_unaligned(p.add(std::mem::size_of::<usize>()) as *const u32);
-            let minor =
-                std::ptr::read_unaligned(p.add(std::mem::size_of::<usize>() + 4) as *const u32);
-            (size, major, minor)
-        };
-        if major != XPM_PLUGIN_ABI_MAJOR {
-            return Err(plugin_error(
-                path,
-                format!(
-                    "it was built for plugin ABI {major}.{minor}, this xpm speaks ABI {XPM_PLUGIN_ABI_MAJOR}.x"
-                ),
-                Some("rebuild the plugin against this xpm's xpm-plugin-api, or use a matching xpm"),
-            ));
-        }
-        // A 1.x descriptor is at least the frozen 1.0 size; fields that later minors append
-        // lie past it and are read only when `size` covers them (none yet).
-        if size < XPM_DESCRIPTOR_V1_0_SIZE {
-            return Err(plugin_error(
-                path,
-                format!(
-                    "its descriptor is {size} bytes, smaller than the {XPM_DESCRIPTOR_V1_0_SIZE} of ABI 1.0"
-                ),
-                Some("rebuild the plugin against the current xpm-plugin-api"),
-            ));
-        }
-        // SAFETY: at least the 1.0 size, which is this host's descriptor type, static for the
-        // process.
-        let desc: &'static XpmPluginDescriptorV1 = unsafe { &*d };
+        let d = load_descriptor(path)?;
+        let desc = check_descriptor_header(path, d)?;
         let null = |name: &str| {
             plugin_error(
                 path,
@@ -191,34 +245,8 @@ impl Plugin {
                 Some("upgrade xpm to a version that speaks the plugin's ABI minor version"),
             ));
         }
-        // SAFETY: strings in the descriptor are static in the library.
-        let name = unsafe { read_str(desc.name) }
-            .ok_or_else(|| plugin_error(path, "its name is not UTF-8", None))?;
-        // SAFETY: as for the name.
-        let version = unsafe { read_str(desc.version) }
-            .ok_or_else(|| plugin_error(path, "its version is not UTF-8", None))?;
-        xpm_core::format::manifest::validate_name(&name)
-            .map_err(|e| plugin_error(path, format!("invalid strategy name: {e}"), None))?;
-        semver::Version::parse(&version).map_err(|e| {
-            plugin_error(
-                path,
-                format!("its version `{version}` is not a semantic version: {e}"),
-                Some("plugin versions go into the provenance of merged experts; use e.g. `1.0.0`"),
-            )
-        })?;
-        // SAFETY: ABI call returning a static string.
-        let schema_text = unsafe { read_str(params_schema_fn()) }
-            .ok_or_else(|| plugin_error(path, "its parameter schema is not UTF-8", None))?;
-        let params_schema: serde_json::Value = serde_json::from_str(&schema_text).map_err(|e| {
-            plugin_error(path, format!("its parameter schema is not JSON: {e}"), None)
-        })?;
-        jsonschema::validator_for(&params_schema).map_err(|e| {
-            plugin_error(
-                path,
-                format!("its parameter schema is not a valid JSON Schema: {e}"),
-                None,
-            )
-        })?;
+        let (name, version) = read_identity(path, desc)?;
+        let params_schema = read_params_schema(path, params_schema_fn)?;
         Ok(Plugin {
             path: path.to_path_buf(),
             sha256,
@@ -384,38 +412,8 @@ impl Instance<'_> {
         let s = &mut kept.0;
         let n: u64 = shape.iter().product();
         let dense = inputs.iter().any(|i| matches!(i, Input::Dense { .. }));
-        // The union through a bitmap, O(entries + n / 64), no sort; with per-word prefix counts
-        // it gives every position its slot in the support in O(1).
-        let (bits, prefix, support) = (&mut s.bits, &mut s.prefix, &mut s.support);
-        support.clear();
-        if dense {
-            support.extend(0..n);
-        } else {
-            bits.clear();
-            bits.resize((n as usize).div_ceil(64), 0);
-            for i in inputs {
-                if let Input::Sparse { indices, .. } = i {
-                    for &x in indices {
-                        bits[(x / 64) as usize] |= 1 << (x % 64);
-                    }
-                }
-            }
-            prefix.clear();
-            let mut count = 0u32;
-            for b in bits.iter() {
-                prefix.push(count);
-                count += b.count_ones();
-            }
-            support.reserve(count as usize);
-            for (w, &word) in bits.iter().enumerate() {
-                let mut b = word;
-                while b != 0 {
-                    support.push(w as u64 * 64 + b.trailing_zeros() as u64);
-                    b &= b - 1;
-                }
-            }
-        }
-        let len = support.len();
+        union_support(s, inputs, n, dense);
+        let len = s.support.len();
         let ne = inputs.len();
         if len > u32::MAX as usize {
             return Err(plugin_error(
@@ -426,72 +424,33 @@ impl Instance<'_> {
                 None,
             ));
         }
-        // Each expert's entries as (position in the support, value), concatenated.
-        let (starts, slots, values) = (&mut s.starts, &mut s.slots, &mut s.values);
-        starts.clear();
-        slots.clear();
-        values.clear();
-        let total: usize = inputs
-            .iter()
-            .map(|i| match i {
-                Input::Sparse { values, .. } | Input::Dense { values } => values.len(),
-                Input::Absent => 0,
-            })
-            .sum();
-        slots.reserve(total);
-        values.reserve(total);
-        starts.push(0usize);
-        for input in inputs {
-            match input {
-                Input::Dense { values: d } => {
-                    slots.extend(0..len as u32);
-                    values.extend_from_slice(d);
-                }
-                Input::Sparse {
-                    indices,
-                    values: sv,
-                } => {
-                    if dense {
-                        // The support is every position: a position is its own slot.
-                        slots.extend(indices.iter().map(|&i| i as u32));
-                    } else {
-                        slots.extend(indices.iter().map(|&i| {
-                            let w = (i / 64) as usize;
-                            prefix[w] + (bits[w] & ((1u64 << (i % 64)) - 1)).count_ones()
-                        }));
-                    }
-                    values.extend_from_slice(sv);
-                }
-                Input::Absent => {}
-            }
-            starts.push(slots.len());
-        }
+        gather_entries(s, inputs, dense);
         let seeds: Vec<u64> = (0..ne as u64)
             .map(|e| Stream::new(seed, e, tensor).key())
             .collect();
-        let view = XpmTensorView {
-            name: XpmStr {
-                ptr: tensor.as_ptr(),
-                len: tensor.len(),
-            },
-            shape: shape.as_ptr(),
-            ndim: shape.len(),
-            dtype: match dtype {
-                Dtype::F16 => xpm_plugin_api::XPM_DTYPE_F16,
-                Dtype::BF16 => xpm_plugin_api::XPM_DTYPE_BF16,
-                _ => xpm_plugin_api::XPM_DTYPE_F32,
-            },
-            n_experts: ne,
-            support: support.as_ptr(),
-            support_len: len,
-            entries_start: starts.as_ptr(),
-            entry_slot: slots.as_ptr(),
-            entry_value: values.as_ptr(),
-            weights: weights.as_ptr(),
-            seeds: seeds.as_ptr(),
-        };
-        // Values zeroed and keep flags preset to 1 (as the ABI says) on every call.
-        let (out_vals, keep) = (&mut s.out_vals, &mut s.keep);
+        let view = tensor_view(s, tensor, shape, dtype, weights, &seeds);
+        let written = self.call_merge(&view, tensor, &mut s.out_vals, &mut s.keep)?;
+        let n_kept = self.check_output(s, tensor, written)?;
+        let (mut oi, mut ov) = (xpm_core::pool::take(n_kept), xpm_core::pool::take(n_kept));
+        for k in 0..len {
+            if s.keep[k] != 0 {
+                oi.push(s.support[k]);
+                ov.push(s.out_vals[k]);
+            }
+        }
+        Ok(Output::from_entries(n, dense, oi, ov))
+    }
+
+    /// Call the plugin on `view` into `out_vals` and `keep`, zeroed and preset to 1 (as the ABI
+    /// says) on every call; the number of values it wrote.
+    fn call_merge(
+        &mut self,
+        view: &XpmTensorView,
+        tensor: &str,
+        out_vals: &mut Vec<f32>,
+        keep: &mut Vec<u8>,
+    ) -> Result<usize> {
+        let len = view.support_len;
         out_vals.clear();
         out_vals.resize(len, 0.0);
         keep.clear();
@@ -507,19 +466,27 @@ impl Instance<'_> {
             len: 0,
         };
         // SAFETY: every view is valid for the call; outputs are host-allocated with `len`.
-        let rc = unsafe { (self.plugin.fns.merge)(self.state, &view, &mut out, &mut err) };
+        let rc = unsafe { (self.plugin.fns.merge)(self.state, view, &mut out, &mut err) };
         if rc != XPM_OK {
             return Err(self
                 .plugin
                 .call_error(&format!("tensor `{tensor}`"), rc, err));
         }
+        Ok(out.written)
+    }
+
+    /// Check the plugin's output in `s` (`written` values, finite, keep flags 0 or 1, entries
+    /// dropped only with the capability); the number of entries kept.
+    fn check_output(&self, s: &Scratch, tensor: &str, written: usize) -> Result<usize> {
         let p = self.plugin;
-        if out.written != len {
+        let (support, out_vals, keep) = (&s.support, &s.out_vals, &s.keep);
+        let len = support.len();
+        if written != len {
             return Err(plugin_error(
                 &p.path,
                 format!(
                     "`{}` returned {} values for tensor `{tensor}`, which has {len} support entries",
-                    p.name, out.written
+                    p.name, written
                 ),
                 Some("nothing was written; report this to the plugin's author"),
             ));
@@ -559,14 +526,121 @@ impl Instance<'_> {
                 Some("nothing was written; a plugin that drops entries must declare it"),
             ));
         }
-        let (mut oi, mut ov) = (xpm_core::pool::take(n_kept), xpm_core::pool::take(n_kept));
-        for k in 0..len {
-            if keep[k] != 0 {
-                oi.push(support[k]);
-                ov.push(out_vals[k]);
+        Ok(n_kept)
+    }
+}
+
+/// The union of the inputs' positions into `s.support`: every position when any input is dense,
+/// else through a bitmap (`s.bits`), O(entries + n / 64), no sort; with per-word prefix counts
+/// (`s.prefix`) it gives every position its slot in the support in O(1).
+fn union_support(s: &mut Scratch, inputs: &[Input], n: u64, dense: bool) {
+    let (bits, prefix, support) = (&mut s.bits, &mut s.prefix, &mut s.support);
+    support.clear();
+    if dense {
+        support.extend(0..n);
+        return;
+    }
+    bits.clear();
+    bits.resize((n as usize).div_ceil(64), 0);
+    for i in inputs {
+        if let Input::Sparse { indices, .. } = i {
+            for &x in indices {
+                bits[(x / 64) as usize] |= 1 << (x % 64);
             }
         }
-        Ok(Output::from_entries(n, dense, oi, ov))
+    }
+    prefix.clear();
+    let mut count = 0u32;
+    for b in bits.iter() {
+        prefix.push(count);
+        count += b.count_ones();
+    }
+    support.reserve(count as usize);
+    for (w, &word) in bits.iter().enumerate() {
+        let mut b = word;
+        while b != 0 {
+            support.push(w as u64 * 64 + b.trailing_zeros() as u64);
+            b &= b - 1;
+        }
+    }
+}
+
+/// Each expert's entries as (position in the support, value), concatenated into `s.slots` and
+/// `s.values`, with expert e's entries at `s.starts[e]..s.starts[e + 1]`.
+fn gather_entries(s: &mut Scratch, inputs: &[Input], dense: bool) {
+    let len = s.support.len();
+    let (bits, prefix) = (&s.bits, &s.prefix);
+    let (starts, slots, values) = (&mut s.starts, &mut s.slots, &mut s.values);
+    starts.clear();
+    slots.clear();
+    values.clear();
+    let total: usize = inputs
+        .iter()
+        .map(|i| match i {
+            Input::Sparse { values, .. } | Input::Dense { values } => values.len(),
+            Input::Absent => 0,
+        })
+        .sum();
+    slots.reserve(total);
+    values.reserve(total);
+    starts.push(0usize);
+    for input in inputs {
+        match input {
+            Input::Dense { values: d } => {
+                slots.extend(0..len as u32);
+                values.extend_from_slice(d);
+            }
+            Input::Sparse {
+                indices,
+                values: sv,
+            } => {
+                if dense {
+                    // The support is every position: a position is its own slot.
+                    slots.extend(indices.iter().map(|&i| i as u32));
+                } else {
+                    slots.extend(indices.iter().map(|&i| {
+                        let w = (i / 64) as usize;
+                        prefix[w] + (bits[w] & ((1u64 << (i % 64)) - 1)).count_ones()
+                    }));
+                }
+                values.extend_from_slice(sv);
+            }
+            Input::Absent => {}
+        }
+        starts.push(slots.len());
+    }
+}
+
+/// The ABI's view of one tensor's merge inputs, pointing into `s`, `shape`, `weights` and
+/// `seeds` (one per expert), which must outlive its use.
+fn tensor_view(
+    s: &Scratch,
+    tensor: &str,
+    shape: &[u64],
+    dtype: Dtype,
+    weights: &[f64],
+    seeds: &[u64],
+) -> XpmTensorView {
+    XpmTensorView {
+        name: XpmStr {
+            ptr: tensor.as_ptr(),
+            len: tensor.len(),
+        },
+        shape: shape.as_ptr(),
+        ndim: shape.len(),
+        dtype: match dtype {
+            Dtype::F16 => xpm_plugin_api::XPM_DTYPE_F16,
+            Dtype::BF16 => xpm_plugin_api::XPM_DTYPE_BF16,
+            _ => xpm_plugin_api::XPM_DTYPE_F32,
+        },
+        n_experts: seeds.len(),
+        support: s.support.as_ptr(),
+        support_len: s.support.len(),
+        entries_start: s.starts.as_ptr(),
+        entry_slot: s.slots.as_ptr(),
+        entry_value: s.values.as_ptr(),
+        weights: weights.as_ptr(),
+        seeds: seeds.as_ptr(),
     }
 }
 
