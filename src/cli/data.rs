@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 use super::Context;
+use super::output::OutputArgs;
 use crate::ops::data_import::{ImportOptions, import};
 
 #[derive(Debug, clap::Args)]
@@ -33,9 +34,8 @@ enum Sub {
         /// Keep only rows with these labels, comma-separated (after --bins)
         #[arg(long, value_delimiter = ',', value_name = "LABEL,…")]
         labels: Vec<String>,
-        /// Print the result as JSON
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
         /// Text column [default: Orange's first string column, else `text`]
         #[arg(long, value_name = "COLUMN")]
         text: Option<String>,
@@ -64,7 +64,7 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
             test_out,
             test_ratio,
             labels,
-            json,
+            output,
             text,
             label,
             bins,
@@ -85,28 +85,26 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
                 limit,
                 seed,
             })?;
-            if json {
-                ctx.printer.out(serde_json::to_string_pretty(&r)?);
-                return Ok(());
-            }
-            let labels: Vec<String> = r.labels.iter().map(|(l, n)| format!("{l} {n}")).collect();
-            ctx.printer.out(format!(
-                "wrote {} ({} rows{}); text `{}`, label `{}`; {} skipped, {} filtered out; labels: {}",
-                out.display(),
-                r.train,
-                eval_out
-                    .map(|p| format!(", {} rows to {}", r.eval, p.display()))
-                    .unwrap_or_default()
-                    + &test_out
-                        .map(|p| format!(", {} rows to {}", r.test, p.display()))
-                        .unwrap_or_default(),
-                r.text_column,
-                r.label_column,
-                r.skipped,
-                r.filtered,
-                labels.join(", ")
-            ));
-            Ok(())
+            output.format().print(&ctx.printer, &r, |r| {
+                let labels: Vec<String> =
+                    r.labels.iter().map(|(l, n)| format!("{l} {n}")).collect();
+                ctx.printer.out(format!(
+                    "wrote {} ({} rows{}); text `{}`, label `{}`; {} skipped, {} filtered out; labels: {}",
+                    out.display(),
+                    r.train,
+                    eval_out
+                        .map(|p| format!(", {} rows to {}", r.eval, p.display()))
+                        .unwrap_or_default()
+                        + &test_out
+                            .map(|p| format!(", {} rows to {}", r.test, p.display()))
+                            .unwrap_or_default(),
+                    r.text_column,
+                    r.label_column,
+                    r.skipped,
+                    r.filtered,
+                    labels.join(", ")
+                ));
+            })
         }
     }
 }

@@ -1,10 +1,15 @@
 use std::path::PathBuf;
 
 use super::Context;
+use super::output::{self, OutputArgs};
 use crate::train::eval::{EvalOptions, eval};
 use crate::train::model::DeviceChoice;
 
 #[derive(Debug, clap::Args)]
+#[command(mut_arg(
+    "json",
+    output::help("Print the result as JSON (schemas/eval.schema.json)")
+))]
 pub struct Args {
     /// Base model: a model directory or `hf:ORG/NAME[@REV]`
     #[arg(long, value_name = "MODEL")]
@@ -26,9 +31,8 @@ pub struct Args {
     max_seq_len: Option<usize>,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceChoice,
-    /// Print the result as JSON (schemas/eval.schema.json)
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
@@ -51,21 +55,18 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         device: a.device,
     };
     let r = eval(&o, &ctx.home, &ctx.printer)?;
-    if a.json {
-        ctx.printer.out(serde_json::to_string_pretty(&r)?);
-        return Ok(());
-    }
-    let m = &r.metrics;
-    let mut line = format!("{} examples: loss {:.4}", m.examples, m.loss);
-    if let Some(acc) = m.accuracy {
-        line.push_str(&format!(", accuracy {:.2} %", acc * 100.0));
-    }
-    if let Some(f1) = m.macro_f1 {
-        line.push_str(&format!(", macro-F1 {f1:.4}"));
-    }
-    if let Some(em) = m.exact_match {
-        line.push_str(&format!(", exact match {:.2} %", em * 100.0));
-    }
-    ctx.printer.out(line);
-    Ok(())
+    a.output.format().print(&ctx.printer, &r, |r| {
+        let m = &r.metrics;
+        let mut line = format!("{} examples: loss {:.4}", m.examples, m.loss);
+        if let Some(acc) = m.accuracy {
+            line.push_str(&format!(", accuracy {:.2} %", acc * 100.0));
+        }
+        if let Some(f1) = m.macro_f1 {
+            line.push_str(&format!(", macro-F1 {f1:.4}"));
+        }
+        if let Some(em) = m.exact_match {
+            line.push_str(&format!(", exact match {:.2} %", em * 100.0));
+        }
+        ctx.printer.out(line);
+    })
 }

@@ -1,4 +1,5 @@
 use super::Context;
+use super::output::OutputArgs;
 use super::registry_args::RegistryArgs;
 use crate::ops::install::{self, InstallOptions};
 
@@ -18,9 +19,8 @@ pub struct Args {
     /// Parallel downloads
     #[arg(short, long, default_value_t = install::DEFAULT_JOBS, value_name = "N")]
     jobs: usize,
-    /// Print the result as JSON
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -41,25 +41,22 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         &a.registry.client(&ctx.printer),
         &ctx.printer,
     )?;
-    if a.json {
-        ctx.printer.out(serde_json::to_string_pretty(&r)?);
-        return Ok(());
-    }
-    for e in &r.experts {
-        let how = if e.downloaded { "downloaded" } else { "cached" };
-        let y = if e.yanked { ", yanked" } else { "" };
-        ctx.printer
-            .out(format!("{}@{} ({how}{y}) {}", e.name, e.version, e.cksum));
-    }
-    ctx.printer.status(
-        "Installed",
-        format!(
-            "{} expert(s) on base {} ({} downloaded); locked in {}",
-            r.experts.len(),
-            r.base.id,
-            crate::units::human_bytes(r.downloaded_bytes),
-            r.lockfile.display()
-        ),
-    );
-    Ok(())
+    a.output.format().print(&ctx.printer, &r, |r| {
+        for e in &r.experts {
+            let how = if e.downloaded { "downloaded" } else { "cached" };
+            let y = if e.yanked { ", yanked" } else { "" };
+            ctx.printer
+                .out(format!("{}@{} ({how}{y}) {}", e.name, e.version, e.cksum));
+        }
+        ctx.printer.status(
+            "Installed",
+            format!(
+                "{} expert(s) on base {} ({} downloaded); locked in {}",
+                r.experts.len(),
+                r.base.id,
+                crate::units::human_bytes(r.downloaded_bytes),
+                r.lockfile.display()
+            ),
+        );
+    })
 }

@@ -21,6 +21,7 @@ mod inspect;
 mod install;
 mod list;
 mod merge;
+mod output;
 mod overlap;
 mod pack;
 mod plugin;

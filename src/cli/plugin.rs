@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 use super::Context;
+use super::output::{self, OutputArgs};
 use crate::ops::plugin::{self, PluginRow};
 
 #[derive(Debug, clap::Args)]
@@ -12,13 +13,13 @@ pub struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Sub {
     /// List the plugins found ($XPM_PLUGIN_PATH, $XPM_HOME/plugins, --plugin)
+    #[command(mut_arg("json", output::help("Print JSON")))]
     List {
         /// Also load this library
         #[arg(long = "plugin", value_name = "PATH")]
         plugins: Vec<PathBuf>,
-        /// Print JSON
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Load a plugin, validate it and run a tiny self-test merge
     Check {
@@ -32,44 +33,43 @@ enum Sub {
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     match a.command {
-        Sub::List { plugins, json } => {
+        Sub::List { plugins, output } => {
             ctx.printer.status(
                 "Scanning",
                 "the plugin directories (every library there is loaded to read its descriptor)",
             );
             let rows = plugin::list(&plugins, &ctx.plugin_search);
-            if json {
-                ctx.printer.out(serde_json::to_string_pretty(&rows)?);
-            } else if rows.is_empty() {
-                ctx.printer.out(format!(
-                    "no plugins found (looked in $XPM_PLUGIN_PATH and {})",
-                    ctx.home.root.join("plugins").display()
-                ));
-            }
-            for r in rows.iter().filter(|_| !json) {
-                ctx.printer.out(match r {
-                    PluginRow::Failed { error, .. } => format!("error    {error}"),
-                    PluginRow::Loaded {
-                        abi,
-                        name,
-                        path,
-                        sha256,
-                        shadowed_by_builtin,
-                        version,
-                    } => {
-                        let note = if *shadowed_by_builtin {
-                            "  (name clashes with a built-in strategy, which wins)"
-                        } else {
-                            ""
-                        };
-                        format!(
-                            "{name} {version}  ABI {abi}  {}  {sha256}{note}",
-                            path.display()
-                        )
-                    }
-                });
-            }
-            Ok(())
+            output.format().print(&ctx.printer, &rows, |rows| {
+                if rows.is_empty() {
+                    ctx.printer.out(format!(
+                        "no plugins found (looked in $XPM_PLUGIN_PATH and {})",
+                        ctx.home.root.join("plugins").display()
+                    ));
+                }
+                for r in rows {
+                    ctx.printer.out(match r {
+                        PluginRow::Failed { error, .. } => format!("error    {error}"),
+                        PluginRow::Loaded {
+                            abi,
+                            name,
+                            path,
+                            sha256,
+                            shadowed_by_builtin,
+                            version,
+                        } => {
+                            let note = if *shadowed_by_builtin {
+                                "  (name clashes with a built-in strategy, which wins)"
+                            } else {
+                                ""
+                            };
+                            format!(
+                                "{name} {version}  ABI {abi}  {}  {sha256}{note}",
+                                path.display()
+                            )
+                        }
+                    });
+                }
+            })
         }
         Sub::Check { path, params } => {
             let r = plugin::check(&path, &params)?;

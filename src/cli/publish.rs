@@ -1,17 +1,18 @@
 use std::path::PathBuf;
 
 use super::Context;
+use super::output::{self, OutputArgs};
 use super::registry_args::RegistryArgs;
 
 #[derive(Debug, clap::Args)]
+#[command(mut_arg("json", output::help("Print the recorded index line as JSON")))]
 pub struct Args {
     /// The artifact to publish (verified completely first)
     artifact: PathBuf,
     #[command(flatten)]
     registry: RegistryArgs,
-    /// Print the recorded index line as JSON
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
@@ -23,11 +24,8 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         &a.registry.client(&ctx.printer),
         &ctx.printer,
     )?;
-    if a.json {
-        ctx.printer.out(serde_json::to_string(&line)?);
-    } else {
+    a.output.format().print_line(&ctx.printer, &line, |line| {
         ctx.printer
-            .status("Published", format!("{} ({})", line.id(), line.cksum));
-    }
-    Ok(())
+            .status("Published", format!("{} ({})", line.id(), line.cksum))
+    })
 }

@@ -1,7 +1,9 @@
 use super::Context;
+use super::output::{self, OutputArgs};
 use super::registry_args::RegistryArgs;
 
 #[derive(Debug, clap::Args)]
+#[command(mut_arg("json", output::help("Print the results as JSON")))]
 pub struct Args {
     /// Words that must all occur in the name or description
     #[arg(required = true)]
@@ -9,9 +11,8 @@ pub struct Args {
     /// Show at most this many results
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     limit: u64,
-    /// Print the results as JSON
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -26,13 +27,12 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         &location,
         &a.registry.client(&ctx.printer),
     )?;
-    if a.json {
-        ctx.printer.out(serde_json::to_string_pretty(&r)?);
-    } else if r.experts.is_empty() {
-        ctx.printer
-            .status("Searched", format!("no expert matches `{query}`"));
-    } else {
-        ctx.printer.out(crate::ops::search::render(&r).trim_end());
-    }
-    Ok(())
+    a.output.format().print(&ctx.printer, &r, |r| {
+        if r.experts.is_empty() {
+            ctx.printer
+                .status("Searched", format!("no expert matches `{query}`"));
+        } else {
+            ctx.printer.out(crate::ops::search::render(r).trim_end());
+        }
+    })
 }

@@ -1,11 +1,13 @@
 use std::path::PathBuf;
 
 use super::Context;
+use super::output::{self, OutputArgs};
 use crate::train::mask::ScoreRule;
 use crate::train::model::DeviceChoice;
 use crate::train::{Method, Schedule, TrainOptions, train};
 
 #[derive(Debug, clap::Args)]
+#[command(mut_arg("json", output::help("Print the report as JSON")))]
 pub struct Args {
     /// Base model: a model directory (config.json, tokenizer.json, *.safetensors) or
     /// `hf:ORG/NAME[@REV]`
@@ -102,9 +104,8 @@ pub struct Args {
     /// SPDX license expression
     #[arg(long)]
     license: Option<String>,
-    /// Print the report as JSON
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
@@ -145,33 +146,30 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     o.description = a.description;
     o.license = a.license;
     let r = train(&o, &ctx.home, &ctx.printer)?;
-    if a.json {
-        ctx.printer.out(serde_json::to_string_pretty(&r)?);
-        return Ok(());
-    }
-    let mut line = format!(
-        "trained {} ({}): {} steps, loss {:.4} → {:.4}, {} trainable parameters, {:.2} s/step",
-        r.out.display(),
-        r.method,
-        r.steps,
-        r.train_loss_first,
-        r.train_loss_last,
-        r.trainable_params,
-        r.seconds_per_step
-    );
-    if let Some(m) = &r.eval {
-        line.push_str(&format!("; eval loss {:.4}", m.loss));
-        if let Some(acc) = m.accuracy {
-            line.push_str(&format!(", accuracy {:.2} %", acc * 100.0));
+    a.output.format().print(&ctx.printer, &r, |r| {
+        let mut line = format!(
+            "trained {} ({}): {} steps, loss {:.4} → {:.4}, {} trainable parameters, {:.2} s/step",
+            r.out.display(),
+            r.method,
+            r.steps,
+            r.train_loss_first,
+            r.train_loss_last,
+            r.trainable_params,
+            r.seconds_per_step
+        );
+        if let Some(m) = &r.eval {
+            line.push_str(&format!("; eval loss {:.4}", m.loss));
+            if let Some(acc) = m.accuracy {
+                line.push_str(&format!(", accuracy {:.2} %", acc * 100.0));
+            }
+            if let Some(f1) = m.macro_f1 {
+                line.push_str(&format!(", macro-F1 {:.4}", f1));
+            }
+            if let Some(em) = m.exact_match {
+                line.push_str(&format!(", exact match {:.2} %", em * 100.0));
+            }
+            line.push_str(&format!(" (saved step {})", r.saved_step));
         }
-        if let Some(f1) = m.macro_f1 {
-            line.push_str(&format!(", macro-F1 {:.4}", f1));
-        }
-        if let Some(em) = m.exact_match {
-            line.push_str(&format!(", exact match {:.2} %", em * 100.0));
-        }
-        line.push_str(&format!(" (saved step {})", r.saved_step));
-    }
-    ctx.printer.out(line);
-    Ok(())
+        ctx.printer.out(line);
+    })
 }

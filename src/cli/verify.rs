@@ -3,8 +3,10 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 
 use super::Context;
+use super::output::{self, OutputArgs, OutputFormat};
 
 #[derive(Debug, clap::Args)]
+#[command(mut_arg("json", output::help("Print one JSON object per artifact")))]
 pub struct Args {
     /// Artifacts to verify
     #[arg(required_unless_present = "store", conflicts_with = "store")]
@@ -13,21 +15,18 @@ pub struct Args {
     /// damaged (`xpm install` fetches a damaged one again)
     #[arg(long)]
     store: bool,
-    /// Print one JSON object per artifact
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     if a.store {
-        return verify_store(a.json, ctx);
+        return verify_store(a.output.format(), ctx);
     }
     for path in &a.artifacts {
         let r = crate::ops::verify::verify(path, &ctx.printer)
             .with_context(|| format!("verification of `{}` failed", path.display()))?;
-        if a.json {
-            ctx.printer.out(serde_json::to_string(&r)?);
-        } else {
+        a.output.format().print_line(&ctx.printer, &r, |r| {
             ctx.printer.out(format!(
                 "ok {} {}@{} {} ({} tensors, {} stored entries)",
                 path.display(),
@@ -36,23 +35,19 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
                 r.sha256,
                 r.tensors,
                 r.nnz
-            ));
-        }
+            ))
+        })?;
     }
     Ok(())
 }
 
-fn verify_store(json: bool, ctx: &Context) -> anyhow::Result<()> {
+fn verify_store(format: OutputFormat, ctx: &Context) -> anyhow::Result<()> {
     let checks = crate::store::Store::new(&ctx.home).verify_all(&ctx.printer)?;
     for c in &checks {
-        if json {
-            ctx.printer.out(serde_json::to_string(c)?);
-        } else {
-            match &c.problem {
-                None => ctx.printer.out(format!("ok {} {}", c.id, c.path.display())),
-                Some(p) => ctx.printer.out(format!("damaged {}: {p}", c.id)),
-            }
-        }
+        format.print_line(&ctx.printer, c, |c| match &c.problem {
+            None => ctx.printer.out(format!("ok {} {}", c.id, c.path.display())),
+            Some(p) => ctx.printer.out(format!("damaged {}: {p}", c.id)),
+        })?;
     }
     let damaged = checks.iter().filter(|c| c.problem.is_some()).count();
     if damaged > 0 {
@@ -64,7 +59,7 @@ fn verify_store(json: bool, ctx: &Context) -> anyhow::Result<()> {
             Some("`xpm install` in the projects that use them fetches them again"),
         ));
     }
-    if !json {
+    if !format.is_json() {
         ctx.printer.status(
             "Verified",
             format!("{} installed artifact(s)", checks.len()),
