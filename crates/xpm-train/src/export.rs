@@ -16,7 +16,7 @@ use xpm_core::format::manifest::{
 use xpm_core::format::{ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
 use xpm_core::printer::Printer;
 
-/// Write the expert to `opts.out` (atomically) and report the run.
+/// Write the expert to [`TrainOptions::out_path`] (atomically) and report the run.
 pub(crate) fn write_expert(
     opts: &TrainOptions,
     input: &Prepared,
@@ -25,7 +25,8 @@ pub(crate) fn write_expert(
 ) -> Result<TrainReport> {
     let tensors = tensors(opts, input, fit)?;
     let manifest = manifest(opts, input, fit);
-    let mut writer = ArtifactWriter::create(&opts.out, DEFAULT_LEVEL)?;
+    let out = opts.out_path();
+    let mut writer = ArtifactWriter::create(&out, DEFAULT_LEVEL)?;
     for (t, new) in &tensors {
         let e = encode_tensor(t, DEFAULT_LEVEL)?;
         writer.push(if *new { e.mark_new()? } else { e })?;
@@ -35,7 +36,7 @@ pub(crate) fn write_expert(
         "Wrote",
         format!(
             "{} ({} expert, {} tensors, saved step {})",
-            opts.out.display(),
+            out.display(),
             opts.method.as_str(),
             tensors.len(),
             fit.snapshot.step
@@ -43,7 +44,7 @@ pub(crate) fn write_expert(
     );
     let (trainable, state_bytes) = fit.run.trainable();
     Ok(TrainReport {
-        out: opts.out.clone(),
+        out,
         method: opts.method,
         steps: fit.steps,
         trainable_params: trainable,

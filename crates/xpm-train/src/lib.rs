@@ -105,53 +105,110 @@ impl Schedule {
     }
 }
 
-/// Everything `train` needs.
-#[derive(Debug, Clone)]
+/// Everything `train` needs; also the flags of `xpm train` (one declaration of each option and
+/// its default: [`TrainOptions::new`] agrees with what the command line gives, a test checks it).
+/// The doc comments of the fields are the flags' help.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct TrainOptions {
-    /// A model directory, or `hf:ORG/NAME[@REV]`.
+    /// Base model: a model directory (config.json, tokenizer.json, *.safetensors) or
+    /// `hf:ORG/NAME[@REV]`
+    #[arg(long, value_name = "MODEL")]
     pub base: String,
+    /// Training data, JSONL: {"text", "label"} or {"prompt", "completion"}
+    #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
+    /// Evaluation data (same format): eval loss picks the saved checkpoint
+    #[arg(long, value_name = "FILE")]
     pub eval: Option<PathBuf>,
+    /// What to train on the target layers
+    #[arg(long, value_enum, default_value = "sparse")]
     pub method: Method,
+    /// Expert name (lowercase letters, digits, `-`, `_`, optional `namespace/`)
+    #[arg(long)]
     pub name: String,
+    /// Expert version (semver)
+    #[arg(long, value_name = "SEMVER", default_value = "0.1.0")]
     pub version: semver::Version,
-    pub out: PathBuf,
+    /// Output artifact [default: NAME-VERSION.xpm]
+    #[arg(short, long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
     pub epochs: usize,
+    /// Peak learning rate [default: sparse 1e-3, lora 1e-3, full 5e-5]
+    #[arg(long)]
     pub lr: Option<f64>,
-    /// Learning rate of the classification head (default: max(lr, 1e-3)).
+    /// Learning rate of the classification head [default: max(lr, 1e-3)]
+    #[arg(long)]
     pub head_lr: Option<f64>,
+    #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Micro-batches per optimizer step
+    #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
+    /// Truncate examples to this many tokens
+    #[arg(long, default_value_t = 128)]
     pub max_seq_len: usize,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// `attn` (default), `mlp`, `all`, or glob patterns over weight names.
+    /// Layers to adapt: `attn` (q/k/v/o), `mlp`, `all`, or globs over weight names
+    #[arg(long, value_delimiter = ',', default_value = "attn")]
     pub targets: Vec<String>,
+    /// Sparse: fraction of each target weight that is trained
+    #[arg(long, default_value_t = 0.05)]
     pub keep_ratio: f64,
+    /// Sparse: how entries are scored
+    #[arg(long, value_enum, default_value = "snip")]
     pub score: ScoreRule,
+    /// Sparse: select b × b tiles of the (out × in) weight instead of single entries
+    #[arg(long, value_name = "B")]
     pub block_size: Option<u32>,
+    /// Sparse: select once before training, or re-select during the first epoch
+    #[arg(long, value_enum, default_value = "one-shot")]
     pub schedule: Schedule,
+    /// Sparse, periodic: examples between re-selections
+    #[arg(long, default_value_t = 100)]
     pub reselect_every: usize,
+    /// Sparse: batches whose gradients are accumulated for one selection
+    #[arg(long, default_value_t = 4)]
     pub score_batches: usize,
+    #[arg(long, default_value_t = 8)]
     pub lora_rank: u32,
+    #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
     pub lora_dropout: f64,
+    /// AdamW weight decay [default: 0.01 for full, else 0]
+    #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// Fraction of steps with linear warm-up (then linear decay to 0)
+    #[arg(long, default_value_t = 0.06)]
     pub warmup: f64,
+    /// Clip the global gradient norm (0 = off)
+    #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
-    /// Evaluate every N optimizer steps (and at the end of each epoch).
+    /// Evaluate every N optimizer steps (always at the end of each epoch)
+    #[arg(long, value_name = "N")]
     pub eval_every: Option<usize>,
-    /// Stop after this many optimizer steps (for smoke tests and benchmarks).
+    /// Stop after N optimizer steps
+    #[arg(long, value_name = "N")]
     pub max_steps: Option<usize>,
-    /// Use at most this many training examples (the first N of the file).
+    /// Use only the first N training examples
+    #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceChoice,
+    /// Write one JSON line per optimizer step (and per evaluation) to FILE
+    #[arg(long, value_name = "FILE")]
     pub json_log: Option<PathBuf>,
+    #[arg(long)]
     pub description: Option<String>,
+    /// SPDX license expression
+    #[arg(long)]
     pub license: Option<String>,
 }
 
 impl TrainOptions {
-    /// Defaults for everything but the required inputs.
+    /// Defaults for everything but the required inputs (the same as `xpm train`'s).
     pub fn new(base: String, data: PathBuf, method: Method, name: &str, out: PathBuf) -> Self {
         TrainOptions {
             base,
@@ -160,7 +217,7 @@ impl TrainOptions {
             method,
             name: name.to_string(),
             version: semver::Version::new(0, 1, 0),
-            out,
+            out: Some(out),
             epochs: 1,
             lr: None,
             head_lr: None,
@@ -189,6 +246,17 @@ impl TrainOptions {
             description: None,
             license: None,
         }
+    }
+
+    /// The artifact to write: `out`, else `NAME-VERSION.xpm` (a `/` in the name becomes `-`).
+    pub fn out_path(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            PathBuf::from(format!(
+                "{}-{}.xpm",
+                self.name.replace('/', "-"),
+                self.version
+            ))
+        })
     }
 
     pub fn lr(&self) -> f64 {

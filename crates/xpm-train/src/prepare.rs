@@ -36,8 +36,9 @@ pub(crate) fn prepare(opts: &TrainOptions, home: &XpmHome, printer: &Printer) ->
     let mut inputs = xpm_core::fsutil::files_of(&model_dir);
     inputs.extend([opts.data.clone()].into_iter().chain(opts.eval.clone()));
     let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
-    xpm_core::fsutil::check_outputs(&[("-o", &opts.out)], &inputs)?;
-    xpm_core::fsutil::announce_new_parents(&[("-o", &opts.out)], printer);
+    let out = opts.out_path();
+    xpm_core::fsutil::check_outputs(&[("-o", &out)], &inputs)?;
+    xpm_core::fsutil::announce_new_parents(&[("-o", &out)], printer);
     let md = ModelDir::open(&model_dir)?;
     let mut train_data = Dataset::load(&opts.data)?;
     if let Some(n) = opts.limit {
