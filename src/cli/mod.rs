@@ -118,6 +118,8 @@ pub struct Context {
     /// Where merge plugins are searched: `$XPM_PLUGIN_PATH`, then `$XPM_HOME/plugins` (the
     /// environment is read here, once).
     pub plugin_search: Vec<std::path::PathBuf>,
+    /// Where `hf:` base models come from: `HF_ENDPOINT`, `HF_TOKEN`, `HF_HOME` (read here, once).
+    pub hub: crate::train::hub::HubConfig,
 }
 
 /// Thread settings for commands that train or evaluate, applied at the command edge before any
@@ -149,6 +151,7 @@ pub fn main() -> ExitCode {
         home,
         printer: Printer::new(cli.quiet),
         plugin_search,
+        hub: crate::train::hub::HubConfig::from_env(),
     };
     let result = match cli.command {
         Command::Train(a) => train::exec(*a, &ctx),

@@ -18,7 +18,11 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     crate::alloc::configure();
     // SAFETY: the first thing the command does; `main` started no thread before it.
     unsafe { super::configure_training_threads() };
-    let r = train(&a.options, &ctx.home, &ctx.printer)?;
+    let o = TrainOptions {
+        hub: ctx.hub.clone(),
+        ..a.options
+    };
+    let r = train(&o, &ctx.home, &ctx.printer)?;
     a.output.format().print(&ctx.printer, &r, |r| {
         let mut line = format!(
             "trained {} ({}): {} steps, loss {:.4} → {:.4}, {} trainable parameters, {:.2} s/step",

@@ -1,15 +1,72 @@
 //! Base models from the Hugging Face Hub: `hf:ORG/NAME[@REV]`, downloaded with `hf-hub` into
 //! its cache (`$HF_HOME/hub`, as Python's `huggingface_hub` does) and used from there.
 //!
-//! `HF_ENDPOINT` overrides the hub's address (mirrors, and the tests' local mock server);
-//! `HF_TOKEN` authenticates. Large (LFS) files are served with their sha256 as ETag: xpm
-//! checks each downloaded weight file against it before use.
+//! Where the hub is and who asks ([`HubConfig`]) is passed in: the command line reads
+//! `HF_ENDPOINT` (the hub's address: mirrors, and the tests' local mock server), `HF_TOKEN` and
+//! `HF_HOME` once ([`HubConfig::from_env`]). Large (LFS) files are served with their sha256 as
+//! ETag: xpm checks each downloaded weight file against it before use.
 
 use std::path::{Path, PathBuf};
 
 use xpm_core::error::{Error, IoResultExt, Result};
 use xpm_core::home::XpmHome;
 use xpm_core::printer::Printer;
+
+/// The hub's default address.
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// How to reach the Hugging Face Hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubConfig {
+    /// The hub's address (`HF_ENDPOINT`), default [`DEFAULT_ENDPOINT`].
+    pub endpoint: String,
+    /// A token for gated or private models (`HF_TOKEN`, when not empty). Without it, the token
+    /// file `huggingface-cli login` writes (`$HF_HOME/token`) is used if there is one.
+    pub token: Option<String>,
+    /// The Hugging Face directory (`HF_HOME`): the cache is its `hub/`, the token file its
+    /// `token`. Default: `~/.cache/huggingface`.
+    pub home: Option<PathBuf>,
+}
+
+impl Default for HubConfig {
+    /// The public hub, no token but the token file, the default cache.
+    fn default() -> Self {
+        HubConfig {
+            endpoint: DEFAULT_ENDPOINT.to_string(),
+            token: None,
+            home: None,
+        }
+    }
+}
+
+impl HubConfig {
+    /// From `HF_ENDPOINT`, `HF_TOKEN` and `HF_HOME`, as `huggingface_hub` reads them. Called
+    /// once, at the command edge; library code takes a `HubConfig`.
+    pub fn from_env() -> Self {
+        HubConfig {
+            endpoint: std::env::var("HF_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.into()),
+            token: std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
+            home: std::env::var("HF_HOME").ok().map(PathBuf::from),
+        }
+    }
+
+    fn api(&self, progress: bool) -> hf_hub::api::sync::ApiBuilder {
+        use hf_hub::Cache;
+        use hf_hub::api::sync::ApiBuilder;
+        let cache = match &self.home {
+            Some(home) => Cache::new(home.join("hub")),
+            None => Cache::default(),
+        };
+        // `from_cache` reads the token file; an explicit token replaces it.
+        let mut builder = ApiBuilder::from_cache(cache)
+            .with_endpoint(self.endpoint.clone())
+            .with_progress(progress);
+        if let Some(token) = &self.token {
+            builder = builder.with_token(Some(token.clone()));
+        }
+        builder
+    }
+}
 
 /// A parsed `hf:ORG/NAME[@REV]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,8 +102,18 @@ impl HubSpec {
     }
 }
 
-/// The local model directory for `--base`, and the id recorded in the manifest.
+/// [`resolve_base_with`] with the hub settings of the environment ([`HubConfig::from_env`]),
+/// for callers that do not pass a [`HubConfig`] yet (`eval`).
 pub fn resolve_base(base: &str, _home: &XpmHome, printer: &Printer) -> Result<(PathBuf, String)> {
+    resolve_base_with(base, &HubConfig::from_env(), printer)
+}
+
+/// The local model directory for `--base`, and the id recorded in the manifest.
+pub fn resolve_base_with(
+    base: &str,
+    hub: &HubConfig,
+    printer: &Printer,
+) -> Result<(PathBuf, String)> {
     match HubSpec::parse(base) {
         None => {
             let p = PathBuf::from(base);
@@ -59,7 +126,7 @@ pub fn resolve_base(base: &str, _home: &XpmHome, printer: &Printer) -> Result<(P
         }
         Some(spec) => {
             let spec = spec?;
-            let dir = download(&spec, printer)?;
+            let dir = download(&spec, hub, printer)?;
             let id = if spec.revision == "main" {
                 spec.repo.clone()
             } else {
@@ -72,11 +139,9 @@ pub fn resolve_base(base: &str, _home: &XpmHome, printer: &Printer) -> Result<(P
 
 /// Download (or find in the cache) the files a model directory needs; returns the snapshot
 /// directory.
-pub fn download(spec: &HubSpec, printer: &Printer) -> Result<PathBuf> {
-    use hf_hub::api::sync::ApiBuilder;
+pub fn download(spec: &HubSpec, hub: &HubConfig, printer: &Printer) -> Result<PathBuf> {
     use hf_hub::{Repo, RepoType};
-    let endpoint =
-        std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".to_string());
+    let endpoint = hub.endpoint.clone();
     let herr = |what: String| {
         let endpoint = endpoint.clone();
         move |e: hf_hub::api::sync::ApiError| {
@@ -89,13 +154,8 @@ pub fn download(spec: &HubSpec, printer: &Printer) -> Result<PathBuf> {
             )
         }
     };
-    let mut builder = ApiBuilder::from_env().with_progress(printer.shows_progress());
-    if let Ok(token) = std::env::var("HF_TOKEN")
-        && !token.is_empty()
-    {
-        builder = builder.with_token(Some(token));
-    }
-    let api = builder
+    let api = hub
+        .api(printer.shows_progress())
         .build()
         .map_err(herr("cannot set up the Hugging Face client".into()))?;
     let repo = api.repo(Repo::with_revision(

@@ -205,6 +205,10 @@ pub struct TrainOptions {
     /// SPDX license expression
     #[arg(long)]
     pub license: Option<String>,
+    /// Where `hf:` bases come from. Not a flag: `xpm train` fills it from the environment
+    /// (`HF_ENDPOINT`, `HF_TOKEN`, `HF_HOME`), read once at the command edge.
+    #[arg(skip)]
+    pub hub: hub::HubConfig,
 }
 
 impl TrainOptions {
@@ -245,6 +249,7 @@ impl TrainOptions {
             json_log: None,
             description: None,
             license: None,
+            hub: hub::HubConfig::default(),
         }
     }
 

@@ -32,7 +32,7 @@ pub(crate) struct Prepared {
 /// then load, hash and encode.
 pub(crate) fn prepare(opts: &TrainOptions, home: &XpmHome, printer: &Printer) -> Result<Prepared> {
     opts.validate()?;
-    let (model_dir, base_id) = super::hub::resolve_base(&opts.base, home, printer)?;
+    let (model_dir, base_id) = super::hub::resolve_base_with(&opts.base, &opts.hub, printer)?;
     let mut inputs = xpm_core::fsutil::files_of(&model_dir);
     inputs.extend([opts.data.clone()].into_iter().chain(opts.eval.clone()));
     let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
