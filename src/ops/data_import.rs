@@ -145,50 +145,21 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport> {
     outputs.extend(opts.test_out.as_deref().map(|p| ("--test-out", p)));
     crate::fsutil::check_outputs(&outputs, &[&opts.input])?;
     let t = read_table(&opts.input)?;
-    let col = |want: &Option<String>, orange: Option<usize>, default: &str, what: &str| {
-        let name = want.clone();
-        match (name, orange) {
-            (None, Some(i)) => Ok(i),
-            (name, _) => {
-                let n = name.unwrap_or_else(|| default.to_string());
-                t.header.iter().position(|h| *h == n).ok_or_else(|| {
-                    Error::input(
-                        format!(
-                            "`{}` has no {what} column `{n}` (columns: {})",
-                            opts.input.display(),
-                            t.header.join(", ")
-                        ),
-                        Some(&format!("choose it with --{what} COLUMN")),
-                    )
-                })
-            }
-        }
-    };
-    let ti = col(&opts.text, t.orange_text, "text", "text")?;
-    let li = col(&opts.label, t.orange_class, "label", "label")?;
+    let ti = find_column(&t, &opts.input, &opts.text, t.orange_text, "text", "text")?;
+    let li = find_column(
+        &t,
+        &opts.input,
+        &opts.label,
+        t.orange_class,
+        "label",
+        "label",
+    )?;
     let bins = opts.bins.as_deref().map(parse_bins).transpose()?;
-    let mut rows: Vec<(String, String)> = Vec::new();
-    let mut skipped = 0;
-    let mut filtered = 0;
-    for r in &t.rows {
-        let text = r.get(ti).map(|s| s.trim()).unwrap_or("");
-        let raw = r.get(li).map(|s| s.trim()).unwrap_or("");
-        let label = match &bins {
-            None => Some(raw.to_string()),
-            Some(b) => raw
-                .parse::<f64>()
-                .ok()
-                .and_then(|v| b.iter().find(|(_, lo, hi)| v >= *lo && v <= *hi))
-                .map(|(n, _, _)| n.clone()),
-        };
-        match label {
-            Some(l) if !opts.labels.is_empty() && !opts.labels.contains(&l) => filtered += 1,
-            Some(l) if !text.is_empty() && !l.is_empty() && l != "?" => {
-                rows.push((text.to_string(), l))
-            }
-            _ => skipped += 1,
-        }
-    }
+    let Selected {
+        mut rows,
+        skipped,
+        filtered,
+    } = select_rows(&t, ti, li, bins.as_deref(), &opts.labels);
     if let Some(missing) = opts
         .labels
         .iter()
@@ -214,47 +185,15 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport> {
             Some("check the --text and --label columns (and --labels)"),
         ));
     }
-    let share = |out: &Option<PathBuf>, ratio: f64, flag: &str| -> Result<usize> {
-        if out.is_none() {
-            return Ok(0);
-        }
-        if !(ratio > 0.0 && ratio < 1.0) {
-            return Err(Error::input(
-                format!("--{flag}-ratio {ratio} is outside (0, 1)"),
-                Some(&format!("e.g. --{flag}-ratio 0.2")),
-            ));
-        }
-        Ok(((rows.len() as f64) * ratio).round() as usize)
-    };
-    let n_test = share(&opts.test_out, opts.test_ratio, "test")?;
-    let n_eval = share(&opts.eval_out, opts.eval_ratio, "eval")?;
-    if n_test + n_eval >= rows.len() {
-        return Err(Error::input(
-            format!(
-                "`{}`: --test-ratio and --eval-ratio leave no training rows ({} rows)",
-                opts.input.display(),
-                rows.len()
-            ),
-            Some("lower the ratios, or raise --limit"),
-        ));
-    }
+    let (n_test, n_eval) = split_sizes(opts, rows.len())?;
     let (test_rows, rest) = rows.split_at(n_test);
     let (eval_rows, train_rows) = rest.split_at(n_eval);
-    let write = |path: &Path, rows: &[(String, String)]| -> Result<()> {
-        let mut buf = Vec::new();
-        for (text, label) in rows {
-            serde_json::to_writer(&mut buf, &serde_json::json!({"text": text, "label": label}))
-                .expect("serializes");
-            buf.push(b'\n');
-        }
-        crate::fsutil::write_atomic(path, &buf)
-    };
-    write(&opts.out, train_rows)?;
+    write_jsonl(&opts.out, train_rows)?;
     if let Some(p) = &opts.eval_out {
-        write(p, eval_rows)?;
+        write_jsonl(p, eval_rows)?;
     }
     if let Some(p) = &opts.test_out {
-        write(p, test_rows)?;
+        write_jsonl(p, test_rows)?;
     }
     let mut counts = std::collections::BTreeMap::new();
     for (_, l) in train_rows {
@@ -270,6 +209,123 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport> {
         text_column: t.header[ti].clone(),
         label_column: t.header[li].clone(),
     })
+}
+
+/// The index of the `what` column of `t` (read from `input`): the one named `want`, else
+/// Orange's (`orange`), else the one named `default`.
+fn find_column(
+    t: &Table,
+    input: &Path,
+    want: &Option<String>,
+    orange: Option<usize>,
+    default: &str,
+    what: &str,
+) -> Result<usize> {
+    let name = want.clone();
+    match (name, orange) {
+        (None, Some(i)) => Ok(i),
+        (name, _) => {
+            let n = name.unwrap_or_else(|| default.to_string());
+            t.header.iter().position(|h| *h == n).ok_or_else(|| {
+                Error::input(
+                    format!(
+                        "`{}` has no {what} column `{n}` (columns: {})",
+                        input.display(),
+                        t.header.join(", ")
+                    ),
+                    Some(&format!("choose it with --{what} COLUMN")),
+                )
+            })
+        }
+    }
+}
+
+/// The usable (text, label) rows of a table, in file order, and the counts of those left out.
+struct Selected {
+    rows: Vec<(String, String)>,
+    /// Rows without text or label (or with Orange's `?`), or a label outside the bins.
+    skipped: usize,
+    /// Rows whose label is not one of the kept labels.
+    filtered: usize,
+}
+
+/// The rows of `t` with their text (column `ti`) and label (column `li`, mapped through
+/// `bins`), keeping only `labels` when it is not empty.
+fn select_rows(
+    t: &Table,
+    ti: usize,
+    li: usize,
+    bins: Option<&[(String, f64, f64)]>,
+    labels: &[String],
+) -> Selected {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut skipped = 0;
+    let mut filtered = 0;
+    for r in &t.rows {
+        let text = r.get(ti).map(|s| s.trim()).unwrap_or("");
+        let raw = r.get(li).map(|s| s.trim()).unwrap_or("");
+        let label = match bins {
+            None => Some(raw.to_string()),
+            Some(b) => raw
+                .parse::<f64>()
+                .ok()
+                .and_then(|v| b.iter().find(|(_, lo, hi)| v >= *lo && v <= *hi))
+                .map(|(n, _, _)| n.clone()),
+        };
+        match label {
+            Some(l) if !labels.is_empty() && !labels.contains(&l) => filtered += 1,
+            Some(l) if !text.is_empty() && !l.is_empty() && l != "?" => {
+                rows.push((text.to_string(), l))
+            }
+            _ => skipped += 1,
+        }
+    }
+    Selected {
+        rows,
+        skipped,
+        filtered,
+    }
+}
+
+/// The number of test and eval rows out of `n` (zero for a split not written); at least one
+/// row must be left for training.
+fn split_sizes(opts: &ImportOptions, n: usize) -> Result<(usize, usize)> {
+    let share = |out: &Option<PathBuf>, ratio: f64, flag: &str| -> Result<usize> {
+        if out.is_none() {
+            return Ok(0);
+        }
+        if !(ratio > 0.0 && ratio < 1.0) {
+            return Err(Error::input(
+                format!("--{flag}-ratio {ratio} is outside (0, 1)"),
+                Some(&format!("e.g. --{flag}-ratio 0.2")),
+            ));
+        }
+        Ok(((n as f64) * ratio).round() as usize)
+    };
+    let n_test = share(&opts.test_out, opts.test_ratio, "test")?;
+    let n_eval = share(&opts.eval_out, opts.eval_ratio, "eval")?;
+    if n_test + n_eval >= n {
+        return Err(Error::input(
+            format!(
+                "`{}`: --test-ratio and --eval-ratio leave no training rows ({} rows)",
+                opts.input.display(),
+                n
+            ),
+            Some("lower the ratios, or raise --limit"),
+        ));
+    }
+    Ok((n_test, n_eval))
+}
+
+/// One JSON object `{"text", "label"}` per line.
+fn write_jsonl(path: &Path, rows: &[(String, String)]) -> Result<()> {
+    let mut buf = Vec::new();
+    for (text, label) in rows {
+        serde_json::to_writer(&mut buf, &serde_json::json!({"text": text, "label": label}))
+            .expect("serializes");
+        buf.push(b'\n');
+    }
+    crate::fsutil::write_atomic(path, &buf)
 }
 
 #[cfg(test)]

@@ -51,32 +51,11 @@ pub fn apply(
     let ck = Checkpoint::open(base)?;
     let reader = ArtifactReader::open(expert)?;
     let m = reader.manifest().clone();
-    printer.status("Hashing", format!("base model `{}`", base.display()));
-    let digest = ck.digest(Some(&home.cache))?;
-    if digest != m.base.digest {
-        return Err(Error::input(
-            format!(
-                "{}@{} was made from base `{}` ({}), but `{}` is {digest}",
-                m.name,
-                m.version,
-                m.base.id,
-                m.base.digest,
-                base.display()
-            ),
-            Some("apply an expert only to the base model it was made from"),
-        ));
-    }
+    check_base_digest(&ck, &m, base, home, printer)?;
     let (delta_of, new_tensors) = match_tensors(&ck, &m, base)?;
     let names: Vec<String> = ck.names().map(str::to_string).collect();
     let shards = plan_shards(&ck, &names, &m, &new_tensors, max_shard_bytes);
     let n_shards = shards.len();
-    let file_name = |k: usize| {
-        if n_shards == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{n_shards:05}.safetensors", k + 1)
-        }
-    };
     printer.status(
         "Applying",
         format!(
@@ -88,44 +67,16 @@ pub fn apply(
         ),
     );
     let pb = printer.progress(names.len() as u64, "Applying");
+    let sum = Sum {
+        ck: &ck,
+        reader: &reader,
+        expert,
+        delta_of: &delta_of,
+        new_tensors: &new_tensors,
+        tick: &|| pb.inc(1),
+    };
     let files = build_dir_atomic(out, |dir| {
-        let mut weight_map = BTreeMap::new();
-        let mut total = 0u64;
-        for (k, planned) in shards.iter().enumerate() {
-            let fname = file_name(k);
-            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-            write_safetensors(&dir.join(&fname), planned, Some(meta), |i| {
-                let t = &planned[i];
-                weight_map.insert(t.name.clone(), fname.clone());
-                if let Some(&idx) = new_tensors.get(&t.name) {
-                    let Input::Dense { values } = crate::input::load_input_at(&reader, idx)? else {
-                        return Err(Error::corrupt(
-                            expert,
-                            format!("new tensor `{}` is not dense", t.name),
-                        ));
-                    };
-                    total += 4 * values.len() as u64;
-                    return Ok(xpm_core::format::Dtype::F32.from_f32(&values));
-                }
-                let raw = ck.bytes(&t.name).expect("listed");
-                total += raw.len() as u64;
-                pb.inc(1);
-                match delta_of.get(t.name.as_str()) {
-                    None => Ok(raw.to_vec()),
-                    Some(&idx) => add_delta(&ck, &reader, &t.name, idx),
-                }
-            })?;
-        }
-        if n_shards > 1 {
-            let index = serde_json::json!({
-                "metadata": { "total_size": total },
-                "weight_map": weight_map,
-            });
-            xpm_core::fsutil::write_atomic(
-                &dir.join("model.safetensors.index.json"),
-                &serde_json::to_vec_pretty(&index).expect("index"),
-            )?;
-        }
+        sum.write_shards(dir, &shards)?;
         let copied = if base.is_dir() {
             copy_side_files(base, dir)?
         } else {
@@ -146,6 +97,107 @@ pub fn apply(
         shards: n_shards,
         files,
     })
+}
+
+/// The expert must have been made from this base: compare the base's digest with the one the
+/// manifest records.
+fn check_base_digest(
+    ck: &Checkpoint,
+    m: &xpm_core::format::Manifest,
+    base: &Path,
+    home: &XpmHome,
+    printer: &Printer,
+) -> Result<()> {
+    printer.status("Hashing", format!("base model `{}`", base.display()));
+    let digest = ck.digest(Some(&home.cache))?;
+    if digest != m.base.digest {
+        return Err(Error::input(
+            format!(
+                "{}@{} was made from base `{}` ({}), but `{}` is {digest}",
+                m.name,
+                m.version,
+                m.base.id,
+                m.base.digest,
+                base.display()
+            ),
+            Some("apply an expert only to the base model it was made from"),
+        ));
+    }
+    Ok(())
+}
+
+/// The base and the expert's tensors, matched: what each output tensor is made of.
+struct Sum<'a> {
+    ck: &'a Checkpoint,
+    reader: &'a ArtifactReader,
+    expert: &'a Path,
+    /// Base tensor name → index of its delta in the manifest.
+    delta_of: &'a BTreeMap<&'a str, usize>,
+    /// Added tensor name → its index in the manifest.
+    new_tensors: &'a BTreeMap<String, usize>,
+    /// Called once per base tensor written (the progress bar).
+    tick: &'a dyn Fn(),
+}
+
+impl Sum<'_> {
+    /// Write the planned shards into `dir` (`model.safetensors`, or numbered shards and their
+    /// index).
+    fn write_shards(&self, dir: &Path, shards: &[Vec<PlannedTensor>]) -> Result<()> {
+        let n_shards = shards.len();
+        let mut weight_map = BTreeMap::new();
+        let mut total = 0u64;
+        for (k, planned) in shards.iter().enumerate() {
+            let fname = shard_file_name(k, n_shards);
+            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+            write_safetensors(&dir.join(&fname), planned, Some(meta), |i| {
+                let t = &planned[i];
+                weight_map.insert(t.name.clone(), fname.clone());
+                self.tensor_bytes(&t.name, &mut total)
+            })?;
+        }
+        if n_shards > 1 {
+            let index = serde_json::json!({
+                "metadata": { "total_size": total },
+                "weight_map": weight_map,
+            });
+            xpm_core::fsutil::write_atomic(
+                &dir.join("model.safetensors.index.json"),
+                &serde_json::to_vec_pretty(&index).expect("index"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The output bytes of tensor `name`: an added tensor as f32, else the base tensor with its
+    /// delta added if it has one; `total` counts the bytes read.
+    fn tensor_bytes(&self, name: &str, total: &mut u64) -> Result<Vec<u8>> {
+        if let Some(&idx) = self.new_tensors.get(name) {
+            let Input::Dense { values } = crate::input::load_input_at(self.reader, idx)? else {
+                return Err(Error::corrupt(
+                    self.expert,
+                    format!("new tensor `{name}` is not dense"),
+                ));
+            };
+            *total += 4 * values.len() as u64;
+            return Ok(xpm_core::format::Dtype::F32.from_f32(&values));
+        }
+        let raw = self.ck.bytes(name).expect("listed");
+        *total += raw.len() as u64;
+        (self.tick)();
+        match self.delta_of.get(name) {
+            None => Ok(raw.to_vec()),
+            Some(&idx) => add_delta(self.ck, self.reader, name, idx),
+        }
+    }
+}
+
+/// The name of safetensors file `k` of `n_shards`, as Hugging Face names them.
+fn shard_file_name(k: usize, n_shards: usize) -> String {
+    if n_shards == 1 {
+        "model.safetensors".to_string()
+    } else {
+        format!("model-{:05}-of-{n_shards:05}.safetensors", k + 1)
+    }
 }
 
 /// Which base tensor each expert tensor changes (index into the manifest), and the tensors it

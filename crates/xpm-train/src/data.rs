@@ -67,58 +67,8 @@ impl Dataset {
             if line.trim().is_empty() {
                 continue;
             }
-            let bad = |msg: String| {
-                Error::input(
-                    format!("{}:{line_no}: {msg}", path.display()),
-                    Some(
-                        "each line must be {\"text\": …, \"label\": …} or \
-                         {\"prompt\": …, \"completion\": …}",
-                    ),
-                )
-            };
-            let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-            let obj = v
-                .as_object()
-                .ok_or_else(|| bad("expected a JSON object".into()))?;
-            let string = |key: &str| -> Result<String> {
-                match obj.get(key) {
-                    Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                    Some(other) => Err(bad(format!("`{key}` must be a string, not {other}"))),
-                    None => Err(bad(format!("missing `{key}`"))),
-                }
-            };
-            let (t, ex) = if obj.contains_key("text") || obj.contains_key("label") {
-                let label = match obj.get("label") {
-                    Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
-                    Some(serde_json::Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
-                    Some(other) => {
-                        return Err(bad(format!(
-                            "`label` must be a non-empty string or an integer, not {other}"
-                        )));
-                    }
-                    None => return Err(bad("missing `label`".into())),
-                };
-                (
-                    Task::Classification,
-                    Example::Class {
-                        text: string("text")?,
-                        label,
-                    },
-                )
-            } else if obj.contains_key("prompt") || obj.contains_key("completion") {
-                (
-                    Task::CausalLm,
-                    Example::Causal {
-                        prompt: string("prompt")?,
-                        completion: string("completion")?,
-                    },
-                )
-            } else {
-                return Err(bad(
-                    "has neither `text`/`label` nor `prompt`/`completion`".into()
-                ));
-            };
+            let bad = |msg: String| line_error(path, line_no, msg);
+            let (t, ex) = parse_line(path, line_no, line)?;
             match task {
                 None => task = Some(t),
                 Some(prev) if prev != t => {
@@ -179,6 +129,65 @@ impl Dataset {
             }
         }
         Ok(())
+    }
+}
+
+/// An error at line `line_no` of the data file `path`.
+fn line_error(path: &Path, line_no: usize, msg: String) -> Error {
+    Error::input(
+        format!("{}:{line_no}: {msg}", path.display()),
+        Some(
+            "each line must be {\"text\": …, \"label\": …} or \
+             {\"prompt\": …, \"completion\": …}",
+        ),
+    )
+}
+
+/// Line `line_no` (not empty) of the data file `path`: its task and example.
+fn parse_line(path: &Path, line_no: usize, line: &str) -> Result<(Task, Example)> {
+    let bad = |msg: String| line_error(path, line_no, msg);
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("expected a JSON object".into()))?;
+    let string = |key: &str| -> Result<String> {
+        match obj.get(key) {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(bad(format!("`{key}` must be a string, not {other}"))),
+            None => Err(bad(format!("missing `{key}`"))),
+        }
+    };
+    if obj.contains_key("text") || obj.contains_key("label") {
+        let label = match obj.get("label") {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(serde_json::Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+            Some(other) => {
+                return Err(bad(format!(
+                    "`label` must be a non-empty string or an integer, not {other}"
+                )));
+            }
+            None => return Err(bad("missing `label`".into())),
+        };
+        Ok((
+            Task::Classification,
+            Example::Class {
+                text: string("text")?,
+                label,
+            },
+        ))
+    } else if obj.contains_key("prompt") || obj.contains_key("completion") {
+        Ok((
+            Task::CausalLm,
+            Example::Causal {
+                prompt: string("prompt")?,
+                completion: string("completion")?,
+            },
+        ))
+    } else {
+        Err(bad(
+            "has neither `text`/`label` nor `prompt`/`completion`".into()
+        ))
     }
 }
 

@@ -57,43 +57,9 @@ pub fn eval(opts: &EvalOptions, home: &XpmHome, printer: &Printer) -> Result<Eva
         Some(p) => Some(ArtifactReader::open(p)?),
         None => None,
     };
-    let training = head_src
-        .as_ref()
-        .and_then(|r| r.manifest().training.clone());
-    let labels: Vec<String> = training
-        .as_ref()
-        .and_then(|t| t.extra.get("labels"))
-        .and_then(|l| serde_json::from_value(l.clone()).ok())
-        .unwrap_or_default();
-    let max_len = opts.max_seq_len.unwrap_or_else(|| {
-        training
-            .as_ref()
-            .and_then(|t| t.hyperparameters.get("max_seq_len"))
-            .and_then(|v| v.as_u64())
-            .unwrap_or(128) as usize
-    });
-    let delta = opts.merged.as_ref().or(opts.expert.as_ref());
-    let tmp;
-    let model_dir = match delta {
-        Some(expert) => {
-            std::fs::create_dir_all(&home.root).map_err(|e| Error::io("create", &home.root, e))?;
-            tmp = tempfile::Builder::new()
-                .prefix(".xpm-eval-")
-                .tempdir_in(&home.root)
-                .map_err(|e| Error::io("create a temporary directory in", &home.root, e))?;
-            let out = tmp.path().join("model");
-            xpm_merge::apply::apply(
-                &base_dir,
-                expert,
-                &out,
-                xpm_merge::apply::DEFAULT_MAX_SHARD_BYTES,
-                home,
-                printer,
-            )?;
-            out
-        }
-        None => base_dir.clone(),
-    };
+    let (labels, max_len) = training_settings(head_src.as_ref(), opts.max_seq_len);
+    // The temporary directory lives until the evaluation is done.
+    let (model_dir, _tmp) = model_to_evaluate(opts, base_dir, home, printer)?;
     let md = ModelDir::open(&model_dir)?;
     let task = md.arch.task();
     if data.task != task {
@@ -109,47 +75,7 @@ pub fn eval(opts: &EvalOptions, home: &XpmHome, printer: &Printer) -> Result<Eva
     }
     let dev = model::device(opts.device)?;
     let head = if task == Task::Classification {
-        let Some(r) = &head_src else {
-            return Err(Error::input(
-                "classification needs the task's expert for its head and label set",
-                Some("pass `--expert TASK.xpm` (with `--merged M.xpm` to evaluate a merge)"),
-            ));
-        };
-        if labels.is_empty() {
-            return Err(Error::input(
-                format!(
-                    "`{}` records no label set: it was not trained by `xpm train`",
-                    r.path().display()
-                ),
-                None,
-            ));
-        }
-        let mut parts = Vec::new();
-        for name in ["classifier.weight", "classifier.bias"] {
-            let i = r
-                .manifest()
-                .tensors
-                .iter()
-                .position(|t| t.name == name && t.new)
-                .ok_or_else(|| {
-                    Error::input(
-                        format!("`{}` has no head tensor `{name}`", r.path().display()),
-                        Some("train a classification expert with `xpm train`"),
-                    )
-                })?;
-            let Input::Dense { values } = xpm_merge::input::load_input_at(r, i)? else {
-                return Err(Error::corrupt(r.path(), format!("`{name}` is not dense")));
-            };
-            let shape: Vec<usize> = r.manifest().tensors[i]
-                .shape
-                .iter()
-                .map(|&d| d as usize)
-                .collect();
-            parts.push(Tensor::from_vec(values, shape, &dev).map_err(ce("head"))?);
-        }
-        let b = parts.pop().expect("two");
-        let w = parts.pop().expect("two");
-        Some((w, b))
+        Some(classification_head(head_src.as_ref(), &labels, &dev)?)
     } else {
         None
     };
@@ -179,4 +105,105 @@ pub fn eval(opts: &EvalOptions, home: &XpmHome, printer: &Printer) -> Result<Eva
         task,
         metrics,
     })
+}
+
+/// The label set the task's expert was trained with (empty without one), and the sequence
+/// length to evaluate at: `max_seq_len`, else the expert's training one, else 128.
+fn training_settings(
+    head_src: Option<&ArtifactReader>,
+    max_seq_len: Option<usize>,
+) -> (Vec<String>, usize) {
+    let training = head_src.and_then(|r| r.manifest().training.clone());
+    let labels: Vec<String> = training
+        .as_ref()
+        .and_then(|t| t.extra.get("labels"))
+        .and_then(|l| serde_json::from_value(l.clone()).ok())
+        .unwrap_or_default();
+    let max_len = max_seq_len.unwrap_or_else(|| {
+        training
+            .as_ref()
+            .and_then(|t| t.hyperparameters.get("max_seq_len"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(128) as usize
+    });
+    (labels, max_len)
+}
+
+/// The model directory to evaluate: the base with the merged expert's (else the expert's) delta
+/// applied, in a temporary directory under `$XPM_HOME` (returned too: it is deleted when
+/// dropped); the base itself without either.
+fn model_to_evaluate(
+    opts: &EvalOptions,
+    base_dir: PathBuf,
+    home: &XpmHome,
+    printer: &Printer,
+) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    let Some(expert) = opts.merged.as_ref().or(opts.expert.as_ref()) else {
+        return Ok((base_dir, None));
+    };
+    std::fs::create_dir_all(&home.root).map_err(|e| Error::io("create", &home.root, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".xpm-eval-")
+        .tempdir_in(&home.root)
+        .map_err(|e| Error::io("create a temporary directory in", &home.root, e))?;
+    let out = tmp.path().join("model");
+    xpm_merge::apply::apply(
+        &base_dir,
+        expert,
+        &out,
+        xpm_merge::apply::DEFAULT_MAX_SHARD_BYTES,
+        home,
+        printer,
+    )?;
+    Ok((out, Some(tmp)))
+}
+
+/// The classification head (weight, bias) stored in the task's expert `head_src`, which must
+/// record its label set.
+fn classification_head(
+    head_src: Option<&ArtifactReader>,
+    labels: &[String],
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let Some(r) = head_src else {
+        return Err(Error::input(
+            "classification needs the task's expert for its head and label set",
+            Some("pass `--expert TASK.xpm` (with `--merged M.xpm` to evaluate a merge)"),
+        ));
+    };
+    if labels.is_empty() {
+        return Err(Error::input(
+            format!(
+                "`{}` records no label set: it was not trained by `xpm train`",
+                r.path().display()
+            ),
+            None,
+        ));
+    }
+    let mut parts = Vec::new();
+    for name in ["classifier.weight", "classifier.bias"] {
+        let i = r
+            .manifest()
+            .tensors
+            .iter()
+            .position(|t| t.name == name && t.new)
+            .ok_or_else(|| {
+                Error::input(
+                    format!("`{}` has no head tensor `{name}`", r.path().display()),
+                    Some("train a classification expert with `xpm train`"),
+                )
+            })?;
+        let Input::Dense { values } = xpm_merge::input::load_input_at(r, i)? else {
+            return Err(Error::corrupt(r.path(), format!("`{name}` is not dense")));
+        };
+        let shape: Vec<usize> = r.manifest().tensors[i]
+            .shape
+            .iter()
+            .map(|&d| d as usize)
+            .collect();
+        parts.push(Tensor::from_vec(values, shape, dev).map_err(ce("head"))?);
+    }
+    let b = parts.pop().expect("two");
+    let w = parts.pop().expect("two");
+    Ok((w, b))
 }

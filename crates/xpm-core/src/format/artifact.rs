@@ -776,6 +776,9 @@ impl ArtifactReader {
     }
 }
 
+/// One compressed frame of the payload: (offset, size, raw size, what it holds).
+type FrameSpan = (u64, u64, u64, String);
+
 /// Structural checks of an artifact manifest against itself; the error is the detail.
 fn check_manifest(m: &Manifest, payload: &Payload) -> std::result::Result<(), String> {
     if payload.compression != "zstd" {
@@ -784,7 +787,7 @@ fn check_manifest(m: &Manifest, payload: &Payload) -> std::result::Result<(), St
             payload.compression
         ));
     }
-    let mut frames: Vec<(u64, u64, u64, String)> = vec![(
+    let mut frames: Vec<FrameSpan> = vec![(
         payload.header.offset,
         payload.header.size,
         payload.header.raw_size,
@@ -802,88 +805,7 @@ fn check_manifest(m: &Manifest, payload: &Payload) -> std::result::Result<(), St
         if name.is_empty() || !names.insert(name.as_str()) {
             return Err(format!("tensor name `{name}` is empty or repeated"));
         }
-        let n = super::mask::checked_numel(&t.shape).ok_or_else(|| {
-            format!(
-                "tensor `{name}`: shape {:?} has more than {} elements",
-                t.shape,
-                super::mask::MAX_NUMEL
-            )
-        })?;
-        let es = t.dtype.size() as u64;
-        let roles: Vec<PartRole> = t.stored.iter().map(|p| p.role).collect();
-        let expect = |want: &[PartRole]| {
-            if roles == want {
-                Ok(())
-            } else {
-                Err(format!(
-                    "tensor `{name}`: stored parts {roles:?}, expected {want:?}"
-                ))
-            }
-        };
-        let raw = |i: usize| t.stored[i].raw_size;
-        match &t.delta {
-            Delta::Sparse {
-                nnz,
-                density,
-                encoding,
-                ..
-            } => {
-                expect(&[PartRole::Mask, PartRole::Values])?;
-                if *nnz > n {
-                    return Err(format!("tensor `{name}`: {nnz} entries in {n} elements"));
-                }
-                if (density - super::tensor::density(*nnz, n)).abs() > 1e-9 {
-                    return Err(format!(
-                        "tensor `{name}`: density {density} does not match nnz {nnz} of {n}"
-                    ));
-                }
-                let encoding = encoding
-                    .ok_or_else(|| format!("tensor `{name}`: no mask encoding recorded"))?;
-                let mask_max = match encoding {
-                    MaskEncoding::Full => 0,
-                    _ => n.div_ceil(8) + 16,
-                };
-                if raw(0) > mask_max {
-                    return Err(format!(
-                        "tensor `{name}`: mask declares {} bytes, at most {mask_max} possible",
-                        raw(0)
-                    ));
-                }
-                if raw(1) != nnz * es {
-                    return Err(format!(
-                        "tensor `{name}`: values declare {} bytes, {nnz} {} values are {}",
-                        raw(1),
-                        t.dtype,
-                        nnz * es
-                    ));
-                }
-            }
-            Delta::Lora { rank, .. } => {
-                expect(&[PartRole::LoraA, PartRole::LoraB])?;
-                let [out, inp] = t.shape[..] else {
-                    return Err(format!("tensor `{name}`: LoRA needs a 2-D shape"));
-                };
-                let r = *rank as u64;
-                let size = |a: u64, b: u64| a.checked_mul(b).and_then(|v| v.checked_mul(es));
-                if Some(raw(0)) != size(r, inp) || Some(raw(1)) != size(out, r) {
-                    return Err(format!(
-                        "tensor `{name}`: LoRA factor sizes do not match rank {r}"
-                    ));
-                }
-            }
-            Delta::Dense => {
-                expect(&[PartRole::Delta])?;
-                if raw(0) != n * es {
-                    return Err(format!(
-                        "tensor `{name}`: delta declares {} bytes, shape {:?} of {} is {}",
-                        raw(0),
-                        t.shape,
-                        t.dtype,
-                        n * es
-                    ));
-                }
-            }
-        }
+        check_tensor_entry(t)?;
         for p in &t.stored {
             frames.push((
                 p.offset,
@@ -893,6 +815,101 @@ fn check_manifest(m: &Manifest, payload: &Payload) -> std::result::Result<(), St
             ));
         }
     }
+    check_frames(frames, payload)
+}
+
+/// A tensor entry's shape, and its stored parts against its delta: the parts its kind needs, in
+/// order, with the raw sizes its shape, dtype and entry count (or rank) imply.
+fn check_tensor_entry(t: &TensorEntry) -> std::result::Result<(), String> {
+    let name = &t.name;
+    let n = super::mask::checked_numel(&t.shape).ok_or_else(|| {
+        format!(
+            "tensor `{name}`: shape {:?} has more than {} elements",
+            t.shape,
+            super::mask::MAX_NUMEL
+        )
+    })?;
+    let es = t.dtype.size() as u64;
+    let roles: Vec<PartRole> = t.stored.iter().map(|p| p.role).collect();
+    let expect = |want: &[PartRole]| {
+        if roles == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "tensor `{name}`: stored parts {roles:?}, expected {want:?}"
+            ))
+        }
+    };
+    let raw = |i: usize| t.stored[i].raw_size;
+    match &t.delta {
+        Delta::Sparse {
+            nnz,
+            density,
+            encoding,
+            ..
+        } => {
+            expect(&[PartRole::Mask, PartRole::Values])?;
+            if *nnz > n {
+                return Err(format!("tensor `{name}`: {nnz} entries in {n} elements"));
+            }
+            if (density - super::tensor::density(*nnz, n)).abs() > 1e-9 {
+                return Err(format!(
+                    "tensor `{name}`: density {density} does not match nnz {nnz} of {n}"
+                ));
+            }
+            let encoding =
+                encoding.ok_or_else(|| format!("tensor `{name}`: no mask encoding recorded"))?;
+            let mask_max = match encoding {
+                MaskEncoding::Full => 0,
+                _ => n.div_ceil(8) + 16,
+            };
+            if raw(0) > mask_max {
+                return Err(format!(
+                    "tensor `{name}`: mask declares {} bytes, at most {mask_max} possible",
+                    raw(0)
+                ));
+            }
+            if raw(1) != nnz * es {
+                return Err(format!(
+                    "tensor `{name}`: values declare {} bytes, {nnz} {} values are {}",
+                    raw(1),
+                    t.dtype,
+                    nnz * es
+                ));
+            }
+        }
+        Delta::Lora { rank, .. } => {
+            expect(&[PartRole::LoraA, PartRole::LoraB])?;
+            let [out, inp] = t.shape[..] else {
+                return Err(format!("tensor `{name}`: LoRA needs a 2-D shape"));
+            };
+            let r = *rank as u64;
+            let size = |a: u64, b: u64| a.checked_mul(b).and_then(|v| v.checked_mul(es));
+            if Some(raw(0)) != size(r, inp) || Some(raw(1)) != size(out, r) {
+                return Err(format!(
+                    "tensor `{name}`: LoRA factor sizes do not match rank {r}"
+                ));
+            }
+        }
+        Delta::Dense => {
+            expect(&[PartRole::Delta])?;
+            if raw(0) != n * es {
+                return Err(format!(
+                    "tensor `{name}`: delta declares {} bytes, shape {:?} of {} is {}",
+                    raw(0),
+                    t.shape,
+                    t.dtype,
+                    n * es
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The frames, in offset order, tile the payload exactly, none can be a decompression bomb, and
+/// their raw sizes add up to the payload's.
+fn check_frames(mut frames: Vec<FrameSpan>, payload: &Payload) -> std::result::Result<(), String> {
     frames.sort_by_key(|f| f.0);
     let mut at = 0u64;
     let mut raw_total = 0u64;
