@@ -34,7 +34,7 @@ pub struct Record {
     pub method: String,
     /// `head` (base + head only), `single` (the task's own expert), `merged` (a merge that
     /// includes the task) or `heldout` (a merge evaluated on the held-out task).
-    pub setting: String,
+    pub setting: Setting,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
     /// Number of tasks merged.
@@ -43,6 +43,23 @@ pub struct Record {
     pub accuracy: f64,
     pub macro_f1: f64,
     pub examples: usize,
+}
+
+/// Where an accuracy was measured (see [`Record::setting`]); serialized as the lowercase name,
+/// the strings result files held when this was a `String`. The variants carry plain comments:
+/// doc comments would turn the schema's string enum into a `oneOf`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[schemars(inline)]
+pub enum Setting {
+    // Base + head only.
+    Head,
+    // The task's own expert.
+    Single,
+    // A merge that includes the task.
+    Merged,
+    // A merge evaluated on the held-out task.
+    Heldout,
 }
 
 /// Mask overlap between the sparse experts of one (method, seed) merge of all tasks.
@@ -438,7 +455,7 @@ impl<'a> Experiment<'a> {
             seed: at.seed,
             task: at.task.into(),
             method: at.method.into(),
-            setting: at.setting.into(),
+            setting: at.setting,
             strategy: at.strategy.map(String::from),
             merged_tasks: at.k,
             accuracy: metric(&v, "accuracy", key)?,
@@ -465,7 +482,7 @@ impl<'a> Experiment<'a> {
                 None,
             )?;
             let a = self.eval_args(&file, None, &task);
-            let at = RecordAt::new(seed, &task, "head", "head");
+            let at = RecordAt::new(seed, &task, "head", Setting::Head);
             self.eval(
                 &format!("eval/{name}"),
                 &format!("evaluate base + head on {task}"),
@@ -498,7 +515,7 @@ impl<'a> Experiment<'a> {
                 None,
             )?;
             let a = self.eval_args(&file, None, &task);
-            let at = RecordAt::new(seed, &task, &m.name, "single");
+            let at = RecordAt::new(seed, &task, &m.name, Setting::Single);
             self.eval(
                 &format!("eval/{name}"),
                 &format!("evaluate {name} on {task}"),
@@ -614,7 +631,7 @@ impl<'a> Experiment<'a> {
                 )?;
                 for (task, _, file) in &files[..k] {
                     let a = self.eval_args(file, Some(&mfile), task);
-                    let at = RecordAt::new(seed, task, &m.name, "merged").merge(st, k);
+                    let at = RecordAt::new(seed, task, &m.name, Setting::Merged).merge(st, k);
                     self.eval(
                         &format!("eval/{mname}/{task}"),
                         &format!("evaluate {mname} on {task}"),
@@ -624,7 +641,7 @@ impl<'a> Experiment<'a> {
                 }
                 if let (true, Some(h)) = (k == n_tasks, self.cfg.heldout.clone()) {
                     let a = self.eval_args(&heads[&h.name], Some(&mfile), &h.name);
-                    let at = RecordAt::new(seed, &h.name, &m.name, "heldout").merge(st, k);
+                    let at = RecordAt::new(seed, &h.name, &m.name, Setting::Heldout).merge(st, k);
                     self.eval(
                         &format!("eval/{mname}/{}", h.name),
                         &format!("evaluate {mname} on held-out {}", h.name),
@@ -654,13 +671,13 @@ struct RecordAt<'s> {
     seed: u64,
     task: &'s str,
     method: &'s str,
-    setting: &'s str,
+    setting: Setting,
     strategy: Option<&'s str>,
     k: Option<usize>,
 }
 
 impl<'s> RecordAt<'s> {
-    fn new(seed: u64, task: &'s str, method: &'s str, setting: &'s str) -> Self {
+    fn new(seed: u64, task: &'s str, method: &'s str, setting: Setting) -> Self {
         RecordAt {
             seed,
             task,

@@ -4,9 +4,11 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
-use super::{OverlapRecord, Record, Results};
+use super::{OverlapRecord, Record, Results, Setting};
 use crate::error::{Error, IoResultExt, Result};
 use crate::printer::Printer;
 
@@ -121,7 +123,7 @@ impl<'a> View<'a> {
         &self,
         task: &str,
         method: &str,
-        setting: &str,
+        setting: Setting,
         strategy: Option<&str>,
         k: Option<usize>,
     ) -> BTreeMap<u64, f64> {
@@ -139,9 +141,9 @@ impl<'a> View<'a> {
 
     fn single(&self, task: &str, method: &str) -> BTreeMap<u64, f64> {
         if method == "head" {
-            self.per_seed(task, "head", "head", None, None)
+            self.per_seed(task, "head", Setting::Head, None, None)
         } else {
-            self.per_seed(task, method, "single", None, None)
+            self.per_seed(task, method, Setting::Single, None, None)
         }
     }
 
@@ -154,7 +156,7 @@ impl<'a> View<'a> {
             let mut n = Vec::new();
             for t in &self.tasks[..k.min(self.tasks.len())] {
                 let m = self
-                    .per_seed(t, method, "merged", Some(strategy), Some(k))
+                    .per_seed(t, method, Setting::Merged, Some(strategy), Some(k))
                     .get(&seed)
                     .copied();
                 let s = self.single(t, method).get(&seed).copied();
@@ -298,7 +300,13 @@ fn write_merged(w: &mut String, v: &View<'_>) {
                 let _ = write!(
                     w,
                     " {} |",
-                    pct(&vals(&v.per_seed(t, &m.name, "merged", Some(st), Some(n))))
+                    pct(&vals(&v.per_seed(
+                        t,
+                        &m.name,
+                        Setting::Merged,
+                        Some(st),
+                        Some(n)
+                    )))
                 );
             }
             let (abs, norm) = v.merged_means(&m.name, st, n);
@@ -358,7 +366,7 @@ fn write_heldout(w: &mut String, v: &View<'_>) {
     let _ = writeln!(w, "| base + head only | {} | – |", pct(&base));
     for m in &v.r.config.methods {
         for st in &m.strategies {
-            let acc = v.per_seed(&h.name, &m.name, "heldout", Some(st), Some(n));
+            let acc = v.per_seed(&h.name, &m.name, Setting::Heldout, Some(st), Some(n));
             let delta: Vec<f64> = acc
                 .iter()
                 .filter_map(|(s, a)| v.single(&h.name, "head").get(s).map(|b| a - b))
@@ -430,7 +438,7 @@ fn jaccard_and_drop(
         for (t, j) in o.tasks.iter().zip(&o.mean_jaccard) {
             let single = v.single(t, method).get(&o.seed).copied();
             let merged = v
-                .per_seed(t, method, "merged", Some(strategy), Some(n))
+                .per_seed(t, method, Setting::Merged, Some(strategy), Some(n))
                 .get(&o.seed)
                 .copied();
             if let (Some(s), Some(mg)) = (single, merged) {
@@ -585,7 +593,7 @@ fn single_means(v: &View<'_>, method: &str) -> (Vec<f64>, Vec<f64>) {
 
 /// One panel: absolute accuracy, or merged / single when `normalized`.
 fn draw_panel(
-    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
     normalized: bool,
     series: &[Series],
     kmax: f64,
@@ -627,38 +635,7 @@ fn draw_panel(
         .draw()
         .map_err(plot_err(png))?;
     for (i, (label, pts)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let xy: Vec<(f64, f64, f64)> = pts
-            .iter()
-            .map(|&(k, am, as_, nm, ns)| {
-                if normalized {
-                    (k, nm, ns)
-                } else {
-                    (k, am, as_)
-                }
-            })
-            .collect();
-        chart
-            .draw_series(LineSeries::new(
-                xy.iter().map(|&(x, y, _)| (x, y)),
-                color.stroke_width(2),
-            ))
-            .map_err(plot_err(png))?
-            .label(label.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(
-                xy.iter()
-                    .map(|&(x, y, _)| Circle::new((x, y), 4, color.filled())),
-            )
-            .map_err(plot_err(png))?;
-        chart
-            .draw_series(xy.iter().filter(|p| p.2 > 0.0).map(|&(x, y, s)| {
-                ErrorBar::new_vertical(x, y - s, y, y + s, color.stroke_width(1), 8)
-            }))
-            .map_err(plot_err(png))?;
+        draw_series(&mut chart, i, label, pts, normalized, png)?;
     }
     chart
         .configure_series_labels()
@@ -667,6 +644,50 @@ fn draw_panel(
         .label_font(("sans-serif", 14))
         .position(SeriesLabelPosition::LowerLeft)
         .draw()
+        .map_err(plot_err(png))?;
+    Ok(())
+}
+
+/// Series `i` of a panel: a line with its legend entry, points and error bars.
+fn draw_series(
+    chart: &mut ChartContext<'_, BitMapBackend<'_>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    i: usize,
+    label: &str,
+    pts: &[(f64, f64, f64, f64, f64)],
+    normalized: bool,
+    png: &Path,
+) -> Result<()> {
+    let color = Palette99::pick(i).to_rgba();
+    let xy: Vec<(f64, f64, f64)> = pts
+        .iter()
+        .map(|&(k, am, as_, nm, ns)| {
+            if normalized {
+                (k, nm, ns)
+            } else {
+                (k, am, as_)
+            }
+        })
+        .collect();
+    chart
+        .draw_series(LineSeries::new(
+            xy.iter().map(|&(x, y, _)| (x, y)),
+            color.stroke_width(2),
+        ))
+        .map_err(plot_err(png))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    chart
+        .draw_series(
+            xy.iter()
+                .map(|&(x, y, _)| Circle::new((x, y), 4, color.filled())),
+        )
+        .map_err(plot_err(png))?;
+    chart
+        .draw_series(
+            xy.iter().filter(|p| p.2 > 0.0).map(|&(x, y, s)| {
+                ErrorBar::new_vertical(x, y - s, y, y + s, color.stroke_width(1), 8)
+            }),
+        )
         .map_err(plot_err(png))?;
     Ok(())
 }
@@ -684,5 +705,21 @@ mod tests {
         assert!(pearson(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_nan());
         assert_eq!(pct(&[0.5]), "50.0");
         assert_eq!(pct(&[0.5, 0.7]), "60.0 ± 14.1");
+    }
+
+    #[test]
+    fn settings_keep_their_strings() {
+        // Result files written when `setting` was a string must read back the same.
+        for (s, text) in [
+            (Setting::Head, "head"),
+            (Setting::Single, "single"),
+            (Setting::Merged, "merged"),
+            (Setting::Heldout, "heldout"),
+        ] {
+            let json = format!("\"{text}\"");
+            assert_eq!(serde_json::to_string(&s).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Setting>(&json).unwrap(), s);
+        }
+        assert!(serde_json::from_str::<Setting>("\"held-out\"").is_err());
     }
 }
