@@ -189,6 +189,29 @@ fn apply_to_writes_base_plus_delta_exactly_as_a_sharded_model() {
         "{:?}",
         ctx.temp_leftovers()
     );
+    // `--json` prints what was written (the same counts as the result line).
+    let o = ctx
+        .xpm()
+        .args(["apply", "merged.xpm", "--base", "base", "--out", "model3"])
+        .args(["--max-shard-size", "4KB", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["out"], "model3");
+    assert_eq!(r["changed"].as_u64().unwrap() as usize, deltas.len());
+    assert_eq!(
+        r["changed"].as_u64().unwrap() + r["copied"].as_u64().unwrap(),
+        base.len() as u64
+    );
+    assert!(r["shards"].as_u64().unwrap() > 1);
+    assert!(
+        r["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "config.json")
+    );
     // Python's safetensors loads it like the base, with the same values.
     python_check(&ctx);
 }

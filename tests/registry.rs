@@ -518,12 +518,16 @@ fn yank_project_lock_and_locked_installs() {
         .failure()
         .stderr(predicate::str::contains("out of date").and(predicate::str::contains("beta")));
     assert_eq!(std::fs::read(ctx.path("xpm.lock")).unwrap(), lock_before);
-    // Un-yank.
-    ctx.xpm()
-        .args(["yank", "alpha@1.1.0", "--undo", "--token", TOKEN])
-        .assert()
-        .success();
+    // Un-yank; `--json` prints the recorded index line.
+    let o = ctx
+        .xpm()
+        .args(["yank", "alpha@1.1.0", "--undo", "--token", TOKEN, "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(srv.index_lines("al/ph/alpha")[1]["yanked"], false);
+    assert_eq!(printed, srv.index_lines("al/ph/alpha")[1]);
     ctx.xpm()
         .args(["yank", "alpha@9.9.9", "--token", TOKEN])
         .assert()

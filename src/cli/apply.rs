@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 use super::Context;
+use super::output::OutputArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -15,6 +16,8 @@ pub struct Args {
     /// Largest safetensors file before sharding, e.g. `5GB`, `500MB`
     #[arg(long, default_value = "5GB", value_name = "SIZE", value_parser = super::size_arg)]
     max_shard_size: u64,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
@@ -27,13 +30,14 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         &ctx.home,
         &ctx.printer,
     )?;
-    ctx.printer.out(format!(
-        "wrote {}: {} tensors changed, {} copied, {} safetensors file(s), {} other file(s)",
-        r.out.display(),
-        r.changed,
-        r.copied,
-        r.shards,
-        r.files.len()
-    ));
-    Ok(())
+    a.output.format().print(&ctx.printer, &r, |r| {
+        ctx.printer.out(format!(
+            "wrote {}: {} tensors changed, {} copied, {} safetensors file(s), {} other file(s)",
+            r.out.display(),
+            r.changed,
+            r.copied,
+            r.shards,
+            r.files.len()
+        ))
+    })
 }

@@ -1,7 +1,9 @@
 use super::Context;
+use super::output::{self, OutputArgs};
 use super::registry_args::RegistryArgs;
 
 #[derive(Debug, clap::Args)]
+#[command(mut_arg("json", output::help("Print the recorded index line as JSON")))]
 pub struct Args {
     /// The version to yank, as NAME@VERSION
     spec: String,
@@ -10,6 +12,8 @@ pub struct Args {
     undo: bool,
     #[command(flatten)]
     registry: RegistryArgs,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
@@ -22,7 +26,8 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         &a.registry.client(&ctx.printer),
         &ctx.printer,
     )?;
-    let verb = if line.yanked { "Yanked" } else { "Unyanked" };
-    ctx.printer.status(verb, line.id());
-    Ok(())
+    a.output.format().print_line(&ctx.printer, &line, |line| {
+        let verb = if line.yanked { "Yanked" } else { "Unyanked" };
+        ctx.printer.status(verb, line.id())
+    })
 }
