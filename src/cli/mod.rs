@@ -15,7 +15,9 @@ mod data;
 mod demo;
 mod eval;
 mod experiment;
+mod export;
 mod extract;
+mod import;
 mod init;
 mod inspect;
 mod install;
@@ -60,6 +62,10 @@ pub enum Command {
     Experiment(experiment::Args),
     /// Build a sparse (or dense) expert from a base and a fine-tuned checkpoint
     Extract(Box<extract::Args>),
+    /// Import a PEFT adapter or mttl experts as xpm experts
+    Import(import::Args),
+    /// Export an expert as a PEFT adapter directory (exact when merged)
+    Export(Box<export::Args>),
     /// Pack an unpacked expert directory into a `.xpm` artifact
     Pack(pack::Args),
     /// Unpack a `.xpm` artifact into `manifest.json` + `tensors.safetensors`
@@ -159,6 +165,8 @@ pub fn main() -> ExitCode {
         Command::Data(a) => data::exec(a, &ctx),
         Command::Experiment(a) => experiment::exec(a, &ctx),
         Command::Extract(a) => extract::exec(*a, &ctx),
+        Command::Import(a) => import::exec(a, &ctx),
+        Command::Export(a) => export::exec(*a, &ctx),
         Command::Pack(a) => pack::exec(a, &ctx),
         Command::Unpack(a) => unpack::exec(a, &ctx),
         Command::Inspect(a) => inspect::exec(a, &ctx),

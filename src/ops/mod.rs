@@ -7,6 +7,7 @@ pub mod extract;
 pub mod init;
 pub mod inspect;
 pub mod install;
+pub mod interop;
 pub mod list;
 pub mod merge;
 pub mod overlap;

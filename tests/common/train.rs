@@ -130,7 +130,7 @@ pub fn assets() -> Option<PathBuf> {
 /// A minimal local stand-in for the Hugging Face Hub's model API (`/api/models/…/revision/…`)
 /// and file downloads (`/…/resolve/REV/FILE` with Range requests, `ETag` and `X-Repo-Commit`
 /// headers), serving the files of one model directory. Large files get their sha256 as ETag, as
-/// LFS files do on the hub. With `corrupt`, `model.safetensors` is served with a flipped byte
+/// LFS files do on the hub. With `corrupt`, every `.safetensors` file is served with a flipped byte
 /// under its true ETag.
 pub struct HubMock {
     pub url: String,
@@ -154,7 +154,7 @@ impl HubMock {
                 hex::encode(&Sha256::digest(&bytes)[..20]) // a git-blob-like id
             };
             let mut served = bytes.clone();
-            if corrupt && name == "model.safetensors" {
+            if corrupt && name.ends_with(".safetensors") {
                 let k = served.len() - 1;
                 served[k] ^= 1;
             }

@@ -137,38 +137,77 @@ pub fn resolve_base_with(
     }
 }
 
-/// Download (or find in the cache) the files a model directory needs; returns the snapshot
-/// directory.
-pub fn download(spec: &HubSpec, hub: &HubConfig, printer: &Printer) -> Result<PathBuf> {
+/// A Hub repository opened at a revision, with its file list.
+struct OpenRepo {
+    repo: hf_hub::api::sync::ApiRepo,
+    files: Vec<String>,
+    endpoint: String,
+}
+
+fn hub_error(endpoint: &str, what: String) -> impl Fn(hf_hub::api::sync::ApiError) -> Error {
+    let endpoint = endpoint.to_string();
+    move |e| {
+        Error::input(
+            format!("{what} from {endpoint}: {e}"),
+            Some(
+                "check the repository id and revision, your network, HF_TOKEN for gated \
+                 repositories, or HF_ENDPOINT for a mirror; or pass a local directory",
+            ),
+        )
+    }
+}
+
+fn open_repo(spec: &HubSpec, hub: &HubConfig, printer: &Printer) -> Result<OpenRepo> {
     use hf_hub::{Repo, RepoType};
     let endpoint = hub.endpoint.clone();
-    let herr = |what: String| {
-        let endpoint = endpoint.clone();
-        move |e: hf_hub::api::sync::ApiError| {
-            Error::input(
-                format!("{what} from {endpoint}: {e}"),
-                Some(
-                    "check the model id and revision, your network, HF_TOKEN for gated models, \
-                     or HF_ENDPOINT for a mirror; or pass a local model directory",
-                ),
-            )
-        }
-    };
     let api = hub
         .api(printer.shows_progress())
         .build()
-        .map_err(herr("cannot set up the Hugging Face client".into()))?;
+        .map_err(hub_error(
+            &endpoint,
+            "cannot set up the Hugging Face client".into(),
+        ))?;
     let repo = api.repo(Repo::with_revision(
         spec.repo.clone(),
         RepoType::Model,
         spec.revision.clone(),
     ));
     printer.status("Resolving", format!("hf:{}@{}", spec.repo, spec.revision));
-    let info = repo.info().map_err(herr(format!(
-        "cannot read hf:{}@{}",
-        spec.repo, spec.revision
-    )))?;
-    let files: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+    let info = repo.info().map_err(hub_error(
+        &endpoint,
+        format!("cannot read hf:{}@{}", spec.repo, spec.revision),
+    ))?;
+    let files = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+    Ok(OpenRepo {
+        repo,
+        files,
+        endpoint,
+    })
+}
+
+impl OpenRepo {
+    /// Download (or find in the cache) `wanted`, checking each LFS file's sha256; the snapshot
+    /// directory.
+    fn fetch(&self, spec: &HubSpec, wanted: &[String], printer: &Printer) -> Result<PathBuf> {
+        let mut dir = None;
+        for f in wanted {
+            printer.status("Fetching", format!("{}/{f}", spec.repo));
+            let path = self.repo.get(f).map_err(hub_error(
+                &self.endpoint,
+                format!("cannot download `{f}` of hf:{}", spec.repo),
+            ))?;
+            verify_lfs(&path)?;
+            dir = path.parent().map(Path::to_path_buf);
+        }
+        dir.ok_or_else(|| Error::input("nothing to download", None))
+    }
+}
+
+/// Download (or find in the cache) the files a model directory needs; returns the snapshot
+/// directory.
+pub fn download(spec: &HubSpec, hub: &HubConfig, printer: &Printer) -> Result<PathBuf> {
+    let open = open_repo(spec, hub, printer)?;
+    let files = &open.files;
     let mut wanted: Vec<String> = [
         "config.json",
         "tokenizer.json",
@@ -200,16 +239,38 @@ pub fn download(spec: &HubSpec, hub: &HubConfig, printer: &Printer) -> Result<Pa
             Some("xpm loads safetensors only (no pickle); pick a repository that has them"),
         ));
     }
-    let mut dir = None;
-    for f in &wanted {
-        printer.status("Fetching", format!("{}/{f}", spec.repo));
-        let path = repo
-            .get(f)
-            .map_err(herr(format!("cannot download `{f}` of hf:{}", spec.repo)))?;
-        verify_lfs(&path)?;
-        dir = path.parent().map(Path::to_path_buf);
+    open.fetch(spec, &wanted, printer)
+}
+
+/// Download (or find in the cache) those of `files` that the repository has (an adapter's
+/// config and weights, say); returns the snapshot directory. Names are top-level file names:
+/// anything else is refused.
+pub fn download_files(
+    spec: &HubSpec,
+    hub: &HubConfig,
+    files: &[&str],
+    printer: &Printer,
+) -> Result<PathBuf> {
+    let open = open_repo(spec, hub, printer)?;
+    let wanted: Vec<String> = files
+        .iter()
+        .filter(|f| !f.contains('/') && !f.contains('\\') && !f.starts_with('.'))
+        .filter(|f| open.files.iter().any(|x| x == *f))
+        .map(|s| s.to_string())
+        .collect();
+    if wanted.is_empty() {
+        return Err(Error::input(
+            format!(
+                "hf:{}@{} has none of {} (files: {})",
+                spec.repo,
+                spec.revision,
+                files.join(", "),
+                open.files.join(", ")
+            ),
+            Some("is this the right repository?"),
+        ));
     }
-    dir.ok_or_else(|| Error::input("nothing to download", None))
+    open.fetch(spec, &wanted, printer)
 }
 
 /// Weight files are stored under their ETag, which for LFS files is the sha256 of the

@@ -1,0 +1,129 @@
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+use super::Context;
+use super::output::OutputArgs;
+use crate::ops::interop::{ImportOptions, ImportReport};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    source: Source,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Source {
+    /// A PEFT adapter (LoRA or SHiRA) from a `save_pretrained` directory or a Hub repository
+    Peft {
+        /// The adapter directory, or `hf:ORG/NAME[@REVISION]`
+        src: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Experts of an mttl expert library (a directory or `hf:` repository of `.ckpt`/`.meta`
+    /// files), one artifact each
+    Mttl {
+        /// The library directory, or `hf:ORG/NAME[@REVISION]`
+        library: String,
+        /// Expert names in the library (`EXPERT.ckpt`)
+        #[arg(required = true)]
+        experts: Vec<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// The base model the adapter was trained on: a model directory or `hf:ORG/NAME[@REV]`
+    #[arg(long, value_name = "MODEL")]
+    base: String,
+    /// Expert name (lowercase letters, digits, `-`, `_`, optional `namespace/`) [mttl default:
+    /// the library's expert name]
+    #[arg(long)]
+    name: Option<String>,
+    /// Expert version (semver)
+    #[arg(long, value_name = "SEMVER", default_value = "0.1.0")]
+    version: semver::Version,
+    /// Output artifact [default: NAME-VERSION.xpm]; with several mttl experts, a directory
+    #[arg(short, long, value_name = "PATH")]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    description: Option<String>,
+    /// zstd level (1–22)
+    #[arg(long, default_value_t = crate::format::artifact::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
+    level: i32,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+impl Common {
+    fn options(&self, name: String, out: Option<PathBuf>) -> ImportOptions {
+        ImportOptions {
+            name,
+            version: self.version.clone(),
+            out,
+            base: self.base.clone(),
+            description: self.description.clone(),
+            level: self.level,
+        }
+    }
+}
+
+pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
+    match a.source {
+        Source::Peft { src, common } => {
+            let name = common.name.clone().ok_or_else(|| {
+                crate::Error::input(
+                    "`xpm import peft` needs `--name`",
+                    Some("e.g. `--name sst2-lora --version 1.0.0`"),
+                )
+            })?;
+            let opts = common.options(name, common.out.clone());
+            let r =
+                crate::ops::interop::import_peft(&src, &opts, &ctx.home, &ctx.hub, &ctx.printer)
+                    .with_context(|| format!("cannot import the PEFT adapter `{src}`"))?;
+            common.output.format().print(&ctx.printer, &r, |_| {})
+        }
+        Source::Mttl {
+            library,
+            experts,
+            common,
+        } => {
+            if experts.len() > 1 && common.name.is_some() {
+                return Err(crate::Error::input(
+                    "`--name` names one expert, but several are imported",
+                    Some("import them one at a time to name each, or drop `--name`"),
+                )
+                .into());
+            }
+            let mut reports: Vec<ImportReport> = Vec::new();
+            for e in &experts {
+                let name = common
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| e.to_ascii_lowercase());
+                let out = match (&common.out, experts.len()) {
+                    (Some(o), 1) => Some(o.clone()),
+                    (Some(dir), _) => {
+                        Some(dir.join(format!("{}-{}.xpm", name.replace('/', "-"), common.version)))
+                    }
+                    (None, _) => None,
+                };
+                let opts = common.options(name, out);
+                let r = crate::ops::interop::import_mttl(
+                    &library,
+                    e,
+                    &opts,
+                    &ctx.home,
+                    &ctx.hub,
+                    &ctx.printer,
+                )
+                .with_context(|| format!("cannot import expert `{e}` of `{library}`"))?;
+                reports.push(r);
+            }
+            common.output.format().print(&ctx.printer, &reports, |_| {})
+        }
+    }
+}
