@@ -116,15 +116,17 @@ pub fn write_imported(
     let n = imported.tensors.len();
     let mut writer = ArtifactWriter::create(&out, opts.level)?;
     let pb = printer.progress(n as u64, "Importing");
-    for t in imported.tensors {
-        t.data.validate()?;
-        let mut e = encode_tensor(&t.data, opts.level)?;
-        if t.new {
-            e = e.mark_new()?;
-        }
-        writer.push(e)?;
-        pb.inc(1);
-    }
+    // Encode on every core (zstd dominates); the artifact keeps the import's order.
+    crate::parallel::map_ordered(
+        &imported.tensors,
+        |t| {
+            t.data.validate()?;
+            let e = encode_tensor(&t.data, opts.level)?;
+            pb.inc(1);
+            if t.new { e.mark_new() } else { Ok(e) }
+        },
+        |e| writer.push(e),
+    )?;
     pb.finish_and_clear();
     let base_model = BaseModel {
         id: base_id,

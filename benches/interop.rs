@@ -1,0 +1,210 @@
+//! Import and export throughput (docs/benchmarks.md, "Import and export"):
+//!
+//! A PEFT LoRA adapter of ~1 GiB (256 modules, r = 512, on `[1024, 1024]` f32 weights) against a
+//! plain safetensors read + write of the same tensors (every tensor copied out of the mapped
+//! file, then written to a new file), in the same run:
+//!
+//! 1. `xpm import peft` (the library call, with the base digest already cached, as on every run
+//!    after the first): read, check, map to the base, compress, write the artifact;
+//! 2. `xpm export --format peft` of that expert: read the artifact, decompress, write the PEFT
+//!    directory.
+//!
+//! Run: `cargo bench --bench interop` (`-- --quick` for 64 modules, ~256 MiB).
+//! Writes the table to `target/bench-interop.md`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use safetensors::tensor::TensorView;
+use xpm::home::XpmHome;
+use xpm::ops::interop::{ExportRequest, ImportOptions, export_peft, import_peft};
+use xpm::printer::Printer;
+use xpm::train::hub::HubConfig;
+use xpm_interop::peft_export::{ExportOptions, PeftType};
+
+const DIM: usize = 1024;
+const RANK: usize = 512;
+
+fn random_f32(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(n * 4);
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let v = ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02;
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+fn write(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// The base (`layers.i.proj.weight`) and the adapter directory.
+fn fixture(root: &Path, modules: usize) {
+    std::fs::create_dir_all(root.join("base")).unwrap();
+    std::fs::create_dir_all(root.join("adapter")).unwrap();
+    let base: Vec<_> = (0..modules)
+        .map(|i| {
+            (
+                format!("layers.{i}.proj.weight"),
+                vec![DIM, DIM],
+                random_f32(DIM * DIM, i as u64 + 1),
+            )
+        })
+        .collect();
+    write(&root.join("base/model.safetensors"), &base);
+    drop(base);
+    let mut adapter = Vec::new();
+    for i in 0..modules {
+        adapter.push((
+            format!("base_model.model.layers.{i}.proj.lora_A.weight"),
+            vec![RANK, DIM],
+            random_f32(RANK * DIM, 1000 + i as u64),
+        ));
+        adapter.push((
+            format!("base_model.model.layers.{i}.proj.lora_B.weight"),
+            vec![DIM, RANK],
+            random_f32(DIM * RANK, 5000 + i as u64),
+        ));
+    }
+    write(&root.join("adapter/adapter_model.safetensors"), &adapter);
+    std::fs::write(
+        root.join("adapter/adapter_config.json"),
+        serde_json::json!({"peft_type": "LORA", "r": RANK, "lora_alpha": 16,
+                           "target_modules": ["proj"]})
+        .to_string(),
+    )
+    .unwrap();
+}
+
+/// The baseline: every tensor of the adapter file copied out, then written to a new file.
+fn plain_copy(src: &Path, dst: &Path) {
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    drop(bytes);
+    write(dst, &owned);
+    let f = std::fs::File::open(dst).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn best_of(runs: usize, mut f: impl FnMut(usize)) -> f64 {
+    (0..runs)
+        .map(|i| {
+            let t = Instant::now();
+            f(i);
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let modules = if quick { 64 } else { 256 };
+    let runs = 3;
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let root = tmp.path();
+    eprintln!("writing the fixture ({modules} modules)…");
+    fixture(root, modules);
+    let adapter = root.join("adapter/adapter_model.safetensors");
+    let size = std::fs::metadata(&adapter).unwrap().len() as f64;
+    let home = XpmHome::resolve(Some(root.join("home")));
+    let printer = Printer::silent();
+    let hub = HubConfig::default();
+    let opts = |i: usize| ImportOptions {
+        name: "bench".into(),
+        version: semver::Version::new(1, 0, 0),
+        out: Some(root.join(format!("imported{i}.xpm"))),
+        base: root.join("base").display().to_string(),
+        description: None,
+        level: xpm::format::artifact::DEFAULT_LEVEL,
+    };
+    // Warm-up: the base digest is cached from here on, the page cache holds the files.
+    import_peft(
+        &root.join("adapter").display().to_string(),
+        &opts(99),
+        &home,
+        &hub,
+        &printer,
+    )
+    .unwrap();
+
+    let t_plain = best_of(runs, |i| {
+        plain_copy(&adapter, &root.join(format!("plain{i}.safetensors")));
+    });
+    let t_import = best_of(runs, |i| {
+        let _ = std::fs::remove_file(root.join(format!("imported{i}.xpm")));
+        import_peft(
+            &root.join("adapter").display().to_string(),
+            &opts(i),
+            &home,
+            &hub,
+            &printer,
+        )
+        .unwrap();
+    });
+    let t_export = best_of(runs, |i| {
+        let out = root.join(format!("exported{i}"));
+        let _ = std::fs::remove_dir_all(&out);
+        export_peft(
+            &ExportRequest {
+                expert: root.join("imported99.xpm").display().to_string(),
+                out,
+                base: Some(root.join("base").display().to_string()),
+                options: ExportOptions {
+                    peft_type: PeftType::Auto,
+                    base_id: None,
+                    task_type: None,
+                    prefix: String::new(),
+                },
+            },
+            root,
+            &home,
+            &hub,
+            &printer,
+        )
+        .unwrap();
+    });
+    let artifact = std::fs::metadata(root.join("imported99.xpm")).unwrap().len() as f64;
+    let mb = size / 1e6;
+    let rows: Vec<(String, f64)> = vec![
+        ("plain safetensors read + write".into(), t_plain),
+        ("xpm import peft".into(), t_import),
+        ("xpm export --format peft".into(), t_export),
+    ];
+    let mut md = format!(
+        "{modules} LoRA modules (r = {RANK}, [{DIM}, {DIM}] f32), adapter {:.0} MB, artifact {:.0} MB; best of {runs}\n\n| operation | time | MB/s | vs plain |\n|---|---:|---:|---:|\n",
+        mb,
+        artifact / 1e6
+    );
+    for (name, t) in &rows {
+        md += &format!(
+            "| {name} | {:.2} s | {:.0} | {:.2}× |\n",
+            t,
+            mb / t,
+            t_plain / t
+        );
+    }
+    print!("{md}");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("bench-interop.md");
+    std::fs::write(&out, &md).unwrap();
+}
