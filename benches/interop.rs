@@ -181,7 +181,9 @@ fn main() {
         )
         .unwrap();
     });
-    let artifact = std::fs::metadata(root.join("imported99.xpm")).unwrap().len() as f64;
+    let artifact = std::fs::metadata(root.join("imported99.xpm"))
+        .unwrap()
+        .len() as f64;
     let mb = size / 1e6;
     let rows: Vec<(String, f64)> = vec![
         ("plain safetensors read + write".into(), t_plain),
