@@ -53,6 +53,7 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
         batch_size: a.batch_size.max(1),
         max_seq_len: a.max_seq_len,
         device: a.device,
+        hub: ctx.hub.clone(),
     };
     let r = eval(&o, &ctx.home, &ctx.printer)?;
     a.output.format().print(&ctx.printer, &r, |r| {

@@ -257,6 +257,7 @@ fn train_and_eval(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<Vec<(
                 batch_size: 32,
                 max_seq_len: None,
                 device: crate::train::model::DeviceChoice::Cpu,
+                hub: Default::default(),
             },
             home,
             printer,

@@ -28,6 +28,8 @@ pub struct EvalOptions {
     /// Default: the expert's training `max_seq_len`, else 128.
     pub max_seq_len: Option<usize>,
     pub device: DeviceChoice,
+    /// Hub settings for an `hf:` base (read once by the CLI).
+    pub hub: super::hub::HubConfig,
 }
 
 /// `xpm eval --json` output (schemas/eval.schema.json).
@@ -51,7 +53,7 @@ pub struct EvalReport {
 }
 
 pub fn eval(opts: &EvalOptions, home: &XpmHome, printer: &Printer) -> Result<EvalReport> {
-    let (base_dir, base_id) = super::hub::resolve_base(&opts.base, home, printer)?;
+    let (base_dir, base_id) = super::hub::resolve_base_with(&opts.base, &opts.hub, printer)?;
     let data = Dataset::load(&opts.data)?;
     let head_src = match &opts.expert {
         Some(p) => Some(ArtifactReader::open(p)?),
@@ -116,8 +118,8 @@ fn training_settings(
     let training = head_src.and_then(|r| r.manifest().training.clone());
     let labels: Vec<String> = training
         .as_ref()
-        .and_then(|t| t.extra.get("labels"))
-        .and_then(|l| serde_json::from_value(l.clone()).ok())
+        .and_then(|t| t.head.as_ref())
+        .map(|h| h.labels.clone())
         .unwrap_or_default();
     let max_len = max_seq_len.unwrap_or_else(|| {
         training
@@ -180,13 +182,22 @@ fn classification_head(
             None,
         ));
     }
+    // The manifest names the head's tensors, weight first.
+    let names: Vec<String> = r
+        .manifest()
+        .training
+        .as_ref()
+        .and_then(|t| t.head.as_ref())
+        .map(|h| h.tensors.clone())
+        .filter(|t| t.len() == 2)
+        .unwrap_or_else(|| vec!["classifier.weight".into(), "classifier.bias".into()]);
     let mut parts = Vec::new();
-    for name in ["classifier.weight", "classifier.bias"] {
+    for name in &names {
         let i = r
             .manifest()
             .tensors
             .iter()
-            .position(|t| t.name == name && t.new)
+            .position(|t| t.name == *name && t.new)
             .ok_or_else(|| {
                 Error::input(
                     format!("`{}` has no head tensor `{name}`", r.path().display()),

@@ -11,7 +11,8 @@ use super::{LayerState, Method, TrainOptions, TrainReport};
 use xpm_core::error::Result;
 use xpm_core::format::artifact::DEFAULT_LEVEL;
 use xpm_core::format::manifest::{
-    BaseModel, ExpertKind, Manifest, Provenance, ProvenanceInput, Selection, Training,
+    BaseModel, ClassificationHead, ExpertKind, Manifest, Provenance, ProvenanceInput, Selection,
+    Training,
 };
 use xpm_core::format::{ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
 use xpm_core::printer::Printer;
@@ -153,6 +154,11 @@ fn manifest(opts: &TrainOptions, input: &Prepared, fit: &Fit<'_>) -> Manifest {
         seed: Some(opts.seed),
         hyperparameters: hyperparameters(opts, fit),
         metrics: metrics(fit),
+        head: (input.task == Task::Classification).then(|| ClassificationHead {
+            labels: input.labels.clone(),
+            pooling: "mean".into(),
+            tensors: vec!["classifier.weight".into(), "classifier.bias".into()],
+        }),
         extra: training_extra(opts, input),
     });
     manifest.provenance = Some(Provenance {
@@ -264,14 +270,6 @@ fn training_extra(opts: &TrainOptions, input: &Prepared) -> BTreeMap<String, ser
             serde_json::json!(if input.dev.is_cpu() { "cpu" } else { "cuda" }),
         ),
     ]);
-    if input.task == Task::Classification {
-        extra.insert("labels".into(), serde_json::json!(input.labels));
-        extra.insert("pooling".into(), serde_json::json!("mean"));
-        extra.insert(
-            "head".into(),
-            serde_json::json!(["classifier.weight", "classifier.bias"]),
-        );
-    }
     if let (Some(d), Some(_)) = (&input.eval_data, &opts.eval) {
         extra.insert("eval_data_digest".into(), serde_json::json!(d.digest));
     }

@@ -9,7 +9,6 @@
 use std::path::{Path, PathBuf};
 
 use xpm_core::error::{Error, IoResultExt, Result};
-use xpm_core::home::XpmHome;
 use xpm_core::printer::Printer;
 
 /// The hub's default address.
@@ -100,12 +99,6 @@ impl HubSpec {
             ))
         })
     }
-}
-
-/// [`resolve_base_with`] with the hub settings of the environment ([`HubConfig::from_env`]),
-/// for callers that do not pass a [`HubConfig`] yet (`eval`).
-pub fn resolve_base(base: &str, _home: &XpmHome, printer: &Printer) -> Result<(PathBuf, String)> {
-    resolve_base_with(base, &HubConfig::from_env(), printer)
 }
 
 /// The local model directory for `--base`, and the id recorded in the manifest.

@@ -282,8 +282,24 @@ pub struct Training {
     /// Final metrics (eval loss, accuracy, …).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
+    /// The classification head of a classifier (its keys sit in `training` itself: `labels`,
+    /// `pooling`, `head`). Declared before `extra`, which keeps the other keys.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<ClassificationHead>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// How a classification expert maps the base's hidden states to labels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClassificationHead {
+    /// The label set, in the order of the head's output rows.
+    pub labels: Vec<String>,
+    /// How token states are pooled into one vector (`mean`).
+    pub pooling: String,
+    /// The head's tensors (new tensors of the expert), weight first.
+    #[serde(rename = "head")]
+    pub tensors: Vec<String>,
 }
 
 /// Where an expert came from.
