@@ -12,7 +12,8 @@
 #              under tests/fuzz/regressions/TARGET once. For CI.
 #   --run S    run each target S seconds on the committed corpus itself (new inputs are added
 #              to it; minimise it afterwards with `cargo fuzz cmin`, see the README).
-#   TARGET…    default: all of artifact mask index lockfile project_toml recipe upload.
+#   TARGET…    default: all of artifact mask index lockfile project_toml recipe upload
+#              torch_pickle.
 #
 # Exits non-zero if any target crashes, times out (> 10 s for one input), exceeds 2 GiB of
 # RSS, or if any regression input fails. A crashing input is kept under
@@ -33,7 +34,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 FUZZ_DIR=tests/fuzz
-ALL_TARGETS=(artifact mask index lockfile project_toml recipe upload)
+ALL_TARGETS=(artifact mask index lockfile project_toml recipe upload torch_pickle)
 
 MODE=smoke
 SECONDS_PER_TARGET=20
@@ -78,7 +79,7 @@ BIN_DIR="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release"
 max_len() {
     case "$1" in
         artifact | upload) echo 65536 ;;
-        mask) echo 32768 ;;
+        mask | torch_pickle) echo 32768 ;;
         index) echo 16384 ;;
         lockfile | recipe) echo 8192 ;;
         project_toml) echo 4096 ;;

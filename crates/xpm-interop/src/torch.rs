@@ -926,6 +926,16 @@ impl Vm<'_> {
                 format!("REDUCE of `{}` without an argument tuple", g.name()),
             ));
         };
+        if a.len() > 7 {
+            return Err(self.err(
+                at,
+                format!(
+                    "calling `{}` with {} arguments is not supported",
+                    g.name(),
+                    a.len()
+                ),
+            ));
+        }
         let a = a.clone();
         match g {
             Global::OrderedDict if a.is_empty() => self.alloc(at, Obj::Dict(Vec::new())),
@@ -969,11 +979,16 @@ impl Vm<'_> {
     }
 
     fn persistent_load(&mut self, at: usize, pid: V) -> Result<V> {
-        let Some(Obj::Tuple(t)) = self.obj(pid) else {
-            return Err(self.err(at, "a persistent id that is not a tuple"));
+        let t = match self.obj(pid) {
+            Some(Obj::Tuple(t)) if t.len() == 5 => t.clone(),
+            _ => {
+                return Err(self.err(
+                    at,
+                    "a persistent id other than ('storage', <typed storage class>, key, location, numel)",
+                ));
+            }
         };
-        let t = t.clone();
-        let ok = t.len() == 5 && self.str_of(t[0]) == Some("storage");
+        let ok = self.str_of(t[0]) == Some("storage");
         let dtype = match self.obj(t.get(1).copied().unwrap_or(V::None)) {
             Some(Obj::Global(Global::Storage(d))) if ok => *d,
             _ => {
