@@ -414,3 +414,99 @@ fn peft_round_trips_with_the_real_peft() {
         "{stdout}"
     );
 }
+
+#[test]
+fn mttl_experts_import_through_the_cli_and_a_hostile_pickle_runs_nothing() {
+    let Some(python) = common::python("torch, safetensors") else {
+        return;
+    };
+    let ctx = TestContext::new();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/mttl_fixture.py");
+    let st = std::process::Command::new(python)
+        .arg(script)
+        .arg(ctx.path("fx"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Two experts at once into a directory, named after the library's experts.
+    let out = ctx
+        .xpm()
+        .args([
+            "import",
+            "mttl",
+            "fx/lib",
+            "sparse",
+            "lora",
+            "--base",
+            "fx/base.safetensors",
+        ])
+        .args(["--version", "1.0.0", "-o", "imported", "--json"])
+        .assert()
+        .success();
+    let r: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert_eq!(r[0]["kind"], "sparse");
+    assert_eq!(r[0]["source"]["format"], "mttl-sparse");
+    assert_eq!(r[1]["kind"], "lora");
+    // The applied sparse expert is the base plus torch's delta, bit for bit.
+    ctx.xpm()
+        .args([
+            "apply",
+            "imported/sparse-1.0.0.xpm",
+            "--base",
+            "fx/base.safetensors",
+        ])
+        .args(["--out", "applied"])
+        .assert()
+        .success();
+    let applied = read_model(&ctx.path("applied"));
+    let bytes = std::fs::read(ctx.path("fx/expected_sparse.safetensors")).unwrap();
+    let want = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let base_bytes = std::fs::read(ctx.path("fx/base.safetensors")).unwrap();
+    let base = safetensors::SafeTensors::deserialize(&base_bytes).unwrap();
+    for (name, delta) in want.tensors() {
+        let d: Vec<f32> = delta
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let b: Vec<f32> = base
+            .tensor(&name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let expect: Vec<f32> = b.iter().zip(&d).map(|(b, d)| b + d).collect();
+        assert_eq!(applied[&name], expect, "{name}");
+    }
+    // The expert whose pickle calls os.system is refused, and the command never ran.
+    ctx.xpm()
+        .args([
+            "import",
+            "mttl",
+            "fx/lib",
+            "evil",
+            "--base",
+            "fx/base.safetensors",
+        ])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("refusing the pickle global"));
+    assert!(
+        !ctx.path("fx/lib/pwned").exists(),
+        "the pickle's command ran"
+    );
+    // An unknown expert gets the list and a suggestion.
+    ctx.xpm()
+        .args([
+            "import",
+            "mttl",
+            "fx/lib",
+            "sparce",
+            "--base",
+            "fx/base.safetensors",
+        ])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("sparse"));
+}

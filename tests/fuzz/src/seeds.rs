@@ -129,6 +129,7 @@ fn write_artifact(
             seed: Some(1),
             hyperparameters: BTreeMap::from([("lr".into(), serde_json::json!(0.001))]),
             metrics: BTreeMap::from([("accuracy".into(), 0.9)]),
+            head: None,
             extra: BTreeMap::new(),
         });
         m.provenance = Some(Provenance {
