@@ -1,4 +1,5 @@
-//! PEFT adapter directories (`save_pretrained`): LoRA and SHiRA in, every xpm expert out.
+//! PEFT adapter directories (`save_pretrained`) in: LoRA and SHiRA as xpm tensors (out:
+//! [`crate::peft_export`]).
 //!
 //! Facts this follows (checked against peft 0.21.2): tensor names are
 //! `base_model.model.<module path>.<part>`; LoRA's ΔW = (B·A)·s with s = α/r, or α/√r with
@@ -271,6 +272,41 @@ impl Raw<'_> {
 /// Import the PEFT adapter in `dir` against `base`.
 pub fn import(dir: &Path, base: &Checkpoint) -> Result<Imported> {
     let cfg = AdapterConfig::read(dir)?;
+    let (weights, peft_type) = weights_and_type(dir, &cfg)?;
+    let file = Checkpoint::open(&weights)?;
+    let (modules, whole) = group_tensors(&file, &weights, &peft_type)?;
+    check_layers(&cfg, modules.keys().map(String::as_str))?;
+    let out = convert(dir, &cfg, base, &weights, &peft_type, &modules, &whole)?;
+    let mut files = BTreeMap::new();
+    files.insert(
+        CONFIG_FILE.to_string(),
+        crate::file_digest(&dir.join(CONFIG_FILE))?,
+    );
+    files.insert(WEIGHTS_FILE.to_string(), crate::file_digest(&weights)?);
+    let mut extra = BTreeMap::new();
+    if let Some(t) = &cfg.task_type {
+        extra.insert(
+            "peft_task_type".to_string(),
+            serde_json::Value::String(t.clone()),
+        );
+    }
+    Ok(Imported {
+        tensors: out,
+        source: Source {
+            format: format!("peft-{}", peft_type.to_ascii_lowercase()),
+            location: dir.display().to_string(),
+            revision: None,
+            files,
+        },
+        base_hint: cfg.base_model_name_or_path.clone(),
+        extra,
+        notes: Vec::new(),
+    })
+}
+
+/// The adapter's weights file (refusing a directory with only the legacy pickle) and its
+/// upper-case `peft_type` (LORA or SHIRA; others refused).
+fn weights_and_type(dir: &Path, cfg: &AdapterConfig) -> Result<(std::path::PathBuf, String)> {
     let weights = dir.join(WEIGHTS_FILE);
     if !weights.is_file() {
         let hint = if dir.join(LEGACY_WEIGHTS_FILE).is_file() {
@@ -295,7 +331,16 @@ pub fn import(dir: &Path, base: &Checkpoint) -> Result<Imported> {
             Some("xpm imports PEFT's LORA and SHIRA adapters"),
         ));
     }
-    let file = Checkpoint::open(&weights)?;
+    Ok((weights, peft_type))
+}
+
+/// An adapter file's tensors, by module: `Part`s of adapter modules, and whole tensors
+/// (`modules_to_save`, named without the prefix).
+type Grouped<'a> = (BTreeMap<String, HashMap<Part, Raw<'a>>>, Vec<Raw<'a>>);
+
+/// Sort the tensors of `file` into adapter modules and whole tensors, refusing names without
+/// PEFT's prefix, DoRA magnitudes, parts of the other adapter type and unknown adapter parts.
+fn group_tensors<'a>(file: &'a Checkpoint, weights: &Path, peft_type: &str) -> Result<Grouped<'a>> {
     let mut modules: BTreeMap<String, HashMap<Part, Raw>> = BTreeMap::new();
     let mut whole: Vec<Raw> = Vec::new();
     for name in file.names() {
@@ -355,22 +400,34 @@ pub fn import(dir: &Path, base: &Checkpoint) -> Result<Imported> {
             }),
         }
     }
-    check_layers(&cfg, modules.keys().map(String::as_str))?;
+    Ok((modules, whole))
+}
 
+/// The xpm tensors of the grouped adapter, sorted by name; two that map to the same base
+/// tensor are refused.
+fn convert(
+    dir: &Path,
+    cfg: &AdapterConfig,
+    base: &Checkpoint,
+    weights: &Path,
+    peft_type: &str,
+    modules: &BTreeMap<String, HashMap<Part, Raw>>,
+    whole: &[Raw],
+) -> Result<Vec<ImportedTensor>> {
     let sidecar = read_sidecar(dir)?;
     let mut out: Vec<ImportedTensor> = Vec::new();
-    for (module, parts) in &modules {
+    for (module, parts) in modules {
         if peft_type == "SHIRA" {
             let nnz = sidecar
                 .as_ref()
                 .and_then(|s| s.get(module.as_str()).copied());
-            out.push(shira_tensor(base, &weights, module, parts, nnz)?);
+            out.push(shira_tensor(base, weights, module, parts, nnz)?);
         } else {
-            out.extend(lora_tensors(&cfg, base, &weights, module, parts)?);
+            out.extend(lora_tensors(cfg, base, weights, module, parts)?);
         }
     }
-    for raw in &whole {
-        out.push(whole_tensor(base, &weights, raw)?);
+    for raw in whole {
+        out.push(whole_tensor(base, weights, raw)?);
     }
     out.sort_by(|a, b| a.data.name.cmp(&b.data.name));
     if let Some(w) = out.windows(2).find(|w| w[0].data.name == w[1].data.name) {
@@ -383,31 +440,7 @@ pub fn import(dir: &Path, base: &Checkpoint) -> Result<Imported> {
             Some("an adapter may hold one delta per base tensor"),
         ));
     }
-    let mut files = BTreeMap::new();
-    files.insert(
-        CONFIG_FILE.to_string(),
-        crate::file_digest(&dir.join(CONFIG_FILE))?,
-    );
-    files.insert(WEIGHTS_FILE.to_string(), crate::file_digest(&weights)?);
-    let mut extra = BTreeMap::new();
-    if let Some(t) = &cfg.task_type {
-        extra.insert(
-            "peft_task_type".to_string(),
-            serde_json::Value::String(t.clone()),
-        );
-    }
-    Ok(Imported {
-        tensors: out,
-        source: Source {
-            format: format!("peft-{}", peft_type.to_ascii_lowercase()),
-            location: dir.display().to_string(),
-            revision: None,
-            files,
-        },
-        base_hint: cfg.base_model_name_or_path.clone(),
-        extra,
-        notes: Vec::new(),
-    })
+    Ok(out)
 }
 
 /// `layers_to_transform` must agree with the modules present.
@@ -468,6 +501,47 @@ fn lora_tensors(
     parts: &HashMap<Part, Raw>,
 ) -> Result<Vec<ImportedTensor>> {
     let embedding = parts.contains_key(&Part::EmbA) || parts.contains_key(&Part::EmbB);
+    let (a, b, dtype) = lora_factors(weights, module, parts, embedding)?;
+    let r = a.shape[0];
+    let (scale, xpm_alpha) = lora_scale(cfg, weights, module, r)?;
+    let target = lora_target(base, weights, module)?;
+    let shape = base_shape(base, &target);
+    let (xa, xb) = xpm_factors((a, b), embedding, cfg.fan_in_fan_out, &shape, dtype.size())
+        .map_err(|what| {
+            mismatch(
+                weights,
+                module,
+                format!("{what}, but the base tensor `{target}` is {shape:?}"),
+            )
+        })?;
+    let mut out = vec![ImportedTensor {
+        data: TensorData {
+            name: target.clone(),
+            shape,
+            dtype,
+            content: Content::Lora {
+                rank: r as u32,
+                alpha: xpm_alpha,
+                a: xa,
+                b: xb,
+            },
+        },
+        new: false,
+    }];
+    if let Some(bias) = parts.get(&Part::LoraBias) {
+        out.push(lora_bias_tensor(base, weights, module, bias, scale)?);
+    }
+    Ok(out)
+}
+
+/// A module's factors A and B (`lora_embedding_A/B` for an embedding) and their dtype, checked
+/// to form B·A.
+fn lora_factors<'a, 'b>(
+    weights: &Path,
+    module: &str,
+    parts: &'a HashMap<Part, Raw<'b>>,
+    embedding: bool,
+) -> Result<(&'a Raw<'b>, &'a Raw<'b>, Dtype)> {
     let (a, b) = if embedding {
         (
             need(parts, Part::EmbA, module, weights)?,
@@ -497,7 +571,12 @@ fn lora_tensors(
             ),
         ));
     }
-    let r = a.shape[0];
+    Ok((a, b, dtype))
+}
+
+/// The module's PEFT scale (α/r, or α/√r with rslora) and the α xpm records for rank `r`
+/// (xpm's scale is α/r), after checking the rank against `rank_pattern`.
+fn lora_scale(cfg: &AdapterConfig, weights: &Path, module: &str, r: u64) -> Result<(f64, f64)> {
     if let Some(want) = cfg.rank_for(module)?.filter(|_| cfg.rank_pattern.is_some())
         && want != r
     {
@@ -526,7 +605,12 @@ fn lora_tensors(
     } else {
         alpha
     };
-    let target = base_name(base, module, "weight").ok_or_else(|| {
+    Ok((scale, xpm_alpha))
+}
+
+/// The base weight a LoRA module adapts (with a hint for GPT-2's tied `lm_head`).
+fn lora_target(base: &Checkpoint, weights: &Path, module: &str) -> Result<String> {
+    base_name(base, module, "weight").ok_or_else(|| {
         let tied = module.ends_with("lm_head") && base.names().any(|n| n.ends_with("wte.weight"));
         Error::input(
             format!(
@@ -540,32 +624,37 @@ fn lora_tensors(
                 "is `--base` the model this adapter was trained on?"
             }),
         )
-    })?;
-    let shape = base_shape(base, &target);
+    })
+}
+
+/// PEFT's factors in xpm's orientation, ΔW[shape] = (α/r)·B'·A' with A' `[r, shape[1]]` and
+/// B' `[shape[0], r]`: as they are, or transposed for embeddings and `fan_in_fan_out`. `es`
+/// is the element size. Errs with what the factors give when that is not `shape`.
+fn xpm_factors(
+    (a, b): (&Raw, &Raw),
+    embedding: bool,
+    fan_in_fan_out: bool,
+    shape: &[u64],
+    es: usize,
+) -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
     let (rows_a, cols_a, rows_b) = (
         a.shape[0] as usize,
         a.shape[1] as usize,
         b.shape[0] as usize,
     );
-    let es = dtype.size();
-    // xpm: ΔW[shape] = (α/r)·B'·A', A' [r, shape[1]], B' [shape[0], r].
-    let (xa, xb) = if embedding {
+    Ok(if embedding {
         // ΔW [num, dim] = (B_e·A_e)ᵀ = A_eᵀ·B_eᵀ: A' = B_eᵀ [r, dim], B' = A_eᵀ [num, r].
         if shape != [a.shape[1], b.shape[0]] {
-            return Err(mismatch(
-                weights,
-                module,
-                format!(
-                    "embedding factors give [{}, {}], but the base tensor `{target}` is {shape:?}",
-                    a.shape[1], b.shape[0]
-                ),
+            return Err(format!(
+                "embedding factors give [{}, {}]",
+                a.shape[1], b.shape[0]
             ));
         }
         (
             transpose(b.bytes, rows_b, rows_a, es),
             transpose(a.bytes, rows_a, cols_a, es),
         )
-    } else if shape == [b.shape[0], a.shape[1]] && !(cfg.fan_in_fan_out && shape[0] == shape[1]) {
+    } else if shape == [b.shape[0], a.shape[1]] && !(fan_in_fan_out && shape[0] == shape[1]) {
         (a.bytes.to_vec(), b.bytes.to_vec())
     } else if shape == [a.shape[1], b.shape[0]] {
         // fan_in_fan_out (Conv1D, weight [in, out]): ΔW = (B·A)ᵀ.
@@ -574,65 +663,51 @@ fn lora_tensors(
             transpose(a.bytes, rows_a, cols_a, es),
         )
     } else {
+        return Err(format!("B·A is [{}, {}]", b.shape[0], a.shape[1]));
+    })
+}
+
+/// `lora_bias`: the module's bias delta, `lora_B.bias · s`.
+fn lora_bias_tensor(
+    base: &Checkpoint,
+    weights: &Path,
+    module: &str,
+    bias: &Raw,
+    scale: f64,
+) -> Result<ImportedTensor> {
+    let bias_name = base_name(base, module, "bias").ok_or_else(|| {
+        mismatch(
+            weights,
+            module,
+            "has a lora_B.bias, but the base module has no bias".into(),
+        )
+    })?;
+    let bshape = base_shape(base, &bias_name);
+    if bias.shape != bshape {
         return Err(mismatch(
             weights,
             module,
             format!(
-                "B·A is [{}, {}], but the base tensor `{target}` is {shape:?}",
-                b.shape[0], a.shape[1]
+                "lora_B.bias is {:?}, but `{bias_name}` is {bshape:?}",
+                bias.shape
             ),
         ));
-    };
-    let mut out = vec![ImportedTensor {
+    }
+    let bd = bias.float(weights)?;
+    // PEFT multiplies by the scale as a scalar of the tensor's dtype.
+    let s = scale as f32;
+    let delta: Vec<f32> = bd.to_f32(bias.bytes).iter().map(|v| v * s).collect();
+    Ok(ImportedTensor {
         data: TensorData {
-            name: target.clone(),
-            shape,
-            dtype,
-            content: Content::Lora {
-                rank: r as u32,
-                alpha: xpm_alpha,
-                a: xa,
-                b: xb,
+            name: bias_name,
+            shape: bshape,
+            dtype: bd,
+            content: Content::Dense {
+                delta: bd.from_f32(&delta),
             },
         },
         new: false,
-    }];
-    if let Some(bias) = parts.get(&Part::LoraBias) {
-        let bias_name = base_name(base, module, "bias").ok_or_else(|| {
-            mismatch(
-                weights,
-                module,
-                "has a lora_B.bias, but the base module has no bias".into(),
-            )
-        })?;
-        let bshape = base_shape(base, &bias_name);
-        if bias.shape != bshape {
-            return Err(mismatch(
-                weights,
-                module,
-                format!(
-                    "lora_B.bias is {:?}, but `{bias_name}` is {bshape:?}",
-                    bias.shape
-                ),
-            ));
-        }
-        let bd = bias.float(weights)?;
-        // PEFT multiplies by the scale as a scalar of the tensor's dtype.
-        let s = scale as f32;
-        let delta: Vec<f32> = bd.to_f32(bias.bytes).iter().map(|v| v * s).collect();
-        out.push(ImportedTensor {
-            data: TensorData {
-                name: bias_name,
-                shape: bshape,
-                dtype: bd,
-                content: Content::Dense {
-                    delta: bd.from_f32(&delta),
-                },
-            },
-            new: false,
-        });
-    }
-    Ok(out)
+    })
 }
 
 /// Read an integer index tensor (i32 or i64) as i64s.

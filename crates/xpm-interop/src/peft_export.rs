@@ -160,26 +160,23 @@ fn dense_bytes(t: &TensorData) -> Vec<u8> {
     }
 }
 
-/// Export `tensors` (the expert's, with their `new` flags) against `base` into `dir` (which
-/// the caller creates atomically). `model_type` is the base config's `model_type`.
-pub fn export(
+/// A tensor name split into its module path and parameter (`a.b.weight` → `a.b`, `weight`).
+fn module_of(name: &str) -> (String, String) {
+    match name.rsplit_once('.') {
+        Some((m, p)) => (m.to_string(), p.to_string()),
+        None => (String::new(), name.to_string()),
+    }
+}
+
+/// PEFT's `task_type`: the option, else what the import recorded, else `CAUSAL_LM` for a
+/// `*ForCausalLM` base, `SEQ_CLS` for an expert with a head or a sequence classifier base.
+fn task_type(
     manifest: &Manifest,
-    tensors: &[(TensorData, bool)],
-    base: &Checkpoint,
-    model_type: Option<&str>,
+    has_head: bool,
     architectures: &[String],
     opts: &ExportOptions,
-    dir: &Path,
-) -> Result<ExportReport> {
-    let module_of = |name: &str| -> (String, String) {
-        match name.rsplit_once('.') {
-            Some((m, p)) => (m.to_string(), p.to_string()),
-            None => (String::new(), name.to_string()),
-        }
-    };
-    let has_head = tensors.iter().any(|(_, new)| *new);
-    let task_type = opts
-        .task_type
+) -> Option<String> {
+    opts.task_type
         .clone()
         .or_else(|| {
             manifest
@@ -200,14 +197,41 @@ pub fn export(
             } else {
                 None
             }
-        });
-    // PEFT saves a sequence classifier's head whole (modules_to_save) for SEQ_CLS.
-    let heads: &[&str] = if task_type.as_deref() == Some("SEQ_CLS") {
+        })
+}
+
+/// The expert's tensors sorted by how PEFT holds them.
+struct Plan<'t> {
+    /// 2-D weight deltas: adapter modules, with their module path and layer type.
+    adapter: Vec<(&'t TensorData, String, Layer)>,
+    /// Everything else (with its `new` flag), by module: saved whole, or an adapter module's
+    /// bias (PEFT's `lora_bias`).
+    whole: BTreeMap<String, Vec<(&'t TensorData, bool)>>,
+    /// Whether the adapter is written as SHiRA (else LoRA).
+    shira: bool,
+}
+
+impl Plan<'_> {
+    fn adapter_modules(&self) -> BTreeSet<&str> {
+        self.adapter.iter().map(|(_, m, _)| m.as_str()).collect()
+    }
+}
+
+/// Classify: 2-D weight deltas become adapter modules; the rest `modules_to_save` (a
+/// sequence classifier's head always: PEFT saves it whole for `SEQ_CLS`). Refuses tensors of
+/// more than 2 dimensions, and SHiRA where it cannot be exact.
+fn classify<'t>(
+    manifest: &Manifest,
+    tensors: &'t [(TensorData, bool)],
+    model_type: Option<&str>,
+    task_type: Option<&str>,
+    peft_type: PeftType,
+) -> Result<Plan<'t>> {
+    let heads: &[&str] = if task_type == Some("SEQ_CLS") {
         &["classifier", "score"]
     } else {
         &[]
     };
-    // Classify: 2-D weight deltas become adapter modules; the rest modules_to_save.
     let mut adapter: Vec<(&TensorData, String, Layer)> = Vec::new();
     let mut whole: BTreeMap<String, Vec<(&TensorData, bool)>> = BTreeMap::new();
     for (t, new) in tensors {
@@ -230,13 +254,26 @@ pub fn export(
             whole.entry(module).or_default().push((t, *new));
         }
     }
-    let adapter_modules: BTreeSet<&str> = adapter.iter().map(|(_, m, _)| m.as_str()).collect();
+    let mut plan = Plan {
+        adapter,
+        whole,
+        shira: false,
+    };
+    plan.shira = use_shira(manifest, &plan, peft_type)?;
+    Ok(plan)
+}
+
+/// Whether to write SHiRA: asked for (refused unless every adapter module is a sparse delta
+/// on a linear layer's weight alone), or with `Auto` when that holds.
+fn use_shira(manifest: &Manifest, plan: &Plan, peft_type: PeftType) -> Result<bool> {
+    let (adapter, whole) = (&plan.adapter, &plan.whole);
+    let adapter_modules = plan.adapter_modules();
     let shira_ok = adapter
         .iter()
         .all(|(t, _, l)| *l == Layer::Linear && matches!(t.content, Content::Sparse { .. }))
         && !adapter.is_empty()
         && whole.keys().all(|m| !adapter_modules.contains(m.as_str()));
-    let shira = match opts.peft_type {
+    Ok(match peft_type {
         PeftType::Shira if !shira_ok => {
             let bad = adapter
                 .iter()
@@ -264,168 +301,196 @@ pub fn export(
         PeftType::Shira => true,
         PeftType::Lora => false,
         PeftType::Auto => shira_ok,
-    };
+    })
+}
 
-    let mut out: Vec<Out> = Vec::new();
-    let mut report_sel = Vec::new();
-    let mut modules: Vec<(String, u64, f64)> = Vec::new(); // (peft module, rank, alpha)
-    let mut sidecar = Sidecar {
-        expert: format!("{}@{}", manifest.name, manifest.version),
-        base_digest: manifest.base.digest.clone(),
-        shira_nnz: BTreeMap::new(),
-    };
-    let prefix = &opts.prefix;
+/// What the module writers produced.
+#[derive(Default)]
+struct Written {
+    /// The adapter file's tensors.
+    out: Vec<Out>,
+    /// Per adapter module: its PEFT path, rank and α.
+    modules: Vec<(String, u64, f64)>,
+    /// Modules written in an exact LoRA form of a sparse or dense delta.
+    selection: Vec<String>,
+    /// LoRA scale α/r per module (as the expert names it), for `lora_bias`.
+    scales: HashMap<String, f64>,
+    /// SHiRA: the expert's own entry count per PEFT module (for the sidecar).
+    shira_nnz: BTreeMap<String, u64>,
+}
+
+/// SHiRA's one global r: enough for the module with the most entries relative to its size.
+fn shira_rank(adapter: &[(&TensorData, String, Layer)]) -> u64 {
     let mut shira_r = 0u64;
-    if shira {
-        for (t, _, _) in &adapter {
-            let (o, i) = (t.shape[0], t.shape[1]);
-            let nnz = match &t.content {
-                Content::Sparse { indices, .. } => indices.len() as u64,
-                _ => unreachable!(),
-            };
-            shira_r = shira_r.max(nnz.div_ceil(o + i)).max(1);
-        }
-    }
-    let mut scales: HashMap<String, f64> = HashMap::new();
-    for (t, module, layer) in &adapter {
-        let pm = format!("{prefix}{module}");
-        let es = t.dtype.size();
-        let st = t.dtype.to_safetensors();
-        if shira {
-            let (o, i) = (t.shape[0], t.shape[1]);
-            let want = shira_r * (o + i);
-            if want > o * i {
-                return Err(Error::input(
-                    format!(
-                        "`{}`: SHiRA's r = {shira_r} needs {want} entries, more than its {} elements",
-                        t.name,
-                        o * i
-                    ),
-                    Some(
-                        "SHiRA needs r·(in + out) ≤ in·out for one global r; use `--peft-type lora`",
-                    ),
-                ));
-            }
-            let Content::Sparse {
-                indices, values, ..
-            } = &t.content
-            else {
-                unreachable!()
-            };
-            let mut rows: Vec<i64> = indices.iter().map(|&f| (f / i) as i64).collect();
-            let mut cols: Vec<i64> = indices.iter().map(|&f| (f % i) as i64).collect();
-            let mut vals = values.clone();
-            // Pad with value-0 entries at unused positions (never a duplicate of a real one).
-            let used: BTreeSet<u64> = indices.iter().copied().collect();
-            let mut pos = 0u64;
-            while (rows.len() as u64) < want {
-                if !used.contains(&pos) {
-                    rows.push((pos / i) as i64);
-                    cols.push((pos % i) as i64);
-                    vals.extend(std::iter::repeat_n(0u8, es));
-                }
-                pos += 1;
-            }
-            let n = rows.len();
-            let idx: Vec<u8> = rows
-                .iter()
-                .chain(&cols)
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            out.push(Out {
-                name: format!("base_model.model.{pm}.shira_indices"),
-                dtype: safetensors::Dtype::I64,
-                shape: vec![2, n],
-                bytes: idx,
-            });
-            out.push(Out {
-                name: format!("base_model.model.{pm}.shira_weight"),
-                dtype: st,
-                shape: vec![n],
-                bytes: vals,
-            });
-            sidecar.shira_nnz.insert(pm.clone(), indices.len() as u64);
-            modules.push((pm, shira_r, 0.0));
-            continue;
-        }
-        // LoRA: factors in PEFT's orientation, M = B·A of shape [p, q].
-        let (rows, cols) = (t.shape[0] as usize, t.shape[1] as usize);
-        // PEFT's B·A is ΔW for Linear, ΔWᵀ for Conv1D and embeddings.
-        let flip = *layer != Layer::Linear;
-        let lora = match &t.content {
-            Content::Lora { rank, alpha, a, b } => {
-                let r = *rank as usize;
-                // xpm: ΔW = s·B'·A' with A' [r, cols], B' [rows, r].
-                if flip {
-                    // ΔWᵀ = s·A'ᵀ·B'ᵀ: PEFT B = A'ᵀ [cols, r], A = B'ᵀ [r, rows].
-                    PeftLora {
-                        a: transpose(b, rows, r, es),
-                        b: transpose(a, r, cols, es),
-                        a_shape: [r, rows],
-                        b_shape: [cols, r],
-                        rank: r as u64,
-                        alpha: *alpha,
-                    }
-                } else {
-                    PeftLora {
-                        a: a.clone(),
-                        b: b.clone(),
-                        a_shape: [r, cols],
-                        b_shape: [rows, r],
-                        rank: r as u64,
-                        alpha: *alpha,
-                    }
-                }
-            }
-            _ => {
-                let m = dense_bytes(t);
-                let (m, p, q) = if flip {
-                    (transpose(&m, rows, cols, es), cols, rows)
-                } else {
-                    (m, rows, cols)
-                };
-                report_sel.push(pm.clone());
-                match selection_lora(&m, p, q, t.dtype) {
-                    Some(l) => l,
-                    None => continue, // an all-zero delta: nothing to write
-                }
-            }
+    for (t, _, _) in adapter {
+        let (o, i) = (t.shape[0], t.shape[1]);
+        let nnz = match &t.content {
+            Content::Sparse { indices, .. } => indices.len() as u64,
+            _ => unreachable!(),
         };
-        let (an, bn) = if *layer == Layer::Embedding {
-            (
-                format!("base_model.model.{pm}.lora_embedding_A"),
-                format!("base_model.model.{pm}.lora_embedding_B"),
-            )
-        } else {
-            (
-                format!("base_model.model.{pm}.lora_A.weight"),
-                format!("base_model.model.{pm}.lora_B.weight"),
-            )
-        };
-        out.push(Out {
-            name: an,
-            dtype: st,
-            shape: lora.a_shape.to_vec(),
-            bytes: lora.a,
-        });
-        out.push(Out {
-            name: bn,
-            dtype: st,
-            shape: lora.b_shape.to_vec(),
-            bytes: lora.b,
-        });
-        scales.insert(module.clone(), lora.alpha / lora.rank as f64);
-        modules.push((pm, lora.rank, lora.alpha));
+        shira_r = shira_r.max(nnz.div_ceil(o + i)).max(1);
     }
+    shira_r
+}
 
-    // Bias deltas of adapter modules go to lora_bias (LoRA only); everything else of `whole`
-    // is saved as the whole module.
+/// One SHiRA module `pm` from the sparse delta `t`: its entries, padded to `shira_r·(in + out)`
+/// with value-0 entries at unused positions.
+fn write_shira(t: &TensorData, pm: String, shira_r: u64, w: &mut Written) -> Result<()> {
+    let es = t.dtype.size();
+    let st = t.dtype.to_safetensors();
+    let (o, i) = (t.shape[0], t.shape[1]);
+    let want = shira_r * (o + i);
+    if want > o * i {
+        return Err(Error::input(
+            format!(
+                "`{}`: SHiRA's r = {shira_r} needs {want} entries, more than its {} elements",
+                t.name,
+                o * i
+            ),
+            Some("SHiRA needs r·(in + out) ≤ in·out for one global r; use `--peft-type lora`"),
+        ));
+    }
+    let Content::Sparse {
+        indices, values, ..
+    } = &t.content
+    else {
+        unreachable!()
+    };
+    let mut rows: Vec<i64> = indices.iter().map(|&f| (f / i) as i64).collect();
+    let mut cols: Vec<i64> = indices.iter().map(|&f| (f % i) as i64).collect();
+    let mut vals = values.clone();
+    // Pad with value-0 entries at unused positions (never a duplicate of a real one).
+    let used: BTreeSet<u64> = indices.iter().copied().collect();
+    let mut pos = 0u64;
+    while (rows.len() as u64) < want {
+        if !used.contains(&pos) {
+            rows.push((pos / i) as i64);
+            cols.push((pos % i) as i64);
+            vals.extend(std::iter::repeat_n(0u8, es));
+        }
+        pos += 1;
+    }
+    let n = rows.len();
+    let idx: Vec<u8> = rows
+        .iter()
+        .chain(&cols)
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    w.out.push(Out {
+        name: format!("base_model.model.{pm}.shira_indices"),
+        dtype: safetensors::Dtype::I64,
+        shape: vec![2, n],
+        bytes: idx,
+    });
+    w.out.push(Out {
+        name: format!("base_model.model.{pm}.shira_weight"),
+        dtype: st,
+        shape: vec![n],
+        bytes: vals,
+    });
+    w.shira_nnz.insert(pm.clone(), indices.len() as u64);
+    w.modules.push((pm, shira_r, 0.0));
+    Ok(())
+}
+
+/// The delta `t` as LoRA factors in PEFT's orientation (M = B·A of shape `[p, q]`): a LoRA
+/// delta's own factors, else the exact selection form (`None` for an all-zero delta).
+fn peft_lora(t: &TensorData, layer: Layer) -> Option<PeftLora> {
+    let es = t.dtype.size();
+    let (rows, cols) = (t.shape[0] as usize, t.shape[1] as usize);
+    // PEFT's B·A is ΔW for Linear, ΔWᵀ for Conv1D and embeddings.
+    let flip = layer != Layer::Linear;
+    match &t.content {
+        Content::Lora { rank, alpha, a, b } => {
+            let r = *rank as usize;
+            // xpm: ΔW = s·B'·A' with A' [r, cols], B' [rows, r].
+            Some(if flip {
+                // ΔWᵀ = s·A'ᵀ·B'ᵀ: PEFT B = A'ᵀ [cols, r], A = B'ᵀ [r, rows].
+                PeftLora {
+                    a: transpose(b, rows, r, es),
+                    b: transpose(a, r, cols, es),
+                    a_shape: [r, rows],
+                    b_shape: [cols, r],
+                    rank: r as u64,
+                    alpha: *alpha,
+                }
+            } else {
+                PeftLora {
+                    a: a.clone(),
+                    b: b.clone(),
+                    a_shape: [r, cols],
+                    b_shape: [rows, r],
+                    rank: r as u64,
+                    alpha: *alpha,
+                }
+            })
+        }
+        _ => {
+            let m = dense_bytes(t);
+            let (m, p, q) = if flip {
+                (transpose(&m, rows, cols, es), cols, rows)
+            } else {
+                (m, rows, cols)
+            };
+            selection_lora(&m, p, q, t.dtype)
+        }
+    }
+}
+
+/// One LoRA module `module` (PEFT path `pm`) from the delta `t`; an all-zero sparse or dense
+/// delta writes nothing (but is still listed as a selection module).
+fn write_lora(t: &TensorData, module: &str, layer: Layer, pm: String, w: &mut Written) {
+    if !matches!(t.content, Content::Lora { .. }) {
+        w.selection.push(pm.clone());
+    }
+    let Some(lora) = peft_lora(t, layer) else {
+        return; // an all-zero delta: nothing to write
+    };
+    let st = t.dtype.to_safetensors();
+    let (an, bn) = if layer == Layer::Embedding {
+        (
+            format!("base_model.model.{pm}.lora_embedding_A"),
+            format!("base_model.model.{pm}.lora_embedding_B"),
+        )
+    } else {
+        (
+            format!("base_model.model.{pm}.lora_A.weight"),
+            format!("base_model.model.{pm}.lora_B.weight"),
+        )
+    };
+    w.out.push(Out {
+        name: an,
+        dtype: st,
+        shape: lora.a_shape.to_vec(),
+        bytes: lora.a,
+    });
+    w.out.push(Out {
+        name: bn,
+        dtype: st,
+        shape: lora.b_shape.to_vec(),
+        bytes: lora.b,
+    });
+    w.scales
+        .insert(module.to_string(), lora.alpha / lora.rank as f64);
+    w.modules.push((pm, lora.rank, lora.alpha));
+}
+
+/// The modules that are not adapters, saved whole; returns the bias deltas of adapter modules
+/// (for `lora_bias`, LoRA only) and the `modules_to_save`.
+fn write_whole<'t>(
+    manifest: &Manifest,
+    base: &Checkpoint,
+    plan: &Plan<'t>,
+    prefix: &str,
+    out: &mut Vec<Out>,
+) -> Result<(BTreeMap<String, &'t TensorData>, Vec<String>)> {
+    let adapter_modules = plan.adapter_modules();
     let mut lora_bias: BTreeMap<String, &TensorData> = BTreeMap::new();
     let mut to_save: Vec<String> = Vec::new();
-    for (module, ts) in &whole {
+    for (module, ts) in &plan.whole {
         if adapter_modules.contains(module.as_str()) {
             for (t, _) in ts {
-                if !t.name.ends_with(".bias") || shira {
+                if !t.name.ends_with(".bias") || plan.shira {
                     return Err(Error::input(
                         format!(
                             "`{}` changes `{}` of module `{module}`, which also has a weight adapter",
@@ -436,7 +501,7 @@ pub fn export(
                         ),
                     ));
                 }
-                lora_bias.insert(module.clone(), t);
+                lora_bias.insert(module.clone(), *t);
             }
             continue;
         }
@@ -446,122 +511,154 @@ pub fn export(
         } else {
             format!("{prefix}{module}")
         };
-        let deltas: HashMap<&str, (&TensorData, bool)> = ts
-            .iter()
-            .map(|(t, n)| (t.name.as_str(), (*t, *n)))
-            .collect();
-        // Every parameter of the module: the base's, plus new ones.
-        let mut params: BTreeSet<String> = base
-            .names()
-            .filter(|n| module_of(n).0 == *module)
-            .map(str::to_string)
-            .collect();
-        params.extend(deltas.keys().map(|s| s.to_string()));
-        for name in params {
-            let (_, param) = module_of(&name);
-            let full = format!("base_model.model.{pm}.{param}");
-            match (deltas.get(name.as_str()), base.info(&name)) {
-                (Some((t, true)), _) | (Some((t, false)), None) => {
-                    out.push(Out {
-                        name: full,
-                        dtype: t.dtype.to_safetensors(),
-                        shape: t.shape.iter().map(|&d| d as usize).collect(),
-                        bytes: dense_bytes(t),
-                    });
-                }
-                (Some((t, false)), Some(info)) => {
-                    let b = base.to_f32(&name)?;
-                    let d = t.dtype.to_f32(&dense_bytes(t));
-                    let sum: Vec<f32> = b.iter().zip(&d).map(|(b, d)| b + d).collect();
-                    let dt = Dtype::from_safetensors(info.dtype).unwrap_or(t.dtype);
-                    out.push(Out {
-                        name: full,
-                        dtype: dt.to_safetensors(),
-                        shape: info.shape.clone(),
-                        bytes: dt.from_f32(&sum),
-                    });
-                }
-                (None, Some(info)) => {
-                    out.push(Out {
-                        name: full,
-                        dtype: info.dtype,
-                        shape: info.shape.clone(),
-                        bytes: base.bytes(&name).expect("listed").to_vec(),
-                    });
-                }
-                (None, None) => unreachable!(),
-            }
-        }
+        write_whole_module(base, module, ts, &pm, out)?;
         to_save.push(pm);
     }
-    let use_lora_bias = !lora_bias.is_empty();
-    if use_lora_bias {
-        // lora_bias adds a bias to every LoRA module: each needs a base bias to merge into,
-        // and PEFT refuses it on embeddings.
-        if let Some((t, _, _)) = adapter.iter().find(|(_, _, l)| *l == Layer::Embedding) {
-            return Err(Error::input(
-                format!(
-                    "`{}` has bias deltas (PEFT's lora_bias) and a delta on the embedding `{}`, which PEFT cannot hold together",
-                    manifest.name, t.name
-                ),
-                Some(
-                    "split the expert: export the embedding delta and the bias deltas as two experts",
-                ),
-            ));
-        }
-        for (t, module, _) in &adapter {
-            let Some(bname) = base
-                .names()
-                .find(|n| *n == format!("{module}.bias"))
-                .map(str::to_string)
-            else {
-                return Err(Error::input(
-                    format!(
-                        "`{}` has bias deltas, but the LoRA module `{module}` has no bias in the base",
-                        manifest.name
-                    ),
-                    Some(
-                        "PEFT's lora_bias gives every LoRA module a bias; split the bias deltas into another expert",
-                    ),
-                ));
-            };
-            let s = scales.get(module).copied().unwrap_or(1.0) as f32;
-            let info = base.info(&bname).expect("found");
-            let dt = Dtype::from_safetensors(info.dtype).unwrap_or(t.dtype);
-            let vals: Vec<f32> = match lora_bias.get(module) {
-                Some(bt) => bt
-                    .dtype
-                    .to_f32(&dense_bytes(bt))
-                    .iter()
-                    .map(|v| v / s)
-                    .collect(),
-                None => vec![0.0; info.shape.iter().product()],
-            };
-            out.push(Out {
-                name: format!("base_model.model.{prefix}{module}.lora_B.bias"),
-                dtype: dt.to_safetensors(),
-                shape: info.shape.clone(),
-                bytes: dt.from_f32(&vals),
-            });
+    Ok((lora_bias, to_save))
+}
+
+/// Every parameter of `module` (the base's, plus new ones) as PEFT module `pm`: base + delta,
+/// the new tensor itself, or the base's tensor where the expert leaves it unchanged.
+fn write_whole_module(
+    base: &Checkpoint,
+    module: &str,
+    ts: &[(&TensorData, bool)],
+    pm: &str,
+    out: &mut Vec<Out>,
+) -> Result<()> {
+    let deltas: HashMap<&str, (&TensorData, bool)> = ts
+        .iter()
+        .map(|(t, n)| (t.name.as_str(), (*t, *n)))
+        .collect();
+    let mut params: BTreeSet<String> = base
+        .names()
+        .filter(|n| module_of(n).0 == *module)
+        .map(str::to_string)
+        .collect();
+    params.extend(deltas.keys().map(|s| s.to_string()));
+    for name in params {
+        let (_, param) = module_of(&name);
+        let full = format!("base_model.model.{pm}.{param}");
+        match (deltas.get(name.as_str()), base.info(&name)) {
+            (Some((t, true)), _) | (Some((t, false)), None) => {
+                out.push(Out {
+                    name: full,
+                    dtype: t.dtype.to_safetensors(),
+                    shape: t.shape.iter().map(|&d| d as usize).collect(),
+                    bytes: dense_bytes(t),
+                });
+            }
+            (Some((t, false)), Some(info)) => {
+                let b = base.to_f32(&name)?;
+                let d = t.dtype.to_f32(&dense_bytes(t));
+                let sum: Vec<f32> = b.iter().zip(&d).map(|(b, d)| b + d).collect();
+                let dt = Dtype::from_safetensors(info.dtype).unwrap_or(t.dtype);
+                out.push(Out {
+                    name: full,
+                    dtype: dt.to_safetensors(),
+                    shape: info.shape.clone(),
+                    bytes: dt.from_f32(&sum),
+                });
+            }
+            (None, Some(info)) => {
+                out.push(Out {
+                    name: full,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    bytes: base.bytes(&name).expect("listed").to_vec(),
+                });
+            }
+            (None, None) => unreachable!(),
         }
     }
-    if out.is_empty() {
+    Ok(())
+}
+
+/// PEFT's `lora_bias`: a `lora_B.bias` for every LoRA module, the bias delta divided by the
+/// module's scale (zero where the expert leaves the bias unchanged).
+fn write_lora_bias(
+    manifest: &Manifest,
+    base: &Checkpoint,
+    plan: &Plan,
+    lora_bias: &BTreeMap<String, &TensorData>,
+    w: &mut Written,
+    prefix: &str,
+) -> Result<()> {
+    // lora_bias adds a bias to every LoRA module: each needs a base bias to merge into,
+    // and PEFT refuses it on embeddings.
+    if let Some((t, _, _)) = plan.adapter.iter().find(|(_, _, l)| *l == Layer::Embedding) {
         return Err(Error::input(
-            format!("`{}` holds no non-zero delta to export", manifest.name),
-            None,
+            format!(
+                "`{}` has bias deltas (PEFT's lora_bias) and a delta on the embedding `{}`, which PEFT cannot hold together",
+                manifest.name, t.name
+            ),
+            Some("split the expert: export the embedding delta and the bias deltas as two experts"),
         ));
     }
+    for (t, module, _) in &plan.adapter {
+        let Some(bname) = base
+            .names()
+            .find(|n| *n == format!("{module}.bias"))
+            .map(str::to_string)
+        else {
+            return Err(Error::input(
+                format!(
+                    "`{}` has bias deltas, but the LoRA module `{module}` has no bias in the base",
+                    manifest.name
+                ),
+                Some(
+                    "PEFT's lora_bias gives every LoRA module a bias; split the bias deltas into another expert",
+                ),
+            ));
+        };
+        let s = w.scales.get(module).copied().unwrap_or(1.0) as f32;
+        let info = base.info(&bname).expect("found");
+        let dt = Dtype::from_safetensors(info.dtype).unwrap_or(t.dtype);
+        let vals: Vec<f32> = match lora_bias.get(module) {
+            Some(bt) => bt
+                .dtype
+                .to_f32(&dense_bytes(bt))
+                .iter()
+                .map(|v| v / s)
+                .collect(),
+            None => vec![0.0; info.shape.iter().product()],
+        };
+        w.out.push(Out {
+            name: format!("base_model.model.{prefix}{module}.lora_B.bias"),
+            dtype: dt.to_safetensors(),
+            shape: info.shape.clone(),
+            bytes: dt.from_f32(&vals),
+        });
+    }
+    Ok(())
+}
 
-    // Global r and α: the most common; the others in rank_pattern / alpha_pattern.
-    let most_common = |vals: Vec<String>| -> Option<String> {
-        let mut count: BTreeMap<String, usize> = BTreeMap::new();
-        for v in vals {
-            *count.entry(v).or_default() += 1;
-        }
-        count.into_iter().max_by_key(|(_, c)| *c).map(|(v, _)| v)
-    };
+/// The most common of `vals`.
+fn most_common(vals: Vec<String>) -> Option<String> {
+    let mut count: BTreeMap<String, usize> = BTreeMap::new();
+    for v in vals {
+        *count.entry(v).or_default() += 1;
+    }
+    count.into_iter().max_by_key(|(_, c)| *c).map(|(v, _)| v)
+}
+
+/// What `adapter_config.json` says besides the modules.
+struct ConfigFacts<'a> {
+    shira: bool,
+    shira_r: u64,
+    task_type: Option<&'a str>,
+    base_id: &'a str,
+    fan_in_fan_out: bool,
+    lora_bias: bool,
+    to_save: &'a [String],
+}
+
+/// `adapter_config.json` and its global r. Global r and α are the most common; the others go
+/// to `rank_pattern` / `alpha_pattern`.
+fn adapter_config(modules: &[(String, u64, f64)], f: &ConfigFacts) -> (serde_json::Value, u64) {
+    let shira = f.shira;
     let r = if shira {
-        shira_r
+        f.shira_r
     } else {
         most_common(modules.iter().map(|m| m.1.to_string()).collect())
             .and_then(|s| s.parse().ok())
@@ -572,7 +669,7 @@ pub fn export(
         .unwrap_or(8.0);
     let mut rank_pattern = serde_json::Map::new();
     let mut alpha_pattern = serde_json::Map::new();
-    for (m, mr, ma) in &modules {
+    for (m, mr, ma) in modules {
         if !shira && *mr != r {
             rank_pattern.insert(regex::escape(m), json!(mr));
         }
@@ -580,12 +677,8 @@ pub fn export(
             alpha_pattern.insert(regex::escape(m), json!(ma));
         }
     }
-    let base_id = opts
-        .base_id
-        .clone()
-        .unwrap_or_else(|| manifest.base.id.clone());
-    let target_modules: Vec<String> = modules.iter().map(|m| m.0.clone()).collect();
-    let fan_in_fan_out = adapter.iter().any(|(_, _, l)| *l == Layer::Conv1D);
+    let target_modules: Vec<&String> = modules.iter().map(|m| &m.0).collect();
+    let (task_type, base_id, to_save) = (f.task_type, f.base_id, f.to_save);
     let config = if shira {
         json!({
             "peft_type": "SHIRA", "task_type": task_type, "base_model_name_or_path": base_id,
@@ -599,15 +692,24 @@ pub fn export(
             "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_id,
             "r": r, "lora_alpha": alpha, "target_modules": target_modules,
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-            "fan_in_fan_out": fan_in_fan_out, "use_rslora": false, "lora_bias": use_lora_bias,
+            "fan_in_fan_out": f.fan_in_fan_out, "use_rslora": false, "lora_bias": f.lora_bias,
             "use_dora": false, "lora_dropout": 0.0, "bias": "none", "init_lora_weights": true,
             "modules_to_save": if to_save.is_empty() { serde_json::Value::Null } else { json!(to_save) },
             "inference_mode": true,
         })
     };
-    let peft_type = if shira { "SHIRA" } else { "LORA" };
+    (config, r)
+}
 
-    // Write: weights, config, README, sidecar.
+/// Write the adapter directory: weights (sorted by name), config, README and sidecar. Returns
+/// the number of tensors and the weights file's size.
+fn write_dir(
+    dir: &Path,
+    mut out: Vec<Out>,
+    config: &serde_json::Value,
+    readme: &str,
+    sidecar: &Sidecar,
+) -> Result<(usize, u64)> {
     out.sort_by(|a, b| a.name.cmp(&b.name));
     let planned: Vec<PlannedTensor> = out
         .iter()
@@ -626,24 +728,97 @@ pub fn export(
     let cfg_path = dir.join(CONFIG_FILE);
     xpm_core::fsutil::write_atomic(
         &cfg_path,
-        (serde_json::to_string_pretty(&config).expect("json") + "\n").as_bytes(),
+        (serde_json::to_string_pretty(config).expect("json") + "\n").as_bytes(),
     )?;
-    let readme = readme(manifest, &base_id, peft_type, task_type.as_deref());
     xpm_core::fsutil::write_atomic(&dir.join("README.md"), readme.as_bytes())?;
     let side = dir.join(SIDECAR_FILE);
     xpm_core::fsutil::write_atomic(
         &side,
-        (serde_json::to_string_pretty(&sidecar).expect("json") + "\n").as_bytes(),
+        (serde_json::to_string_pretty(sidecar).expect("json") + "\n").as_bytes(),
     )?;
+    Ok((planned.len(), bytes))
+}
+
+/// Export `tensors` (the expert's, with their `new` flags) against `base` into `dir` (which
+/// the caller creates atomically). `model_type` is the base config's `model_type`.
+pub fn export(
+    manifest: &Manifest,
+    tensors: &[(TensorData, bool)],
+    base: &Checkpoint,
+    model_type: Option<&str>,
+    architectures: &[String],
+    opts: &ExportOptions,
+    dir: &Path,
+) -> Result<ExportReport> {
+    let has_head = tensors.iter().any(|(_, new)| *new);
+    let task_type = task_type(manifest, has_head, architectures, opts);
+    let plan = classify(
+        manifest,
+        tensors,
+        model_type,
+        task_type.as_deref(),
+        opts.peft_type,
+    )?;
+    let prefix = &opts.prefix;
+    let mut w = Written::default();
+    let shira_r = if plan.shira {
+        shira_rank(&plan.adapter)
+    } else {
+        0
+    };
+    for (t, module, layer) in &plan.adapter {
+        let pm = format!("{prefix}{module}");
+        if plan.shira {
+            write_shira(t, pm, shira_r, &mut w)?;
+        } else {
+            write_lora(t, module, *layer, pm, &mut w);
+        }
+    }
+    let (lora_bias, to_save) = write_whole(manifest, base, &plan, prefix, &mut w.out)?;
+    let use_lora_bias = !lora_bias.is_empty();
+    if use_lora_bias {
+        write_lora_bias(manifest, base, &plan, &lora_bias, &mut w, prefix)?;
+    }
+    if w.out.is_empty() {
+        return Err(Error::input(
+            format!("`{}` holds no non-zero delta to export", manifest.name),
+            None,
+        ));
+    }
+    let base_id = opts
+        .base_id
+        .clone()
+        .unwrap_or_else(|| manifest.base.id.clone());
+    let (config, r) = adapter_config(
+        &w.modules,
+        &ConfigFacts {
+            shira: plan.shira,
+            shira_r,
+            task_type: task_type.as_deref(),
+            base_id: &base_id,
+            fan_in_fan_out: plan.adapter.iter().any(|(_, _, l)| *l == Layer::Conv1D),
+            lora_bias: use_lora_bias,
+            to_save: &to_save,
+        },
+    );
+    let peft_type = if plan.shira { "SHIRA" } else { "LORA" };
+    let sidecar = Sidecar {
+        expert: format!("{}@{}", manifest.name, manifest.version),
+        base_digest: manifest.base.digest.clone(),
+        shira_nnz: std::mem::take(&mut w.shira_nnz),
+    };
+    let readme = readme(manifest, &base_id, peft_type, task_type.as_deref());
+    let target_modules: Vec<String> = w.modules.iter().map(|m| m.0.clone()).collect();
+    let (tensors, bytes) = write_dir(dir, w.out, &config, &readme, &sidecar)?;
     Ok(ExportReport {
         peft_type: peft_type.into(),
         r,
         target_modules,
         modules_to_save: to_save,
-        selection_modules: report_sel,
+        selection_modules: w.selection,
         task_type,
         base_model_name_or_path: base_id,
-        tensors: planned.len(),
+        tensors,
         bytes,
     })
 }
