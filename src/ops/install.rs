@@ -371,15 +371,7 @@ fn download_all(
     }
     let total: u64 = lines.iter().map(|l| l.size).sum();
     let pb = printer.progress_bytes(total, "Downloading");
-    let progress = |n: i64| {
-        if n >= 0 {
-            pb.inc(n as u64)
-        } else {
-            pb.dec((-n) as u64)
-        }
-    };
-    let results =
-        crate::parallel::collect_ordered(jobs, lines, |line| store.fetch(reg, line, &progress));
+    let results = crate::parallel::collect_ordered(jobs, lines, |line| store.fetch(reg, line, &pb));
     pb.finish_and_clear();
     results
 }

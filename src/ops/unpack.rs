@@ -21,7 +21,7 @@ pub fn unpack(artifact: &Path, out: &Path, printer: &Printer) -> Result<()> {
         format!("{}@{} to {}", m.name, m.version, out.display()),
     );
     let pb = printer.progress(unpacked::unpacked_tensor_count(m) as u64, "Unpacking");
-    unpacked::unpack(&reader, out, |done| pb.set_position(done as u64))?;
+    unpacked::unpack(&reader, out, &pb)?;
     pb.finish_and_clear();
     printer.status("Wrote", out.display());
     Ok(())

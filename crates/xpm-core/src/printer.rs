@@ -1,9 +1,10 @@
 //! All user-facing output goes through a [`Printer`]; library code never prints on its own.
 //!
 //! Status lines go to stderr (cargo style: a right-aligned verb, then the message), results to
-//! stdout. Progress bars are drawn only on a terminal and never with `--quiet`.
+//! stdout. Progress bars are drawn only on a terminal and never with `--quiet`; library code
+//! reports progress through the [`Progress`] trait, whatever draws it.
 
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -112,5 +113,47 @@ impl Printer {
         pb.set_prefix(message.to_string());
         pb.enable_steady_tick(Duration::from_millis(200));
         pb
+    }
+}
+
+/// How library code reports the progress of a long operation (tensors written, bytes sent or
+/// received): implemented by the bars [`Printer::progress`] and [`Printer::progress_bytes`]
+/// make, and by [`NoProgress`]. Shared across worker threads.
+pub trait Progress: Send + Sync {
+    /// Advance by `n` steps (or bytes).
+    fn inc(&self, n: u64);
+    /// Go back `n` steps (a retried download starts over).
+    fn dec(&self, n: u64);
+    /// Start over from 0 (a retried upload).
+    fn reset(&self);
+    /// `reader`, advancing this progress by every byte read through it.
+    fn wrap_read(&self, reader: Box<dyn Read + Send>) -> Box<dyn Read + Send>;
+}
+
+impl Progress for ProgressBar {
+    fn inc(&self, n: u64) {
+        ProgressBar::inc(self, n)
+    }
+    fn dec(&self, n: u64) {
+        ProgressBar::dec(self, n)
+    }
+    fn reset(&self) {
+        self.set_position(0)
+    }
+    fn wrap_read(&self, reader: Box<dyn Read + Send>) -> Box<dyn Read + Send> {
+        Box::new(ProgressBar::wrap_read(self, reader))
+    }
+}
+
+/// No progress report (library callers and tests).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn inc(&self, _: u64) {}
+    fn dec(&self, _: u64) {}
+    fn reset(&self) {}
+    fn wrap_read(&self, reader: Box<dyn Read + Send>) -> Box<dyn Read + Send> {
+        reader
     }
 }

@@ -27,6 +27,7 @@ use crate::error::{Error, IoResultExt, Result};
 use crate::format::{BaseModel, ExpertKind};
 use crate::fsutil::write_atomic_nosync;
 use crate::home::XpmHome;
+use crate::printer::Progress;
 use crate::registry::http::retry;
 use crate::registry::{IndexLine, Registry};
 use sha2::{Digest, Sha256};
@@ -116,13 +117,13 @@ impl Store {
     }
 
     /// Download `line`'s artifact from `reg` into a temporary file, verifying size and sha256
-    /// while streaming; retried on transient failures. `progress` gets byte counts (and is
-    /// rewound with negative counts when a retry starts over).
+    /// while streaming; retried on transient failures. `progress` advances by the bytes
+    /// received (and goes back when a retry starts over).
     pub fn fetch(
         &self,
         reg: &dyn Registry,
         line: &IndexLine,
-        progress: &(dyn Fn(i64) + Sync),
+        progress: &dyn Progress,
     ) -> Result<Staged> {
         let tmp_dir = self.cache.join("tmp-v1");
         std::fs::create_dir_all(&tmp_dir).at("create directory", &tmp_dir)?;
@@ -176,16 +177,16 @@ impl Store {
                     }
                     hasher.update(&buf[..fill]);
                     file.write_all(&buf[..fill]).at("write", tmp.path())?;
-                    progress(fill as i64);
+                    progress.inc(fill as u64);
                 }
             })();
             if let Err(e) = result {
-                progress(-(got as i64));
+                progress.dec(got);
                 return Err(e);
             }
             let digest = crate::digest::format_digest(&hasher.finalize());
             if got != line.size || digest != line.cksum {
-                progress(-(got as i64));
+                progress.dec(got);
                 return Err(Error::registry(
                     reg.source(),
                     format!(
@@ -436,6 +437,7 @@ mod tests {
     use super::*;
     use crate::format::manifest::Manifest;
     use crate::format::{ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
+    use crate::printer::NoProgress;
     use crate::registry::LocalRegistry;
 
     /// A local registry with `x@1.0.0` published, and a store in another directory.
@@ -478,7 +480,7 @@ mod tests {
         let (store, reg, line) = setup(d.path());
         let backend = open_registry(d.path());
         assert!(!store.has_blob(&line.cksum, line.size));
-        let staged = store.fetch(backend.as_ref(), &line, &|_| {}).unwrap();
+        let staged = store.fetch(backend.as_ref(), &line, &NoProgress).unwrap();
         let record = Installed {
             name: line.name.clone(),
             version: line.vers.clone(),
@@ -526,7 +528,10 @@ mod tests {
         // Same bytes and digest, but the line claims another version.
         let mut lie = line.clone();
         lie.vers = "2.0.0".parse().unwrap();
-        let e = store.fetch(backend.as_ref(), &lie, &|_| {}).err().unwrap();
+        let e = store
+            .fetch(backend.as_ref(), &lie, &NoProgress)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("manifest says version 1.0.0"), "{e}");
     }
 

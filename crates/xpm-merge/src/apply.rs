@@ -20,7 +20,7 @@ use xpm_core::format::ArtifactReader;
 use xpm_core::format::st::{PlannedTensor, write_safetensors};
 use xpm_core::fsutil::build_dir_atomic;
 use xpm_core::home::XpmHome;
-use xpm_core::printer::Printer;
+use xpm_core::printer::{Printer, Progress};
 
 /// Hugging Face's default shard size (`max_shard_size="5GB"`).
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
@@ -73,7 +73,7 @@ pub fn apply(
         expert,
         delta_of: &delta_of,
         new_tensors: &new_tensors,
-        tick: &|| pb.inc(1),
+        progress: &pb,
     };
     let files = build_dir_atomic(out, |dir| {
         sum.write_shards(dir, &shards)?;
@@ -135,8 +135,8 @@ struct Sum<'a> {
     delta_of: &'a BTreeMap<&'a str, usize>,
     /// Added tensor name → its index in the manifest.
     new_tensors: &'a BTreeMap<String, usize>,
-    /// Called once per base tensor written (the progress bar).
-    tick: &'a dyn Fn(),
+    /// Advances by one per base tensor written.
+    progress: &'a dyn Progress,
 }
 
 impl Sum<'_> {
@@ -183,7 +183,7 @@ impl Sum<'_> {
         }
         let raw = self.ck.bytes(name).expect("listed");
         *total += raw.len() as u64;
-        (self.tick)();
+        self.progress.inc(1);
         match self.delta_of.get(name) {
             None => Ok(raw.to_vec()),
             Some(&idx) => add_delta(self.ck, self.reader, name, idx),

@@ -20,6 +20,7 @@ use super::st::{PlannedTensor, SafetensorsWriter};
 use super::tensor::{Content, TensorData};
 use crate::error::{Error, IoResultExt, Result};
 use crate::fsutil;
+use crate::printer::Progress;
 
 /// The manifest file of an unpacked expert.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -64,12 +65,12 @@ fn planned(m: &Manifest) -> Vec<(usize, PartRole, PlannedTensor)> {
 }
 
 /// Unpack an artifact into `out` (which must not exist or be empty), atomically.
-/// `progress(i)` is called after each stored tensor part is written.
+/// `progress` advances by one after each stored tensor part is written.
 ///
 /// Two threads: one reads, verifies and decodes part `k + 1` while the other writes part `k`;
 /// buffers are recycled, so memory stays at a small multiple of the largest part, whatever the
 /// size of the expert.
-pub fn unpack(reader: &ArtifactReader, out: &Path, mut progress: impl FnMut(usize)) -> Result<()> {
+pub fn unpack(reader: &ArtifactReader, out: &Path, progress: &dyn Progress) -> Result<()> {
     let manifest = reader.manifest();
     let plan = planned(manifest);
     let tensors: Vec<PlannedTensor> = plan.iter().map(|(_, _, p)| p.clone()).collect();
@@ -117,13 +118,13 @@ pub fn unpack(reader: &ArtifactReader, out: &Path, mut progress: impl FnMut(usiz
                     }
                 }
             });
-            for done in 1..=plan.len() {
+            for _ in 0..plan.len() {
                 let buf = full_rx
                     .recv()
                     .expect("the reader thread sends one result per part")?;
                 w.write_next(&buf)?;
                 let _ = free_tx.send(buf);
-                progress(done);
+                progress.inc(1);
             }
             Ok(())
         })?;

@@ -18,7 +18,7 @@ use crate::digest::sha256;
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic_nosync;
 use crate::home::XpmHome;
-use crate::printer::Printer;
+use crate::printer::{Printer, Progress};
 
 use super::index::{IndexLine, RegistryConfig, SearchResults, index_rel_path, parse_index_of};
 use super::{ClientOptions, Registry};
@@ -370,7 +370,7 @@ impl Registry for HttpRegistry {
         &self,
         artifact: &Path,
         line: &IndexLine,
-        progress: &indicatif::ProgressBar,
+        progress: &dyn Progress,
     ) -> Result<IndexLine> {
         self.require_online("publishing")?;
         let url = format!("{}/api/v1/experts/new", self.api()?);
@@ -400,8 +400,8 @@ impl Registry for HttpRegistry {
         let result = retry(&self.printer, || {
             tries += 1;
             let file = std::fs::File::open(artifact).map_err(|e| Error::io("open", artifact, e))?;
-            progress.set_position(0);
-            let file = progress.wrap_read(file);
+            progress.reset();
+            let file = progress.wrap_read(Box::new(file));
             let rb = self
                 .authed(self.client.put(&url))
                 .timeout(transfer_timeout(line.size))

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use crate::error::{Error, IoResultExt, Result};
 use crate::home::XpmHome;
+use crate::printer::Progress;
 
 pub use index::{IndexLine, RegistryConfig, SearchHit, SearchResults};
 pub use local::LocalRegistry;
@@ -32,7 +33,7 @@ pub trait Registry: Send + Sync {
         &self,
         artifact: &Path,
         line: &IndexLine,
-        progress: &indicatif::ProgressBar,
+        progress: &dyn Progress,
     ) -> Result<IndexLine>;
     /// Yank (or un-yank) a version; returns the updated line.
     fn set_yanked(&self, name: &str, version: &semver::Version, yanked: bool) -> Result<IndexLine>;
@@ -124,7 +125,7 @@ impl Registry for LocalBackend {
         &self,
         artifact: &Path,
         line: &IndexLine,
-        progress: &indicatif::ProgressBar,
+        progress: &dyn Progress,
     ) -> Result<IndexLine> {
         let mut line = line.clone();
         line.pubtime = index::now_rfc3339();
