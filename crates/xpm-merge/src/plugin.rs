@@ -734,3 +734,188 @@ pub fn find(name: &str, explicit: &[PathBuf], search: &[PathBuf]) -> Result<Opti
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PATH: &str = "libxpm_plugin_test.so";
+
+    fn xstr(s: &'static [u8]) -> XpmStr {
+        XpmStr {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// A descriptor with every entry point NULL and the given header.
+    fn descriptor(size: usize, major: u32, minor: u32) -> Box<XpmPluginDescriptorV1> {
+        Box::new(XpmPluginDescriptorV1 {
+            size,
+            abi_major: major,
+            abi_minor: minor,
+            name: xstr(b"test"),
+            version: xstr(b"1.0.0"),
+            capabilities: 0,
+            params_schema: None,
+            create: None,
+            merge: None,
+            destroy: None,
+            free_buf: None,
+        })
+    }
+
+    fn header(d: XpmPluginDescriptorV1) -> Result<()> {
+        // Leaked: the header check hands out a `'static` reference, as for a loaded library.
+        let d: &'static XpmPluginDescriptorV1 = Box::leak(Box::new(d));
+        check_descriptor_header(Path::new(PATH), d).map(|_| ())
+    }
+
+    #[test]
+    fn descriptor_header_checks_major_then_size() {
+        let ok = *descriptor(XPM_DESCRIPTOR_V1_0_SIZE, XPM_PLUGIN_ABI_MAJOR, 0);
+        assert!(header(ok).is_ok());
+        // A later minor may append fields: a larger descriptor is accepted.
+        let larger = *descriptor(XPM_DESCRIPTOR_V1_0_SIZE + 8, XPM_PLUGIN_ABI_MAJOR, 7);
+        assert!(header(larger).is_ok());
+
+        let other_major = *descriptor(XPM_DESCRIPTOR_V1_0_SIZE, XPM_PLUGIN_ABI_MAJOR + 1, 3);
+        let e = header(other_major).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "built for plugin ABI {}.3, this xpm speaks ABI {XPM_PLUGIN_ABI_MAJOR}.x",
+                XPM_PLUGIN_ABI_MAJOR + 1
+            )),
+            "{e}"
+        );
+        assert!(e.contains(PATH), "{e}");
+
+        // The major is checked first: another major with a tiny size names the ABI, not the size.
+        let tiny_other = *descriptor(8, XPM_PLUGIN_ABI_MAJOR + 1, 0);
+        let e = header(tiny_other).unwrap_err().to_string();
+        assert!(e.contains("built for plugin ABI"), "{e}");
+
+        let small = *descriptor(XPM_DESCRIPTOR_V1_0_SIZE - 1, XPM_PLUGIN_ABI_MAJOR, 0);
+        let e = header(small).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "is {} bytes, smaller than the {XPM_DESCRIPTOR_V1_0_SIZE} of ABI 1.0",
+                XPM_DESCRIPTOR_V1_0_SIZE - 1
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn identity_needs_a_valid_name_and_a_semantic_version() {
+        let path = Path::new(PATH);
+        let d = descriptor(XPM_DESCRIPTOR_V1_0_SIZE, XPM_PLUGIN_ABI_MAJOR, 0);
+        assert_eq!(
+            read_identity(path, &d).unwrap(),
+            ("test".to_string(), "1.0.0".to_string())
+        );
+
+        let mut bad_name = descriptor(XPM_DESCRIPTOR_V1_0_SIZE, XPM_PLUGIN_ABI_MAJOR, 0);
+        bad_name.name = xstr(b"Not A Name");
+        let e = read_identity(path, &bad_name).unwrap_err().to_string();
+        assert!(e.contains("invalid strategy name"), "{e}");
+
+        let mut not_utf8 = descriptor(XPM_DESCRIPTOR_V1_0_SIZE, XPM_PLUGIN_ABI_MAJOR, 0);
+        not_utf8.name = xstr(b"\xff\xfe");
+        let e = read_identity(path, &not_utf8).unwrap_err().to_string();
+        assert!(e.contains("its name is not UTF-8"), "{e}");
+
+        let mut null_version = descriptor(XPM_DESCRIPTOR_V1_0_SIZE, XPM_PLUGIN_ABI_MAJOR, 0);
+        null_version.version = XpmStr {
+            ptr: std::ptr::null(),
+            len: 0,
+        };
+        let e = read_identity(path, &null_version).unwrap_err().to_string();
+        assert!(e.contains("its version is not UTF-8"), "{e}");
+
+        let mut bad_version = descriptor(XPM_DESCRIPTOR_V1_0_SIZE, XPM_PLUGIN_ABI_MAJOR, 0);
+        bad_version.version = xstr(b"one");
+        let e = read_identity(path, &bad_version).unwrap_err().to_string();
+        assert!(e.contains("`one` is not a semantic version"), "{e}");
+    }
+
+    #[test]
+    fn support_is_the_sorted_union_and_slots_index_it() {
+        let inputs = vec![
+            Input::Sparse {
+                indices: vec![3, 64, 130],
+                values: vec![1.0, 2.0, 3.0],
+            },
+            Input::Absent,
+            Input::Sparse {
+                indices: vec![0, 3, 200],
+                values: vec![4.0, 5.0, 6.0],
+            },
+        ];
+        let mut s = Scratch::default();
+        union_support(&mut s, &inputs, 256, false);
+        assert_eq!(s.support, vec![0, 3, 64, 130, 200]);
+        gather_entries(&mut s, &inputs, false);
+        assert_eq!(s.starts, vec![0, 3, 3, 6]);
+        assert_eq!(s.slots, vec![1, 2, 3, 0, 1, 4]);
+        assert_eq!(s.values, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+
+        // A dense input makes every position part of the support; positions are their slots.
+        let inputs = vec![
+            Input::Dense {
+                values: vec![1.0, 0.0, 2.0],
+            },
+            Input::Sparse {
+                indices: vec![2],
+                values: vec![7.0],
+            },
+        ];
+        union_support(&mut s, &inputs, 3, true);
+        assert_eq!(s.support, vec![0, 1, 2]);
+        gather_entries(&mut s, &inputs, true);
+        assert_eq!(s.starts, vec![0, 3, 4]);
+        assert_eq!(s.slots, vec![0, 1, 2, 2]);
+        assert_eq!(s.values, vec![1.0, 0.0, 2.0, 7.0]);
+    }
+
+    #[test]
+    fn discovery_names_and_search_order() {
+        let file = library_file_name("magnitude-max");
+        assert!(file.contains("xpm_plugin_magnitude_max"), "{file}");
+        assert!(file.ends_with(std::env::consts::DLL_SUFFIX), "{file}");
+
+        let d = tempfile::tempdir().unwrap();
+        let lib = |n: &str| {
+            d.path()
+                .join(format!("{n}.{}", std::env::consts::DLL_EXTENSION))
+        };
+        for n in ["b", "a"] {
+            std::fs::write(lib(n), b"").unwrap();
+        }
+        std::fs::write(d.path().join("notes.txt"), b"").unwrap();
+        let explicit = vec![PathBuf::from("x")];
+        let search = vec![d.path().to_path_buf(), d.path().join("missing")];
+        assert_eq!(
+            candidates(&explicit, &search),
+            vec![
+                (PathBuf::from("x"), true),
+                (lib("a"), false),
+                (lib("b"), false)
+            ]
+        );
+        // Only the file named for the strategy is loaded from a search directory: none here.
+        assert!(find("a", &[], &search).unwrap().is_none());
+
+        let home = xpm_core::home::XpmHome::resolve(Some(d.path().join("home")));
+        let sep = if cfg!(windows) { ";" } else { ":" };
+        let path = std::ffi::OsString::from(format!("/p1{sep}/p2"));
+        assert_eq!(
+            search_path(Some(&path), &home),
+            vec![
+                PathBuf::from("/p1"),
+                PathBuf::from("/p2"),
+                d.path().join("home").join("plugins")
+            ]
+        );
+    }
+}
