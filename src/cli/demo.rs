@@ -16,7 +16,9 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     crate::alloc::configure();
     // SAFETY: the first thing the command does; `main` started no thread before it.
     unsafe { super::configure_training_threads() };
-    let dir = a.dir.unwrap_or_else(|| ctx.home.root.join("demo"));
+    let dir = a
+        .dir
+        .unwrap_or_else(|| crate::ops::demo::default_dir(&ctx.home));
     let s = crate::ops::demo::demo(&dir, &ctx.home, &ctx.printer)
         .with_context(|| format!("the demo failed in `{}`", dir.display()))?;
     ctx.printer.out(format!(

@@ -66,9 +66,9 @@ fn parse_kind(s: &str) -> Result<ExpertKind, String> {
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
-    let out = a.out.unwrap_or_else(|| {
-        PathBuf::from(format!("{}-{}.xpm", a.name.replace('/', "-"), a.version))
-    });
+    let out = a
+        .out
+        .unwrap_or_else(|| crate::ops::default_out(&a.name, &a.version));
     let opts = ExtractOptions {
         base: a.base,
         tuned: a.tuned,

@@ -91,26 +91,14 @@ pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
             experts,
             common,
         } => {
-            if experts.len() > 1 && common.name.is_some() {
-                return Err(crate::Error::input(
-                    "`--name` names one expert, but several are imported",
-                    Some("import them one at a time to name each, or drop `--name`"),
-                )
-                .into());
-            }
+            let targets = crate::ops::interop::mttl_targets(
+                &experts,
+                common.name.as_deref(),
+                common.out.as_deref(),
+                &common.version,
+            )?;
             let mut reports: Vec<ImportReport> = Vec::new();
-            for e in &experts {
-                let name = common
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| e.to_ascii_lowercase());
-                let out = match (&common.out, experts.len()) {
-                    (Some(o), 1) => Some(o.clone()),
-                    (Some(dir), _) => {
-                        Some(dir.join(format!("{}-{}.xpm", name.replace('/', "-"), common.version)))
-                    }
-                    (None, _) => None,
-                };
+            for (e, (name, out)) in experts.iter().zip(targets) {
                 let opts = common.options(name, out);
                 let r = crate::ops::interop::import_mttl(
                     &library,

@@ -1,11 +1,9 @@
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 
 use super::Context;
-use crate::merge::recipe::{Recipe, RecipeExpert, param_from_str, parse_override};
-use crate::ops::merge::{ApplyTo, MergeRequest, run};
+use crate::ops::merge::{ApplyTo, MergeFlags, MergeRequest, RecipeSource, run};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -77,63 +75,20 @@ pub struct Args {
     level: i32,
 }
 
-/// The recipe the command line describes.
-fn recipe_from_flags(a: &Args) -> anyhow::Result<Recipe> {
-    if !a.weights.is_empty() && a.weights.len() != a.experts.len() {
-        anyhow::bail!(crate::Error::input(
-            format!(
-                "{} weights for {} experts",
-                a.weights.len(),
-                a.experts.len()
-            ),
-            Some("give one weight per expert, in the same order, e.g. `--weights 1,0.5`"),
-        ));
-    }
-    let mut params = BTreeMap::new();
-    for kv in &a.params {
-        let (k, v) = kv
-            .split_once('=')
-            .with_context(|| format!("`--param {kv}` is not KEY=VALUE"))?;
-        params.insert(k.trim().to_string(), param_from_str(v.trim()));
-    }
-    Ok(Recipe {
-        version: crate::merge::recipe::RECIPE_VERSION,
-        strategy: a.strategy.clone(),
-        preset: a.preset.as_deref().map(str::parse).transpose()?,
-        seed: a.seed.unwrap_or(0),
-        output: None,
-        params,
-        experts: a
-            .experts
-            .iter()
-            .enumerate()
-            .map(|(i, e)| RecipeExpert {
-                expert: e.clone(),
-                weight: a.weights.get(i).copied().unwrap_or(1.0),
-                sha256: None,
-            })
-            .collect(),
-        overrides: a
-            .overrides
-            .iter()
-            .map(|o| parse_override(o))
-            .collect::<crate::Result<_>>()?,
-        plugin_sha256: None,
-    })
-}
-
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
-    let recipe = match &a.recipe {
-        Some(path) => {
-            let mut r = Recipe::read(path)?;
-            // An explicit --seed wins over the recipe's.
-            if let Some(seed) = a.seed {
-                r.seed = seed;
-            }
-            r
-        }
-        None => recipe_from_flags(&a)?,
+    let source = match a.recipe {
+        Some(path) => RecipeSource::File { path, seed: a.seed },
+        None => RecipeSource::Flags(MergeFlags {
+            experts: a.experts,
+            weights: a.weights,
+            strategy: a.strategy,
+            preset: a.preset,
+            seed: a.seed,
+            params: a.params,
+            overrides: a.overrides,
+        }),
     };
+    let recipe = source.recipe()?;
     let apply_to = match &a.apply_to {
         Some(base) => Some(ApplyTo {
             base: base.clone(),

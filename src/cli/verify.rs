@@ -49,16 +49,7 @@ fn verify_store(format: OutputFormat, ctx: &Context) -> anyhow::Result<()> {
             Some(p) => ctx.printer.out(format!("damaged {}: {p}", c.id)),
         })?;
     }
-    let damaged = checks.iter().filter(|c| c.problem.is_some()).count();
-    if damaged > 0 {
-        anyhow::bail!(crate::Error::input(
-            format!(
-                "{damaged} of {} installed artifact(s) in the store are damaged",
-                checks.len()
-            ),
-            Some("`xpm install` in the projects that use them fetches them again"),
-        ));
-    }
+    crate::store::StoreCheck::damage(&checks)?;
     if !format.is_json() {
         ctx.printer.status(
             "Verified",

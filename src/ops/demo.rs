@@ -34,6 +34,11 @@ pub struct DemoSummary {
     pub trained: Vec<(String, f64)>,
 }
 
+/// Where the demo works when no directory is given: `$XPM_HOME/demo`.
+pub fn default_dir(home: &XpmHome) -> std::path::PathBuf {
+    home.root.join("demo")
+}
+
 /// Run the demo in `dir` (created; a previous demo there is replaced).
 pub fn demo(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<DemoSummary> {
     prepare_dir(dir)?;

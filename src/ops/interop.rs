@@ -32,14 +32,40 @@ pub struct ImportOptions {
 
 impl ImportOptions {
     pub fn out_path(&self) -> PathBuf {
-        self.out.clone().unwrap_or_else(|| {
-            PathBuf::from(format!(
-                "{}-{}.xpm",
-                self.name.replace('/', "-"),
-                self.version
-            ))
-        })
+        self.out
+            .clone()
+            .unwrap_or_else(|| super::default_out(&self.name, &self.version))
     }
+}
+
+/// The name and output of each expert of an mttl import of `experts` (the library's expert
+/// names): `name` names a single expert (refused with several), else each is named after
+/// itself, lowercased; `out` is the artifact for one expert, or for several the directory that
+/// receives each `NAME-VERSION.xpm` (`None`: the default path of each).
+pub fn mttl_targets(
+    experts: &[String],
+    name: Option<&str>,
+    out: Option<&Path>,
+    version: &semver::Version,
+) -> Result<Vec<(String, Option<PathBuf>)>> {
+    if experts.len() > 1 && name.is_some() {
+        return Err(Error::input(
+            "`--name` names one expert, but several are imported",
+            Some("import them one at a time to name each, or drop `--name`"),
+        ));
+    }
+    Ok(experts
+        .iter()
+        .map(|e| {
+            let name = name.map_or_else(|| e.to_ascii_lowercase(), str::to_string);
+            let out = match (out, experts.len()) {
+                (Some(o), 1) => Some(o.to_path_buf()),
+                (Some(dir), _) => Some(dir.join(super::default_out(&name, version))),
+                (None, _) => None,
+            };
+            (name, out)
+        })
+        .collect())
 }
 
 /// The result of an import, for `--json` and the summary line.

@@ -13,7 +13,7 @@ use crate::merge::engine::merge_tensor_owned;
 use crate::merge::input::{ExpertSet, load_input};
 use crate::merge::lora::{self, LoraFactors};
 use crate::merge::plugin::Plugin;
-use crate::merge::recipe::{Recipe, TensorOverride};
+use crate::merge::recipe::{Recipe, RecipeExpert, TensorOverride, param_from_str, parse_override};
 use crate::merge::{Input, MergeParams, Output, Strategy};
 use crate::printer::Printer;
 
@@ -428,6 +428,93 @@ pub struct MergeRequest {
     pub cwd: PathBuf,
 }
 
+/// Where `xpm merge` gets its recipe.
+#[derive(Debug, Clone)]
+pub enum RecipeSource {
+    /// `--recipe FILE`; an explicit seed wins over the recipe's.
+    File { path: PathBuf, seed: Option<u64> },
+    /// The recipe the flags describe.
+    Flags(MergeFlags),
+}
+
+/// The recipe flags of `xpm merge`, as given.
+#[derive(Debug, Clone, Default)]
+pub struct MergeFlags {
+    pub experts: Vec<String>,
+    /// One weight per expert, or none (all 1).
+    pub weights: Vec<f64>,
+    pub strategy: String,
+    pub preset: Option<String>,
+    /// The seed [default: 0].
+    pub seed: Option<u64>,
+    /// `KEY=VALUE` each.
+    pub params: Vec<String>,
+    /// `GLOB:KEY=VALUE,…` each.
+    pub overrides: Vec<String>,
+}
+
+impl RecipeSource {
+    /// The recipe: read from the file, or built from the flags (one weight per expert, or
+    /// none).
+    pub fn recipe(&self) -> Result<Recipe> {
+        match self {
+            RecipeSource::File { path, seed } => {
+                let mut r = Recipe::read(path)?;
+                if let Some(seed) = seed {
+                    r.seed = *seed;
+                }
+                Ok(r)
+            }
+            RecipeSource::Flags(f) => recipe_from_flags(f),
+        }
+    }
+}
+
+/// The recipe the flags describe.
+fn recipe_from_flags(f: &MergeFlags) -> Result<Recipe> {
+    if !f.weights.is_empty() && f.weights.len() != f.experts.len() {
+        return Err(Error::input(
+            format!(
+                "{} weights for {} experts",
+                f.weights.len(),
+                f.experts.len()
+            ),
+            Some("give one weight per expert, in the same order, e.g. `--weights 1,0.5`"),
+        ));
+    }
+    let mut params = BTreeMap::new();
+    for kv in &f.params {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| Error::input(format!("`--param {kv}` is not KEY=VALUE"), None))?;
+        params.insert(k.trim().to_string(), param_from_str(v.trim()));
+    }
+    Ok(Recipe {
+        version: crate::merge::recipe::RECIPE_VERSION,
+        strategy: f.strategy.clone(),
+        preset: f.preset.as_deref().map(str::parse).transpose()?,
+        seed: f.seed.unwrap_or(0),
+        output: None,
+        params,
+        experts: f
+            .experts
+            .iter()
+            .enumerate()
+            .map(|(i, e)| RecipeExpert {
+                expert: e.clone(),
+                weight: f.weights.get(i).copied().unwrap_or(1.0),
+                sha256: None,
+            })
+            .collect(),
+        overrides: f
+            .overrides
+            .iter()
+            .map(|o| parse_override(o))
+            .collect::<Result<_>>()?,
+        plugin_sha256: None,
+    })
+}
+
 /// `--apply-to BASE`: the base model, where the merged expert is kept, the shard size.
 #[derive(Debug, Clone)]
 pub struct ApplyTo {
@@ -794,4 +881,238 @@ fn lora_merge(
         a: dtype.from_f32(&f.a),
         b: dtype.from_f32(&f.b),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(experts: usize, weights: Vec<f64>, method: MergeMethod, out: PathBuf) -> MergeOptions {
+        MergeOptions {
+            experts: (0..experts)
+                .map(|i| PathBuf::from(format!("in-{i}.xpm")))
+                .collect(),
+            weights,
+            method,
+            name: "merged".into(),
+            version: semver::Version::new(0, 1, 0),
+            out,
+            level: 3,
+            recipe: None,
+        }
+    }
+
+    fn builtin(s: Strategy) -> MergeMethod {
+        MergeMethod::builtin(s)
+    }
+
+    fn err<T: std::fmt::Debug>(r: Result<T>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn check_request_defaults_the_weights_and_refuses_bad_requests() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("m.xpm");
+        let p = Printer::silent();
+        let mean = || builtin(Strategy::Mean);
+        assert_eq!(
+            check_request(&opts(2, vec![], mean(), out.clone()), &p).unwrap(),
+            vec![1.0, 1.0]
+        );
+        assert_eq!(
+            check_request(&opts(2, vec![0.5, 2.0], mean(), out.clone()), &p).unwrap(),
+            vec![0.5, 2.0]
+        );
+        let e = err(check_request(&opts(0, vec![], mean(), out.clone()), &p));
+        assert_eq!(e, "nothing to merge");
+        let e = err(check_request(
+            &opts(2, vec![1.0, 2.0, 3.0], mean(), out.clone()),
+            &p,
+        ));
+        assert_eq!(e, "3 weights for 2 experts");
+        let e = err(check_request(
+            &opts(2, vec![1.0, f64::NAN], mean(), out.clone()),
+            &p,
+        ));
+        assert_eq!(e, "weights must be finite numbers");
+        let mut bad_name = opts(1, vec![], mean(), out.clone());
+        bad_name.name = "Bad Name".into();
+        assert!(err(check_request(&bad_name, &p)).starts_with("invalid expert name"));
+        // Parameters are checked for the strategy before anything is read.
+        let bad_params = MergeMethod::Builtin {
+            strategy: Strategy::Ties,
+            params: MergeParams {
+                density: 2.0,
+                ..MergeParams::default()
+            },
+            overrides: Vec::new(),
+        };
+        assert!(check_request(&opts(2, vec![], bad_params, out.clone()), &p).is_err());
+        // The output may not be one of the inputs.
+        let e = err(check_request(
+            &opts(2, vec![], mean(), PathBuf::from("in-1.xpm")),
+            &p,
+        ));
+        assert!(e.contains("is also an input"), "{e}");
+    }
+
+    fn degenerate(strategy: Strategy, weights: Vec<f64>) -> Result<Vec<f64>> {
+        let n = weights.len();
+        let o = opts(
+            n,
+            weights.clone(),
+            builtin(strategy),
+            PathBuf::from("m.xpm"),
+        );
+        let digests: Vec<String> = (0..n).map(|i| format!("sha256:{i}")).collect();
+        let desc: Vec<String> = (0..n).map(|i| format!("e{i}@1.0.0")).collect();
+        let names = vec!["w".to_string()];
+        degenerate_checks(&o, weights, &names, &digests, &desc, &Printer::silent())
+    }
+
+    #[test]
+    fn degenerate_weights_are_refused_or_rescaled() {
+        let e = err(degenerate(Strategy::TaskArithmetic, vec![0.0, 0.0]));
+        assert_eq!(e, "every weight is 0: the merge would be empty");
+        let e = err(degenerate(Strategy::Mean, vec![1.0, -1.0]));
+        assert!(
+            e.contains("sum to 0, and `mean` divides by their sum"),
+            "{e}"
+        );
+        // A zero sum is fine where nothing divides by it.
+        assert_eq!(
+            degenerate(Strategy::TaskArithmetic, vec![1.0, -1.0]).unwrap(),
+            vec![1.0, -1.0]
+        );
+        // An overflowing sum: only the ratios matter for mean, so it is rescaled...
+        assert_eq!(
+            degenerate(Strategy::Mean, vec![f64::MAX, f64::MAX / 2.0]).unwrap(),
+            vec![1.0, 0.5]
+        );
+        // ...but not for task arithmetic, whose scale is the result's.
+        let e = err(degenerate(
+            Strategy::TaskArithmetic,
+            vec![f64::MAX, f64::MAX],
+        ));
+        assert!(e.contains("their sum overflows"), "{e}");
+        // A single expert or a repeated artifact is only warned about.
+        assert_eq!(degenerate(Strategy::Mean, vec![2.0]).unwrap(), vec![2.0]);
+    }
+
+    fn recipe(strategy: &str, weights: &[f64]) -> Recipe {
+        Recipe {
+            version: crate::merge::recipe::RECIPE_VERSION,
+            strategy: strategy.into(),
+            preset: None,
+            seed: 0,
+            output: None,
+            params: BTreeMap::new(),
+            experts: weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| RecipeExpert {
+                    expert: format!("e{i}.xpm"),
+                    weight: *w,
+                    sha256: None,
+                })
+                .collect(),
+            overrides: Vec::new(),
+            plugin_sha256: None,
+        }
+    }
+
+    #[test]
+    fn method_from_recipe_plans_builtins_and_names_unknown_strategies() {
+        let (m, w) = method_from_recipe(&recipe("ties", &[1.0, 0.5]), &[], &[]).unwrap();
+        assert_eq!(w, vec![1.0, 0.5]);
+        assert!(matches!(
+            m,
+            MergeMethod::Builtin {
+                strategy: Strategy::Ties,
+                ..
+            }
+        ));
+        assert_eq!(m.label(), "ties");
+
+        let d = tempfile::tempdir().unwrap();
+        let search = vec![d.path().to_path_buf()];
+        let e = method_from_recipe(&recipe("tie", &[1.0]), &[], &search).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unknown merge strategy `tie`: not built in, and no plugin provides it"),
+            "{e}"
+        );
+        let hint = e.hint().unwrap_or_default().to_string();
+        assert!(hint.contains("ties"), "{hint}");
+        assert!(hint.contains(&library_file("tie")), "{hint}");
+        assert!(hint.contains(&d.path().display().to_string()), "{hint}");
+    }
+
+    fn library_file(name: &str) -> String {
+        crate::merge::plugin::library_file_name(name)
+    }
+
+    fn flags(experts: &[&str], weights: &[f64]) -> MergeFlags {
+        MergeFlags {
+            experts: experts.iter().map(|s| s.to_string()).collect(),
+            weights: weights.to_vec(),
+            strategy: "mean".into(),
+            ..MergeFlags::default()
+        }
+    }
+
+    #[test]
+    fn recipes_from_flags_and_files() {
+        let r = RecipeSource::Flags(flags(&["a.xpm", "b@^1"], &[]))
+            .recipe()
+            .unwrap();
+        assert_eq!(r.seed, 0);
+        assert_eq!(
+            r.experts.iter().map(|e| e.weight).collect::<Vec<_>>(),
+            vec![1.0, 1.0]
+        );
+        let mut f = flags(&["a.xpm", "b.xpm"], &[0.25, 0.75]);
+        f.seed = Some(9);
+        f.preset = Some("mergekit".into());
+        f.params = vec![" density = 0.5".into()];
+        f.overrides = vec!["*.bias:strategy=mean".into()];
+        let r = RecipeSource::Flags(f).recipe().unwrap();
+        assert_eq!(r.seed, 9);
+        assert_eq!(r.experts[1].weight, 0.75);
+        assert_eq!(r.params.len(), 1);
+        assert!(r.params.contains_key("density"));
+        assert!(r.preset.is_some());
+        assert_eq!(r.overrides.len(), 1);
+
+        let e = err(RecipeSource::Flags(flags(&["a.xpm"], &[1.0, 2.0])).recipe());
+        assert_eq!(e, "2 weights for 1 experts");
+        let mut f = flags(&["a.xpm"], &[]);
+        f.params = vec!["density".into()];
+        assert_eq!(
+            err(RecipeSource::Flags(f).recipe()),
+            "`--param density` is not KEY=VALUE"
+        );
+        let mut f = flags(&["a.xpm"], &[]);
+        f.preset = Some("nope".into());
+        assert_eq!(
+            err(RecipeSource::Flags(f).recipe()),
+            "unknown preset `nope`"
+        );
+
+        // A recipe file's seed, unless one is given.
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("merge.toml");
+        std::fs::write(
+            &path,
+            "strategy = \"ties\"\nseed = 7\n[[experts]]\nexpert = \"a.xpm\"\n",
+        )
+        .unwrap();
+        let file = |seed| RecipeSource::File {
+            path: path.clone(),
+            seed,
+        };
+        assert_eq!(file(None).recipe().unwrap().seed, 7);
+        assert_eq!(file(Some(3)).recipe().unwrap().seed, 3);
+    }
 }

@@ -22,6 +22,12 @@ pub mod yank;
 /// `xpm apply` is the merge crate's [`apply`](crate::merge::apply::apply).
 pub use crate::merge::apply;
 
+/// The artifact an operation writes when `-o` is not given: `NAME-VERSION.xpm`, the `/` of a
+/// namespace as `-`.
+pub fn default_out(name: &str, version: &semver::Version) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("{}-{version}.xpm", name.replace('/', "-")))
+}
+
 /// Paths of merge inputs: `.xpm` files as given, installed experts (`name`, `name@req`) from the
 /// store, at the version the lockfile of the project around `cwd` pins (else the highest
 /// installed).

@@ -61,6 +61,23 @@ pub struct StoreCheck {
     pub problem: Option<String>,
 }
 
+impl StoreCheck {
+    /// The error for a store where any of `checks` found damage (`xpm verify --store` fails).
+    pub fn damage(checks: &[StoreCheck]) -> Result<()> {
+        let damaged = checks.iter().filter(|c| c.problem.is_some()).count();
+        if damaged > 0 {
+            return Err(Error::input(
+                format!(
+                    "{damaged} of {} installed artifact(s) in the store are damaged",
+                    checks.len()
+                ),
+                Some("`xpm install` in the projects that use them fetches them again"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A downloaded, verified artifact waiting to be committed into the store.
 pub struct Staged {
     tmp: tempfile::TempPath,
