@@ -1,5 +1,6 @@
-//! `xpm merge`: merge experts (`.xpm` files or installed experts, located by the CLI) with a
-//! built-in strategy, per-tensor overrides and an optional recipe, into a new expert.
+//! `xpm merge`: a recipe (a file, or the flags) to a merged expert: its experts located (`.xpm`
+//! files or installed experts), merged tensor by tensor with a built-in strategy and per-tensor
+//! overrides or a plugin strategy, and optionally applied to a base model.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
