@@ -75,6 +75,8 @@ batch_size = 16
 epochs = 2
 merge_counts = [2]
 scaling_strategies = ["ties", "sparse-mean"]
+tune_lambda = ["task-arithmetic"]
+lambda_grid = [0.5, 1.0]
 head_args = ["--lr", "0.03"]
 
 [[task]]
@@ -153,6 +155,27 @@ fn smoke_experiment_produces_every_table_and_resumes() {
         let a = r["accuracy"].as_f64().unwrap();
         (0.0..=1.0).contains(&a) && r["examples"].as_u64() == Some(32)
     }));
+    // task-arithmetic's λ was chosen from the grid on the eval splits; other merges have none.
+    for r in records.iter().filter(|r| r["setting"] == "merged") {
+        let l = r["lambda"].as_f64();
+        if r["strategy"] == "task-arithmetic" {
+            assert!(matches!(l, Some(x) if x == 0.5 || x == 1.0), "{r}");
+        } else {
+            assert_eq!(l, None, "{r}");
+        }
+    }
+    let tune = std::fs::read_dir(ctx.path("work/logs"))
+        .unwrap()
+        .filter(|e| {
+            let n = e.as_ref().unwrap().file_name();
+            n.to_string_lossy().starts_with("tune_eval_")
+        })
+        .count();
+    assert_eq!(
+        tune,
+        3 * 2 * 2,
+        "3 methods × 2 λ × 2 tasks on their eval splits"
+    );
     let tasks = json["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), 3);
     assert_eq!(

@@ -573,3 +573,85 @@ fn minilm_on_reuters_sparse_lora_full() {
         );
     }
 }
+
+/// The reference schedule, `--schedule periodic --score grad-delta`, on the tiny BERT: the
+/// mask starts dense, is re-selected after each step that brings the examples seen past the
+/// next multiple of `--reselect-every` (100 by default) during the first epoch only, then stays;
+/// the saved state comes from an evaluation after the mask froze, has exactly k entries per
+/// layer, and its mask belongs to its values (`xpm eval` reproduces the saved eval loss).
+#[test]
+fn periodic_grad_delta_follows_the_reference_schedule() {
+    let ctx = TestContext::new();
+    write_tiny_bert(&ctx.path("bert"), 1);
+    write_keyword_data(&ctx.path("train.jsonl"), 320, 2);
+    write_keyword_data(&ctx.path("eval.jsonl"), 60, 3);
+    let log = ctx.path("p.jsonl");
+    let o = ctx
+        .xpm()
+        .args(["train", "--base", "bert", "--data", "train.jsonl"])
+        .args(["--eval", "eval.jsonl", "--name", "p", "-o", "p.xpm"])
+        .args(["--schedule", "periodic", "--score", "grad-delta"])
+        .args(["--epochs", "2", "--batch-size", "16", "--eval-every", "5"])
+        .args(["--lr", "1e-2", "--head-lr", "3e-2", "--keep-ratio", "0.1"])
+        .args(["--json-log", log.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines = json_lines(&log);
+    let steps: Vec<_> = lines
+        .iter()
+        .filter(|v| v.get("step_time_s").is_some())
+        .collect();
+    assert_eq!(steps.len(), 40, "2 epochs × 20 steps");
+    // Re-selections: at 112, 208 and 304 examples seen (steps 7, 13, 19), never in epoch 2.
+    let reselected: Vec<u64> = steps
+        .iter()
+        .filter(|v| v["reselected"] == true)
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(reselected, vec![7, 13, 19]);
+    for v in &steps {
+        let step = v["step"].as_u64().unwrap();
+        assert_eq!(v["examples"].as_u64().unwrap(), 16 * step);
+        assert_eq!(v["epoch"].as_u64().unwrap(), 1 + (step - 1) / 20);
+    }
+    let m = manifest(&ctx, "p.xpm");
+    assert_eq!(m["selection"]["schedule"], "periodic");
+    assert_eq!(m["selection"]["score_rule"], "grad-delta");
+    assert_eq!(m["selection"]["reselect_every"], 100);
+    // Only states with the frozen mask are candidates: the saved step is at the end of the
+    // first epoch or later.
+    let saved = m["training"]["metrics"]["saved_step"].as_f64().unwrap();
+    assert!(
+        saved >= 20.0,
+        "saved step {saved} is inside the first epoch"
+    );
+    // Exactly k = ⌊0.1 · numel⌋ entries in every adapted layer.
+    let mut layers = 0;
+    for t in m["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["new"] != true)
+    {
+        let n = t["shape"][0].as_u64().unwrap() * t["shape"][1].as_u64().unwrap();
+        assert_eq!(t["delta"]["nnz"].as_u64().unwrap(), n / 10, "{}", t["name"]);
+        layers += 1;
+    }
+    assert_eq!(layers, 8, "q/k/v/o of 2 layers");
+    // The saved mask belongs to the saved values: applying the expert reproduces the saved
+    // checkpoint's eval loss.
+    let e = ctx
+        .xpm()
+        .args(["eval", "--base", "bert", "--expert", "p.xpm"])
+        .args(["--data", "eval.jsonl", "--json"])
+        .output()
+        .unwrap();
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    let want = m["training"]["metrics"]["eval_loss"].as_f64().unwrap();
+    assert!(
+        (r["loss"].as_f64().unwrap() - want).abs() < 1e-5,
+        "{r} vs {want}"
+    );
+}

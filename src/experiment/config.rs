@@ -45,6 +45,15 @@ pub struct Config {
     /// others are merged over all tasks only.
     #[serde(default)]
     pub scaling_strategies: Vec<String>,
+    /// Strategies whose `lambda` is chosen for every merge (method, seed, k) on the eval
+    /// splits of the merged tasks: each value of `lambda_grid` is merged and evaluated there,
+    /// and the one with the highest mean eval accuracy (ties: the earlier in the grid) is the
+    /// merge measured on the test splits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tune_lambda: Vec<String>,
+    /// The λ values tried for the `tune_lambda` strategies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lambda_grid: Vec<f64>,
     /// Extra `xpm train` arguments for the head-only runs (the "base + head" baseline and the
     /// held-out task's head).
     #[serde(default)]
@@ -173,6 +182,12 @@ impl Config {
             if m.strategies.is_empty() {
                 return bad(format!("method `{}` lists no strategies", m.name));
             }
+        }
+        if !self.tune_lambda.is_empty()
+            && (self.lambda_grid.is_empty()
+                || self.lambda_grid.iter().any(|l| !l.is_finite() || *l <= 0.0))
+        {
+            return bad("tune_lambda needs a lambda_grid of positive numbers".into());
         }
         let n = self.tasks.len();
         if let Some(&k) = self.merge_counts.iter().find(|&&k| k < 2 || k > n) {

@@ -40,6 +40,9 @@ pub struct Record {
     /// Number of tasks merged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_tasks: Option<usize>,
+    /// The merge's `lambda`, where it was chosen on the eval splits (`tune_lambda`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda: Option<f64>,
     pub accuracy: f64,
     pub macro_f1: f64,
     pub examples: usize,
@@ -430,6 +433,17 @@ impl<'a> Experiment<'a> {
 
     /// `xpm eval` of an expert (and a merge) on a task's test split.
     fn eval_args(&self, expert: &Path, merged: Option<&Path>, task: &str) -> Vec<String> {
+        self.eval_args_on(expert, merged, task, "test")
+    }
+
+    /// `xpm eval` of an expert (and a merge) on one split (`eval` or `test`) of a task.
+    fn eval_args_on(
+        &self,
+        expert: &Path,
+        merged: Option<&Path>,
+        task: &str,
+        part: &str,
+    ) -> Vec<String> {
         let mut a = vec![
             s("eval"),
             s("--base"),
@@ -437,7 +451,7 @@ impl<'a> Experiment<'a> {
             s("--expert"),
             expert.display().to_string(),
             s("--data"),
-            self.split(task, "test").display().to_string(),
+            self.split(task, part).display().to_string(),
             s("--batch-size"),
             s(self.cfg.eval_batch_size),
             s("--json"),
@@ -458,6 +472,7 @@ impl<'a> Experiment<'a> {
             setting: at.setting,
             strategy: at.strategy.map(String::from),
             merged_tasks: at.k,
+            lambda: at.lambda,
             accuracy: metric(&v, "accuracy", key)?,
             macro_f1: metric(&v, "macro_f1", key)?,
             examples: metric(&v, "examples", key)? as usize,
@@ -611,6 +626,13 @@ impl<'a> Experiment<'a> {
                 let mfile = self.work.join("merged").join(format!("{mname}.xpm"));
                 let mut a = vec![s("merge"), s("--strategy"), st.clone()];
                 a.extend(m.merge_args.get(st).into_iter().flatten().cloned());
+                let lambda = if self.cfg.tune_lambda.contains(st) {
+                    let l = self.tune_lambda(seed, m, st, k, files, names, project)?;
+                    a.extend([s("--param"), format!("lambda={l}")]);
+                    Some(l)
+                } else {
+                    None
+                };
                 a.extend([
                     s("--name"),
                     mname.clone(),
@@ -631,7 +653,8 @@ impl<'a> Experiment<'a> {
                 )?;
                 for (task, _, file) in &files[..k] {
                     let a = self.eval_args(file, Some(&mfile), task);
-                    let at = RecordAt::new(seed, task, &m.name, Setting::Merged).merge(st, k);
+                    let mut at = RecordAt::new(seed, task, &m.name, Setting::Merged).merge(st, k);
+                    at.lambda = lambda;
                     self.eval(
                         &format!("eval/{mname}/{task}"),
                         &format!("evaluate {mname} on {task}"),
@@ -641,7 +664,9 @@ impl<'a> Experiment<'a> {
                 }
                 if let (true, Some(h)) = (k == n_tasks, self.cfg.heldout.clone()) {
                     let a = self.eval_args(&heads[&h.name], Some(&mfile), &h.name);
-                    let at = RecordAt::new(seed, &h.name, &m.name, Setting::Heldout).merge(st, k);
+                    let mut at =
+                        RecordAt::new(seed, &h.name, &m.name, Setting::Heldout).merge(st, k);
+                    at.lambda = lambda;
                     self.eval(
                         &format!("eval/{mname}/{}", h.name),
                         &format!("evaluate {mname} on held-out {}", h.name),
@@ -652,6 +677,87 @@ impl<'a> Experiment<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Choose `lambda` for the merge of the first `k` experts of `m` with `st`: merge with every
+    /// value of `lambda_grid`, evaluate on the merged tasks' eval splits, and return the value
+    /// with the highest mean eval accuracy (ties: the first, i.e. the grid's order). The
+    /// trial merges are deleted once evaluated.
+    #[allow(clippy::too_many_arguments)]
+    fn tune_lambda(
+        &mut self,
+        seed: u64,
+        m: &MethodConfig,
+        st: &str,
+        k: usize,
+        files: &[ExpertFile],
+        names: &[String],
+        project: &Path,
+    ) -> Result<f64> {
+        let dir = self.work.join("merged").join("tune");
+        std::fs::create_dir_all(&dir).at("create directory", &dir)?;
+        let mut best: Option<(f64, f64)> = None;
+        for &l in &self.cfg.lambda_grid.clone() {
+            // Expert names hold no `.`: λ = 0.25 is written `l0_25`.
+            let tname = format!(
+                "{}-{st}-k{k}-l{}-s{seed}",
+                m.name,
+                l.to_string().replace('.', "_")
+            );
+            let tfile = dir.join(format!("{tname}.xpm"));
+            let eval_key = |task: &str| format!("tune/eval/{tname}/{task}");
+            let evaluated = files[..k]
+                .iter()
+                .all(|(task, _, _)| self.r.state.steps.contains_key(&eval_key(task)));
+            if !evaluated && !tfile.exists() {
+                self.r.state.steps.remove(&format!("tune/merge/{tname}"));
+            }
+            let mut a = vec![s("merge"), s("--strategy"), s(st)];
+            a.extend(m.merge_args.get(st).into_iter().flatten().cloned());
+            a.extend([s("--param"), format!("lambda={l}")]);
+            a.extend([
+                s("--name"),
+                tname.clone(),
+                s("--version"),
+                s("1.0.0"),
+                s("-o"),
+                tfile.display().to_string(),
+            ]);
+            a.extend(names[..k].iter().cloned());
+            self.r.xpm(
+                &format!("tune/merge/{tname}"),
+                &format!("merge {k} {} experts with {st}, λ = {l} (tuning)", m.name),
+                &a,
+                Some(project),
+            )?;
+            let mut sum = 0.0;
+            for (task, _, file) in &files[..k] {
+                let a = self.eval_args_on(file, Some(&tfile), task, "eval");
+                let key = eval_key(task);
+                let v = self.r.xpm(
+                    &key,
+                    &format!("evaluate {tname} on {task}'s eval split"),
+                    &a,
+                    None,
+                )?;
+                sum += metric(&v, "accuracy", &key)?;
+            }
+            let _ = std::fs::remove_file(&tfile);
+            let mean = sum / k as f64;
+            if best.is_none_or(|(b, _)| mean > b) {
+                best = Some((mean, l));
+            }
+        }
+        let (acc, l) = best.expect("lambda_grid is not empty");
+        self.r.printer.status(
+            "Chose",
+            format!(
+                "λ = {l} for {} {st} k = {k} (seed {seed}): mean eval accuracy {:.1} %",
+                m.name,
+                acc * 100.0
+            ),
+        );
+        Ok(l)
     }
 
     fn results(&self) -> Results {
@@ -674,6 +780,7 @@ struct RecordAt<'s> {
     setting: Setting,
     strategy: Option<&'s str>,
     k: Option<usize>,
+    lambda: Option<f64>,
 }
 
 impl<'s> RecordAt<'s> {
@@ -685,6 +792,7 @@ impl<'s> RecordAt<'s> {
             setting,
             strategy: None,
             k: None,
+            lambda: None,
         }
     }
 
@@ -739,7 +847,14 @@ fn step_count(cfg: &Config) -> usize {
                 .map(|st| {
                     cfg.counts_for(st)
                         .iter()
-                        .map(|&k| 1 + k + usize::from(k == n_tasks && cfg.heldout.is_some()))
+                        .map(|&k| {
+                            let tune = if cfg.tune_lambda.iter().any(|t| t == st) {
+                                cfg.lambda_grid.len() * (1 + k)
+                            } else {
+                                0
+                            };
+                            tune + 1 + k + usize::from(k == n_tasks && cfg.heldout.is_some())
+                        })
                         .sum::<usize>()
                 })
                 .sum::<usize>()

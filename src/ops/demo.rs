@@ -163,6 +163,7 @@ fn publish_and_install(
     let installed = ops::install::install(
         home,
         &ops::install::InstallOptions {
+            require_signatures: false,
             specs,
             registry: None,
             locked: false,
@@ -247,7 +248,7 @@ fn train_and_eval(dir: &Path, home: &XpmHome, printer: &Printer) -> Result<Vec<(
             out.clone(),
         );
         o.eval = Some(eval_data.clone());
-        o.epochs = 2;
+        o.epochs = Some(2);
         o.lr = Some(1e-2);
         o.head_lr = Some(3e-2);
         o.keep_ratio = 0.1;
@@ -325,7 +326,7 @@ fn publish_once(
         ops::extract::extract(&again, home, printer)?;
         again.out
     };
-    let line = ops::publish::publish(home, &out, registry, client, printer)?;
+    let line = ops::publish::publish(home, &out, registry, client, None, printer)?;
     printer.status("Published", format!("{} to {}", line.id(), reg.source()));
     Ok(line)
 }

@@ -189,7 +189,7 @@ fn hyperparameters(opts: &TrainOptions, fit: &Fit<'_>) -> BTreeMap<String, serde
         .map(|&i| linears[i].name.as_str())
         .collect();
     let mut hp: BTreeMap<String, serde_json::Value> = [
-        ("epochs", serde_json::json!(opts.epochs)),
+        ("epochs", serde_json::json!(fit.epochs)),
         ("lr", serde_json::json!(fit.lr)),
         ("head_lr", serde_json::json!(fit.head_lr)),
         ("batch_size", serde_json::json!(opts.batch_size)),

@@ -10,7 +10,10 @@ use super::data;
 use super::model::{self, Batch, Metrics, ce, make_batch};
 use super::optim::AdamW;
 use super::prepare::Prepared;
-use super::{Method, Run, Schedule, Snapshot, TrainOptions, median, pct};
+use super::{
+    DEFAULT_HEAD_LR, MAX_AUTO_EPOCHS, MIN_STEPS, Method, Run, Schedule, Snapshot, TrainOptions,
+    median, pct,
+};
 use xpm_core::error::{Error, IoResultExt, Result};
 use xpm_core::printer::Printer;
 use xpm_core::rng::SplitMix64;
@@ -28,6 +31,30 @@ pub(crate) struct Fit<'a> {
     pub seconds_per_step: f64,
     pub lr: f64,
     pub head_lr: f64,
+    /// Passes over the training data (`--epochs`, or the automatic number).
+    pub epochs: usize,
+}
+
+/// The warning for a run of fewer than [`MIN_STEPS`] optimizer steps, naming the flag that
+/// lengthens it.
+fn short_run_warning(opts: &TrainOptions, examples: usize, epochs: usize, steps: usize) -> String {
+    let hint = if opts.max_steps.is_some_and(|m| m == steps) {
+        "raise --max-steps".to_string()
+    } else if opts.epochs.is_some() {
+        format!(
+            "raise --epochs, or leave it out: by default xpm makes enough passes for {MIN_STEPS} steps"
+        )
+    } else {
+        format!(
+            "this is already {MAX_AUTO_EPOCHS} passes: add training examples, lower --batch-size, or raise --epochs"
+        )
+    };
+    format!(
+        "only {steps} optimizer step(s) ({epochs} epoch(s) over {examples} examples at batch {} × {}): \
+         fewer than {MIN_STEPS}, likely too few to learn the task (the expert may predict the \
+         majority class); {hint}",
+        opts.batch_size, opts.grad_accum
+    )
 }
 
 /// The training loop's state.
@@ -39,6 +66,7 @@ pub(crate) struct Trainer<'a> {
     opt: AdamW,
     lr: f64,
     head_lr: f64,
+    epochs: usize,
     total_steps: usize,
     rng: SplitMix64,
     data_rng: SplitMix64,
@@ -69,16 +97,25 @@ impl<'a> Trainer<'a> {
         let mut rng = SplitMix64(opts.seed);
         let net = model::build_net(&input.md, &input.dev, input.labels.len(), None, &mut rng)?;
         let lr = opts.lr();
-        let head_lr = opts.head_lr.unwrap_or(lr.max(1e-3));
+        let head_lr = opts.head_lr.unwrap_or(lr.max(DEFAULT_HEAD_LR));
         let run = Run::new(opts, net, input.dev.clone(), head_lr / lr, &mut rng)?;
         let steps_per_epoch = input
             .train_enc
             .len()
             .div_ceil(opts.batch_size)
             .div_ceil(opts.grad_accum);
-        let mut total_steps = steps_per_epoch * opts.epochs;
+        let epochs = opts.epochs_for(steps_per_epoch);
+        let mut total_steps = steps_per_epoch * epochs;
         if let Some(m) = opts.max_steps {
             total_steps = total_steps.min(m);
+        }
+        if total_steps < MIN_STEPS {
+            printer.warn(short_run_warning(
+                opts,
+                input.train_enc.len(),
+                epochs,
+                total_steps,
+            ));
         }
         let opt = AdamW {
             lr,
@@ -104,6 +141,7 @@ impl<'a> Trainer<'a> {
             opt,
             lr,
             head_lr,
+            epochs,
             total_steps,
             rng,
             data_rng: SplitMix64(opts.seed ^ 0x5eed_da7a),
@@ -306,7 +344,7 @@ impl<'a> Trainer<'a> {
         // The starting point: eval loss before any update (the saved state if nothing
         // improves).
         self.evaluate(self.frozen)?;
-        'epochs: for epoch in 0..opts.epochs {
+        'epochs: for epoch in 0..self.epochs {
             let order = data::batches(
                 input.train_enc.len(),
                 opts.batch_size,
@@ -354,6 +392,7 @@ impl<'a> Trainer<'a> {
             last_loss: self.last_loss,
             lr: self.lr,
             head_lr: self.head_lr,
+            epochs: self.epochs,
         })
     }
 }
