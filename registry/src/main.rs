@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
-use xpm_registry::{DiskStorage, ServerConfig, router};
+use xpm_registry::{DiskStorage, S3Storage, ServerConfig, Storage, router};
 
 /// The xpm registry server.
 #[derive(Debug, Parser)]
@@ -27,8 +27,13 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct Serve {
     /// Directory holding the index and blobs (created if missing)
-    #[arg(long, value_name = "DIR")]
-    root: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "storage")]
+    root: Option<PathBuf>,
+    /// Keep the index and blobs in an S3-compatible bucket instead of --root: `s3://BUCKET`
+    /// or `s3://BUCKET/PREFIX` (credentials and endpoint from AWS_* and $XPM_S3_ENDPOINT; the
+    /// bucket must exist and honour conditional writes)
+    #[arg(long, value_name = "s3://BUCKET/PREFIX", conflicts_with = "root")]
+    storage: Option<String>,
     /// Address to listen on (port 0 picks a free port; the address is printed)
     #[arg(long, default_value = "127.0.0.1:8417", value_name = "HOST:PORT")]
     addr: String,
@@ -112,8 +117,28 @@ fn main() -> anyhow::Result<()> {
         max_connections: a.max_connections as usize,
         max_header_bytes: usize::try_from(parse_size(&a.max_header_size)?).unwrap_or(usize::MAX),
     };
-    let storage = DiskStorage::open(&a.root)
-        .with_context(|| format!("cannot open the registry at `{}`", a.root.display()))?;
+    let (storage, place): (Arc<dyn Storage>, String) = match (&a.root, &a.storage) {
+        (_, Some(loc)) => match xpm_core::registry::Location::parse(loc)? {
+            xpm_core::registry::Location::S3 { bucket, prefix } => (
+                Arc::new(
+                    S3Storage::open(&bucket, &prefix)
+                        .with_context(|| format!("cannot open the registry at `{loc}`"))?,
+                ),
+                format!("storage {loc}"),
+            ),
+            _ => {
+                bail!("--storage takes an s3://BUCKET/PREFIX location; use --root for a directory")
+            }
+        },
+        (Some(root), None) => (
+            Arc::new(
+                DiskStorage::open(root)
+                    .with_context(|| format!("cannot open the registry at `{}`", root.display()))?,
+            ),
+            format!("root {}", root.display()),
+        ),
+        (None, None) => bail!("pass --root DIR or --storage s3://BUCKET/PREFIX"),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -122,12 +147,9 @@ fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", a.addr))?;
         let addr = listener.local_addr()?;
-        println!(
-            "xpm-registry listening on http://{addr} (root {})",
-            a.root.display()
-        );
+        println!("xpm-registry listening on http://{addr} ({place})");
         std::io::stdout().flush()?;
-        let app = router(Arc::new(storage), cfg);
+        let app = router(storage, cfg);
         xpm_registry::serve(listener, app, limits, shutdown_signal()).await?;
         anyhow::Ok(())
     })

@@ -6,7 +6,8 @@ use crate::registry::ClientOptions;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RegistryArgs {
-    /// Registry: an http(s):// URL, a file:// URL or a directory [default: xpm.toml's
+    /// Registry: an http(s):// URL, an s3://BUCKET/PREFIX bucket (credentials from AWS_*, the
+    /// endpoint from $XPM_S3_ENDPOINT), a file:// URL or a directory [default: xpm.toml's
     /// `registry`, else the local registry at $XPM_HOME/registry]
     #[arg(long, env = "XPM_REGISTRY", value_name = "URL")]
     pub registry: Option<String>,

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// The schemes `--registry` accepts.
-pub const SCHEMES: &str = "`http://`, `https://`, `file://` or a directory path";
+pub const SCHEMES: &str =
+    "`http://`, `https://`, `s3://BUCKET/PREFIX`, `file://` or a directory path";
 
 /// A registry location.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +16,10 @@ pub enum Location {
     Http(reqwest::Url),
     /// A registry directory (`file://…` or a plain path).
     Dir(PathBuf),
+    /// A registry in an S3-compatible bucket (`s3://BUCKET/PREFIX`): the directory layout,
+    /// written with conditional puts (docs/registry-protocol.md §13). `prefix` is empty or
+    /// `/`-separated segments without a leading or trailing `/`.
+    S3 { bucket: String, prefix: String },
 }
 
 impl Location {
@@ -42,6 +47,7 @@ impl Location {
                     Ok(Location::Http(url))
                 }
                 "file" => Ok(Location::Dir(PathBuf::from(&s["file://".len()..]))),
+                "s3" => parse_s3(&s["s3://".len()..]),
                 other => Err(bad(
                     format!("unsupported registry scheme `{other}://` in `{s}`"),
                     &format!("a registry is one of: {SCHEMES}"),
@@ -85,7 +91,108 @@ impl std::fmt::Display for Location {
         match self {
             Location::Http(u) => f.write_str(u.as_str().trim_end_matches('/')),
             Location::Dir(p) => write!(f, "file://{}", p.display()),
+            Location::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            Location::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
         }
+    }
+}
+
+/// `s3://` + `rest`: a bucket named by S3's rules, then an optional key prefix of plain segments.
+/// Credentials, queries and fragments are refused: the location is printed and recorded in
+/// xpm.lock, and the credentials come from the AWS environment.
+fn parse_s3(rest: &str) -> Result<Location> {
+    const FORM: &str = "write it as s3://BUCKET or s3://BUCKET/PREFIX; credentials and the \
+                        endpoint come from the environment (AWS_ACCESS_KEY_ID, \
+                        AWS_SECRET_ACCESS_KEY, AWS_REGION, XPM_S3_ENDPOINT or AWS_ENDPOINT_URL)";
+    let whole = format!("s3://{rest}");
+    let bad = |why: &str| {
+        Error::input(
+            format!(
+                "`{}` is not a valid S3 registry location: {why}",
+                shown(&whole)
+            ),
+            Some(FORM),
+        )
+    };
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.contains('@') {
+        return Err(Error::input(
+            format!(
+                "the registry location `{}` carries credentials",
+                shown(&whole)
+            ),
+            Some(
+                "xpm prints registry locations and records them in xpm.lock; give S3 \
+                 credentials in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a role) instead",
+            ),
+        ));
+    }
+    if rest.contains(['?', '#']) {
+        return Err(bad("it has a query or fragment"));
+    }
+    // S3's bucket naming rules (general purpose buckets).
+    let b = bucket.as_bytes();
+    if !(3..=63).contains(&b.len()) {
+        return Err(bad("a bucket name has 3 to 63 characters"));
+    }
+    if !b
+        .iter()
+        .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+    {
+        return Err(bad(
+            "a bucket name has only lowercase letters, digits, `-` and `.`",
+        ));
+    }
+    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    if !alnum(b[0]) || !alnum(b[b.len() - 1]) || bucket.contains("..") {
+        return Err(bad(
+            "a bucket name starts and ends with a letter or digit and has no `..`",
+        ));
+    }
+    if bucket.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err(bad("a bucket name is not an IP address"));
+    }
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.len() > 512 {
+        return Err(bad("the prefix is longer than 512 characters"));
+    }
+    if !prefix.is_empty() {
+        for seg in prefix.split('/') {
+            if seg.is_empty() || seg == "." || seg == ".." {
+                return Err(bad("the prefix has an empty, `.` or `..` segment"));
+            }
+            if !seg
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            {
+                return Err(bad(
+                    "prefix segments use ASCII letters, digits, `-`, `_` and `.`",
+                ));
+            }
+        }
+    }
+    Ok(Location::S3 {
+        bucket: bucket.to_string(),
+        prefix: prefix.to_string(),
+    })
+}
+
+/// `s` with anything before an `@` in its authority masked, for messages.
+fn shown(s: &str) -> String {
+    match s.split_once("://") {
+        Some((scheme, rest)) => {
+            let (auth, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let auth = match auth.rsplit_once('@') {
+                Some((_, host)) => format!("****@{host}"),
+                None => auth.to_string(),
+            };
+            if path.is_empty() && !rest.contains('/') {
+                format!("{scheme}://{auth}")
+            } else {
+                format!("{scheme}://{auth}/{path}")
+            }
+        }
+        None => s.to_string(),
     }
 }
 
@@ -116,12 +223,43 @@ mod tests {
             Location::parse("regs/team").unwrap(),
             Location::Dir("regs/team".into())
         );
+        for (s, bucket, prefix, shown) in [
+            ("s3://xpm-reg", "xpm-reg", "", "s3://xpm-reg"),
+            ("s3://xpm-reg/", "xpm-reg", "", "s3://xpm-reg"),
+            (
+                "s3://xpm.reg-1/team/v1/",
+                "xpm.reg-1",
+                "team/v1",
+                "s3://xpm.reg-1/team/v1",
+            ),
+        ] {
+            let loc = Location::parse(s).unwrap();
+            assert_eq!(
+                loc,
+                Location::S3 {
+                    bucket: bucket.into(),
+                    prefix: prefix.into()
+                }
+            );
+            assert_eq!(loc.to_string(), shown);
+        }
         for (bad, want) in [
             ("htp://host/x", "unsupported registry scheme `htp://`"),
             ("ftp://host/x", "unsupported registry scheme `ftp://`"),
             ("localhost:8417", "looks like a host and port"),
             ("http://user:secret@host", "carries credentials"),
             ("", "is empty"),
+            ("s3://AKIA:secret@bucket/p", "carries credentials"),
+            ("s3://secret@bucket", "carries credentials"),
+            ("s3://ab/p", "3 to 63 characters"),
+            ("s3://My_Bucket/p", "only lowercase letters"),
+            ("s3://-bucket/p", "starts and ends"),
+            ("s3://buc..ket/p", "starts and ends"),
+            ("s3://192.168.1.1/p", "not an IP address"),
+            ("s3://bucket/a//b", "empty, `.` or `..` segment"),
+            ("s3://bucket/a/../b", "empty, `.` or `..` segment"),
+            ("s3://bucket/a b", "prefix segments use"),
+            ("s3://bucket/p?versionId=1", "query or fragment"),
         ] {
             let e = Location::parse(bad).unwrap_err();
             assert!(e.to_string().contains(want), "{bad}: {e}");

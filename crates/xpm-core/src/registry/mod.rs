@@ -1,12 +1,15 @@
-//! Registries: where experts are published and found. One trait, [`Registry`], with two
+//! Registries: where experts are published and found. One trait, [`Registry`], with three
 //! backends: a local directory ([`local::LocalRegistry`], `file://…`, the embedded default at
-//! `$XPM_HOME/registry`) and the HTTP registry server ([`http::HttpRegistry`], the `registry/`
-//! crate). The wire and on-disk protocol is docs/registry-protocol.md.
+//! `$XPM_HOME/registry`), the HTTP registry server ([`http::HttpRegistry`], the `registry/`
+//! crate, or any static HTTP front of a registry's files) and an S3-compatible bucket
+//! ([`s3::S3Registry`], `s3://BUCKET/PREFIX`, the directory layout written with conditional
+//! puts). The wire and on-disk protocol is docs/registry-protocol.md.
 
 pub mod http;
 pub mod index;
 pub mod local;
 pub mod location;
+pub mod s3;
 
 use std::io::Read;
 use std::path::Path;
@@ -18,6 +21,7 @@ use crate::printer::Progress;
 pub use index::{IndexLine, RegistryConfig, SearchHit, SearchResults};
 pub use local::LocalRegistry;
 pub use location::Location;
+pub use s3::S3Registry;
 
 /// What every registry backend does.
 pub trait Registry: Send + Sync {
@@ -64,8 +68,9 @@ pub fn default_location(home: &XpmHome) -> String {
     format!("file://{}", home.root.join("registry").display())
 }
 
-/// Open the registry at `location`: `http(s)://…`, `file://…` or a plain directory path.
-/// A local registry is created on first use when `create` is set (publish).
+/// Open the registry at `location`: `http(s)://…`, `s3://…`, `file://…` or a plain directory
+/// path. A local registry (or an S3 registry's layout in an existing bucket) is created on first
+/// use when `create` is set (publish).
 pub fn open(
     location: &str,
     home: &XpmHome,
@@ -75,6 +80,13 @@ pub fn open(
     let path = match Location::parse(location)? {
         Location::Http(url) => {
             return Ok(Box::new(http::HttpRegistry::new(url.as_str(), home, opts)?));
+        }
+        Location::S3 { bucket, prefix } => {
+            let reg = S3Registry::connect(&bucket, &prefix, opts)?;
+            if !create {
+                reg.require_registry()?;
+            }
+            return Ok(Box::new(reg));
         }
         Location::Dir(path) if path.is_absolute() => path,
         Location::Dir(path) => std::env::current_dir().at("read", ".")?.join(path),
