@@ -97,6 +97,7 @@ fn main() {
             cache: home_dir.join("cache"),
         };
         let opts = xpm::ops::install::InstallOptions {
+            require_signatures: false,
             specs: names.iter().map(|n| format!("{n}@1")).collect(),
             registry: Some(server.url.clone()),
             locked: false,

@@ -34,7 +34,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 FUZZ_DIR=tests/fuzz
-ALL_TARGETS=(artifact mask index lockfile project_toml recipe upload torch_pickle)
+ALL_TARGETS=(artifact mask index lockfile project_toml recipe upload torch_pickle peft_adapter)
 
 MODE=smoke
 SECONDS_PER_TARGET=20
@@ -78,7 +78,7 @@ BIN_DIR="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release"
 # Largest input per target (artifacts are a few KiB; 64 KiB leaves room for many tensors).
 max_len() {
     case "$1" in
-        artifact | upload) echo 65536 ;;
+        artifact | upload | peft_adapter) echo 65536 ;;
         mask | torch_pickle) echo 32768 ;;
         index) echo 16384 ;;
         lockfile | recipe) echo 8192 ;;

@@ -18,7 +18,7 @@ pub mod schema;
 
 pub use xpm_core::{
     Error, Result, alloc, checkpoint, digest, error, format, fsutil, home, parallel, pool, printer,
-    project, registry, resolve, rng, select, store, suggest, units,
+    project, registry, resolve, rng, select, signing, store, suggest, units,
 };
 pub use xpm_merge as merge;
 pub use xpm_train as train;

@@ -369,6 +369,7 @@ async fn publish(State(s): State<AppState>, headers: HeaderMap, body: Body) -> A
                 Some("publish with `xpm publish`, which sends it"),
             )
         })?;
+    let signature = parse_signature_header(&headers)?;
     let max = s.cfg.max_upload_size;
     let too_big = || {
         ApiError::new(
@@ -449,7 +450,22 @@ async fn publish(State(s): State<AppState>, headers: HeaderMap, body: Body) -> A
                 Some(xpm_core::registry::index::NAME_HINT),
             )
         })?;
-        let line = IndexLine::for_artifact(&manifest, &digest, size);
+        let mut line = IndexLine::for_artifact(&manifest, &digest, size);
+        if let Some(sig) = signature {
+            // The server cannot know the address its clients use, so it checks the signature
+            // and its binding to name, version and digest; clients check the registry too.
+            let f =
+                std::fs::File::open(&path).map_err(|e| xpm_core::Error::io("open", &path, e))?;
+            xpm_core::signing::verify_release_on(
+                &sig,
+                f,
+                None,
+                &line.name,
+                &line.vers.to_string(),
+                &line.cksum,
+            )?;
+            line.sig = Some(sig);
+        }
         let tmp = tmp.into_temp_path();
         storage.publish(&tmp, &line)?;
         // The file now lives in the store; do not delete it.
@@ -458,6 +474,28 @@ async fn publish(State(s): State<AppState>, headers: HeaderMap, body: Body) -> A
     })
     .await?;
     Ok((StatusCode::CREATED, Json(line)).into_response())
+}
+
+/// The release signature of a publish (`X-Xpm-Signature`: hex of its JSON), if any.
+fn parse_signature_header(
+    headers: &HeaderMap,
+) -> ApiResult<Option<xpm_core::signing::ReleaseSignature>> {
+    let Some(v) = headers.get(xpm_core::registry::http::SIGNATURE_HEADER) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the X-Xpm-Signature header is not a hex-encoded xpm release signature",
+            Some("publish with `xpm publish --sign`, which sends it"),
+        )
+    };
+    let bytes = v
+        .to_str()
+        .ok()
+        .and_then(|s| hex::decode(s).ok())
+        .ok_or_else(bad)?;
+    serde_json::from_slice(&bytes).map(Some).map_err(|_| bad())
 }
 
 #[derive(Debug, Deserialize)]

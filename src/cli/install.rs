@@ -16,6 +16,9 @@ pub struct Args {
     /// Only experts on this base model: a sha256: base digest or a base id
     #[arg(long, value_name = "DIGEST|ID")]
     base: Option<String>,
+    /// Refuse experts without a valid signature (see `[trust]` in xpm.toml)
+    #[arg(long)]
+    require_signatures: bool,
     /// Parallel downloads
     #[arg(short, long, default_value_t = install::DEFAULT_JOBS, value_name = "N")]
     jobs: usize,
@@ -27,6 +30,7 @@ pub struct Args {
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
     let opts = InstallOptions {
+        require_signatures: a.require_signatures,
         specs: a.specs,
         registry: a.registry.registry.clone(),
         locked: a.locked,

@@ -21,6 +21,7 @@ mod import;
 mod init;
 mod inspect;
 mod install;
+mod key;
 mod list;
 mod merge;
 mod output;
@@ -62,6 +63,8 @@ pub enum Command {
     Experiment(experiment::Args),
     /// Build a sparse (or dense) expert from a base and a fine-tuned checkpoint
     Extract(Box<extract::Args>),
+    /// Signing keys for releases (`xpm publish --sign`)
+    Key(key::Args),
     /// Import a PEFT adapter or mttl experts as xpm experts
     Import(import::Args),
     /// Export an expert as a PEFT adapter directory (exact when merged)
@@ -165,6 +168,7 @@ pub fn main() -> ExitCode {
         Command::Data(a) => data::exec(a, &ctx),
         Command::Experiment(a) => experiment::exec(a, &ctx),
         Command::Extract(a) => extract::exec(*a, &ctx),
+        Command::Key(a) => key::exec(a, &ctx),
         Command::Import(a) => import::exec(a, &ctx),
         Command::Export(a) => export::exec(*a, &ctx),
         Command::Pack(a) => pack::exec(a, &ctx),

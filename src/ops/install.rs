@@ -27,6 +27,8 @@ pub const DEFAULT_JOBS: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct InstallOptions {
+    /// Refuse unsigned experts (`--require-signatures`; also `[trust] require-signatures`).
+    pub require_signatures: bool,
     /// Requirements from the command line (added to `xpm.toml` when there is one).
     pub specs: Vec<String>,
     /// `--registry` / `$XPM_REGISTRY`.
@@ -127,6 +129,16 @@ pub fn install(
     let missing = missing_or_damaged(&store, &lines, printer)?;
     let total: u64 = missing.iter().map(|l| l.size).sum();
     let staged = download_all(&store, reg.as_ref(), &missing, opts.jobs, printer)?;
+    let signers = check_signatures(
+        opts,
+        &project,
+        lock.as_ref(),
+        &lines,
+        &staged,
+        &store,
+        reg.source(),
+        printer,
+    )?;
     let now = registry::index::now_rfc3339();
     let records: Vec<Installed> = lines
         .iter()
@@ -146,13 +158,15 @@ pub fn install(
     let base = lines[0].base.clone();
     let mut experts: Vec<LockedExpert> = lines
         .iter()
-        .map(|l| LockedExpert {
+        .zip(signers)
+        .map(|(l, signer)| LockedExpert {
             name: l.name.clone(),
             version: l.vers.clone(),
             source: reg.source().to_string(),
             cksum: l.cksum.clone(),
             size: l.size,
             kind: l.kind,
+            signer,
         })
         .collect();
     experts.sort_by(|a, b| a.name.cmp(&b.name));
@@ -353,7 +367,70 @@ fn from_lock(
                 format: String::new(),
                 description: None,
                 v: registry::index::INDEX_LINE_VERSION,
+                sig: None,
             })
+        })
+        .collect()
+}
+
+/// The signer of each line (in order) under the project's trust policy, checked on the
+/// downloaded (not yet committed) or cached file. With `--locked` the lockfile's pins (digest
+/// and signer) stand: they were checked when it was written.
+#[allow(clippy::too_many_arguments)]
+fn check_signatures(
+    opts: &InstallOptions,
+    project: &Project,
+    lock: Option<&Lockfile>,
+    lines: &[IndexLine],
+    staged: &[Staged],
+    store: &Store,
+    source: &str,
+    printer: &Printer,
+) -> Result<Vec<Option<String>>> {
+    let policy = project
+        .manifest
+        .as_ref()
+        .map(|m| m.trust.clone())
+        .unwrap_or_default();
+    let require = opts.require_signatures || policy.require_signatures;
+    if opts.locked {
+        return lines
+            .iter()
+            .map(|l| {
+                let signer = lock
+                    .and_then(|k| k.get(&l.name))
+                    .and_then(|e| e.signer.clone());
+                if require && signer.is_none() {
+                    return Err(Error::input(
+                        format!(
+                            "{} is locked without a signature, and signatures are required",
+                            l.id()
+                        ),
+                        Some(
+                            "run `xpm install` without --locked to check the registry's signatures",
+                        ),
+                    ));
+                }
+                Ok(signer)
+            })
+            .collect();
+    }
+    let check = super::trust::TrustCheck {
+        policy: &policy,
+        lock,
+        require: opts.require_signatures,
+        source,
+        printer,
+    };
+    lines
+        .iter()
+        .map(|l| {
+            let file = staged
+                .iter()
+                .find(|s| s.cksum() == l.cksum)
+                .map(|s| s.path().to_path_buf())
+                .unwrap_or_else(|| store.blob_path(&l.cksum));
+            check.check(l, &file)
         })
         .collect()
 }

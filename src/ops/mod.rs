@@ -15,6 +15,7 @@ pub mod pack;
 pub mod plugin;
 pub mod publish;
 pub mod search;
+pub mod trust;
 pub mod unpack;
 pub use crate::format::verify;
 pub mod yank;

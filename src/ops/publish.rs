@@ -14,6 +14,7 @@ pub fn publish(
     artifact: &Path,
     location: &str,
     opts: &ClientOptions,
+    sign: Option<&super::trust::SignRequest>,
     printer: &Printer,
 ) -> Result<IndexLine> {
     printer.status("Verifying", artifact.display());
@@ -26,8 +27,12 @@ pub fn publish(
         )
     })?;
     let size = std::fs::metadata(artifact).at("read", artifact)?.len();
-    let line = IndexLine::for_artifact(&manifest, &report.sha256, size);
+    let mut line = IndexLine::for_artifact(&manifest, &report.sha256, size);
     let reg = registry::open(location, home, opts, true)?;
+    if let Some(req) = sign {
+        let id = super::trust::sign_line(req, artifact, reg.source(), &mut line)?;
+        printer.status("Signed", format!("{} with key {id}", line.id()));
+    }
     printer.status("Publishing", format!("{} to {}", line.id(), reg.source()));
     let pb = printer.progress_bytes(size, "Uploading");
     let out = reg.publish(artifact, &line, &pb);

@@ -27,6 +27,7 @@ pub mod registry;
 pub mod resolve;
 pub mod rng;
 pub mod select;
+pub mod signing;
 pub mod store;
 pub mod suggest;
 pub mod units;

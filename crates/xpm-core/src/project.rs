@@ -43,6 +43,55 @@ pub struct ProjectManifest {
     /// Expert name → version requirement.
     #[serde(default)]
     pub experts: BTreeMap<String, String>,
+    /// Which signatures `xpm install` accepts (docs/registry-protocol.md, "Signed releases").
+    #[serde(default, skip_serializing_if = "TrustPolicy::is_empty")]
+    pub trust: TrustPolicy,
+}
+
+/// `[trust]` in `xpm.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustPolicy {
+    /// Refuse unsigned experts (as `xpm install --require-signatures` does).
+    #[serde(default, rename = "require-signatures")]
+    pub require_signatures: bool,
+    /// Pinned signing keys; an expert they cover must be signed by one of them.
+    #[serde(default, rename = "key")]
+    pub keys: Vec<TrustedKey>,
+}
+
+impl TrustPolicy {
+    fn is_empty(&self) -> bool {
+        !self.require_signatures && self.keys.is_empty()
+    }
+
+    /// The pinned keys for `name` on the registry `source`.
+    pub fn keys_for<'a>(
+        &'a self,
+        source: &'a str,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a TrustedKey> {
+        self.keys.iter().filter(move |k| {
+            k.registry
+                .as_deref()
+                .is_none_or(|r| r.trim_end_matches('/') == source.trim_end_matches('/'))
+                && k.prefix.as_deref().is_none_or(|p| name.starts_with(p))
+        })
+    }
+}
+
+/// One `[[trust.key]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKey {
+    /// A minisign public key (base64, the second line of its `.pub` file).
+    pub key: String,
+    /// Only for this registry (its source, as in xpm.lock) [default: every registry].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
+    /// Only for names starting with this prefix (e.g. `team/`) [default: every name].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
 }
 
 /// A project directory and its manifest (if any).
@@ -204,6 +253,10 @@ pub struct LockedExpert {
     /// Artifact size in bytes.
     pub size: u64,
     pub kind: ExpertKind,
+    /// The minisign public key that signed this version (trust on first use: a later version
+    /// signed by another key needs a rotation statement by this one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 impl Lockfile {

@@ -235,6 +235,7 @@ mod tests {
             format: "1.0".into(),
             description: None,
             v: 1,
+            sig: None,
         }
     }
 

@@ -84,6 +84,18 @@ pub struct Staged {
     cksum: String,
 }
 
+impl Staged {
+    /// The downloaded, digest-checked file, before [`Store::commit`] moves it into the store.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Its `sha256:` digest.
+    pub fn cksum(&self) -> &str {
+        &self.cksum
+    }
+}
+
 /// The store under one `$XPM_HOME`.
 #[derive(Debug, Clone)]
 pub struct Store {

@@ -430,6 +430,7 @@ pub fn write_all(root: &Path) -> xpm_core::Result<usize> {
                 cksum: l.cksum.clone(),
                 size: l.size,
                 kind: l.kind,
+                signer: None,
             })
             .collect(),
     };

@@ -25,6 +25,9 @@ use super::{ClientOptions, Registry};
 
 /// Attempts per request (the first try and its retries).
 pub const ATTEMPTS: u32 = 4;
+/// The header that carries a release signature on publish: the JSON of
+/// [`crate::signing::ReleaseSignature`], hex-encoded.
+pub const SIGNATURE_HEADER: &str = "X-Xpm-Signature";
 /// Delay before the first retry; doubled on each further one.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// Whole-request limit for index files, config.json and API calls.
@@ -402,10 +405,16 @@ impl Registry for HttpRegistry {
             let file = std::fs::File::open(artifact).map_err(|e| Error::io("open", artifact, e))?;
             progress.reset();
             let file = progress.wrap_read(Box::new(file));
-            let rb = self
+            let mut rb = self
                 .authed(self.client.put(&url))
                 .timeout(transfer_timeout(line.size))
-                .header("X-Xpm-Sha256", &line.cksum)
+                .header("X-Xpm-Sha256", &line.cksum);
+            if let Some(sig) = &line.sig {
+                // The signature (JSON) hex-encoded: a header value is one line of ASCII.
+                let json = serde_json::to_vec(sig).expect("a signature serializes");
+                rb = rb.header(SIGNATURE_HEADER, hex::encode(json));
+            }
+            let rb = rb
                 .header("Content-Type", "application/octet-stream")
                 .body(reqwest::blocking::Body::sized(file, line.size));
             self.attempt(&what, rb)

@@ -48,6 +48,10 @@ pub struct IndexLine {
     /// Index line layout version.
     #[serde(default = "one")]
     pub v: u32,
+    /// The publisher's minisign signature of the artifact, with the signing key (and a key
+    /// rotation statement after a key change); absent for unsigned releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<crate::signing::ReleaseSignature>,
 }
 
 fn one() -> u32 {
@@ -88,6 +92,7 @@ impl IndexLine {
             format: m.format_version.clone(),
             description: m.description.clone(),
             v: INDEX_LINE_VERSION,
+            sig: None,
         }
     }
 
