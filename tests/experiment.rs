@@ -199,6 +199,7 @@ fn smoke_experiment_produces_every_table_and_resumes() {
         "#### Merged: all 2 tasks",
         "#### Held-out task `we`",
         "#### Mask overlap",
+        "#### λ chosen on the eval splits (per seed)",
         "#### Cost",
     ] {
         assert!(md.contains(heading), "missing {heading}:\n{md}");
@@ -212,6 +213,12 @@ fn smoke_experiment_produces_every_table_and_resumes() {
     ] {
         assert!(md.contains(row), "missing row {row}:\n{md}");
     }
+    let lambdas = md.split("#### λ chosen on the eval splits").nth(1).unwrap();
+    let row = lambdas
+        .lines()
+        .find(|l| l.starts_with("| lora-r4 · task-arithmetic |"))
+        .unwrap_or_else(|| panic!("no λ row for lora-r4:\n{md}"));
+    assert!(row.ends_with(" 0.5 |") || row.ends_with(" 1 |"), "{row}");
     let png = std::fs::read(ctx.path("results/smoke.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000);
 

@@ -188,6 +188,7 @@ pub fn markdown(r: &Results, png: &Path) -> String {
     write_single(w, &v);
     write_merged(w, &v);
     write_scaling(w, &v, png);
+    write_lambdas(w, &v);
     write_heldout(w, &v);
     write_overlap(w, &v);
     write_cost(w, r);
@@ -345,6 +346,47 @@ fn write_scaling(w: &mut String, v: &View<'_>, png: &Path) {
             .map(|f| f.to_string_lossy().to_string())
             .unwrap_or_default()
     );
+}
+
+/// The λ chosen on the eval splits (`tune_lambda`), per method, strategy and k: one value per
+/// seed, in seed order. Absent when no merge was tuned.
+fn write_lambdas(w: &mut String, v: &View<'_>) {
+    let tuned = v.find(|r| r.setting == Setting::Merged && r.lambda.is_some());
+    if tuned.is_empty() {
+        return;
+    }
+    let counts = v.r.config.counts();
+    let _ = writeln!(w, "\n#### λ chosen on the eval splits (per seed)\n");
+    let _ = write!(w, "| method · strategy |");
+    for k in &counts {
+        let _ = write!(w, " k = {k} |");
+    }
+    let _ = writeln!(w, "\n|---|{}", "---|".repeat(counts.len()));
+    let mut rows: Vec<(&str, &str)> = tuned
+        .iter()
+        .map(|r| (r.method.as_str(), r.strategy.as_deref().unwrap_or("")))
+        .collect();
+    rows.dedup();
+    rows.sort_by_key(|&(m, st)| {
+        let i = v.r.config.methods.iter().position(|c| c.name == m);
+        (i, st.to_string())
+    });
+    rows.dedup();
+    for (m, st) in rows {
+        let _ = write!(w, "| {m} · {st} |");
+        for &k in &counts {
+            let per_seed: BTreeMap<u64, f64> = tuned
+                .iter()
+                .filter(|r| {
+                    r.method == m && r.strategy.as_deref() == Some(st) && r.merged_tasks == Some(k)
+                })
+                .map(|r| (r.seed, r.lambda.expect("tuned")))
+                .collect();
+            let cell: Vec<String> = per_seed.values().map(|l| l.to_string()).collect();
+            let _ = write!(w, " {} |", cell.join(", "));
+        }
+        let _ = writeln!(w);
+    }
 }
 
 /// The held-out task under each merged encoder, against the base + head baseline.
