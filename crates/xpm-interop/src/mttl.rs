@@ -188,74 +188,136 @@ pub fn import(library: &Path, expert: &str, base: &Checkpoint) -> Result<Importe
     let state = torch::load_state_dict(&ckpt_path)?;
     let ckpt = ckpt_path.display().to_string();
 
-    let mut sparse: BTreeMap<String, SparseParts> = BTreeMap::new();
-    let mut lora: BTreeMap<String, LoraParts> = BTreeMap::new();
-    for (key, t) in state {
-        if let Some(module) = key.strip_suffix(".lora_a") {
-            lora.entry(module.to_string()).or_default().a = Some((key.clone(), t));
-        } else if let Some(module) = key.strip_suffix(".lora_b") {
-            lora.entry(module.to_string()).or_default().b = Some((key.clone(), t));
-        } else if let Some((module, part)) = key.rsplit_once(".sparse_layer.") {
-            let p = sparse.entry(module.to_string()).or_default();
-            let slot = match part {
-                "weight" | "sparse_weights" => &mut p.weight,
-                "weight_mask" | "binary_mask" => &mut p.mask,
-                "bias" | "sparse_bias" => &mut p.bias,
-                _ => {
+    let mut notes = Vec::new();
+    let (format, mut out) = match Parts::group(&ckpt, state)? {
+        Parts::Sparse(sparse) => {
+            let mut out = Vec::new();
+            for (module, parts) in &sparse {
+                import_sparse(&ckpt, module, parts, base, &mut out, &mut notes)?;
+            }
+            ("mttl-sparse", out)
+        }
+        Parts::Lora(lora) => {
+            let (rank, alpha) = lora_scale(&meta, &meta_path)?;
+            let mut out = Vec::new();
+            for (module, parts) in &lora {
+                out.push(import_lora(&ckpt, module, parts, rank, alpha, base)?);
+            }
+            ("mttl-lora", out)
+        }
+    };
+    check_deltas(&ckpt, &out)?;
+    sort_like_base(&mut out, base);
+
+    if let Some(name) = &meta.name
+        && name != expert
+    {
+        notes.push(format!(
+            "the metadata names the expert `{name}`; its files are `{expert}.ckpt/.meta`"
+        ));
+    }
+    let source = Source {
+        format: format.to_string(),
+        location: library.display().to_string(),
+        revision: None,
+        files: digests(&[&ckpt_path, &meta_path])?,
+    };
+    let mut extra = BTreeMap::new();
+    extra.insert("mttl".to_string(), meta.value.to_json());
+    Ok(Imported {
+        tensors: out,
+        source,
+        base_hint: meta.model.clone(),
+        extra,
+        notes,
+    })
+}
+
+/// An expert's tensors grouped by module: all sparse layers' parts or all LoRA factors.
+enum Parts {
+    Sparse(BTreeMap<String, SparseParts>),
+    Lora(BTreeMap<String, LoraParts>),
+}
+
+impl Parts {
+    /// Group a state dict's tensors by module and kind; a key of neither kind, a part given
+    /// twice, a mix of kinds or no tensors at all is refused.
+    fn group(ckpt: &str, state: Vec<(String, TorchTensor)>) -> Result<Self> {
+        let mut sparse: BTreeMap<String, SparseParts> = BTreeMap::new();
+        let mut lora: BTreeMap<String, LoraParts> = BTreeMap::new();
+        for (key, t) in state {
+            if let Some(module) = key.strip_suffix(".lora_a") {
+                lora.entry(module.to_string()).or_default().a = Some((key.clone(), t));
+            } else if let Some(module) = key.strip_suffix(".lora_b") {
+                lora.entry(module.to_string()).or_default().b = Some((key.clone(), t));
+            } else if let Some((module, part)) = key.rsplit_once(".sparse_layer.") {
+                let p = sparse.entry(module.to_string()).or_default();
+                let slot = p.slot(ckpt, &key, part)?;
+                if slot.is_some() {
                     return Err(Error::input(
-                        format!(
-                            "`{ckpt}`: `{key}` is not a part of a masked sparse layer \
-                             (weight, weight_mask, bias)"
-                        ),
-                        Some(
-                            "xpm imports mttl's dense-masked sparse adapters; the CSR and \
-                             block layouts (row_offs, col_idx, idxs) are not supported",
-                        ),
+                        format!("`{ckpt}`: two tensors for `{key}` (old and new mttl names)"),
+                        Some(KINDS_HINT),
                     ));
                 }
-            };
-            if slot.is_some() {
+                *slot = Some((key, t));
+            } else {
                 return Err(Error::input(
-                    format!("`{ckpt}`: two tensors for `{key}` (old and new mttl names)"),
+                    format!("`{ckpt}`: `{key}` is neither a LoRA factor nor a sparse layer's part"),
                     Some(KINDS_HINT),
                 ));
             }
-            *slot = Some((key, t));
-        } else {
+        }
+        if !sparse.is_empty() && !lora.is_empty() {
             return Err(Error::input(
-                format!("`{ckpt}`: `{key}` is neither a LoRA factor nor a sparse layer's part"),
+                format!("`{ckpt}` mixes LoRA factors and sparse layers"),
                 Some(KINDS_HINT),
             ));
         }
+        if sparse.is_empty() && lora.is_empty() {
+            return Err(Error::input(
+                format!("`{ckpt}` holds no tensors"),
+                Some(KINDS_HINT),
+            ));
+        }
+        Ok(if lora.is_empty() {
+            Parts::Sparse(sparse)
+        } else {
+            Parts::Lora(lora)
+        })
     }
-    if !sparse.is_empty() && !lora.is_empty() {
-        return Err(Error::input(
-            format!("`{ckpt}` mixes LoRA factors and sparse layers"),
-            Some(KINDS_HINT),
-        ));
-    }
-    if sparse.is_empty() && lora.is_empty() {
-        return Err(Error::input(
-            format!("`{ckpt}` holds no tensors"),
-            Some(KINDS_HINT),
-        ));
-    }
+}
 
-    let mut out: Vec<ImportedTensor> = Vec::new();
-    let mut notes = Vec::new();
-    let format = if lora.is_empty() {
-        for (module, parts) in &sparse {
-            import_sparse(&ckpt, module, parts, base, &mut out, &mut notes)?;
-        }
-        "mttl-sparse"
-    } else {
-        let (rank, alpha) = lora_scale(&meta, &meta_path)?;
-        for (module, parts) in &lora {
-            out.push(import_lora(&ckpt, module, parts, rank, alpha, base)?);
-        }
-        "mttl-lora"
-    };
-    for t in &out {
+impl SparseParts {
+    /// The slot of `part` (a sparse layer's part, by its old or new mttl name) of `key`.
+    fn slot(
+        &mut self,
+        ckpt: &str,
+        key: &str,
+        part: &str,
+    ) -> Result<&mut Option<(String, TorchTensor)>> {
+        Ok(match part {
+            "weight" | "sparse_weights" => &mut self.weight,
+            "weight_mask" | "binary_mask" => &mut self.mask,
+            "bias" | "sparse_bias" => &mut self.bias,
+            _ => {
+                return Err(Error::input(
+                    format!(
+                        "`{ckpt}`: `{key}` is not a part of a masked sparse layer \
+                         (weight, weight_mask, bias)"
+                    ),
+                    Some(
+                        "xpm imports mttl's dense-masked sparse adapters; the CSR and \
+                         block layouts (row_offs, col_idx, idxs) are not supported",
+                    ),
+                ));
+            }
+        })
+    }
+}
+
+/// Every delta well-formed and finite.
+fn check_deltas(ckpt: &str, out: &[ImportedTensor]) -> Result<()> {
+    for t in out {
         t.data.validate()?;
         if let Some((part, i, v)) = t.data.first_non_finite() {
             return Err(Error::input(
@@ -267,7 +329,11 @@ pub fn import(library: &Path, expert: &str, base: &Checkpoint) -> Result<Importe
             ));
         }
     }
-    // The base's name order, new tensors last.
+    Ok(())
+}
+
+/// The base's name order, new tensors last.
+fn sort_like_base(out: &mut [ImportedTensor], base: &Checkpoint) {
     let order: BTreeMap<&str, usize> = base.names().enumerate().map(|(i, n)| (n, i)).collect();
     out.sort_by_key(|t| {
         (
@@ -278,36 +344,19 @@ pub fn import(library: &Path, expert: &str, base: &Checkpoint) -> Result<Importe
             t.data.name.clone(),
         )
     });
+}
 
-    if let Some(name) = &meta.name
-        && name != expert
-    {
-        notes.push(format!(
-            "the metadata names the expert `{name}`; its files are `{expert}.ckpt/.meta`"
-        ));
-    }
+/// The digests of the expert's files, by file name.
+fn digests(paths: &[&Path]) -> Result<BTreeMap<String, String>> {
     let mut files = BTreeMap::new();
-    for p in [&ckpt_path, &meta_path] {
+    for p in paths {
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         files.insert(name, crate::file_digest(p)?);
     }
-    let mut extra = BTreeMap::new();
-    extra.insert("mttl".to_string(), meta.value.to_json());
-    Ok(Imported {
-        tensors: out,
-        source: Source {
-            format: format.to_string(),
-            location: library.display().to_string(),
-            revision: None,
-            files,
-        },
-        base_hint: meta.model.clone(),
-        extra,
-        notes,
-    })
+    Ok(files)
 }
 
 /// LoRA's rank and alpha from the metadata.
@@ -618,6 +667,49 @@ mod tests {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
         check_name("sst2-sparse_v1").unwrap();
+    }
+
+    #[test]
+    fn parts_are_grouped_and_odd_state_dicts_refused() {
+        let t = || TorchTensor {
+            shape: vec![1],
+            dtype: torch::TorchDtype::F32,
+            data: vec![0; 4],
+        };
+        let state = |keys: &[&str]| -> Vec<(String, TorchTensor)> {
+            keys.iter().map(|k| (k.to_string(), t())).collect()
+        };
+        let err = |keys: &[&str]| match Parts::group("e.ckpt", state(keys)) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{keys:?} grouped"),
+        };
+        match Parts::group("e.ckpt", state(&["m.lora_a", "m.lora_b", "n.lora_a"])).unwrap() {
+            Parts::Lora(l) => {
+                assert_eq!(l.keys().collect::<Vec<_>>(), ["m", "n"]);
+                assert!(l["n"].a.is_some() && l["n"].b.is_none());
+            }
+            Parts::Sparse(_) => panic!("sparse"),
+        }
+        let sparse = [
+            "m.sparse_layer.sparse_weights",
+            "m.sparse_layer.binary_mask",
+        ];
+        match Parts::group("e.ckpt", state(&sparse)).unwrap() {
+            Parts::Sparse(s) => {
+                let p = &s["m"];
+                assert!(p.weight.is_some() && p.mask.is_some() && p.bias.is_none());
+            }
+            Parts::Lora(_) => panic!("lora"),
+        }
+        assert!(err(&[]).contains("holds no tensors"));
+        assert!(err(&["m.lora_a", "n.sparse_layer.weight"]).contains("mixes LoRA"));
+        assert!(err(&["m.sparse_layer.row_offs"]).contains("not a part of a masked sparse"));
+        let e = err(&["m.sparse_layer.weight", "m.sparse_layer.sparse_weights"]);
+        assert!(
+            e.contains("two tensors for `m.sparse_layer.sparse_weights`"),
+            "{e}"
+        );
+        assert!(err(&["m.weight"]).contains("neither a LoRA factor"));
     }
 
     #[test]

@@ -1013,6 +1013,9 @@ impl Vm<'_> {
         self.alloc(at, Obj::Storage { key, dtype, numel })
     }
 
+    /// Run to STOP. Each opcode is handled by exactly one of the handlers below (the opcode
+    /// sets are disjoint); a handler returns `Ok(false)`, having done nothing, for an opcode
+    /// that is not its own.
     fn run(&mut self) -> Result<V> {
         loop {
             let at = self.pos;
@@ -1020,246 +1023,275 @@ impl Vm<'_> {
                 return Err(self.err(at, "the pickle ends without STOP (truncated)"));
             }
             let op = self.u8()?;
-            match op {
-                0x80 => {
-                    let p = self.u8()?;
-                    if p > 5 {
-                        return Err(self.err(at, format!("pickle protocol {p} (at most 5)")));
+            if op == b'.' {
+                let v = self.pop(at)?;
+                return Ok(v);
+            }
+            let handled = self.op_machine(at, op)?
+                || self.op_constant(at, op)?
+                || self.op_container(at, op)?
+                || self.op_call(at, op)?;
+            if !handled {
+                return Err(self.unsupported(at, op));
+            }
+        }
+    }
+
+    fn unsupported(&self, at: usize, op: u8) -> Error {
+        self.err(
+            at,
+            format!(
+                "unsupported pickle opcode 0x{op:02x}{}",
+                if op.is_ascii_graphic() {
+                    format!(" (`{}`)", op as char)
+                } else {
+                    String::new()
+                }
+            ),
+        )
+    }
+
+    /// PROTO, FRAME, MARK and the memo (PUT, BINPUT, LONG_BINPUT, MEMOIZE, BINGET,
+    /// LONG_BINGET).
+    fn op_machine(&mut self, at: usize, op: u8) -> Result<bool> {
+        match op {
+            0x80 => {
+                let p = self.u8()?;
+                if p > 5 {
+                    return Err(self.err(at, format!("pickle protocol {p} (at most 5)")));
+                }
+            }
+            0x95 => {
+                self.u64()?;
+            }
+            b'(' => {
+                if self.marks.len() >= MAX_STACK {
+                    return Err(self.err(at, "too many MARKs"));
+                }
+                self.marks.push(self.stack.len());
+            }
+            b'q' => {
+                let k = self.u8()?;
+                self.memo_put(at, k.into())?;
+            }
+            b'r' => {
+                let k = self.u32()?;
+                self.memo_put(at, k)?;
+            }
+            0x94 => {
+                let k = u32::try_from(self.memo.len())
+                    .map_err(|_| self.err(at, "too many memo entries"))?;
+                self.memo_put(at, k)?;
+            }
+            b'h' => {
+                let k = self.u8()?;
+                self.memo_get(at, k.into())?;
+            }
+            b'j' => {
+                let k = self.u32()?;
+                self.memo_get(at, k)?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Constants: ints, floats, bools, None, strings and bytes.
+    fn op_constant(&mut self, at: usize, op: u8) -> Result<bool> {
+        let v = match op {
+            b'J' => V::Int((self.u32()? as i32).into()),
+            b'K' => V::Int(self.u8()?.into()),
+            b'M' => V::Int(self.u16()?.into()),
+            0x8a => V::Int(self.long1(at)?),
+            b'G' => {
+                let b = self.take(8)?;
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                V::Float(f64::from_be_bytes(a))
+            }
+            0x88 => V::Bool(true),
+            0x89 => V::Bool(false),
+            b'N' => V::None,
+            b'X' => {
+                let n = self.u32()?;
+                self.string(at, n.into())?
+            }
+            0x8c => {
+                let n = self.u8()?;
+                self.string(at, n.into())?
+            }
+            0x8d => {
+                let n = self.u64()?;
+                self.string(at, n)?
+            }
+            b'C' => {
+                let n = self.u8()?;
+                self.bytes(at, n.into())?
+            }
+            b'B' => {
+                let n = self.u32()?;
+                self.bytes(at, n.into())?
+            }
+            0x8e => {
+                let n = self.u64()?;
+                self.bytes(at, n)?
+            }
+            _ => return Ok(false),
+        };
+        self.push(at, v)?;
+        Ok(true)
+    }
+
+    /// LONG1's operand: a little-endian two's-complement integer of at most 8 bytes.
+    fn long1(&mut self, at: usize) -> Result<i64> {
+        let n = usize::from(self.u8()?);
+        if n > 8 {
+            return Err(self.err(at, format!("an integer of {n} bytes (at most 8)")));
+        }
+        let b = self.take(n)?;
+        let mut a = if b.last().is_some_and(|&x| x & 0x80 != 0) {
+            [0xffu8; 8]
+        } else {
+            [0u8; 8]
+        };
+        a[..n].copy_from_slice(b);
+        Ok(i64::from_le_bytes(a))
+    }
+
+    /// Containers: tuples, lists and dicts built or extended, and BUILD of a dict's state.
+    fn op_container(&mut self, at: usize, op: u8) -> Result<bool> {
+        match op {
+            b')' => {
+                let v = self.alloc(at, Obj::Tuple(Vec::new()))?;
+                self.push(at, v)?;
+            }
+            b't' => {
+                let items = self.pop_mark(at)?;
+                let v = self.alloc(at, Obj::Tuple(items))?;
+                self.push(at, v)?;
+            }
+            0x85..=0x87 => {
+                let n = usize::from(op - 0x84);
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.pop(at)?);
+                }
+                items.reverse();
+                let v = self.alloc(at, Obj::Tuple(items))?;
+                self.push(at, v)?;
+            }
+            b']' => {
+                let v = self.alloc(at, Obj::List(Vec::new()))?;
+                self.push(at, v)?;
+            }
+            b'l' => {
+                let items = self.pop_mark(at)?;
+                let v = self.alloc(at, Obj::List(items))?;
+                self.push(at, v)?;
+            }
+            b'a' | b'e' => self.append(at, op)?,
+            b'}' => {
+                let v = self.alloc(at, Obj::Dict(Vec::new()))?;
+                self.push(at, v)?;
+            }
+            b'd' | b's' | b'u' => self.set_items(at, op)?,
+            b'b' => {
+                // Only an OrderedDict's instance state (a state dict's `_metadata`): dropped.
+                let state = self.pop(at)?;
+                let target = self.top(at)?;
+                let ok = matches!(self.obj(target), Some(Obj::Dict(_)))
+                    && matches!(self.obj(state), Some(Obj::Dict(_)));
+                if !ok {
+                    return Err(self.err(at, "BUILD of something other than a dict's attributes"));
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// APPEND (`a`) and APPENDS (`e`).
+    fn append(&mut self, at: usize, op: u8) -> Result<()> {
+        let items = if op == b'a' {
+            vec![self.pop(at)?]
+        } else {
+            self.pop_mark(at)?
+        };
+        let target = self.top(at)?;
+        match target {
+            V::Obj(i) => match self.objs.get_mut(i as usize) {
+                Some(Obj::List(l)) => l.extend(items),
+                _ => return Err(self.err(at, "APPEND to something that is not a list")),
+            },
+            _ => return Err(self.err(at, "APPEND to something that is not a list")),
+        }
+        Ok(())
+    }
+
+    /// DICT (`d`), SETITEM (`s`) and SETITEMS (`u`).
+    fn set_items(&mut self, at: usize, op: u8) -> Result<()> {
+        let items = match op {
+            b's' => {
+                let v = self.pop(at)?;
+                let k = self.pop(at)?;
+                vec![k, v]
+            }
+            _ => self.pop_mark(at)?,
+        };
+        if items.len() % 2 != 0 {
+            return Err(self.err(at, "a dict with a key and no value"));
+        }
+        let pairs: Vec<(V, V)> = items.chunks_exact(2).map(|c| (c[0], c[1])).collect();
+        if op == b'd' {
+            let v = self.alloc(at, Obj::Dict(pairs))?;
+            self.push(at, v)?;
+        } else {
+            let target = self.top(at)?;
+            match target {
+                V::Obj(i) => match self.objs.get_mut(i as usize) {
+                    Some(Obj::Dict(d)) => d.extend(pairs),
+                    _ => {
+                        return Err(self.err(at, "SETITEM on something that is not a dict"));
                     }
-                }
-                0x95 => {
-                    self.u64()?;
-                }
-                b'.' => {
-                    let v = self.pop(at)?;
-                    return Ok(v);
-                }
-                b'(' => {
-                    if self.marks.len() >= MAX_STACK {
-                        return Err(self.err(at, "too many MARKs"));
-                    }
-                    self.marks.push(self.stack.len());
-                }
-                b'c' => {
-                    let module = self.line(at)?;
-                    let name = self.line(at)?;
-                    let v = self.global(at, &module, &name)?;
-                    self.push(at, v)?;
-                }
-                0x93 => {
-                    let name = self.pop(at)?;
-                    let module = self.pop(at)?;
-                    let (Some(m), Some(n)) = (self.str_of(module), self.str_of(name)) else {
-                        return Err(self.err(at, "STACK_GLOBAL of something that is not a string"));
-                    };
-                    let (m, n) = (m.to_string(), n.to_string());
-                    let v = self.global(at, &m, &n)?;
-                    self.push(at, v)?;
-                }
-                b'q' => {
-                    let k = self.u8()?;
-                    self.memo_put(at, k.into())?;
-                }
-                b'r' => {
-                    let k = self.u32()?;
-                    self.memo_put(at, k)?;
-                }
-                0x94 => {
-                    let k = u32::try_from(self.memo.len())
-                        .map_err(|_| self.err(at, "too many memo entries"))?;
-                    self.memo_put(at, k)?;
-                }
-                b'h' => {
-                    let k = self.u8()?;
-                    self.memo_get(at, k.into())?;
-                }
-                b'j' => {
-                    let k = self.u32()?;
-                    self.memo_get(at, k)?;
-                }
-                b')' => {
-                    let v = self.alloc(at, Obj::Tuple(Vec::new()))?;
-                    self.push(at, v)?;
-                }
-                b't' => {
-                    let items = self.pop_mark(at)?;
-                    let v = self.alloc(at, Obj::Tuple(items))?;
-                    self.push(at, v)?;
-                }
-                0x85..=0x87 => {
-                    let n = usize::from(op - 0x84);
-                    let mut items = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        items.push(self.pop(at)?);
-                    }
-                    items.reverse();
-                    let v = self.alloc(at, Obj::Tuple(items))?;
-                    self.push(at, v)?;
-                }
-                b']' => {
-                    let v = self.alloc(at, Obj::List(Vec::new()))?;
-                    self.push(at, v)?;
-                }
-                b'l' => {
-                    let items = self.pop_mark(at)?;
-                    let v = self.alloc(at, Obj::List(items))?;
-                    self.push(at, v)?;
-                }
-                b'a' | b'e' => {
-                    let items = if op == b'a' {
-                        vec![self.pop(at)?]
-                    } else {
-                        self.pop_mark(at)?
-                    };
-                    let target = self.top(at)?;
-                    match target {
-                        V::Obj(i) => match self.objs.get_mut(i as usize) {
-                            Some(Obj::List(l)) => l.extend(items),
-                            _ => return Err(self.err(at, "APPEND to something that is not a list")),
-                        },
-                        _ => return Err(self.err(at, "APPEND to something that is not a list")),
-                    }
-                }
-                b'}' => {
-                    let v = self.alloc(at, Obj::Dict(Vec::new()))?;
-                    self.push(at, v)?;
-                }
-                b'd' | b's' | b'u' => {
-                    let items = match op {
-                        b's' => {
-                            let v = self.pop(at)?;
-                            let k = self.pop(at)?;
-                            vec![k, v]
-                        }
-                        _ => self.pop_mark(at)?,
-                    };
-                    if items.len() % 2 != 0 {
-                        return Err(self.err(at, "a dict with a key and no value"));
-                    }
-                    let pairs: Vec<(V, V)> = items.chunks_exact(2).map(|c| (c[0], c[1])).collect();
-                    if op == b'd' {
-                        let v = self.alloc(at, Obj::Dict(pairs))?;
-                        self.push(at, v)?;
-                    } else {
-                        let target = self.top(at)?;
-                        match target {
-                            V::Obj(i) => match self.objs.get_mut(i as usize) {
-                                Some(Obj::Dict(d)) => d.extend(pairs),
-                                _ => {
-                                    return Err(
-                                        self.err(at, "SETITEM on something that is not a dict")
-                                    );
-                                }
-                            },
-                            _ => {
-                                return Err(self.err(at, "SETITEM on something that is not a dict"));
-                            }
-                        }
-                    }
-                }
-                b'J' => {
-                    let v = self.u32()? as i32;
-                    self.push(at, V::Int(v.into()))?;
-                }
-                b'K' => {
-                    let v = self.u8()?;
-                    self.push(at, V::Int(v.into()))?;
-                }
-                b'M' => {
-                    let v = self.u16()?;
-                    self.push(at, V::Int(v.into()))?;
-                }
-                0x8a => {
-                    let n = usize::from(self.u8()?);
-                    if n > 8 {
-                        return Err(self.err(at, format!("an integer of {n} bytes (at most 8)")));
-                    }
-                    let b = self.take(n)?;
-                    let mut a = if b.last().is_some_and(|&x| x & 0x80 != 0) {
-                        [0xffu8; 8]
-                    } else {
-                        [0u8; 8]
-                    };
-                    a[..n].copy_from_slice(b);
-                    self.push(at, V::Int(i64::from_le_bytes(a)))?;
-                }
-                b'G' => {
-                    let b = self.take(8)?;
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(b);
-                    self.push(at, V::Float(f64::from_be_bytes(a)))?;
-                }
-                0x88 => self.push(at, V::Bool(true))?,
-                0x89 => self.push(at, V::Bool(false))?,
-                b'N' => self.push(at, V::None)?,
-                b'X' => {
-                    let n = self.u32()?;
-                    let v = self.string(at, n.into())?;
-                    self.push(at, v)?;
-                }
-                0x8c => {
-                    let n = self.u8()?;
-                    let v = self.string(at, n.into())?;
-                    self.push(at, v)?;
-                }
-                0x8d => {
-                    let n = self.u64()?;
-                    let v = self.string(at, n)?;
-                    self.push(at, v)?;
-                }
-                b'C' => {
-                    let n = self.u8()?;
-                    let v = self.bytes(at, n.into())?;
-                    self.push(at, v)?;
-                }
-                b'B' => {
-                    let n = self.u32()?;
-                    let v = self.bytes(at, n.into())?;
-                    self.push(at, v)?;
-                }
-                0x8e => {
-                    let n = self.u64()?;
-                    let v = self.bytes(at, n)?;
-                    self.push(at, v)?;
-                }
-                b'Q' => {
-                    let pid = self.pop(at)?;
-                    let v = self.persistent_load(at, pid)?;
-                    self.push(at, v)?;
-                }
-                b'R' => {
-                    let args = self.pop(at)?;
-                    let f = self.pop(at)?;
-                    let v = self.reduce(at, f, args)?;
-                    self.push(at, v)?;
-                }
-                b'b' => {
-                    // Only an OrderedDict's instance state (a state dict's `_metadata`): dropped.
-                    let state = self.pop(at)?;
-                    let target = self.top(at)?;
-                    let ok = matches!(self.obj(target), Some(Obj::Dict(_)))
-                        && matches!(self.obj(state), Some(Obj::Dict(_)));
-                    if !ok {
-                        return Err(
-                            self.err(at, "BUILD of something other than a dict's attributes")
-                        );
-                    }
-                }
+                },
                 _ => {
-                    return Err(self.err(
-                        at,
-                        format!(
-                            "unsupported pickle opcode 0x{op:02x}{}",
-                            if op.is_ascii_graphic() {
-                                format!(" (`{}`)", op as char)
-                            } else {
-                                String::new()
-                            }
-                        ),
-                    ));
+                    return Err(self.err(at, "SETITEM on something that is not a dict"));
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Globals (GLOBAL, STACK_GLOBAL: the allow-list), persistent ids (storages) and REDUCE.
+    fn op_call(&mut self, at: usize, op: u8) -> Result<bool> {
+        let v = match op {
+            b'c' => {
+                let module = self.line(at)?;
+                let name = self.line(at)?;
+                self.global(at, &module, &name)?
+            }
+            0x93 => {
+                let name = self.pop(at)?;
+                let module = self.pop(at)?;
+                let (Some(m), Some(n)) = (self.str_of(module), self.str_of(name)) else {
+                    return Err(self.err(at, "STACK_GLOBAL of something that is not a string"));
+                };
+                let (m, n) = (m.to_string(), n.to_string());
+                self.global(at, &m, &n)?
+            }
+            b'Q' => {
+                let pid = self.pop(at)?;
+                self.persistent_load(at, pid)?
+            }
+            b'R' => {
+                let args = self.pop(at)?;
+                let f = self.pop(at)?;
+                self.reduce(at, f, args)?
+            }
+            _ => return Ok(false),
+        };
+        self.push(at, v)?;
+        Ok(true)
     }
 }
 
