@@ -327,10 +327,11 @@ pub fn export_peft(
         ));
     }
     let (model_type, architectures) = model_config(&base_dir);
-    let mut tensors = Vec::with_capacity(m.tensors.len());
-    for (i, e) in m.tensors.iter().enumerate() {
-        tensors.push((reader.read_tensor(i)?, e.new));
-    }
+    // Decode on every core (zstd and the frame digests dominate).
+    let indices: Vec<usize> = (0..m.tensors.len()).collect();
+    let tensors = crate::parallel::collect_ordered(rayon::current_num_threads(), &indices, |&i| {
+        Ok((reader.read_tensor(i)?, m.tensors[i].new))
+    })?;
     printer.status(
         "Exporting",
         format!(
