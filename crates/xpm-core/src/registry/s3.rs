@@ -546,74 +546,92 @@ impl S3Registry {
         line: &IndexLine,
         progress: &dyn Progress,
     ) -> Result<()> {
-        let rel = blob_rel_path(&line.cksum);
-        let key = self.key(&rel);
-        let what = format!("uploading the artifact of {}", line.id());
-        let changed = || {
-            Error::input(
-                format!(
-                    "`{}` changed while it was being published",
-                    artifact.display()
-                ),
-                Some("publish it again once nothing else writes to it"),
-            )
-        };
         if line.size <= self.multipart_threshold {
-            let bytes = std::fs::read(artifact).at("read", artifact)?;
-            if bytes.len() as u64 != line.size || crate::digest::sha256(&bytes) != line.cksum {
-                return Err(changed());
-            }
-            let bytes = Bytes::from(bytes);
-            let put = self
-                .store
-                .put_opts(
-                    &key,
-                    PutPayload::from(bytes.clone()),
-                    PutOptions {
-                        mode: PutMode::Create,
-                        attributes: attrs("application/octet-stream", BLOB_CACHE_CONTROL),
-                        ..Default::default()
-                    },
-                )
-                .await;
-            match put {
-                Ok(_) => {}
-                Err(object_store::Error::AlreadyExists { .. }) => {
-                    // Another version (or publisher) stored these bytes: keep the stored copy
-                    // if it is intact, else replace it.
-                    let stored = match self.store.get(&key).await {
-                        Ok(r) => r.bytes().await.ok(),
-                        Err(_) => None,
-                    };
-                    if stored.as_ref() != Some(&bytes) {
-                        self.printer.warn(format!(
-                            "{} held damaged bytes; replacing them",
-                            self.url_of(&rel)
-                        ));
-                        self.store
-                            .put_opts(
-                                &key,
-                                PutPayload::from(bytes),
-                                PutOptions {
-                                    attributes: attrs(
-                                        "application/octet-stream",
-                                        BLOB_CACHE_CONTROL,
-                                    ),
-                                    ..Default::default()
-                                },
-                            )
-                            .await
-                            .map_err(|e| self.err(&what, e))?;
-                    }
-                }
-                Err(e) => return Err(self.err(&what, e)),
-            }
+            self.put_small_blob(artifact, line).await?;
             progress.inc(line.size);
             return Ok(());
         }
-        // Large: multipart uploads cannot be conditional. A stored object of the right size
-        // under the digest's key is these bytes; otherwise upload (identical bytes racing
-        // with another publisher's identical bytes is harmless).
+        self.put_large_blob(artifact, line, progress).await
+    }
+
+    /// The error for an artifact whose bytes differ from its line's digest or size.
+    fn changed_while_publishing(artifact: &Path) -> Error {
+        Error::input(
+            format!(
+                "`{}` changed while it was being published",
+                artifact.display()
+            ),
+            Some("publish it again once nothing else writes to it"),
+        )
+    }
+
+    /// A blob up to the multipart threshold: one create-only PUT; an existing object is kept
+    /// if it holds these bytes, else replaced.
+    async fn put_small_blob(&self, artifact: &Path, line: &IndexLine) -> Result<()> {
+        let rel = blob_rel_path(&line.cksum);
+        let key = self.key(&rel);
+        let what = format!("uploading the artifact of {}", line.id());
+        let bytes = std::fs::read(artifact).at("read", artifact)?;
+        if bytes.len() as u64 != line.size || crate::digest::sha256(&bytes) != line.cksum {
+            return Err(Self::changed_while_publishing(artifact));
+        }
+        let bytes = Bytes::from(bytes);
+        let put = self
+            .store
+            .put_opts(
+                &key,
+                PutPayload::from(bytes.clone()),
+                PutOptions {
+                    mode: PutMode::Create,
+                    attributes: attrs("application/octet-stream", BLOB_CACHE_CONTROL),
+                    ..Default::default()
+                },
+            )
+            .await;
+        match put {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                // Another version (or publisher) stored these bytes: keep the stored copy if
+                // it is intact, else replace it.
+                let stored = match self.store.get(&key).await {
+                    Ok(r) => r.bytes().await.ok(),
+                    Err(_) => None,
+                };
+                if stored.as_ref() != Some(&bytes) {
+                    self.printer.warn(format!(
+                        "{} held damaged bytes; replacing them",
+                        self.url_of(&rel)
+                    ));
+                    self.store
+                        .put_opts(
+                            &key,
+                            PutPayload::from(bytes),
+                            PutOptions {
+                                attributes: attrs("application/octet-stream", BLOB_CACHE_CONTROL),
+                                ..Default::default()
+                            },
+                        )
+                        .await
+                        .map_err(|e| self.err(&what, e))?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.err(&what, e)),
+        }
+    }
+
+    /// A blob over the threshold. Multipart uploads cannot be conditional: a stored object of
+    /// the right size under the digest's key is these bytes; otherwise upload, hashing what is
+    /// sent (identical bytes racing with another publisher's are harmless).
+    async fn put_large_blob(
+        &self,
+        artifact: &Path,
+        line: &IndexLine,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let rel = blob_rel_path(&line.cksum);
+        let key = self.key(&rel);
+        let what = format!("uploading the artifact of {}", line.id());
         match self.store.head(&key).await {
             Ok(m) if m.size == line.size => {
                 progress.inc(line.size);
@@ -634,35 +652,14 @@ impl S3Registry {
             .await
             .map_err(|e| self.err(&what, e))?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, self.part_size);
-        let mut f = std::fs::File::open(artifact).at("open", artifact)?;
-        let mut hasher = Sha256::new();
-        let mut sent = 0u64;
-        let mut buf = vec![0u8; 1 << 20];
-        let result: Result<()> = async {
-            loop {
-                let n = f.read(&mut buf).at("read", artifact)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                sent += n as u64;
-                w.wait_for_capacity(PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(|e| self.err(&what, e))?;
-                w.write(&buf[..n]);
-                progress.inc(n as u64);
-            }
-            Ok(())
-        }
-        .await;
+        let sent = self.send_parts(artifact, &mut w, &what, progress).await;
         // The bytes sent are the bytes the line describes (each part is signed with its own
         // SHA-256, which S3 checks on arrival).
-        let digest = crate::digest::format_digest(&hasher.finalize());
-        let result = result.and_then(|()| {
-            if sent == line.size && digest == line.cksum {
+        let result = sent.and_then(|(size, digest)| {
+            if size == line.size && digest == line.cksum {
                 Ok(())
             } else {
-                Err(changed())
+                Err(Self::changed_while_publishing(artifact))
             }
         });
         if let Err(e) = result {
@@ -688,6 +685,34 @@ impl S3Registry {
             ));
         }
         Ok(())
+    }
+
+    /// Stream `artifact` into the multipart upload `w`; the bytes sent and their digest.
+    async fn send_parts(
+        &self,
+        artifact: &Path,
+        w: &mut WriteMultipart,
+        what: &str,
+        progress: &dyn Progress,
+    ) -> Result<(u64, String)> {
+        let mut f = std::fs::File::open(artifact).at("open", artifact)?;
+        let mut hasher = Sha256::new();
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).at("read", artifact)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            sent += n as u64;
+            w.wait_for_capacity(PARTS_IN_FLIGHT)
+                .await
+                .map_err(|e| self.err(what, e))?;
+            w.write(&buf[..n]);
+            progress.inc(n as u64);
+        }
+        Ok((sent, crate::digest::format_digest(&hasher.finalize())))
     }
 
     /// Compare-and-swap on the index object of `name`: read it with its ETag, let `edit`
