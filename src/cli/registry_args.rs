@@ -7,11 +7,13 @@ use crate::registry::ClientOptions;
 #[derive(Debug, Clone, clap::Args)]
 pub struct RegistryArgs {
     /// Registry: an http(s):// URL, an s3://BUCKET/PREFIX bucket (credentials from AWS_*, the
-    /// endpoint from $XPM_S3_ENDPOINT), a file:// URL or a directory [default: xpm.toml's
-    /// `registry`, else the local registry at $XPM_HOME/registry]
+    /// endpoint from $XPM_S3_ENDPOINT), an oci://HOST/NAMESPACE registry (credentials from
+    /// $XPM_OCI_USERNAME and $XPM_OCI_PASSWORD, --token or ~/.docker/config.json), a file:// URL
+    /// or a directory [default: xpm.toml's `registry`, else the local registry at
+    /// $XPM_HOME/registry]
     #[arg(long, env = "XPM_REGISTRY", value_name = "URL")]
     pub registry: Option<String>,
-    /// Token for publish and yank (never printed)
+    /// Token for publish and yank; the Bearer token of an oci:// registry (never printed)
     #[arg(long, env = "XPM_TOKEN", hide_env_values = true, value_name = "TOKEN")]
     pub token: Option<String>,
 }

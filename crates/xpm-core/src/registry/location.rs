@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// The schemes `--registry` accepts.
-pub const SCHEMES: &str =
-    "`http://`, `https://`, `s3://BUCKET/PREFIX`, `file://` or a directory path";
+pub const SCHEMES: &str = "`http://`, `https://`, `s3://BUCKET/PREFIX`, `oci://HOST/NAMESPACE`, \
+     `file://` or a directory path";
 
 /// A registry location.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +20,10 @@ pub enum Location {
     /// written with conditional puts (docs/registry-protocol.md §13). `prefix` is empty or
     /// `/`-separated segments without a leading or trailing `/`.
     S3 { bucket: String, prefix: String },
+    /// An OCI registry (`oci://HOST[:PORT]/NAMESPACE`): one repository per expert under
+    /// `NAMESPACE/`, one tag per version (docs/registry-protocol.md §7.2). `namespace` is empty
+    /// or `/`-separated OCI path components.
+    Oci { host: String, namespace: String },
 }
 
 impl Location {
@@ -48,6 +52,7 @@ impl Location {
                 }
                 "file" => Ok(Location::Dir(PathBuf::from(&s["file://".len()..]))),
                 "s3" => parse_s3(&s["s3://".len()..]),
+                "oci" => parse_oci(&s["oci://".len()..]),
                 other => Err(bad(
                     format!("unsupported registry scheme `{other}://` in `{s}`"),
                     &format!("a registry is one of: {SCHEMES}"),
@@ -93,6 +98,8 @@ impl std::fmt::Display for Location {
             Location::Dir(p) => write!(f, "file://{}", p.display()),
             Location::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
             Location::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            Location::Oci { host, namespace } if namespace.is_empty() => write!(f, "oci://{host}"),
+            Location::Oci { host, namespace } => write!(f, "oci://{host}/{namespace}"),
         }
     }
 }
@@ -177,6 +184,75 @@ fn parse_s3(rest: &str) -> Result<Location> {
     })
 }
 
+/// `oci://` + `rest`: a host (name or IPv4 address, optional port) and an optional namespace of
+/// OCI path components. Credentials, queries and fragments are refused: the location is printed
+/// and recorded in xpm.lock, and the credentials come from the environment or Docker's config.
+fn parse_oci(rest: &str) -> Result<Location> {
+    const FORM: &str = "write it as oci://HOST[:PORT]/NAMESPACE (e.g. oci://ghcr.io/acme/experts); \
+                        credentials come from XPM_OCI_USERNAME and XPM_OCI_PASSWORD, `--token` \
+                        or ~/.docker/config.json";
+    let whole = format!("oci://{rest}");
+    let bad = |why: &str| {
+        Error::input(
+            format!(
+                "`{}` is not a valid OCI registry location: {why}",
+                shown(&whole)
+            ),
+            Some(FORM),
+        )
+    };
+    let (host, namespace) = rest.split_once('/').unwrap_or((rest, ""));
+    if host.contains('@') {
+        return Err(Error::input(
+            format!(
+                "the registry location `{}` carries credentials",
+                shown(&whole)
+            ),
+            Some(
+                "xpm prints registry locations and records them in xpm.lock; give OCI \
+                 credentials in XPM_OCI_USERNAME and XPM_OCI_PASSWORD (or `docker login`) instead",
+            ),
+        ));
+    }
+    if rest.contains(['?', '#']) {
+        return Err(bad("it has a query or fragment"));
+    }
+    let (name, port) = match host.rsplit_once(':') {
+        Some((n, p)) => (n, Some(p)),
+        None => (host, None),
+    };
+    if name.is_empty()
+        || name.len() > 253
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
+        || name.starts_with(['-', '.'])
+        || name.ends_with(['-', '.'])
+    {
+        return Err(bad("the host is a DNS name or an IPv4 address"));
+    }
+    if let Some(p) = port
+        && (p.is_empty() || p.len() > 5 || !p.bytes().all(|c| c.is_ascii_digit()))
+    {
+        return Err(bad("the port is a number"));
+    }
+    let namespace = namespace.trim_end_matches('/');
+    if !namespace.is_empty() {
+        for seg in namespace.split('/') {
+            if !crate::registry::oci::is_path_component(seg) {
+                return Err(bad(
+                    "namespace segments are lowercase letters and digits, separated by `.`, \
+                     `_`, `__` or dashes",
+                ));
+            }
+        }
+    }
+    Ok(Location::Oci {
+        host: host.to_string(),
+        namespace: namespace.to_string(),
+    })
+}
+
 /// `s` with anything before an `@` in its authority masked, for messages.
 fn shown(s: &str) -> String {
     match s.split_once("://") {
@@ -243,6 +319,31 @@ mod tests {
             );
             assert_eq!(loc.to_string(), shown);
         }
+        for (s, host, namespace, shown) in [
+            ("oci://ghcr.io", "ghcr.io", "", "oci://ghcr.io"),
+            (
+                "oci://127.0.0.1:5000/team/xpm/",
+                "127.0.0.1:5000",
+                "team/xpm",
+                "oci://127.0.0.1:5000/team/xpm",
+            ),
+            (
+                "oci://reg.example/a__b.c-d",
+                "reg.example",
+                "a__b.c-d",
+                "oci://reg.example/a__b.c-d",
+            ),
+        ] {
+            let loc = Location::parse(s).unwrap();
+            assert_eq!(
+                loc,
+                Location::Oci {
+                    host: host.into(),
+                    namespace: namespace.into()
+                }
+            );
+            assert_eq!(loc.to_string(), shown);
+        }
         for (bad, want) in [
             ("htp://host/x", "unsupported registry scheme `htp://`"),
             ("ftp://host/x", "unsupported registry scheme `ftp://`"),
@@ -260,6 +361,13 @@ mod tests {
             ("s3://bucket/a/../b", "empty, `.` or `..` segment"),
             ("s3://bucket/a b", "prefix segments use"),
             ("s3://bucket/p?versionId=1", "query or fragment"),
+            ("oci://user:secret@ghcr.io/acme", "carries credentials"),
+            ("oci://ghcr.io/Acme", "namespace segments"),
+            ("oci://ghcr.io/a//b", "namespace segments"),
+            ("oci://ghcr.io/a-/b", "namespace segments"),
+            ("oci://:5000/a", "the host"),
+            ("oci://host:50x/a", "the port"),
+            ("oci://ghcr.io/a?x=1", "query or fragment"),
         ] {
             let e = Location::parse(bad).unwrap_err();
             assert!(e.to_string().contains(want), "{bad}: {e}");

@@ -3,12 +3,14 @@
 //! `$XPM_HOME/registry`), the HTTP registry server ([`http::HttpRegistry`], the `registry/`
 //! crate, or any static HTTP front of a registry's files) and an S3-compatible bucket
 //! ([`s3::S3Registry`], `s3://BUCKET/PREFIX`, the directory layout written with conditional
-//! puts). The wire and on-disk protocol is docs/registry-protocol.md.
+//! puts), and an OCI registry ([`oci::OciRegistry`], `oci://HOST/NAMESPACE`, experts as OCI
+//! artifacts). The wire and on-disk protocol is docs/registry-protocol.md.
 
 pub mod http;
 pub mod index;
 pub mod local;
 pub mod location;
+pub mod oci;
 pub mod s3;
 
 use std::io::Read;
@@ -21,6 +23,7 @@ use crate::printer::Progress;
 pub use index::{IndexLine, RegistryConfig, SearchHit, SearchResults};
 pub use local::LocalRegistry;
 pub use location::Location;
+pub use oci::OciRegistry;
 pub use s3::S3Registry;
 
 /// What every registry backend does.
@@ -68,7 +71,7 @@ pub fn default_location(home: &XpmHome) -> String {
     format!("file://{}", home.root.join("registry").display())
 }
 
-/// Open the registry at `location`: `http(s)://…`, `s3://…`, `file://…` or a plain directory
+/// Open the registry at `location`: `http(s)://…`, `s3://…`, `oci://…`, `file://…` or a plain directory
 /// path. A local registry (or an S3 registry's layout in an existing bucket) is created on first
 /// use when `create` is set (publish).
 pub fn open(
@@ -87,6 +90,11 @@ pub fn open(
                 reg.require_registry()?;
             }
             return Ok(Box::new(reg));
+        }
+        Location::Oci { host, namespace } => {
+            return Ok(Box::new(OciRegistry::connect(
+                &host, &namespace, home, opts,
+            )?));
         }
         Location::Dir(path) if path.is_absolute() => path,
         Location::Dir(path) => std::env::current_dir().at("read", ".")?.join(path),
