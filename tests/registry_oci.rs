@@ -337,6 +337,38 @@ fn push_resolve_over_tags_and_pull_by_digest() {
         .assert()
         .failure()
         .stderr(predicate::str::contains("cannot yank sst2@1.3.1"));
+    // --offline resolves against the index last read, with the registry unreachable or not.
+    xpm_as(&fresh, None)
+        .args(["install", "sst2@2", "--registry", &reg, "--offline"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("sst2@2.0.0"));
+
+    // An artifact of several upload chunks goes up streamed and comes back byte for byte.
+    let big = "big-1.0.0-5.xpm";
+    make_expert(&ctx.path(big), "big", "1.0.0", "minilm", 10 << 20, 5);
+    publish(&ctx, &oci, big).success();
+    let out = xpm_oci(&fresh)
+        .args(["install", "big", "--registry", &reg, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = report["experts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "big")
+        .unwrap();
+    assert_eq!(
+        std::fs::read(got["path"].as_str().unwrap()).unwrap(),
+        std::fs::read(ctx.path(big)).unwrap()
+    );
+
     // Names OCI cannot hold are refused before anything is sent.
     let odd = expert(&ctx, "odd_", "1.0.0", "minilm", 1);
     publish(&ctx, &oci, &odd)
