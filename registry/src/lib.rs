@@ -7,6 +7,8 @@
 //! `--storage s3://BUCKET/PREFIX` in place of `--root`).
 
 pub mod api;
+pub mod auth;
+pub mod owners;
 pub mod serve;
 pub mod storage;
 

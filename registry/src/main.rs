@@ -1,6 +1,5 @@
 //! `xpm-registry serve --root DIR --addr HOST:PORT`: run a registry server.
 
-use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,6 +7,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+use xpm_registry::auth::{self, Identities, TokenFile};
+use xpm_registry::owners::State;
 use xpm_registry::{DiskStorage, S3Storage, ServerConfig, Storage, router};
 
 /// The xpm registry server.
@@ -37,10 +38,13 @@ struct Serve {
     /// Address to listen on (port 0 picks a free port; the address is printed)
     #[arg(long, default_value = "127.0.0.1:8417", value_name = "HOST:PORT")]
     addr: String,
-    /// File with one accepted token per line (`#` starts a comment)
+    /// Token config: `[[identity]]` tables with a token's sha256, scopes, name patterns and an
+    /// expiry (docs/registry-protocol.md §6.1); an older file of one token per line (`#` starts a
+    /// comment) still works, as one all-powerful identity `default`
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
-    /// Accepted tokens, comma-separated (prefer --token-file; never logged)
+    /// Accepted tokens, comma-separated, all of the all-powerful identity `default` (prefer
+    /// --token-file; never logged)
     #[arg(
         long,
         env = "XPM_REGISTRY_TOKENS",
@@ -48,9 +52,13 @@ struct Serve {
         value_name = "TOKENS"
     )]
     tokens: Option<String>,
-    /// Allow publish and yank without a token (only for a private network)
+    /// Allow publish, yank and owner changes without a token (only for a private network)
     #[arg(long)]
     no_auth: bool,
+    /// Where owners (`owners/`) and the audit log (`audit.log`) are kept [default: --root;
+    /// an s3:// registry with a token config needs it]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Largest accepted upload, e.g. `1GiB`, `500MB`, `1048576`
     #[arg(long, default_value = "2GiB", value_name = "SIZE")]
     max_upload_size: String,
@@ -81,36 +89,30 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
 
 fn main() -> anyhow::Result<()> {
     let Command::Serve(mut a) = Cli::parse().command;
-    let mut hashes = HashSet::new();
-    if let Some(f) = &a.token_file {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read the token file `{}`", f.display()))?;
-        for line in text.lines() {
-            let t = line.split('#').next().unwrap_or("").trim();
-            if !t.is_empty() {
-                hashes.insert(ServerConfig::hash_token(t));
-            }
+    let (identities, config) = load_identities(&mut a)?;
+    let state_dir = match (&a.state_dir, &a.root) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(root)) if a.storage.is_none() => Some(root.clone()),
+        _ if config => bail!(
+            "an s3:// registry with a token config keeps its owners and audit log on local \
+             disk: pass --state-dir DIR"
+        ),
+        _ => {
+            eprintln!(
+                "xpm-registry: warning: no --state-dir: owners are not recorded or enforced and \
+                 writes are not audited"
+            );
+            None
         }
-    }
-    // Keep only the hashes; the plaintext list is dropped here.
-    if let Some(list) = a.tokens.take() {
-        for t in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            hashes.insert(ServerConfig::hash_token(t));
-        }
-    }
-    if hashes.is_empty() && !a.no_auth {
-        bail!(
-            "no tokens configured: pass --token-file FILE or set XPM_REGISTRY_TOKENS \
-             (or --no-auth to let anyone publish)"
-        );
-    }
-    let cfg = ServerConfig {
-        token_hashes: hashes,
+    };
+    let mut cfg = ServerConfig {
+        identities,
         auth_required: !a.no_auth,
         max_upload_size: parse_size(&a.max_upload_size)?,
         public_url: a.public_url.clone(),
         access_log: !a.quiet,
         body_idle_timeout: a.body_idle_timeout,
+        state: None,
     };
     let limits = xpm_registry::Limits {
         header_timeout: a.header_timeout,
@@ -139,6 +141,13 @@ fn main() -> anyhow::Result<()> {
         ),
         (None, None) => bail!("pass --root DIR or --storage s3://BUCKET/PREFIX"),
     };
+    // After the storage: a new --root must be created (empty) by the registry first.
+    cfg.state = match &state_dir {
+        Some(d) => Some(Arc::new(State::open(d).with_context(|| {
+            format!("cannot open the state directory `{}`", d.display())
+        })?)),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -153,6 +162,55 @@ fn main() -> anyhow::Result<()> {
         xpm_registry::serve(listener, app, limits, shutdown_signal()).await?;
         anyhow::Ok(())
     })
+}
+
+/// The identities of `--token-file` and `--tokens` (whose plaintext is dropped here), and
+/// whether the token file was a config (not plain tokens).
+fn load_identities(a: &mut Serve) -> anyhow::Result<(Identities, bool)> {
+    let mut identities = Identities::default();
+    let mut plain = Vec::new();
+    let mut config = false;
+    if let Some(f) = &a.token_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the token file `{}`", f.display()))?;
+        match auth::parse_token_file(&text)
+            .map_err(|e| anyhow::anyhow!("the token file `{}`: {e}", f.display()))?
+        {
+            TokenFile::Config(ids) => {
+                config = true;
+                for (id, hashes) in ids {
+                    identities
+                        .add(id, &hashes)
+                        .map_err(|e| anyhow::anyhow!("the token file `{}`: {e}", f.display()))?;
+                }
+            }
+            TokenFile::Plain(hashes) => plain.extend(hashes),
+        }
+    }
+    // Keep only the hashes; the plaintext list is dropped here.
+    if let Some(list) = a.tokens.take() {
+        for t in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            plain.push(ServerConfig::hash_token(t));
+        }
+    }
+    if !plain.is_empty() {
+        identities
+            .add_plain(&plain)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        eprintln!(
+            "xpm-registry: warning: plain tokens are one all-powerful identity `{}` (every \
+             scope, every name, no expiry); a token config gives each person their own identity, \
+             scopes and expiry (docs/registry-protocol.md §6.1)",
+            auth::LEGACY_IDENTITY
+        );
+    }
+    if identities.is_empty() && !a.no_auth {
+        bail!(
+            "no tokens configured: pass --token-file FILE or set XPM_REGISTRY_TOKENS \
+             (or --no-auth to let anyone publish)"
+        );
+    }
+    Ok((identities, config))
 }
 
 /// Ctrl-C, or SIGTERM on Unix.

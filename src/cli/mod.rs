@@ -26,6 +26,7 @@ mod list;
 mod merge;
 mod output;
 mod overlap;
+mod owner;
 mod pack;
 mod plugin;
 mod publish;
@@ -87,6 +88,8 @@ pub enum Command {
     Publish(publish::Args),
     /// Yank a published version (or un-yank it with --undo)
     Yank(yank::Args),
+    /// List, add or remove the owners of a name on a registry server
+    Owner(owner::Args),
     /// Search a registry by name and description
     Search(search::Args),
     /// Write an xpm.toml for a project
@@ -181,6 +184,7 @@ pub fn main() -> ExitCode {
         Command::Demo(a) => demo::exec(a, &ctx),
         Command::Publish(a) => publish::exec(a, &ctx),
         Command::Yank(a) => yank::exec(a, &ctx),
+        Command::Owner(a) => owner::exec(a, &ctx),
         Command::Search(a) => search::exec(a, &ctx),
         Command::Init(a) => init::exec(a, &ctx),
         Command::Install(a) => install::exec(a, &ctx),

@@ -11,6 +11,7 @@ pub mod interop;
 pub mod list;
 pub mod merge;
 pub mod overlap;
+pub mod owner;
 pub mod pack;
 pub mod plugin;
 pub mod publish;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, RequestBuilder, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::digest::sha256;
 use crate::error::{Error, Result};
@@ -48,6 +48,14 @@ pub struct HttpRegistry {
     cache: PathBuf,
     config: OnceLock<RegistryConfig>,
     printer: Printer,
+}
+
+/// The owners of a name on an `xpm-registry` server: the identities (of the server's token
+/// config) that may publish and yank it, and add or remove owners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owners {
+    pub name: String,
+    pub owners: Vec<String>,
 }
 
 /// The error body every registry API response carries on failure.
@@ -218,6 +226,52 @@ impl HttpRegistry {
             ));
         }
         Ok(())
+    }
+}
+
+/// Owners (docs/registry-protocol.md §6.1): only an `xpm-registry` server keeps them.
+impl HttpRegistry {
+    fn owners_url(&self, name: &str) -> Result<String> {
+        index_rel_path(name)?;
+        Ok(format!("{}/api/v1/experts/{name}/owners", self.api()?))
+    }
+
+    /// The owners of `name` (no token needed).
+    pub fn owners(&self, name: &str) -> Result<Owners> {
+        self.require_online("listing owners")?;
+        let url = self.owners_url(name)?;
+        let what = format!("listing the owners of {name}");
+        let resp = self.send(&what, || self.client.get(&url))?;
+        if !resp.status().is_success() {
+            return Err(self.refused(&what, resp));
+        }
+        resp.json()
+            .map_err(|e| self.bad_response("owners response", e))
+    }
+
+    /// Add (`add`) or remove identities as owners of `name`; returns the owners after the change.
+    pub fn change_owners(&self, name: &str, identities: &[String], add: bool) -> Result<Owners> {
+        self.require_online("changing owners")?;
+        let url = self.owners_url(name)?;
+        let what = if add {
+            format!("adding owners to {name}")
+        } else {
+            format!("removing owners from {name}")
+        };
+        let body = serde_json::json!({ "owners": identities });
+        let resp = self.send(&what, || {
+            let rb = if add {
+                self.client.put(&url)
+            } else {
+                self.client.delete(&url)
+            };
+            self.authed(rb).json(&body)
+        })?;
+        if !resp.status().is_success() {
+            return Err(self.refused(&what, resp));
+        }
+        resp.json()
+            .map_err(|e| self.bad_response("owners response", e))
     }
 }
 
