@@ -387,24 +387,7 @@ fn peft_round_trips_with_the_real_peft() {
     let Some(python) = common::python("torch, transformers, peft, safetensors") else {
         return;
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/peft_interop.py");
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .arg("--xpm")
-        .arg(env!("CARGO_BIN_EXE_xpm"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .env("TQDM_DISABLE", "1")
-        .env("PYTHONWARNINGS", "ignore")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}");
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::run_python_check(&python, "peft_interop.py");
     assert!(stdout.contains("all checks pass"), "{stdout}");
     // Every check ran: 3 imports, 3 + 6 exports (each twice: weights, outputs), 2 round trips
     // and the SHiRA choice.

@@ -10,30 +10,12 @@
 
 mod common;
 
-use std::path::Path;
-
 #[test]
 fn presets_match_mergekit_and_peft() {
     let Some(python) = common::python("torch, transformers, peft, mergekit, safetensors") else {
         return;
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/reference_merges.py");
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .arg("--xpm")
-        .arg(env!("CARGO_BIN_EXE_xpm"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .env("TQDM_DISABLE", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}");
-    assert!(
-        out.status.success(),
-        "xpm's presets disagree with the real libraries:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::run_python_check(&python, "reference_merges.py");
     // Every case ran: 11 mergekit cases, 4 peft cases and the control.
     assert!(stdout.contains("16/16 cases pass"), "{stdout}");
 }

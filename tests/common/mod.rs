@@ -255,3 +255,29 @@ pub fn python(modules: &str) -> Option<PathBuf> {
     eprintln!("skipping: {} cannot import {modules}", py.display());
     None
 }
+
+/// Run `tests/python/SCRIPT --xpm <the binary under test>` with `python`, offline and quiet, and
+/// return its stdout; panics (with both outputs) when it fails.
+pub fn run_python_check(python: &Path, script: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let out = std::process::Command::new(python)
+        .arg(path)
+        .arg("--xpm")
+        .arg(env!("CARGO_BIN_EXE_xpm"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("TQDM_DISABLE", "1")
+        .env("PYTHONWARNINGS", "ignore")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{script}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

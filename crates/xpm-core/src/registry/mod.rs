@@ -11,6 +11,7 @@ pub mod index;
 pub mod local;
 pub mod location;
 pub mod oci;
+mod runtime;
 pub mod s3;
 
 use std::io::Read;

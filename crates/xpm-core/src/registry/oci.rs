@@ -22,6 +22,7 @@
 //! `oci-client` is async; the [`Registry`] trait is blocking, so the backend owns a small tokio
 //! runtime and blocks on it, as s3.rs does.
 
+use super::runtime::Runtime;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -70,26 +71,6 @@ const MAX_CONFIG: i64 = 1 << 20;
 const AUTH_HINT: &str = "give credentials with XPM_OCI_USERNAME and XPM_OCI_PASSWORD (Basic), \
     `--token` / XPM_TOKEN (Bearer) or `docker login` (~/.docker/config.json `auths`), and check \
     that they may read (and, to publish, push) the repository";
-
-/// A tokio runtime shut down without waiting, so that dropping it is allowed anywhere.
-struct Runtime(Option<tokio::runtime::Runtime>);
-
-impl Runtime {
-    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.0
-            .as_ref()
-            .expect("runtime present until drop")
-            .block_on(f)
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
 
 /// A registry of OCI artifacts.
 pub struct OciRegistry {
@@ -294,7 +275,7 @@ impl OciRegistry {
             .map_err(|e| {
                 Error::registry(&source, format!("cannot start the OCI client: {e}"), None)
             })?;
-        let rt = Arc::new(Runtime(Some(rt)));
+        let rt = Arc::new(Runtime::new(rt));
         rt.block_on(client.store_auth_if_needed(host, &auth));
         let key = &sha256(source.as_bytes())["sha256:".len()..][..16];
         Ok(OciRegistry {
@@ -753,16 +734,11 @@ impl OciRegistry {
         let client = self.client.clone();
         let (r2, cksum) = (r.clone(), line.cksum.clone());
         let size = line.size;
-        let task = self
-            .rt
-            .0
-            .as_ref()
-            .expect("runtime present until drop")
-            .spawn(async move {
-                client
-                    .push_blob_stream(&r2, stream, &cksum, Some(size))
-                    .await
-            });
+        let task = self.rt.spawn(async move {
+            client
+                .push_blob_stream(&r2, stream, &cksum, Some(size))
+                .await
+        });
         let mut f = std::fs::File::open(artifact).map_err(|e| Error::io("open", artifact, e))?;
         let mut sent = 0u64;
         let mut read_err = None;

@@ -29,6 +29,7 @@
 //! tokio runtime and blocks on it (never call it from inside another runtime's async task;
 //! `spawn_blocking` threads are fine).
 
+use super::runtime::Runtime;
 use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -77,27 +78,6 @@ pub const ENDPOINT_ENV: &str = "XPM_S3_ENDPOINT";
 const CONDITIONS_HINT: &str = "publish to an engine that honours conditional writes (AWS S3, \
     Cloudflare R2, Ceph RGW, recent MinIO, moto); Garage and some MinIO and SeaweedFS versions \
     accept the headers and ignore them. Reading (install) works from any engine";
-
-/// A tokio runtime shut down without waiting, so that dropping it is allowed anywhere (even
-/// where the last owner is dropped inside another runtime).
-struct Runtime(Option<tokio::runtime::Runtime>);
-
-impl Runtime {
-    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.0
-            .as_ref()
-            .expect("runtime present until drop")
-            .block_on(f)
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
 
 /// A registry in a bucket.
 pub struct S3Registry {
@@ -209,7 +189,7 @@ impl S3Registry {
             prefix: prefix.trim_matches('/').to_string(),
             store,
             cas,
-            rt: Arc::new(Runtime(Some(rt))),
+            rt: Arc::new(Runtime::new(rt)),
             printer: Printer::silent(),
             offline: false,
             probed: Mutex::new(false),
