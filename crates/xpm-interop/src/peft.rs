@@ -33,9 +33,11 @@ pub const LEGACY_WEIGHTS_FILE: &str = "adapter_model.bin";
 /// padding that SHiRA needed, so that importing an export gives the expert back bit for bit.
 pub const SIDECAR_FILE: &str = "xpm_export.json";
 
-/// A JSON object's entries in the file's order (PEFT matches patterns in dict order).
+/// `rank_pattern` / `alpha_pattern`: the object's entries in the file's order (PEFT matches
+/// patterns in dict order), each key compiled once, when the config is read, into PEFT's rule
+/// `re.match(rf"(.*\.)?({key})$", module)` (size-limited: the key comes from someone else).
 #[derive(Debug, Clone, Default)]
-pub struct Ordered<T>(pub Vec<(String, T)>);
+pub struct Ordered<T>(pub Vec<(String, T, regex::Regex)>);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ordered<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
@@ -51,7 +53,8 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ordered<T> {
             ) -> std::result::Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
                 while let Some((k, v)) = m.next_entry::<String, T>()? {
-                    out.push((k, v));
+                    let re = pattern(&k).map_err(serde::de::Error::custom)?;
+                    out.push((k, v, re));
                 }
                 Ok(Ordered(out))
             }
@@ -162,38 +165,36 @@ impl AdapterConfig {
     /// α of `module` (its path without `base_model.model.`): `alpha_pattern`'s first match,
     /// else `lora_alpha`, else 8 (PEFT's default).
     pub fn alpha_for(&self, module: &str) -> Result<f64> {
-        if let Some(p) = &self.alpha_pattern {
-            for (key, alpha) in &p.0 {
-                if pattern_matches(key, module)? {
-                    return Ok(*alpha);
-                }
-            }
+        if let Some(p) = &self.alpha_pattern
+            && let Some((_, alpha, _)) = p.0.iter().find(|(_, _, re)| re.is_match(module))
+        {
+            return Ok(*alpha);
         }
         Ok(self.lora_alpha.unwrap_or(8.0))
     }
 
     /// The rank the config declares for `module`, if it declares one.
     pub fn rank_for(&self, module: &str) -> Result<Option<u64>> {
-        if let Some(p) = &self.rank_pattern {
-            for (key, r) in &p.0 {
-                if pattern_matches(key, module)? {
-                    return Ok(Some(*r));
-                }
-            }
+        if let Some(p) = &self.rank_pattern
+            && let Some((_, r, _)) = p.0.iter().find(|(_, _, re)| re.is_match(module))
+        {
+            return Ok(Some(*r));
         }
         Ok(self.r)
     }
 }
 
-/// PEFT's pattern rule: `re.match(rf"(.*\.)?({key})$", module)`.
-fn pattern_matches(key: &str, module: &str) -> Result<bool> {
-    let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
-        Error::input(
-            format!("pattern `{key}` in {CONFIG_FILE} is not a regular expression xpm reads: {e}"),
-            Some("rank_pattern and alpha_pattern keys are module names or simple regexes"),
-        )
-    })?;
-    Ok(re.is_match(module))
+/// PEFT's pattern rule for `key`: `re.match(rf"(.*\.)?({key})$", module)`.
+fn pattern(key: &str) -> std::result::Result<regex::Regex, String> {
+    regex::RegexBuilder::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| {
+            format!(
+                "pattern `{key}` of rank_pattern or alpha_pattern is not a regular expression \
+                 xpm reads (module names or simple regexes): {e}"
+            )
+        })
 }
 
 /// What one PEFT tensor name holds.
@@ -915,3 +916,35 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
 
 /// The files of a PEFT adapter repository that an import needs (for `hf:` sources).
 pub const HUB_FILES: [&str; 3] = [CONFIG_FILE, WEIGHTS_FILE, SIDECAR_FILE];
+
+#[cfg(test)]
+mod pattern_tests {
+    use super::*;
+
+    fn config(patterns: &str) -> std::result::Result<AdapterConfig, serde_json::Error> {
+        serde_json::from_str(&format!(
+            r#"{{"peft_type": "LORA", "lora_alpha": 8, "alpha_pattern": {patterns}}}"#
+        ))
+    }
+
+    #[test]
+    fn patterns_match_peft_s_rule_in_file_order_and_bad_ones_are_refused_on_read() {
+        let c = config(r#"{"q": 2, "layer\\.1\\.q": 3, "v": 4}"#).unwrap();
+        assert_eq!(
+            c.alpha_for("encoder.layer.1.q").unwrap(),
+            2.0,
+            "first match wins"
+        );
+        assert_eq!(c.alpha_for("encoder.layer.1.v").unwrap(), 4.0);
+        assert_eq!(
+            c.alpha_for("encoder.layer.1.qq").unwrap(),
+            8.0,
+            "whole segments only"
+        );
+        let e = config(r#"{"(": 2}"#).unwrap_err().to_string();
+        assert!(e.contains("is not a regular expression"), "{e}");
+        // A key that compiles to a huge automaton is refused, not built.
+        let e = config(r#"{"(a{1000}){1000}": 2}"#).unwrap_err().to_string();
+        assert!(e.contains("is not a regular expression"), "{e}");
+    }
+}

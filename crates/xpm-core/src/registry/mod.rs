@@ -55,6 +55,18 @@ pub const MISSING_BLOB_HINT: &str = "if xpm.lock was edited or comes from anothe
      delete it and run `xpm install`; otherwise the registry is damaged: ask its operator to \
      publish the version again";
 
+/// The error of a backend that needs the network while `--offline` is set.
+pub(crate) fn require_online(offline: bool, source: &str, what: &str) -> Result<()> {
+    if offline {
+        return Err(Error::registry(
+            source,
+            format!("{what} needs the network, and --offline is set"),
+            Some("run the command once without --offline"),
+        ));
+    }
+    Ok(())
+}
+
 /// How to reach a registry.
 #[derive(Debug, Clone, Default)]
 pub struct ClientOptions {

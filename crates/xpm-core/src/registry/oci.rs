@@ -338,14 +338,7 @@ impl OciRegistry {
     }
 
     fn require_online(&self, what: &str) -> Result<()> {
-        if self.offline {
-            return Err(Error::registry(
-                &self.source,
-                format!("{what} needs the network, and --offline is set"),
-                Some("run the command once without --offline"),
-            ));
-        }
-        Ok(())
+        super::require_online(self.offline, &self.source, what)
     }
 
     /// An xpm error for a failed OCI request.

@@ -240,14 +240,7 @@ impl S3Registry {
     }
 
     fn require_online(&self, what: &str) -> Result<()> {
-        if self.offline {
-            return Err(Error::registry(
-                &self.source,
-                format!("{what} needs the network, and --offline is set"),
-                Some("run the command once without --offline"),
-            ));
-        }
-        Ok(())
+        super::require_online(self.offline, &self.source, what)
     }
 
     /// An error unless the registry's `config.json` exists (a read of a wrong bucket or prefix
