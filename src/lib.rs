@@ -15,6 +15,7 @@ pub mod cli;
 pub mod experiment;
 pub mod ops;
 pub mod schema;
+pub mod serve;
 
 pub use xpm_core::{
     Error, Result, alloc, checkpoint, digest, error, format, fsutil, home, parallel, pool, printer,

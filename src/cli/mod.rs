@@ -30,6 +30,7 @@ mod owner;
 mod pack;
 mod plugin;
 mod publish;
+mod registry;
 mod registry_args;
 mod search;
 mod serve;
@@ -101,7 +102,9 @@ pub enum Command {
     /// List and check merge plugins
     Plugin(plugin::Args),
     /// Run the registry server (the `xpm-registry` binary)
-    Registry(serve::Args),
+    Registry(registry::Args),
+    /// Serve a base model with experts and merges swapped in per request (HTTP)
+    Serve(Box<serve::Args>),
     /// Run xpm's main job end to end on a small model it prepares itself
     Demo(demo::Args),
 }
@@ -189,7 +192,8 @@ pub fn main() -> ExitCode {
         Command::Init(a) => init::exec(a, &ctx),
         Command::Install(a) => install::exec(a, &ctx),
         Command::List(a) => list::exec(a, &ctx),
-        Command::Registry(a) => serve::exec(a, &ctx),
+        Command::Registry(a) => registry::exec(a, &ctx),
+        Command::Serve(a) => serve::exec(*a, &ctx),
         Command::Plugin(a) => plugin::exec(a, &ctx),
     };
     match result {

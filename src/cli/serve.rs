@@ -1,49 +1,64 @@
-//! `xpm registry serve …`: hands over to the `xpm-registry` server binary (the `registry/`
-//! crate), found next to `xpm` or on `PATH`, with the same arguments.
-//!
-//! On Unix the server replaces this process (`exec`), so signals sent to `xpm registry serve`
-//! (`kill -TERM`, Ctrl-C) reach the server itself and nothing is left running on the port.
+//! `xpm serve`: flags only; the server is [`crate::serve`].
 
-use std::process::Command;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use super::Context;
+use crate::serve::{ServeOptions, run};
+use crate::train::model::DeviceChoice;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Arguments for `xpm-registry` (e.g. `serve --root DIR --addr 127.0.0.1:8417`)
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
-    args: Vec<String>,
+    /// Base model: a model directory or `hf:ORG/NAME[@REV]`
+    #[arg(long, value_name = "MODEL")]
+    base: String,
+    /// Serve the experts pinned by this project's xpm.lock [default: every installed version]
+    #[arg(long, value_name = "DIR")]
+    project: Option<PathBuf>,
+    /// Also serve this artifact (repeatable)
+    #[arg(long = "expert", value_name = "FILE.xpm")]
+    experts: Vec<PathBuf>,
+    /// Address to listen on (port 0 picks a free one; the address is printed on stdout)
+    #[arg(long, default_value = "127.0.0.1:8420")]
+    addr: SocketAddr,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceChoice,
+    /// Requests waiting for the model before new ones are refused with 429
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Per-request time limit (504 after it), e.g. `30s`, `2m`
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Memory for loaded expert and merge deltas (least recently used go first)
+    #[arg(long, default_value = "1GiB", value_parser = super::size_arg)]
+    cache: u64,
+    /// Classification inputs per forward pass
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Largest request body
+    #[arg(long, default_value = "1MiB", value_parser = super::size_arg)]
+    max_body: u64,
 }
 
-pub fn exec(a: Args, _ctx: &Context) -> anyhow::Result<()> {
-    let exe_name = format!("xpm-registry{}", std::env::consts::EXE_SUFFIX);
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join(&exe_name)))
-        .filter(|p| p.is_file());
-    let program = beside.unwrap_or_else(|| exe_name.clone().into());
-    let mut cmd = Command::new(&program);
-    cmd.args(&a.args);
-    let cannot_run = |e: std::io::Error| {
-        anyhow::Error::new(e).context(format!(
-            "cannot run `{}`; install the registry server with \
-             `cargo install --locked --path registry` beside `xpm` (or build both with \
-             `cargo build --release -p xpm-cli -p xpm-registry`)",
-            program.display()
-        ))
+pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
+    crate::alloc::configure();
+    // SAFETY: the first thing the command does; `main` started no thread before it.
+    unsafe { super::configure_training_threads() };
+    let opts = ServeOptions {
+        base: a.base,
+        project: a.project,
+        experts: a.experts,
+        addr: a.addr,
+        device: a.device,
+        queue: a.queue,
+        timeout: a.timeout,
+        cache_bytes: usize::try_from(a.cache).unwrap_or(usize::MAX),
+        batch_size: a.batch_size.max(1),
+        max_body: usize::try_from(a.max_body).unwrap_or(usize::MAX),
+        plugin_search: ctx.plugin_search.clone(),
+        hub: ctx.hub.clone(),
     };
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::CommandExt as _;
-        // `exec` returns only when it failed.
-        Err(cannot_run(cmd.exec()))
-    }
-    #[cfg(not(unix))]
-    {
-        let status = cmd.status().map_err(cannot_run)?;
-        match status.code() {
-            Some(0) => Ok(()),
-            code => Err(super::ExitWith(code.unwrap_or(1).clamp(1, 255) as u8).into()),
-        }
-    }
+    run(opts, &ctx.home, &ctx.printer)?;
+    Ok(())
 }

@@ -111,7 +111,7 @@ pub fn eval(opts: &EvalOptions, home: &XpmHome, printer: &Printer) -> Result<Eva
 
 /// The label set the task's expert was trained with (empty without one), and the sequence
 /// length to evaluate at: `max_seq_len`, else the expert's training one, else 128.
-fn training_settings(
+pub fn training_settings(
     head_src: Option<&ArtifactReader>,
     max_seq_len: Option<usize>,
 ) -> (Vec<String>, usize) {
@@ -162,7 +162,7 @@ fn model_to_evaluate(
 
 /// The classification head (weight, bias) stored in the task's expert `head_src`, which must
 /// record its label set.
-fn classification_head(
+pub fn classification_head(
     head_src: Option<&ArtifactReader>,
     labels: &[String],
     dev: &candle_core::Device,

@@ -16,7 +16,7 @@ use xpm_core::error::{Error, IoResultExt, Result};
 use xpm_core::rng::SplitMix64;
 
 /// Candle errors, with what was being done.
-pub(crate) fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
+pub fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
     move |e| Error::compute(what, e)
 }
 
@@ -190,7 +190,7 @@ impl ModelDir {
         Ok(out)
     }
 
-    fn eos_id(&self) -> Option<u32> {
+    pub fn eos_id(&self) -> Option<u32> {
         match self.config.get("eos_token_id") {
             Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32),
             Some(serde_json::Value::Array(a)) => {
@@ -333,7 +333,20 @@ pub fn build_net(
     head: Option<(Tensor, Tensor)>,
     rng: &mut SplitMix64,
 ) -> Result<Net> {
-    let w = md.weights(dev)?;
+    build_net_from(md, md.weights(dev)?, dev, classes, head, rng)
+}
+
+/// [`build_net`] from weights already loaded ([`ModelDir::weights`]). The network's tensors
+/// share their storage with `w`'s: a caller that keeps clones of them (`xpm serve`) can change
+/// the network's weights in place.
+pub fn build_net_from(
+    md: &ModelDir,
+    w: HashMap<String, Tensor>,
+    dev: &Device,
+    classes: usize,
+    head: Option<(Tensor, Tensor)>,
+    rng: &mut SplitMix64,
+) -> Result<Net> {
     match md.arch {
         Arch::Bert => {
             let config: candle_transformers::models::bert::Config =
