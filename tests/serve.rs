@@ -443,6 +443,24 @@ fn completions_greedy_match_the_applied_model_and_stream() {
             "3",
         ],
     );
+    train(
+        &ctx,
+        "llama",
+        "train.jsonl",
+        "copy2",
+        &[
+            "--method",
+            "sparse",
+            "--keep-ratio",
+            "0.2",
+            "--targets",
+            "all",
+            "--epochs",
+            "1",
+            "--seed",
+            "3",
+        ],
+    );
     let a = ctx
         .xpm()
         .args(["apply", "copy.xpm", "--base", "llama", "-o", "applied"])
@@ -450,7 +468,17 @@ fn completions_greedy_match_the_applied_model_and_stream() {
         .unwrap();
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
 
-    let srv = Server::start(&ctx, &["--base", "llama", "--expert", "copy.xpm"]);
+    let srv = Server::start(
+        &ctx,
+        &[
+            "--base",
+            "llama",
+            "--expert",
+            "copy.xpm",
+            "--expert",
+            "copy2.xpm",
+        ],
+    );
     let base_digest = srv.weights_digest();
     // The applied model served as a plain base: what a greedy decode of it gives.
     let applied = Server::start(&ctx, &["--base", "applied"]);
@@ -555,6 +583,63 @@ fn completions_greedy_match_the_applied_model_and_stream() {
     let (s, v) = srv.post("/v1/classify", &json!({"expert": "copy", "inputs": ["x"]}));
     assert_eq!(s, 400, "{v}");
     assert_eq!(srv.weights_digest(), base_digest);
+
+    // The OpenAI Python client, as a real client: completions (plain and streamed), chat,
+    // the model list and a 404 it raises as its own error type.
+    if let Some(py) = common::python("openai") {
+        let script = r#"
+import json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
+p = sys.argv[2]
+text = c.completions.create(model="copy", prompt=p, max_tokens=8, temperature=0).choices[0].text
+streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+    model="copy", prompt=p, max_tokens=8, temperature=0, stream=True))
+chat = c.chat.completions.create(model="base+copy@1", messages=[{"role": "user", "content": "copy : 1 :"}],
+                                 max_tokens=4, temperature=0)
+merged = c.completions.create(model="copy", prompt=p, max_tokens=4, temperature=0,
+                              extra_body={"xpm": {"experts": ["copy", "copy2"], "strategy": "sparse-mean"}})
+models = [m.id for m in c.models.list()]
+try:
+    c.completions.create(model="cpy", prompt=p)
+    missing = None
+except openai.NotFoundError as e:
+    missing = e.status_code
+print(json.dumps({"text": text, "streamed": streamed, "chat": chat.choices[0].message.content,
+                  "merged": merged.choices[0].text, "models": models, "missing": missing}))
+"#;
+        let o = std::process::Command::new(py)
+            .args(["-c", script, &srv.url, prompts[0]])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .last()
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        let (_, direct) = srv.post(
+            "/v1/completions",
+            &json!({"model": "copy", "prompt": prompts[0], "max_tokens": 8, "temperature": 0}),
+        );
+        assert_eq!(v["text"], direct["choices"][0]["text"], "{v}");
+        assert_eq!(v["streamed"], v["text"], "{v}");
+        assert!(v["chat"].is_string(), "{v}");
+        assert!(v["merged"].is_string(), "{v}");
+        assert_eq!(v["missing"], 404, "{v}");
+        let models: Vec<&str> = v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        assert!(
+            models.contains(&"base") && models.contains(&"copy@1.0.0"),
+            "{models:?}"
+        );
+    }
 
     // transformers' greedy decode of the applied model gives the served text.
     if let Some(py) = common::python("transformers, torch") {

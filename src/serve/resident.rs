@@ -14,6 +14,7 @@
 //! model.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -27,10 +28,10 @@ use crate::train::model::{self, ModelDir, Net, ce};
 
 /// One tensor of an expert's delta, ready to be written into the resident weights.
 pub enum DeltaTensor {
-    /// Flat indices (u32) and the values to add there.
-    Sparse { indices: Tensor, values: Tensor },
+    /// Sorted flat indices and the values to add there.
+    Sparse { indices: Vec<u32>, values: Vec<f32> },
     /// The whole delta, flat.
-    Dense { values: Tensor },
+    Dense { values: Vec<f32> },
 }
 
 /// An expert's (or a merge's) delta over the base's tensors, loaded into memory.
@@ -71,23 +72,23 @@ impl Delta {
                 ));
             }
             let numel = w.elem_count();
-            let dev = w.device();
             let d = match crate::merge::input::load_input_at(reader, i)? {
                 Input::Absent => continue,
                 Input::Sparse { indices, values } => {
-                    if indices.last().is_some_and(|&i| i >= numel as u64) {
+                    if !indices.is_sorted_by(|a, b| a < b)
+                        || indices.last().is_some_and(|&i| i >= numel as u64)
+                    {
                         return Err(Error::corrupt(
                             reader.path(),
-                            format!("`{}`: an index is out of the tensor's range", t.name),
+                            format!(
+                                "`{}`: the indices are not increasing, or out of the tensor's range",
+                                t.name
+                            ),
                         ));
                     }
-                    let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
-                    bytes += idx.len() * 8;
-                    let n = idx.len();
-                    DeltaTensor::Sparse {
-                        indices: Tensor::from_vec(idx, n, dev).map_err(ce("load a delta"))?,
-                        values: Tensor::from_vec(values, n, dev).map_err(ce("load a delta"))?,
-                    }
+                    let indices: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+                    bytes += indices.len() * 8;
+                    DeltaTensor::Sparse { indices, values }
                 }
                 Input::Dense { values } => {
                     if values.len() != numel {
@@ -97,9 +98,7 @@ impl Delta {
                         ));
                     }
                     bytes += values.len() * 4;
-                    DeltaTensor::Dense {
-                        values: Tensor::from_vec(values, numel, dev).map_err(ce("load a delta"))?,
-                    }
+                    DeltaTensor::Dense { values }
                 }
             };
             tensors.push((t.name.clone(), d));
@@ -108,16 +107,119 @@ impl Delta {
     }
 }
 
-/// What a tensor held before the applied delta changed it.
-enum Saved {
-    Sparse { indices: Tensor, base: Tensor },
-    Dense { base: Tensor },
+/// What a tensor held before the applied delta changed it: the base's values at the sparse
+/// delta's indices (in their order), or the whole tensor (a dense delta).
+struct Saved(Vec<f32>);
+
+/// The in-place writes of a swap, as a Candle in-place op on a CPU tensor: one pass over the
+/// delta's entries, no temporary tensors.
+enum Write<'a> {
+    /// `saved[k] = w[i[k]]; w[i[k]] = saved[k] + d[k]`
+    AddSparse(&'a [u32], &'a [f32]),
+    /// `w[i[k]] = base[k]`
+    SetSparse(&'a [u32], &'a [f32]),
+    /// `saved = w; w = saved + d`
+    AddDense(&'a [f32]),
+    /// `w = base`
+    SetDense(&'a [f32]),
+}
+
+struct SwapOp<'a> {
+    write: Write<'a>,
+    saved: std::cell::RefCell<Vec<f32>>,
+}
+
+impl candle_core::InplaceOp1 for SwapOp<'_> {
+    fn name(&self) -> &'static str {
+        "xpm-swap"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(all) = storage else {
+            candle_core::bail!("xpm serve swaps f32 weights only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("xpm serve swaps contiguous weights only");
+        };
+        let w = &mut all[start..end];
+        let mut saved = self.saved.borrow_mut();
+        match self.write {
+            Write::AddSparse(idx, d) => {
+                // Checked when the delta was loaded: sorted, and in range.
+                saved.reserve_exact(idx.len());
+                for (&i, &v) in idx.iter().zip(d) {
+                    let x = &mut w[i as usize];
+                    saved.push(*x);
+                    *x += v;
+                }
+            }
+            Write::SetSparse(idx, base) => {
+                for (&i, &v) in idx.iter().zip(base) {
+                    w[i as usize] = v;
+                }
+            }
+            Write::AddDense(d) => {
+                saved.extend_from_slice(w);
+                w.iter_mut().zip(d).for_each(|(x, v)| *x += v);
+            }
+            Write::SetDense(base) => w.copy_from_slice(base),
+        }
+        Ok(())
+    }
+}
+
+/// Run one swap write on `w` (in place), returning what it saved. Off the CPU (where Candle
+/// has no custom in-place kernels here) the same writes go through Candle's own ops.
+fn write(w: &Tensor, op: Write<'_>) -> Result<Vec<f32>> {
+    if w.device().is_cpu() {
+        let op = SwapOp {
+            write: op,
+            saved: Default::default(),
+        };
+        w.inplace_op1(&op).map_err(ce("swap"))?;
+        return Ok(op.saved.into_inner());
+    }
+    let dev = w.device();
+    let flat = w.flatten_all().map_err(ce("swap"))?;
+    let gpu = |e| ce("swap")(e);
+    match op {
+        Write::AddSparse(idx, d) => {
+            let i = Tensor::new(idx, dev).map_err(gpu)?;
+            let base = flat.index_select(&i, 0).map_err(gpu)?;
+            let new = (&base + Tensor::new(d, dev).map_err(gpu)?).map_err(gpu)?;
+            flat.scatter_set(&i, &new, 0).map_err(gpu)?;
+            base.to_vec1().map_err(gpu)
+        }
+        Write::SetSparse(idx, base) => {
+            let i = Tensor::new(idx, dev).map_err(gpu)?;
+            flat.scatter_set(&i, &Tensor::new(base, dev).map_err(gpu)?, 0)
+                .map_err(gpu)?;
+            Ok(Vec::new())
+        }
+        Write::AddDense(d) => {
+            let base = flat.copy().map_err(gpu)?;
+            let new = (&base + Tensor::new(d, dev).map_err(gpu)?).map_err(gpu)?;
+            flat.slice_set(&new, 0, 0).map_err(gpu)?;
+            base.to_vec1().map_err(gpu)
+        }
+        Write::SetDense(base) => {
+            flat.slice_set(&Tensor::new(base, dev).map_err(gpu)?, 0, 0)
+                .map_err(gpu)?;
+            Ok(Vec::new())
+        }
+    }
 }
 
 /// The delta applied now: its key and what to write back.
 struct Applied {
     key: String,
-    saved: Vec<(String, Saved)>,
+    delta: Arc<Delta>,
+    /// Per tensor of `delta`, in its order (`None`: its write failed).
+    saved: Vec<Option<Saved>>,
 }
 
 /// The base model, loaded once, with at most one delta applied in place.
@@ -169,7 +271,7 @@ impl Resident {
 
     /// Make `delta` (known by `key`) the applied one: nothing to do when it already is; else
     /// the current one is removed first. `None` leaves the plain base.
-    pub fn switch_to(&mut self, key: Option<&str>, delta: Option<&Delta>) -> Result<()> {
+    pub fn switch_to(&mut self, key: Option<&str>, delta: Option<&Arc<Delta>>) -> Result<()> {
         if self.applied() == key {
             return Ok(());
         }
@@ -183,68 +285,78 @@ impl Resident {
         Ok(())
     }
 
-    fn apply(&mut self, key: &str, delta: &Delta) -> Result<()> {
-        let mut saved = Vec::with_capacity(delta.tensors.len());
-        let mut result = Ok(());
-        for (name, d) in &delta.tensors {
-            match self.apply_one(name, d) {
-                Ok(s) => saved.push((name.clone(), s)),
+    fn apply(&mut self, key: &str, delta: &Arc<Delta>) -> Result<()> {
+        use rayon::prelude::*;
+        // Tensors are independent: written in parallel.
+        let results: Vec<Result<Saved>> = delta
+            .tensors
+            .par_iter()
+            .map(|(name, d)| self.apply_one(name, d))
+            .collect();
+        let mut first_err = None;
+        let saved = results
+            .into_iter()
+            .map(|r| match r {
+                Ok(s) => Some(s),
                 Err(e) => {
-                    result = Err(e);
-                    break;
+                    first_err = first_err.take().or(Some(e));
+                    None
                 }
-            }
-        }
+            })
+            .collect();
         self.applied = Some(Applied {
             key: key.to_string(),
+            delta: Arc::clone(delta),
             saved,
         });
-        if result.is_err() {
+        if let Some(e) = first_err {
             // Leave the plain base, never half an expert.
             self.restore()?;
+            return Err(e);
         }
-        result
+        Ok(())
+    }
+
+    fn weight(&self, name: &str) -> Result<&Tensor> {
+        self.weights
+            .get(name)
+            .ok_or_else(|| Error::input(format!("the base has no tensor `{name}`"), None))
     }
 
     fn apply_one(&self, name: &str, d: &DeltaTensor) -> Result<Saved> {
-        let w = self
-            .weights
-            .get(name)
-            .ok_or_else(|| Error::input(format!("the base has no tensor `{name}`"), None))?;
-        // A contiguous tensor's flat view shares its storage.
-        let flat = w.flatten_all().map_err(ce("swap"))?;
-        Ok(match d {
-            DeltaTensor::Sparse { indices, values } => {
-                let base = flat.index_select(indices, 0).map_err(ce("swap"))?;
-                let new = (&base + values).map_err(ce("swap"))?;
-                flat.scatter_set(indices, &new, 0).map_err(ce("swap"))?;
-                Saved::Sparse {
-                    indices: indices.clone(),
-                    base,
-                }
-            }
-            DeltaTensor::Dense { values } => {
-                let base = flat.copy().map_err(ce("swap"))?;
-                let new = (&base + values).map_err(ce("swap"))?;
-                flat.slice_set(&new, 0, 0).map_err(ce("swap"))?;
-                Saved::Dense { base }
-            }
-        })
+        let w = self.weight(name)?;
+        Ok(Saved(match d {
+            DeltaTensor::Sparse { indices, values } => write(w, Write::AddSparse(indices, values))?,
+            DeltaTensor::Dense { values } => write(w, Write::AddDense(values))?,
+        }))
     }
 
     /// Write the saved base values back: the plain base again, bit for bit.
     pub fn restore(&mut self) -> Result<()> {
+        use rayon::prelude::*;
         let Some(applied) = self.applied.take() else {
             return Ok(());
         };
-        for (name, s) in applied.saved.iter().rev() {
-            let flat = self.weights[name].flatten_all().map_err(ce("restore"))?;
-            match s {
-                Saved::Sparse { indices, base } => flat.scatter_set(indices, base, 0),
-                Saved::Dense { base } => flat.slice_set(base, 0, 0),
-            }
-            .map_err(ce("restore"))?;
-        }
+        applied
+            .delta
+            .tensors
+            .par_iter()
+            .zip(applied.saved.par_iter())
+            .map(|((name, d), saved)| {
+                // A tensor whose write failed wrote nothing and saved nothing.
+                let Some(Saved(base)) = saved else {
+                    return Ok(());
+                };
+                let w = self.weight(name)?;
+                match d {
+                    DeltaTensor::Sparse { indices, .. } => {
+                        write(w, Write::SetSparse(indices, base))
+                    }
+                    DeltaTensor::Dense { .. } => write(w, Write::SetDense(base)),
+                }
+                .map(drop)
+            })
+            .collect::<Result<Vec<()>>>()?;
         Ok(())
     }
 
