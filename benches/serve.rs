@@ -17,8 +17,14 @@
 //!
 //! With `TORCH_PYTHON` set, `benches/serve_peft.py` measures on the same two bases, in the same
 //! run: PEFT's `set_adapter` between two LoRA adapters with the same number of parameters as
-//! the sparse experts (rank chosen per layer), and loading the model from disk with
+//! the sparse experts (one rank for all layers), and loading the model from disk with
 //! transformers' `from_pretrained` (what serving a merge without in-place swaps costs).
+//!
+//! Then the mixed workload: 8 sparse experts (5 %, with a 3-label head each) on MiniLM,
+//! `--requests` requests of 8 texts each, expert `j % 8` for request `j`, sent by 8 concurrent
+//! clients to the release `xpm serve` over HTTP on 127.0.0.1. PyTorch + PEFT gets the same
+//! requests in the same order in one process (no HTTP): `set_adapter` to the request's LoRA
+//! adapter (same parameter count), the forward pass, the adapter's head. Both on 2 threads.
 
 mod common;
 use common::{flag, median};
@@ -43,6 +49,7 @@ fn main() {
         return;
     }
     let swaps: usize = flag(&args, "--swaps", 40);
+    let requests: usize = flag(&args, "--requests", 96);
     let rounds: usize = flag(&args, "--rounds", 3);
     let assets = std::env::var_os("XPM_ASSETS")
         .map(PathBuf::from)
@@ -145,6 +152,45 @@ fn main() {
             "| {label} | {k} entries | {ms:.2} ms | {peft} | {load} |\n"
         ));
     }
+    // The mixed workload.
+    let experts = work.join("experts");
+    let paths = write_experts(&minilm, &experts, 8);
+    let texts = texts();
+    let xpm_s = xpm_throughput(&minilm, &paths, &texts, requests);
+    let torch_s = std::env::var_os("TORCH_PYTHON").map(|py| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/serve_peft.py");
+        let o = Command::new(py)
+            .arg(script)
+            .args(["--throughput", minilm.to_str().unwrap()])
+            .args([
+                "--density",
+                &DENSITY.to_string(),
+                "--requests",
+                &requests.to_string(),
+            ])
+            .args(["--texts", &serde_json::to_string(&texts).unwrap()])
+            .env("HF_HUB_OFFLINE", "1")
+            .env("TRANSFORMERS_VERBOSITY", "error")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = String::from_utf8_lossy(&o.stdout);
+        let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        v["seconds"].as_f64().unwrap()
+    });
+    let n_inputs = requests * BATCH;
+    md.push_str(&format!(
+        "\n| mixed workload, MiniLM, 8 experts round-robin, {requests} requests × {BATCH} texts | time | texts/s |\n|---|---:|---:|\n| `xpm serve` (HTTP, 8 clients) | {xpm_s:.2} s | {:.0} |\n",
+        n_inputs as f64 / xpm_s
+    ));
+    match torch_s {
+        Some(t) => md.push_str(&format!(
+            "| PyTorch + PEFT, `set_adapter` per request (in process) | {t:.2} s | {:.0} |\n\nxpm / PyTorch throughput: **{:.2}×**\n",
+            n_inputs as f64 / t,
+            t / xpm_s
+        )),
+        None => md.push_str("| PyTorch + PEFT | (set TORCH_PYTHON) | |\n"),
+    }
     print!("{md}");
     std::fs::create_dir_all(&work).unwrap();
     std::fs::write(common::target_dir().join("bench-serve.md"), md).unwrap();
@@ -153,6 +199,10 @@ fn main() {
 /// Two random sparse experts at [`DENSITY`] of every linear weight (2-D, not an embedding):
 /// their deltas, the entries each holds, and the parameters of those weights.
 fn two_experts(dir: &Path) -> (Arc<Delta>, Arc<Delta>, usize, usize) {
+    two_experts_seeded(dir, 7)
+}
+
+fn two_experts_seeded(dir: &Path, seed: u64) -> (Arc<Delta>, Arc<Delta>, usize, usize) {
     let md = ModelDir::open(dir).unwrap();
     let mut names: Vec<(String, usize)> = md
         .checkpoint
@@ -168,7 +218,7 @@ fn two_experts(dir: &Path) -> (Arc<Delta>, Arc<Delta>, usize, usize) {
         .collect();
     names.sort();
     let params = names.iter().map(|n| n.1).sum();
-    let mut rng = SplitMix64(7);
+    let mut rng = SplitMix64(seed);
     let mut make = || {
         let mut tensors = Vec::new();
         let mut k_all = 0;
@@ -270,4 +320,166 @@ fn write_small_llama(dir: &Path) {
         })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// Texts per request in the mixed workload.
+const BATCH: usize = 8;
+
+/// 32 sentences of 20 to 30 words.
+fn texts() -> Vec<String> {
+    let words = [
+        "the", "film", "was", "a", "quiet", "and", "moving", "story", "about", "two", "friends",
+        "who", "travel", "across", "the", "country", "in", "an", "old", "car", "while", "the",
+        "music", "plays", "and", "nothing", "much", "happens", "until", "the", "end",
+    ];
+    let mut rng = SplitMix64(5);
+    (0..32)
+        .map(|_| {
+            let n = 20 + (rng.next_u64() % 11) as usize;
+            (0..n)
+                .map(|_| words[(rng.next_u64() % words.len() as u64) as usize])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+/// `n` sparse experts at [`DENSITY`] of MiniLM's linear weights, each with a random 3-label
+/// head, written as artifacts (kept between runs).
+fn write_experts(base: &Path, dir: &Path, n: usize) -> Vec<PathBuf> {
+    use xpm::format::manifest::{BaseModel, ClassificationHead, ExpertKind, Manifest, Training};
+    use xpm::format::{ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
+    std::fs::create_dir_all(dir).unwrap();
+    let paths: Vec<PathBuf> = (0..n).map(|k| dir.join(format!("e{k}.xpm"))).collect();
+    if paths.iter().all(|p| p.is_file()) {
+        return paths;
+    }
+    let md = ModelDir::open(base).unwrap();
+    let digest = md.checkpoint.digest(None).unwrap();
+    for (k, path) in paths.iter().enumerate() {
+        let (a, _, _, _) = two_experts_seeded(base, 100 + k as u64);
+        let mut w = ArtifactWriter::create(path, 3).unwrap();
+        let mut rng = SplitMix64(k as u64);
+        for (name, d) in &a.tensors {
+            let DeltaTensor::Sparse { indices, values } = d else {
+                unreachable!()
+            };
+            let info = md.checkpoint.info(name).unwrap();
+            let t = TensorData {
+                name: name.clone(),
+                shape: info.shape.iter().map(|&d| d as u64).collect(),
+                dtype: Dtype::F32,
+                content: Content::Sparse {
+                    indices: indices.iter().map(|&i| i as u64).collect(),
+                    values: Dtype::F32.from_f32(values),
+                    block_size: None,
+                },
+            };
+            w.push(encode_tensor(&t, 3).unwrap()).unwrap();
+        }
+        let hidden = 384u64;
+        for (name, shape) in [
+            ("classifier.weight", vec![3, hidden]),
+            ("classifier.bias", vec![3]),
+        ] {
+            let n: u64 = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
+            let t = TensorData {
+                name: name.into(),
+                shape,
+                dtype: Dtype::F32,
+                content: Content::Dense {
+                    delta: Dtype::F32.from_f32(&v),
+                },
+            };
+            w.push(encode_tensor(&t, 3).unwrap().mark_new().unwrap())
+                .unwrap();
+        }
+        let mut m = Manifest::new(
+            &format!("e{k}"),
+            semver::Version::new(1, 0, 0),
+            BaseModel {
+                id: "minilm".into(),
+                digest: digest.clone(),
+            },
+            ExpertKind::Sparse,
+        );
+        m.training = Some(Training {
+            hyperparameters: [("max_seq_len".to_string(), serde_json::json!(128))].into(),
+            head: Some(ClassificationHead {
+                labels: vec!["a".into(), "b".into(), "c".into()],
+                pooling: "mean".into(),
+                tensors: vec!["classifier.weight".into(), "classifier.bias".into()],
+            }),
+            ..Training::default()
+        });
+        w.finish(m).unwrap();
+    }
+    paths
+}
+
+/// Seconds for `requests` requests through the release `xpm serve` (after one warm-up request
+/// per expert, which loads its delta).
+fn xpm_throughput(base: &Path, experts: &[PathBuf], texts: &[String], requests: usize) -> f64 {
+    use std::io::BufRead;
+    let bin = common::build_release("xpm-cli", "xpm");
+    let home = common::target_dir().join("bench-serve/home");
+    let mut cmd = Command::new(bin);
+    cmd.env("XPM_HOME", &home)
+        .env("RAYON_NUM_THREADS", "2")
+        .args([
+            "serve",
+            "--base",
+            base.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--queue", "1024", "--cache", "4GiB"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    for e in experts {
+        cmd.arg("--expert").arg(e);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = format!(
+        "{}/v1/classify",
+        line.trim().strip_prefix("listening on ").unwrap()
+    );
+    let client = reqwest::blocking::Client::new();
+    let body = |j: usize| {
+        let inputs: Vec<&String> = (0..BATCH)
+            .map(|i| &texts[(j * BATCH + i) % texts.len()])
+            .collect();
+        serde_json::json!({"expert": format!("e{}", j % experts.len()), "inputs": inputs})
+    };
+    for j in 0..experts.len() {
+        let r = client.post(&url).json(&body(j)).send().unwrap();
+        assert!(r.status().is_success(), "{}", r.text().unwrap());
+    }
+    let clients = 8;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..clients {
+            s.spawn(|| {
+                let client = reqwest::blocking::Client::new();
+                loop {
+                    let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if j >= requests {
+                        break;
+                    }
+                    let r = client.post(&url).json(&body(j)).send().unwrap();
+                    assert!(r.status().is_success(), "{}", r.text().unwrap());
+                }
+            });
+        }
+    });
+    let secs = t.elapsed().as_secs_f64();
+    let _ = child.kill();
+    let _ = child.wait();
+    secs
 }

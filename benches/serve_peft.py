@@ -16,8 +16,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoModelForCausalLM
 
 p = argparse.ArgumentParser()
-p.add_argument("--minilm", required=True)
-p.add_argument("--llama", required=True)
+p.add_argument("--minilm")
+p.add_argument("--llama")
+p.add_argument("--throughput", metavar="MINILM", help="run the mixed workload on this model instead")
+p.add_argument("--requests", type=int, default=96)
+p.add_argument("--texts", default="[]")
 p.add_argument("--density", type=float, default=0.05)
 p.add_argument("--swaps", type=int, default=40)
 p.add_argument("--rounds", type=int, default=3)
@@ -59,6 +62,52 @@ def measure(load, path, targets):
         "from_pretrained_ms": statistics.median(loads),
     }
 
+
+def lora_config(model, targets):
+    lins = [
+        m
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets
+    ]
+    sparse = sum(a.density * m.in_features * m.out_features for m in lins)
+    rank = max(1, round(sparse / sum(m.in_features + m.out_features for m in lins)))
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+
+
+def throughput(path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+    cfg = lora_config(model, BERT_TARGETS)
+    pm = get_peft_model(model, cfg, adapter_name="e0")
+    for k in range(1, 8):
+        pm.add_adapter(f"e{k}", cfg)
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(model.config.hidden_size, 3) for _ in range(8)]
+    texts = json.loads(a.texts)
+
+    def run(j):
+        pm.set_adapter(f"e{j % 8}")
+        batch = [texts[(j * 8 + i) % len(texts)] for i in range(8)]
+        enc = tok(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        h = pm(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (h * m).sum(1) / m.sum(1)
+        return torch.softmax(heads[j % 8](pooled), -1)
+
+    with torch.inference_mode():
+        for j in range(8):
+            run(j)
+        t = time.perf_counter()
+        for j in range(a.requests):
+            run(j)
+        return time.perf_counter() - t
+
+
+if a.throughput:
+    print(json.dumps({"seconds": throughput(a.throughput)}))
+    raise SystemExit(0)
 
 out = {
     "minilm": measure(lambda d: AutoModel.from_pretrained(d, torch_dtype=torch.float32), a.minilm, BERT_TARGETS),
