@@ -402,6 +402,41 @@ fn classify_swaps_in_place_matches_eval_and_restores_the_base() {
         assert!(metrics.contains(m), "{m} in {metrics}");
     }
     assert_eq!(srv.weights_digest(), base_digest, "at the end");
+    drop(srv);
+
+    // Timeouts: a 504 with a JSON error; a request whose client has gone is dropped unrun.
+    let quick = Server::start(
+        &ctx,
+        &[
+            "--base",
+            "bert",
+            "--expert",
+            "alpha.xpm",
+            "--timeout",
+            "1ms",
+        ],
+    );
+    let (s, v) = quick.post("/v1/classify", &big);
+    assert_eq!(s, 504, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("timeout"),
+        "{v}"
+    );
+    // Queued behind the first (still running): abandoned before the worker reaches it.
+    let (s, _) = quick.post("/v1/classify", &json!({"expert": "alpha", "inputs": ["x"]}));
+    assert_eq!(s, 504);
+    let cancelled = (0..100)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            let (_, m) = quick.get("/metrics");
+            m.lines()
+                .find_map(|l| l.strip_prefix("xpm_serve_cancelled_total "))
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .find(|&n| n > 0);
+    assert_eq!(cancelled, Some(1), "the abandoned request was not run");
 }
 
 /// Read an SSE body's `data:` payloads.

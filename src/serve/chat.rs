@@ -64,6 +64,8 @@ impl ChatTemplate {
 
     pub fn render(&self, messages: &[Message]) -> Result<String, ApiError> {
         let mut env = minijinja::Environment::new();
+        // The template comes with the model (a hub repository is someone else's): bounded work.
+        env.set_fuel(Some(1_000_000));
         env.add_function(
             "raise_exception",
             |msg: String| -> Result<String, minijinja::Error> {
