@@ -6,8 +6,13 @@
 //! 2. Resolve 20 requirements against an index of 10 000 versions: in memory, from a local
 //!    directory registry, and over HTTP with a warm index cache (ETag revalidation).
 //!
-//! Run: `cargo bench --bench install` (`-- --quick` for 10 × 4 MB).
-//! Writes the table to `target/bench-registry.md`.
+//! 3. With `--scale`: the cost curve of installing 50, 200 and 500 experts of 1 MB each, by
+//!    the release `xpm install` run as a child process (time, and peak RSS from GNU time),
+//!    from the loopback server and from a directory registry, against a plain parallel
+//!    download of the same blobs; time per expert at each size (goal: linear, ≤ 1.3× plain).
+//!
+//! Run: `cargo bench --bench install` (`-- --quick` for 10 × 4 MB; `-- --scale` for the curve
+//! only). Writes the table to `target/bench-registry.md` (`target/bench-install-scale.md`).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -38,6 +43,9 @@ static SERVER_BIN: std::sync::LazyLock<std::path::PathBuf> = std::sync::LazyLock
 const JOBS: usize = 8;
 
 fn main() {
+    if std::env::args().any(|a| a == "--scale") {
+        return scale();
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let (n, mb) = if quick { (10, 4) } else { (50, 20) };
     let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -205,25 +213,7 @@ fn median(v: &mut [Duration]) -> Duration {
 
 /// N experts of about `bytes` each, published straight into the registry directory.
 fn populate(root: &Path, n: usize, bytes: usize) -> Vec<String> {
-    let reg = LocalRegistry::open_or_init(root).unwrap();
-    let tmp = root.join("tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    let mut names = Vec::new();
-    for i in 0..n {
-        let name = format!("bench-expert-{i:02}");
-        let path = tmp.join(format!("{name}.xpm"));
-        write_expert(&path, &name, "1.0.0", bytes, i as u64);
-        let (cksum, size) =
-            xpm::digest::sha256_reader(std::fs::File::open(&path).unwrap()).unwrap();
-        let m = xpm::format::ArtifactReader::open(&path)
-            .unwrap()
-            .manifest()
-            .clone();
-        reg.publish(&path, &IndexLine::for_artifact(&m, &cksum, size), true)
-            .unwrap();
-        names.push(name);
-    }
-    names
+    populate_from(root, 0, n, bytes)
 }
 
 fn write_expert(path: &Path, name: &str, version: &str, bytes: usize, seed: u64) {
@@ -365,4 +355,126 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `--scale`: install 50, 200 and 500 experts with the release binary.
+fn scale() {
+    let bin = common::build_release("xpm-cli", &format!("xpm{}", std::env::consts::EXE_SUFFIX));
+    let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut report = String::from(
+        "| experts | bytes | plain download | `xpm install`, HTTP | ratio | per expert | peak RSS | `xpm install`, directory | per expert | peak RSS |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let root = work.path().join("srv");
+    let mut names = Vec::new();
+    let mut have = 0;
+    for n in [50usize, 200, 500] {
+        eprintln!("preparing {n} experts of 1 MB …");
+        // Grow the same registry: the first `have` are already there.
+        let more = populate_from(&root, have, n, 1 << 20);
+        names.extend(more);
+        have = n;
+        let server = Server::start(&root);
+        let lines: Vec<IndexLine> = names
+            .iter()
+            .map(|nm| {
+                LocalRegistry::open(&root)
+                    .unwrap()
+                    .read_index(nm)
+                    .unwrap()
+                    .unwrap()
+                    .remove(0)
+            })
+            .collect();
+        let total: u64 = lines.iter().map(|l| l.size).sum();
+        let urls: Vec<String> = lines
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}/blobs/sha256/{}/{}",
+                    server.url,
+                    &l.sha_hex()[..2],
+                    l.sha_hex()
+                )
+            })
+            .collect();
+        plain_download(&urls, &work.path().join("warm"), false);
+        let mut plain = Vec::new();
+        let mut http = Vec::new();
+        let mut dir = Vec::new();
+        let (mut rss_http, mut rss_dir) = (0u64, 0u64);
+        for r in 0..3 {
+            let d = work.path().join(format!("plain{r}"));
+            let t = Instant::now();
+            plain_download(&urls, &d, false);
+            plain.push(t.elapsed());
+            std::fs::remove_dir_all(&d).unwrap();
+            for (registry, times, rss) in [
+                (server.url.clone(), &mut http, &mut rss_http),
+                (format!("file://{}", root.display()), &mut dir, &mut rss_dir),
+            ] {
+                let proj = work.path().join(format!("proj{r}"));
+                std::fs::create_dir_all(&proj).unwrap();
+                let t = Instant::now();
+                let o = Command::new("/usr/bin/time")
+                    .args(["-f", "%M"])
+                    .arg(&bin)
+                    .args(["install", "--registry", &registry, "-j", &JOBS.to_string()])
+                    .args(names.iter().map(|n| format!("{n}@1")))
+                    .current_dir(&proj)
+                    .env("XPM_HOME", proj.join("home"))
+                    .env("NO_COLOR", "1")
+                    .output()
+                    .unwrap();
+                times.push(t.elapsed());
+                let err = String::from_utf8_lossy(&o.stderr);
+                assert!(o.status.success(), "{err}");
+                let kb: u64 = err.lines().last().unwrap().trim().parse().unwrap();
+                *rss = (*rss).max(kb);
+                std::fs::remove_dir_all(&proj).unwrap();
+            }
+        }
+        drop(server);
+        let (p, h, d) = (median(&mut plain), median(&mut http), median(&mut dir));
+        writeln!(
+            report,
+            "| {n} | {:.0} MB | {:.2} s | {:.2} s | {:.2}× | {:.1} ms | {:.0} MB | {:.2} s | {:.1} ms | {:.0} MB |",
+            total as f64 / 1e6,
+            p.as_secs_f64(),
+            h.as_secs_f64(),
+            h.as_secs_f64() / p.as_secs_f64(),
+            h.as_secs_f64() * 1e3 / n as f64,
+            rss_http as f64 / 1024.0,
+            d.as_secs_f64(),
+            d.as_secs_f64() * 1e3 / n as f64,
+            rss_dir as f64 / 1024.0,
+        )
+        .unwrap();
+        eprintln!("{report}");
+    }
+    println!("{report}");
+    std::fs::write(common::target_dir().join("bench-install-scale.md"), &report).unwrap();
+}
+
+/// Experts `from..to` of [`populate`]'s series.
+fn populate_from(root: &Path, from: usize, to: usize, bytes: usize) -> Vec<String> {
+    let reg = LocalRegistry::open_or_init(root).unwrap();
+    let tmp = root.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    (from..to)
+        .map(|i| {
+            let name = format!("bench-expert-{i:03}");
+            let path = tmp.join(format!("{name}.xpm"));
+            write_expert(&path, &name, "1.0.0", bytes, i as u64);
+            let (cksum, size) =
+                xpm::digest::sha256_reader(std::fs::File::open(&path).unwrap()).unwrap();
+            let m = xpm::format::ArtifactReader::open(&path)
+                .unwrap()
+                .manifest()
+                .clone();
+            reg.publish(&path, &IndexLine::for_artifact(&m, &cksum, size), true)
+                .unwrap();
+            let _ = std::fs::remove_file(&path); // publish may have moved it
+            name
+        })
+        .collect()
 }
