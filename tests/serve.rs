@@ -619,6 +619,40 @@ fn completions_greedy_match_the_applied_model_and_stream() {
     assert_eq!(s, 400, "{v}");
     assert_eq!(srv.weights_digest(), base_digest);
 
+    // A model with a chat template: the messages are rendered with it (here: the user's
+    // content, then the template's generation prompt), so the chat answer is the completion of
+    // the rendered prompt.
+    let chat_dir = ctx.path("llama-chat");
+    std::fs::create_dir_all(&chat_dir).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(ctx.path("llama").join(f), chat_dir.join(f)).unwrap();
+    }
+    std::fs::write(
+        chat_dir.join("tokenizer_config.json"),
+        json!({
+            "bos_token": "<s>",
+            "chat_template": "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %} :{% endif %}"
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let chat = Server::start(&ctx, &["--base", "llama-chat", "--expert", "copy.xpm"]);
+    let (s, v) = chat.post(
+        "/v1/chat/completions",
+        &json!({"model": "copy", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "copy : 4 5"}], "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (_, want) = chat.post(
+        "/v1/completions",
+        &json!({"model": "copy", "prompt": "copy : 4 5 :", "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(
+        v["choices"][0]["message"]["content"], want["choices"][0]["text"],
+        "{v} {want}"
+    );
+    assert_eq!(v["usage"]["prompt_tokens"], want["usage"]["prompt_tokens"]);
+    drop(chat);
+
     // The OpenAI Python client, as a real client: completions (plain and streamed), chat,
     // the model list and a 404 it raises as its own error type.
     if let Some(py) = common::python("openai") {
