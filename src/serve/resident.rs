@@ -276,23 +276,71 @@ impl Resident {
             return Ok(());
         }
         let start = Instant::now();
-        self.restore()?;
-        if let (Some(key), Some(delta)) = (key, delta) {
-            self.apply(key, delta)?;
+        match (key, delta) {
+            (Some(key), Some(delta)) => self.replace(key, delta)?,
+            _ => self.restore()?,
         }
         self.swaps += 1;
         self.swap_time += start.elapsed();
         Ok(())
     }
 
-    fn apply(&mut self, key: &str, delta: &Arc<Delta>) -> Result<()> {
+    /// Remove the applied delta (if any) and apply `delta`, tensor by tensor: where both touch
+    /// a tensor, its old entries are written back and the new ones written in one task, while
+    /// the tensor is in the cache. Tensors are independent: written in parallel.
+    fn replace(&mut self, key: &str, delta: &Arc<Delta>) -> Result<()> {
         use rayon::prelude::*;
-        // Tensors are independent: written in parallel.
+        let old = self.applied.take();
+        let mut old_at: HashMap<&str, usize> = HashMap::new();
+        if let Some(a) = &old {
+            for (i, (name, _)) in a.delta.tensors.iter().enumerate() {
+                old_at.insert(name.as_str(), i);
+            }
+        }
+        let undo = |i: usize| -> Result<()> {
+            let a = old.as_ref().expect("indexed");
+            let (name, d) = &a.delta.tensors[i];
+            // A tensor whose write failed wrote nothing and saved nothing.
+            let Some(Saved(base)) = &a.saved[i] else {
+                return Ok(());
+            };
+            let w = self.weight(name)?;
+            match d {
+                DeltaTensor::Sparse { indices, .. } => write(w, Write::SetSparse(indices, base)),
+                DeltaTensor::Dense { .. } => write(w, Write::SetDense(base)),
+            }
+            .map(drop)
+        };
         let results: Vec<Result<Saved>> = delta
             .tensors
             .par_iter()
-            .map(|(name, d)| self.apply_one(name, d))
+            .map(|(name, d)| {
+                if let Some(&i) = old_at.get(name.as_str()) {
+                    undo(i)?;
+                }
+                self.apply_one(name, d)
+            })
             .collect();
+        // The old delta's tensors that the new one does not touch.
+        if let Some(a) = &old {
+            let new_names: std::collections::HashSet<&str> =
+                delta.tensors.iter().map(|(n, _)| n.as_str()).collect();
+            (0..a.delta.tensors.len())
+                .into_par_iter()
+                .filter(|&i| !new_names.contains(a.delta.tensors[i].0.as_str()))
+                .map(undo)
+                .collect::<Result<Vec<()>>>()?;
+        }
+        self.finish_apply(key, delta, results)
+    }
+
+    /// Record what `results` saved as the applied delta; on an error, restore the plain base.
+    fn finish_apply(
+        &mut self,
+        key: &str,
+        delta: &Arc<Delta>,
+        results: Vec<Result<Saved>>,
+    ) -> Result<()> {
         let mut first_err = None;
         let saved = results
             .into_iter()
