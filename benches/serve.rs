@@ -22,9 +22,9 @@
 //!
 //! Then the mixed workload: 8 sparse experts (5 %, with a 3-label head each) on MiniLM,
 //! `--requests` requests of 8 texts each, expert `j % 8` for request `j`, sent by 8 concurrent
-//! clients to the release `xpm serve` over HTTP on 127.0.0.1. PyTorch + PEFT gets the same
-//! requests in the same order in one process (no HTTP): `set_adapter` to the request's LoRA
-//! adapter (same parameter count), the forward pass, the adapter's head. Both on 2 threads.
+//! clients over HTTP on 127.0.0.1 to the release `xpm serve`, and by the same clients to a
+//! Python HTTP server (`serve_peft.py --serve`) running PyTorch + PEFT: `set_adapter` to the
+//! request's LoRA adapter (same parameter count), the forward pass, the adapter's head.
 
 mod common;
 use common::{flag, median};
@@ -159,24 +159,17 @@ fn main() {
     let xpm_s = xpm_throughput(&minilm, &paths, &texts, requests);
     let torch_s = std::env::var_os("TORCH_PYTHON").map(|py| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/serve_peft.py");
-        let o = Command::new(py)
-            .arg(script)
-            .args(["--throughput", minilm.to_str().unwrap()])
-            .args([
-                "--density",
-                &DENSITY.to_string(),
-                "--requests",
-                &requests.to_string(),
-            ])
-            .args(["--texts", &serde_json::to_string(&texts).unwrap()])
+        let mut cmd = Command::new(py);
+        cmd.arg(script)
+            .args(["--serve", minilm.to_str().unwrap()])
+            .args(["--density", &DENSITY.to_string()])
             .env("HF_HUB_OFFLINE", "1")
-            .env("TRANSFORMERS_VERBOSITY", "error")
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let out = String::from_utf8_lossy(&o.stdout);
-        let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-        v["seconds"].as_f64().unwrap()
+            .env("TRANSFORMERS_VERBOSITY", "error");
+        let (mut child, url) = start_server(cmd);
+        let secs = drive(&url, paths.len(), &texts, requests);
+        let _ = child.kill();
+        let _ = child.wait();
+        secs
     });
     let n_inputs = requests * BATCH;
     md.push_str(&format!(
@@ -185,7 +178,7 @@ fn main() {
     ));
     match torch_s {
         Some(t) => md.push_str(&format!(
-            "| PyTorch + PEFT, `set_adapter` per request (in process) | {t:.2} s | {:.0} |\n\nxpm / PyTorch throughput: **{:.2}×**\n",
+            "| PyTorch + PEFT, `set_adapter` per request (Python HTTP server, same clients) | {t:.2} s | {:.0} |\n\nxpm / PyTorch throughput: **{:.2}×**\n",
             n_inputs as f64 / t,
             t / xpm_s
         )),
@@ -421,12 +414,10 @@ fn write_experts(base: &Path, dir: &Path, n: usize) -> Vec<PathBuf> {
 /// Seconds for `requests` requests through the release `xpm serve` (after one warm-up request
 /// per expert, which loads its delta).
 fn xpm_throughput(base: &Path, experts: &[PathBuf], texts: &[String], requests: usize) -> f64 {
-    use std::io::BufRead;
     let bin = common::build_release("xpm-cli", "xpm");
     let home = common::target_dir().join("bench-serve/home");
     let mut cmd = Command::new(bin);
     cmd.env("XPM_HOME", &home)
-        .env("RAYON_NUM_THREADS", "2")
         .args([
             "serve",
             "--base",
@@ -434,29 +425,49 @@ fn xpm_throughput(base: &Path, experts: &[PathBuf], texts: &[String], requests: 
             "--addr",
             "127.0.0.1:0",
         ])
-        .args(["--queue", "1024", "--cache", "4GiB"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
+        .args(["--queue", "1024", "--cache", "4GiB"]);
     for e in experts {
         cmd.arg("--expert").arg(e);
     }
-    let mut child = cmd.spawn().unwrap();
+    let (mut child, url) = start_server(cmd);
+    let secs = drive(&url, experts.len(), texts, requests);
+    let _ = child.kill();
+    let _ = child.wait();
+    secs
+}
+
+/// Start a server that prints `listening on URL` first on stdout.
+fn start_server(mut cmd: Command) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let url = format!(
-        "{}/v1/classify",
-        line.trim().strip_prefix("listening on ").unwrap()
-    );
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, url)
+}
+
+/// Send the mixed workload to `url`/v1/classify from 8 concurrent clients: one warm-up request
+/// per expert, then `requests` timed ones; returns the seconds they took.
+fn drive(url: &str, experts: usize, texts: &[String], requests: usize) -> f64 {
+    let url = format!("{url}/v1/classify");
     let client = reqwest::blocking::Client::new();
     let body = |j: usize| {
         let inputs: Vec<&String> = (0..BATCH)
             .map(|i| &texts[(j * BATCH + i) % texts.len()])
             .collect();
-        serde_json::json!({"expert": format!("e{}", j % experts.len()), "inputs": inputs})
+        serde_json::json!({"expert": format!("e{}", j % experts), "inputs": inputs})
     };
-    for j in 0..experts.len() {
+    for j in 0..experts {
         let r = client.post(&url).json(&body(j)).send().unwrap();
         assert!(r.status().is_success(), "{}", r.text().unwrap());
     }
@@ -478,8 +489,5 @@ fn xpm_throughput(base: &Path, experts: &[PathBuf], texts: &[String], requests: 
             });
         }
     });
-    let secs = t.elapsed().as_secs_f64();
-    let _ = child.kill();
-    let _ = child.wait();
-    secs
+    t.elapsed().as_secs_f64()
 }

@@ -18,9 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 p = argparse.ArgumentParser()
 p.add_argument("--minilm")
 p.add_argument("--llama")
-p.add_argument("--throughput", metavar="MINILM", help="run the mixed workload on this model instead")
-p.add_argument("--requests", type=int, default=96)
-p.add_argument("--texts", default="[]")
+p.add_argument("--serve", metavar="MINILM", help="serve /v1/classify over HTTP with 8 LoRA adapters")
 p.add_argument("--density", type=float, default=0.05)
 p.add_argument("--swaps", type=int, default=40)
 p.add_argument("--rounds", type=int, default=3)
@@ -33,14 +31,8 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 def measure(load, path, targets):
     model = load(path).eval()
-    lins = [
-        m
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets
-    ]
-    sparse = sum(a.density * m.in_features * m.out_features for m in lins)
-    rank = max(1, round(sparse / sum(m.in_features + m.out_features for m in lins)))
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+    cfg = lora_config(model, targets)
+    rank = cfg.r
     pm = get_peft_model(model, cfg, adapter_name="a")
     pm.add_adapter("b", cfg)
     rounds = []
@@ -74,7 +66,13 @@ def lora_config(model, targets):
     return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
 
 
-def throughput(path):
+def serve(path):
+    """The PEFT side of the mixed workload as a server: POST /v1/classify with
+    {"expert": "eK", "inputs": [...]}, one request at a time (a lock around the model), the
+    adapter set per request, as a PEFT deployment that switches adapters does."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -84,29 +82,38 @@ def throughput(path):
     for k in range(1, 8):
         pm.add_adapter(f"e{k}", cfg)
     torch.manual_seed(0)
-    heads = [torch.nn.Linear(model.config.hidden_size, 3) for _ in range(8)]
-    texts = json.loads(a.texts)
+    heads = {f"e{k}": torch.nn.Linear(model.config.hidden_size, 3) for k in range(8)}
+    lock = threading.Lock()
 
-    def run(j):
-        pm.set_adapter(f"e{j % 8}")
-        batch = [texts[(j * 8 + i) % len(texts)] for i in range(8)]
-        enc = tok(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        h = pm(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = (h * m).sum(1) / m.sum(1)
-        return torch.softmax(heads[j % 8](pooled), -1)
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
 
-    with torch.inference_mode():
-        for j in range(8):
-            run(j)
-        t = time.perf_counter()
-        for j in range(a.requests):
-            run(j)
-        return time.perf_counter() - t
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            e = body["expert"]
+            with lock, torch.inference_mode():
+                pm.set_adapter(e)
+                enc = tok(body["inputs"], padding=True, truncation=True, max_length=128, return_tensors="pt")
+                h = pm(**enc).last_hidden_state
+                m = enc["attention_mask"].unsqueeze(-1).float()
+                p = torch.softmax(heads[e]((h * m).sum(1) / m.sum(1)), -1)
+            out = json.dumps({"results": [{"probabilities": r} for r in p.tolist()]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    print(f"listening on http://127.0.0.1:{srv.server_address[1]}", flush=True)
+    srv.serve_forever()
 
 
-if a.throughput:
-    print(json.dumps({"seconds": throughput(a.throughput)}))
+if a.serve:
+    serve(a.serve)
     raise SystemExit(0)
 
 out = {
