@@ -57,29 +57,7 @@ fn main() {
     eprintln!("preparing {n} experts of {mb} MB …");
     let names = populate(&root, n, mb << 20);
     let server = Server::start(&root);
-    let lines: Vec<IndexLine> = names
-        .iter()
-        .map(|nm| {
-            LocalRegistry::open(&root)
-                .unwrap()
-                .read_index(nm)
-                .unwrap()
-                .unwrap()
-                .remove(0)
-        })
-        .collect();
-    let total: u64 = lines.iter().map(|l| l.size).sum();
-    let urls: Vec<String> = lines
-        .iter()
-        .map(|l| {
-            format!(
-                "{}/blobs/sha256/{}/{}",
-                server.url,
-                &l.sha_hex()[..2],
-                l.sha_hex()
-            )
-        })
-        .collect();
+    let (total, urls) = blob_urls(&root, &names, &server.url);
 
     let rounds = if quick { 2 } else { 5 };
     let mut plain = Vec::new();
@@ -209,6 +187,21 @@ use std::fmt::Write as _;
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
+}
+
+/// The total size of the experts `names` (version 1.0.0 each) of the registry at `root`, and
+/// the URLs of their blobs on the server at `url`.
+fn blob_urls(root: &Path, names: &[String], url: &str) -> (u64, Vec<String>) {
+    let reg = LocalRegistry::open(root).unwrap();
+    let lines: Vec<IndexLine> = names
+        .iter()
+        .map(|nm| reg.read_index(nm).unwrap().unwrap().remove(0))
+        .collect();
+    let urls = lines
+        .iter()
+        .map(|l| format!("{url}/blobs/sha256/{}/{}", &l.sha_hex()[..2], l.sha_hex()))
+        .collect();
+    (lines.iter().map(|l| l.size).sum(), urls)
 }
 
 /// N experts of about `bytes` each, published straight into the registry directory.
@@ -374,29 +367,7 @@ fn scale() {
         names.extend(more);
         have = n;
         let server = Server::start(&root);
-        let lines: Vec<IndexLine> = names
-            .iter()
-            .map(|nm| {
-                LocalRegistry::open(&root)
-                    .unwrap()
-                    .read_index(nm)
-                    .unwrap()
-                    .unwrap()
-                    .remove(0)
-            })
-            .collect();
-        let total: u64 = lines.iter().map(|l| l.size).sum();
-        let urls: Vec<String> = lines
-            .iter()
-            .map(|l| {
-                format!(
-                    "{}/blobs/sha256/{}/{}",
-                    server.url,
-                    &l.sha_hex()[..2],
-                    l.sha_hex()
-                )
-            })
-            .collect();
+        let (total, urls) = blob_urls(&root, &names, &server.url);
         plain_download(&urls, &work.path().join("warm"), false);
         let mut plain = Vec::new();
         let mut http = Vec::new();
