@@ -429,3 +429,119 @@ impl Resident {
         Ok(crate::digest::format_digest(&h.finalize()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use candle_core::Device;
+
+    use super::{Delta, DeltaTensor, Resident};
+    use crate::rng::SplitMix64;
+    use crate::train::model::ModelDir;
+
+    fn resident() -> (tempfile::TempDir, Resident) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::train::toy::write_tiny_bert(dir.path(), 3).unwrap();
+        let md = ModelDir::open(dir.path()).unwrap();
+        let r = Resident::load(md, "tiny".into(), "sha256:x".into(), Device::Cpu).unwrap();
+        (dir, r)
+    }
+
+    /// A random delta over the linear weights: sparse at `density`, or dense.
+    fn delta(r: &Resident, seed: u64, density: f64, dense: bool) -> Arc<Delta> {
+        let mut rng = SplitMix64(seed);
+        let mut names: Vec<&String> = r
+            .weights
+            .iter()
+            .filter(|(n, w)| w.dims().len() == 2 && !n.contains("embeddings"))
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        let tensors = names
+            .into_iter()
+            .map(|n| {
+                let numel = r.weights[n].elem_count();
+                let d = if dense {
+                    DeltaTensor::Dense {
+                        values: (0..numel).map(|_| rng.normal()).collect(),
+                    }
+                } else {
+                    let indices: Vec<u32> = (0..numel as u32)
+                        .filter(|_| (rng.uniform() as f64) < density)
+                        .collect();
+                    let values = indices.iter().map(|_| rng.normal()).collect();
+                    DeltaTensor::Sparse { indices, values }
+                };
+                (n.clone(), d)
+            })
+            .collect();
+        Arc::new(Delta { tensors, bytes: 0 })
+    }
+
+    fn value(r: &Resident, name: &str, i: usize) -> f32 {
+        r.weights[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[i]
+    }
+
+    #[test]
+    fn swaps_write_w0_plus_delta_and_restore_the_base_bit_for_bit() {
+        let (_dir, mut r) = resident();
+        let base = r.weights_digest().unwrap();
+        let a = delta(&r, 1, 0.05, false);
+        let b = delta(&r, 2, 0.05, false); // overlaps `a` on some positions
+        let d = delta(&r, 3, 0.0, true);
+        let (name, DeltaTensor::Sparse { indices, values }) = &a.tensors[0] else {
+            unreachable!()
+        };
+        let (i, v) = (indices[0] as usize, values[0]);
+        let w0 = value(&r, name, i);
+        for (key, x) in [("a", &a), ("b", &b), ("d", &d), ("a", &a), ("b", &b)] {
+            r.switch_to(Some(key), Some(x)).unwrap();
+            assert_eq!(r.applied(), Some(key));
+            if key == "a" {
+                assert_eq!(value(&r, name, i), w0 + v, "W0 + Δ, in f32");
+            }
+            assert_ne!(r.weights_digest().unwrap(), base);
+        }
+        // The same key again changes nothing.
+        let before = r.weights_digest().unwrap();
+        r.switch_to(Some("b"), Some(&b)).unwrap();
+        assert_eq!(r.weights_digest().unwrap(), before);
+        r.switch_to(None, None).unwrap();
+        assert_eq!(r.weights_digest().unwrap(), base);
+        assert_eq!(r.swaps, 6);
+    }
+
+    #[test]
+    fn a_delta_that_fails_midway_leaves_the_plain_base() {
+        let (_dir, mut r) = resident();
+        let base = r.weights_digest().unwrap();
+        let a = delta(&r, 1, 0.05, false);
+        r.switch_to(Some("a"), Some(&a)).unwrap();
+        // A delta whose middle tensor the base does not have.
+        let mut bad = delta(&r, 2, 0.05, false);
+        let n = bad.tensors.len();
+        Arc::get_mut(&mut bad).unwrap().tensors.insert(
+            n / 2,
+            (
+                "no.such.weight".into(),
+                DeltaTensor::Sparse {
+                    indices: vec![0],
+                    values: vec![1.0],
+                },
+            ),
+        );
+        let err = r.switch_to(Some("bad"), Some(&bad)).unwrap_err();
+        assert!(err.to_string().contains("no.such.weight"), "{err}");
+        assert_eq!(r.applied(), None, "never half an expert");
+        assert_eq!(r.weights_digest().unwrap(), base);
+        // And it still swaps afterwards.
+        r.switch_to(Some("a"), Some(&a)).unwrap();
+        r.switch_to(None, None).unwrap();
+        assert_eq!(r.weights_digest().unwrap(), base);
+    }
+}
