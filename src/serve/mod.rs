@@ -93,12 +93,7 @@ impl ApiError {
 
     /// A library error: the user's input (400), else the server's fault (500).
     pub fn from_error(e: &Error) -> Self {
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(e);
-        while let Some(s) = src {
-            message.push_str(&format!(": {s}"));
-            src = s.source();
-        }
+        let message = crate::error::chain(e);
         let hint = e.hint().unwrap_or_default();
         match e {
             Error::Input { .. } | Error::Conflict { .. } => ApiError::bad_request(message, &hint),

@@ -72,9 +72,21 @@ impl Delta {
                 ));
             }
             let numel = w.elem_count();
+            if numel > u32::MAX as usize + 1 {
+                return Err(Error::input(
+                    format!(
+                        "tensor `{}` has {numel} entries, more than xpm serve's 32-bit positions",
+                        t.name
+                    ),
+                    Some("serve a model whose tensors have at most 2^32 entries each"),
+                ));
+            }
             let d = match crate::merge::input::load_input_at(reader, i)? {
                 Input::Absent => continue,
                 Input::Sparse { indices, values } => {
+                    // The mask decoder guarantees both; the in-place restore depends on them
+                    // (a repeated index would save an already-changed value), so they are
+                    // checked again where they are relied on.
                     if !indices.is_sorted_by(|a, b| a < b)
                         || indices.last().is_some_and(|&i| i >= numel as u64)
                     {
@@ -184,31 +196,31 @@ fn write(w: &Tensor, op: Write<'_>) -> Result<Vec<f32>> {
         return Ok(op.saved.into_inner());
     }
     let dev = w.device();
-    let flat = w.flatten_all().map_err(ce("swap"))?;
-    let gpu = |e| ce("swap")(e);
+    let gpu = ce("swap");
+    let flat = w.flatten_all().map_err(&gpu)?;
     match op {
         Write::AddSparse(idx, d) => {
-            let i = Tensor::new(idx, dev).map_err(gpu)?;
-            let base = flat.index_select(&i, 0).map_err(gpu)?;
-            let new = (&base + Tensor::new(d, dev).map_err(gpu)?).map_err(gpu)?;
-            flat.scatter_set(&i, &new, 0).map_err(gpu)?;
-            base.to_vec1().map_err(gpu)
+            let i = Tensor::new(idx, dev).map_err(&gpu)?;
+            let base = flat.index_select(&i, 0).map_err(&gpu)?;
+            let new = (&base + Tensor::new(d, dev).map_err(&gpu)?).map_err(&gpu)?;
+            flat.scatter_set(&i, &new, 0).map_err(&gpu)?;
+            base.to_vec1().map_err(&gpu)
         }
         Write::SetSparse(idx, base) => {
-            let i = Tensor::new(idx, dev).map_err(gpu)?;
-            flat.scatter_set(&i, &Tensor::new(base, dev).map_err(gpu)?, 0)
-                .map_err(gpu)?;
+            let i = Tensor::new(idx, dev).map_err(&gpu)?;
+            flat.scatter_set(&i, &Tensor::new(base, dev).map_err(&gpu)?, 0)
+                .map_err(&gpu)?;
             Ok(Vec::new())
         }
         Write::AddDense(d) => {
-            let base = flat.copy().map_err(gpu)?;
-            let new = (&base + Tensor::new(d, dev).map_err(gpu)?).map_err(gpu)?;
-            flat.slice_set(&new, 0, 0).map_err(gpu)?;
-            base.to_vec1().map_err(gpu)
+            let base = flat.copy().map_err(&gpu)?;
+            let new = (&base + Tensor::new(d, dev).map_err(&gpu)?).map_err(&gpu)?;
+            flat.slice_set(&new, 0, 0).map_err(&gpu)?;
+            base.to_vec1().map_err(&gpu)
         }
         Write::SetDense(base) => {
-            flat.slice_set(&Tensor::new(base, dev).map_err(gpu)?, 0, 0)
-                .map_err(gpu)?;
+            flat.slice_set(&Tensor::new(base, dev).map_err(&gpu)?, 0, 0)
+                .map_err(&gpu)?;
             Ok(Vec::new())
         }
     }

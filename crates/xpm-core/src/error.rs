@@ -6,6 +6,22 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// `e` and its sources on one line (`a: b: c`); a source whose text the line already holds is
+/// left out (many errors repeat their source's message).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}
+
 /// Result alias used across the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

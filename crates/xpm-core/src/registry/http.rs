@@ -126,7 +126,7 @@ impl HttpRegistry {
         // retrying; a request xpm could not even build is not. Errors never show the token.
         Error::Registry {
             url: self.base.clone(),
-            message: format!("{what}: {}", error_chain(&e)),
+            message: format!("{what}: {}", crate::error::chain(&e)),
             hint: Some("check that the registry is running and reachable".into()),
             transient: !e.is_builder(),
         }
@@ -288,21 +288,6 @@ fn resolve(base: &str, path: &str) -> String {
             path.trim_start_matches('/').trim_end_matches('/')
         )
     }
-}
-
-/// `e` and its sources on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 /// Run `f` up to [`ATTEMPTS`] times while it fails transiently, sleeping with exponential

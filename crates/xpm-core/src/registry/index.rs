@@ -277,6 +277,32 @@ pub fn search_matches(query: &str, name: &str, description: Option<&str>) -> boo
         .all(|w| hay.contains(&w.to_lowercase()))
 }
 
+/// The hits for `query` among index files, sorted by name: each item is a file's lines
+/// (`None`: no such file), or the error that kept it from being read, returned beside the hits
+/// (a search skips a damaged index file rather than failing).
+pub fn collect_search(
+    query: &str,
+    indexes: impl IntoIterator<Item = Result<Option<Vec<IndexLine>>>>,
+) -> (Vec<SearchHit>, Vec<Error>) {
+    let mut hits = Vec::new();
+    let mut skipped = Vec::new();
+    for r in indexes {
+        match r {
+            Ok(Some(lines)) => {
+                if let Some(hit) = search_hit(&lines)
+                    && search_matches(query, &hit.name, hit.description.as_deref())
+                {
+                    hits.push(hit);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => skipped.push(e),
+        }
+    }
+    hits.sort_by(|a, b| a.name.cmp(&b.name));
+    (hits, skipped)
+}
+
 /// The search hit for an index file's lines (newest non-yanked version), if any.
 pub fn search_hit(lines: &[IndexLine]) -> Option<SearchHit> {
     let best = lines

@@ -18,8 +18,8 @@ use crate::error::{Error, IoResultExt, Result};
 use crate::fsutil::write_atomic;
 
 use super::index::{
-    IndexLine, RegistryConfig, SearchHit, blob_rel_path, index_rel_path, parse_index,
-    parse_index_of, render_index, search_hit, search_matches,
+    IndexLine, RegistryConfig, SearchHit, blob_rel_path, collect_search, index_rel_path,
+    parse_index, parse_index_of, render_index,
 };
 
 /// A registry rooted at a directory.
@@ -234,28 +234,14 @@ impl LocalRegistry {
     /// parsed: those are skipped (one damaged file must not hide every other expert), and the
     /// caller reports them (the server logs them with the file's path).
     pub fn search_skipping(&self, query: &str) -> Result<(Vec<SearchHit>, Vec<Error>)> {
-        let mut hits = Vec::new();
-        let mut skipped = Vec::new();
         let index = self.root.join("index");
-        for path in walk_files(&index)? {
-            let parsed = std::fs::read(&path)
+        let parsed = walk_files(&index)?.into_iter().map(|path| {
+            std::fs::read(&path)
                 .at("read", &path)
-                .and_then(|bytes| parse_index(&bytes, &path.display().to_string()));
-            let lines = match parsed {
-                Ok(lines) => lines,
-                Err(e) => {
-                    skipped.push(e);
-                    continue;
-                }
-            };
-            if let Some(hit) = search_hit(&lines)
-                && search_matches(query, &hit.name, hit.description.as_deref())
-            {
-                hits.push(hit);
-            }
-        }
-        hits.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok((hits, skipped))
+                .and_then(|bytes| parse_index(&bytes, &path.display().to_string()))
+                .map(Some)
+        });
+        Ok(collect_search(query, parsed))
     }
 }
 

@@ -43,8 +43,7 @@ use crate::home::XpmHome;
 use crate::printer::{Printer, Progress};
 
 use super::index::{
-    IndexLine, SearchHit, SearchResults, now_rfc3339, parse_index_of, render_index, search_hit,
-    search_matches,
+    IndexLine, SearchHit, SearchResults, collect_search, now_rfc3339, parse_index_of, render_index,
 };
 use super::local::same_version;
 use super::{ClientOptions, MISSING_BLOB_HINT, Registry};
@@ -380,11 +379,11 @@ impl OciRegistry {
                 AUTH_HINT.to_string(),
             ),
             _ if transient => (
-                format!("{what}: {}", chain(&e)),
+                format!("{what}: {}", crate::error::chain(&e)),
                 "check that the registry is running and reachable; then retry".to_string(),
             ),
             _ => (
-                format!("{what}: {}", chain(&e)),
+                format!("{what}: {}", crate::error::chain(&e)),
                 format!(
                     "check the location (oci://HOST/NAMESPACE); a registry on another host than \
                      127.0.0.1 or localhost is reached over HTTPS unless ${PLAIN_HTTP_ENV}=1"
@@ -775,7 +774,7 @@ impl OciRegistry {
                      {}: {})",
                     artifact.display(),
                     line.cksum,
-                    chain(&e)
+                    crate::error::chain(&e)
                 ),
                 Some("publish it again once nothing is writing to it"),
             )),
@@ -832,23 +831,10 @@ impl OciRegistry {
             .filter(|n| crate::format::manifest::validate_name(n).is_ok())
             .map(str::to_string)
             .collect();
-        let mut hits = Vec::new();
-        let mut skipped = Vec::new();
-        for n in names {
-            match self.read_index(&n) {
-                Ok(Some(lines)) => {
-                    if let Some(hit) = search_hit(&lines)
-                        && search_matches(query, &hit.name, hit.description.as_deref())
-                    {
-                        hits.push(hit);
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => skipped.push(e),
-            }
-        }
-        hits.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok((hits, skipped))
+        Ok(collect_search(
+            query,
+            names.iter().map(|n| self.read_index(n)),
+        ))
     }
 }
 
@@ -995,21 +981,6 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// `e` and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
-}
-
 /// A blocking reader over a blob's byte stream. `oci-client` checks the digest at the end of
 /// the stream; its verdict is dropped here (the reader ends), because the store checks size and
 /// digest itself and reports a mismatch as a damaged artifact rather than a broken connection
@@ -1032,7 +1003,7 @@ impl Read for StreamReader {
                 {
                     return Ok(0);
                 }
-                Some(Err(e)) => return Err(std::io::Error::other(chain(&e))),
+                Some(Err(e)) => return Err(std::io::Error::other(crate::error::chain(&e))),
             }
         }
         let n = out.len().min(self.buf.len());

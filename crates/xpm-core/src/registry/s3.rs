@@ -52,8 +52,7 @@ use crate::printer::{Printer, Progress};
 
 use super::index::{
     INDEX_LINE_VERSION, IndexLine, RegistryConfig, SearchHit, SearchResults, blob_rel_path,
-    index_rel_path, now_rfc3339, parse_index, parse_index_of, render_index, search_hit,
-    search_matches,
+    collect_search, index_rel_path, now_rfc3339, parse_index, parse_index_of, render_index,
 };
 use super::local::{same_version, unknown_expert};
 use super::{ClientOptions, MISSING_BLOB_HINT, Registry};
@@ -153,7 +152,10 @@ impl S3Registry {
             }
             let s = b.build().map_err(|e| {
                 Error::input(
-                    format!("cannot set up the S3 client for {source}: {}", chain(&e)),
+                    format!(
+                        "cannot set up the S3 client for {source}: {}",
+                        crate::error::chain(&e)
+                    ),
                     Some(&format!(
                         "check the AWS_* variables and {ENDPOINT_ENV} (an endpoint is a URL \
                          such as https://s3.example.com)"
@@ -233,7 +235,7 @@ impl S3Registry {
         };
         Error::Registry {
             url: self.source.clone(),
-            message: format!("{what}: {}", chain(&e)),
+            message: format!("{what}: {}", crate::error::chain(&e)),
             hint: Some(hint.into()),
             transient: false,
         }
@@ -374,7 +376,7 @@ impl S3Registry {
                 Err(e) => {
                     return refuse(format!(
                         "it does not support create-only writes (`If-None-Match: *`): {}",
-                        chain(&e)
+                        crate::error::chain(&e)
                     ));
                 }
             }
@@ -407,7 +409,7 @@ impl S3Registry {
                 )),
                 Err(e) => refuse(format!(
                     "it does not support compare-and-swap writes (`If-Match`): {}",
-                    chain(&e)
+                    crate::error::chain(&e)
                 )),
             }
         }
@@ -755,7 +757,7 @@ impl S3Registry {
                     ambiguous = true;
                     self.printer.warn(format!(
                         "{what}: {}; retrying (attempt {} of 4)",
-                        chain(&e),
+                        crate::error::chain(&e),
                         failures + 1
                     ));
                 }
@@ -852,22 +854,10 @@ impl S3Registry {
                 .buffer_unordered(SEARCH_FETCHES)
                 .collect()
                 .await;
-            let mut hits = Vec::new();
-            let mut skipped = Vec::new();
-            for r in fetched {
-                match r {
-                    Ok(lines) => {
-                        if let Some(hit) = search_hit(&lines)
-                            && search_matches(query, &hit.name, hit.description.as_deref())
-                        {
-                            hits.push(hit);
-                        }
-                    }
-                    Err(e) => skipped.push(e),
-                }
-            }
-            hits.sort_by(|a, b| a.name.cmp(&b.name));
-            Ok((hits, skipped))
+            Ok(collect_search(
+                query,
+                fetched.into_iter().map(|r| r.map(Some)),
+            ))
         })
     }
 }
@@ -962,21 +952,6 @@ fn rel_of(key: &Key, prefix: &str) -> String {
     }
 }
 
-/// `e` and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
-}
-
 /// A per-call seed for backoff jitter (publishers that collide must not retry in lockstep).
 fn seed() -> u64 {
     let t = std::time::SystemTime::now()
@@ -1011,7 +986,7 @@ impl Read for StreamReader {
             match self.rt.block_on(self.stream.next()) {
                 None => return Ok(0),
                 Some(Ok(b)) => self.buf = b,
-                Some(Err(e)) => return Err(std::io::Error::other(chain(&e))),
+                Some(Err(e)) => return Err(std::io::Error::other(crate::error::chain(&e))),
             }
         }
         let n = out.len().min(self.buf.len());
