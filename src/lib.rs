@@ -18,8 +18,8 @@ pub mod schema;
 pub mod serve;
 
 pub use xpm_core::{
-    Error, Result, alloc, checkpoint, digest, error, format, fsutil, home, parallel, pool, printer,
-    project, registry, resolve, rng, select, signing, store, suggest, units,
+    Error, Result, alloc, checkpoint, digest, error, format, fsutil, hf, home, parallel, pool,
+    printer, project, registry, resolve, rng, select, signing, store, suggest, units,
 };
 pub use xpm_merge as merge;
 pub use xpm_train as train;

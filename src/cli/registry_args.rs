@@ -8,12 +8,14 @@ use crate::registry::ClientOptions;
 pub struct RegistryArgs {
     /// Registry: an http(s):// URL, an s3://BUCKET/PREFIX bucket (credentials from AWS_*, the
     /// endpoint from $XPM_S3_ENDPOINT), an oci://HOST/NAMESPACE registry (credentials from
-    /// $XPM_OCI_USERNAME and $XPM_OCI_PASSWORD, --token or ~/.docker/config.json), a file:// URL
-    /// or a directory [default: xpm.toml's `registry`, else the local registry at
+    /// $XPM_OCI_USERNAME and $XPM_OCI_PASSWORD, --token or ~/.docker/config.json), an
+    /// hf://ORG/REPO Hugging Face repository (token from --token, $HF_TOKEN or `hf auth login`;
+    /// $HF_ENDPOINT for a mirror), a file:// URL or a directory [default: xpm.toml's `registry`, else the local registry at
     /// $XPM_HOME/registry]
     #[arg(long, env = "XPM_REGISTRY", value_name = "URL")]
     pub registry: Option<String>,
-    /// Token for publish and yank; the Bearer token of an oci:// registry (never printed)
+    /// Token for publish and yank; the Bearer token of an oci:// registry, the token of an hf://
+    /// one (never printed)
     #[arg(long, env = "XPM_TOKEN", hide_env_values = true, value_name = "TOKEN")]
     pub token: Option<String>,
 }
@@ -24,6 +26,7 @@ impl RegistryArgs {
             token: self.token.clone(),
             offline: false,
             printer: *printer,
+            hub: crate::hf::HubConfig::from_env(),
         }
     }
 

@@ -18,6 +18,7 @@ pub mod digest;
 pub mod error;
 pub mod format;
 pub mod fsutil;
+pub mod hf;
 pub mod home;
 pub mod parallel;
 pub mod pool;

@@ -11,60 +11,24 @@ use std::path::{Path, PathBuf};
 use xpm_core::error::{Error, IoResultExt, Result};
 use xpm_core::printer::Printer;
 
-/// The hub's default address.
-pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+pub use xpm_core::hf::{DEFAULT_ENDPOINT, HubConfig};
 
-/// How to reach the Hugging Face Hub.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HubConfig {
-    /// The hub's address (`HF_ENDPOINT`), default [`DEFAULT_ENDPOINT`].
-    pub endpoint: String,
-    /// A token for gated or private models (`HF_TOKEN`, when not empty). Without it, the token
-    /// file `huggingface-cli login` writes (`$HF_HOME/token`) is used if there is one.
-    pub token: Option<String>,
-    /// The Hugging Face directory (`HF_HOME`): the cache is its `hub/`, the token file its
-    /// `token`. Default: `~/.cache/huggingface`.
-    pub home: Option<PathBuf>,
-}
-
-impl Default for HubConfig {
-    /// The public hub, no token but the token file, the default cache.
-    fn default() -> Self {
-        HubConfig {
-            endpoint: DEFAULT_ENDPOINT.to_string(),
-            token: None,
-            home: None,
-        }
+/// The `hf-hub` client for `hub`.
+fn api(hub: &HubConfig, progress: bool) -> hf_hub::api::sync::ApiBuilder {
+    use hf_hub::Cache;
+    use hf_hub::api::sync::ApiBuilder;
+    let cache = match &hub.home {
+        Some(home) => Cache::new(home.join("hub")),
+        None => Cache::default(),
+    };
+    // `from_cache` reads the token file; an explicit token replaces it.
+    let mut builder = ApiBuilder::from_cache(cache)
+        .with_endpoint(hub.endpoint.clone())
+        .with_progress(progress);
+    if let Some(token) = &hub.token {
+        builder = builder.with_token(Some(token.clone()));
     }
-}
-
-impl HubConfig {
-    /// From `HF_ENDPOINT`, `HF_TOKEN` and `HF_HOME`, as `huggingface_hub` reads them. Called
-    /// once, at the command edge; library code takes a `HubConfig`.
-    pub fn from_env() -> Self {
-        HubConfig {
-            endpoint: std::env::var("HF_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.into()),
-            token: std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
-            home: std::env::var("HF_HOME").ok().map(PathBuf::from),
-        }
-    }
-
-    fn api(&self, progress: bool) -> hf_hub::api::sync::ApiBuilder {
-        use hf_hub::Cache;
-        use hf_hub::api::sync::ApiBuilder;
-        let cache = match &self.home {
-            Some(home) => Cache::new(home.join("hub")),
-            None => Cache::default(),
-        };
-        // `from_cache` reads the token file; an explicit token replaces it.
-        let mut builder = ApiBuilder::from_cache(cache)
-            .with_endpoint(self.endpoint.clone())
-            .with_progress(progress);
-        if let Some(token) = &self.token {
-            builder = builder.with_token(Some(token.clone()));
-        }
-        builder
-    }
+    builder
 }
 
 /// A parsed `hf:ORG/NAME[@REV]`.
@@ -153,8 +117,7 @@ fn hub_error(endpoint: &str, what: String) -> impl Fn(hf_hub::api::sync::ApiErro
 fn open_repo(spec: &HubSpec, hub: &HubConfig, printer: &Printer) -> Result<OpenRepo> {
     use hf_hub::{Repo, RepoType};
     let endpoint = hub.endpoint.clone();
-    let api = hub
-        .api(printer.shows_progress())
+    let api = api(hub, printer.shows_progress())
         .build()
         .map_err(hub_error(
             &endpoint,

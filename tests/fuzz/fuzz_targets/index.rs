@@ -55,6 +55,13 @@ fuzz_target!(
                 Requirement::parse(&shown).expect("a shown requirement parses");
             }
             if let Ok(loc) = Location::parse(s) {
+                // A location is recorded in lockfiles as shown: it must parse back to itself.
+                if !matches!(loc, Location::Dir(_)) {
+                    assert_eq!(
+                        Location::parse(&loc.to_string()).expect("a shown location parses"),
+                        loc
+                    );
+                }
                 let _ = loc.resolved_against(std::path::Path::new("/base"));
             }
         }

@@ -48,6 +48,8 @@ pub struct HttpRegistry {
     cache: PathBuf,
     config: OnceLock<RegistryConfig>,
     printer: Printer,
+    /// Send the token on reads too (a private Hugging Face repository), not only on writes.
+    token_on_reads: bool,
 }
 
 /// The owners of a name on an `xpm-registry` server: the identities (of the server's token
@@ -88,7 +90,25 @@ impl HttpRegistry {
             printer: opts.printer,
             offline: opts.offline,
             config: OnceLock::new(),
+            token_on_reads: false,
         })
+    }
+
+    /// Send the token (if any) on reads as well: index files, config.json and blobs. A
+    /// redirect to another host (a CDN) drops it, as reqwest does for every redirect.
+    pub fn with_token_on_reads(mut self) -> Self {
+        self.token_on_reads = true;
+        self
+    }
+
+    /// A GET of `url` for reading, with the token when [`Self::with_token_on_reads`].
+    fn read(&self, url: &str) -> RequestBuilder {
+        let rb = self.client.get(url);
+        if self.token_on_reads {
+            self.authed(rb)
+        } else {
+            rb
+        }
     }
 
     fn offline_error(&self, what: &str) -> Error {
@@ -167,7 +187,7 @@ impl HttpRegistry {
             serde_json::from_slice(&bytes).map_err(|e| self.bad_response("config.json", e))?
         } else {
             let url = format!("{}/config.json", self.base);
-            let resp = self.send("fetching config.json", || self.client.get(&url))?;
+            let resp = self.send("fetching config.json", || self.read(&url))?;
             if !resp.status().is_success() {
                 let e = self.refused("fetching config.json", resp);
                 return Err(match e {
@@ -346,7 +366,7 @@ impl Registry for HttpRegistry {
         }
         let what = format!("fetching the index of `{name}`");
         let resp = self.send(&what, || {
-            let rb = self.client.get(&source);
+            let rb = self.read(&source);
             match &cached {
                 Some((etag, _)) if !etag.is_empty() => rb.header("If-None-Match", etag),
                 _ => rb,
@@ -391,10 +411,7 @@ impl Registry for HttpRegistry {
         let url = resolve(&self.base, &self.config()?.blob_location(&line.cksum));
         let what = format!("downloading {}", line.id());
         // One attempt: the caller (Store::fetch) retries the whole download.
-        let resp = self.attempt(
-            &what,
-            self.client.get(&url).timeout(transfer_timeout(line.size)),
-        )?;
+        let resp = self.attempt(&what, self.read(&url).timeout(transfer_timeout(line.size)))?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Err(Error::registry(
                 &self.base,

@@ -135,6 +135,17 @@ pub struct RegistryConfig {
 }
 
 impl RegistryConfig {
+    /// The config of a registry in the directory layout (a directory, a bucket, a Hub
+    /// repository): blobs under `blobs/`, no API, no auth.
+    pub fn directory_layout() -> RegistryConfig {
+        RegistryConfig {
+            dl: "blobs/sha256/{prefix}/{sha256}".into(),
+            api: None,
+            auth_required: false,
+            max_upload_size: None,
+        }
+    }
+
     /// The blob URL (or relative path) for a `sha256:` digest.
     pub fn blob_location(&self, cksum: &str) -> String {
         let hex = cksum.strip_prefix("sha256:").unwrap_or(cksum);
@@ -247,6 +258,101 @@ pub fn render_index(lines: &[IndexLine]) -> Vec<u8> {
         out.push(b'\n');
     }
     out
+}
+
+/// What an edit of an index file decided (the compare-and-swap writers: S3, the Hub).
+#[derive(Debug)]
+pub enum Edit {
+    /// Write these bytes; the operation's result is this line.
+    Write(Vec<u8>, IndexLine),
+    /// Nothing to write (already so); the result is this line.
+    Done(IndexLine),
+}
+
+/// The error for publishing a version that is there already.
+pub fn exists(line: &IndexLine, old: &IndexLine) -> Error {
+    Error::Conflict {
+        message: format!(
+            "{} already exists in the registry (published {}{}); versions are immutable",
+            line.id(),
+            old.pubtime,
+            if old.yanked { ", yanked" } else { "" }
+        ),
+        hint: Some("bump the version (e.g. with `--version`) and publish again".into()),
+    }
+}
+
+/// Publish `line` into the index file `cur` (`None`: no file yet) read from `src`: append it,
+/// keeping every existing line byte for byte. `ambiguous`: an earlier write of this operation
+/// may have landed unseen (its answer was lost), so finding `line` itself means done.
+pub fn edit_publish(
+    cur: Option<&[u8]>,
+    src: &str,
+    line: &IndexLine,
+    ambiguous: bool,
+) -> Result<Edit> {
+    let lines = match cur {
+        Some(b) => parse_index_of(b, src, &line.name)?,
+        None => Vec::new(),
+    };
+    if let Some(old) = lines
+        .iter()
+        .find(|l| super::local::same_version(&l.vers, &line.vers))
+    {
+        if ambiguous && old == line {
+            return Ok(Edit::Done(old.clone()));
+        }
+        return Err(exists(line, old));
+    }
+    let mut out = cur.map(<[u8]>::to_vec).unwrap_or_default();
+    if !out.is_empty() && !out.ends_with(b"\n") {
+        out.push(b'\n');
+    }
+    out.extend(render_index(std::slice::from_ref(line)));
+    Ok(Edit::Write(out, line.clone()))
+}
+
+/// Set `yanked` on `name@version` in the index file `cur` read from `src`. Only that line is
+/// rewritten, every other field (known or not) kept as it is; the other lines byte for byte.
+pub fn edit_yank(
+    cur: Option<&[u8]>,
+    src: &str,
+    name: &str,
+    version: &semver::Version,
+    yanked: bool,
+) -> Result<Edit> {
+    let Some(bytes) = cur else {
+        return Err(super::local::unknown_expert(name));
+    };
+    let lines = parse_index_of(bytes, src, name)?;
+    let Some(old) = lines.iter().find(|l| &l.vers == version) else {
+        let known: Vec<String> = lines.iter().map(|l| l.vers.to_string()).collect();
+        return Err(Error::input(
+            format!("{name}@{version} is not in the registry"),
+            Some(&format!("published versions: {}", known.join(", "))),
+        ));
+    };
+    if old.yanked == yanked {
+        return Ok(Edit::Done(old.clone()));
+    }
+    let mut updated = old.clone();
+    updated.yanked = yanked;
+    let text = std::str::from_utf8(bytes).expect("parse_index checked UTF-8");
+    let mut out = Vec::with_capacity(bytes.len() + 8);
+    for raw in text.split_inclusive('\n') {
+        let body = raw.trim_end_matches(['\n', '\r']);
+        let is_it = serde_json::from_str::<IndexLine>(body)
+            .is_ok_and(|l| l.v <= INDEX_LINE_VERSION && &l.vers == version);
+        if is_it {
+            let mut v: serde_json::Value = serde_json::from_str(body).expect("parsed above");
+            v["yanked"] = serde_json::Value::Bool(yanked);
+            serde_json::to_writer(&mut out, &v).expect("JSON value serializes");
+            out.push(b'\n');
+        } else {
+            out.extend_from_slice(raw.as_bytes());
+        }
+    }
+    Ok(Edit::Write(out, updated))
 }
 
 /// One search result: an expert and its newest non-yanked version.

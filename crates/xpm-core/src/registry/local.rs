@@ -45,12 +45,7 @@ impl LocalRegistry {
         if !cfg.exists() {
             std::fs::create_dir_all(root.join("index")).at("create directory", root)?;
             std::fs::create_dir_all(root.join("blobs")).at("create directory", root)?;
-            let config = RegistryConfig {
-                dl: "blobs/sha256/{prefix}/{sha256}".into(),
-                api: None,
-                auth_required: false,
-                max_upload_size: None,
-            };
+            let config = RegistryConfig::directory_layout();
             let _lock = reg.lock()?;
             if !cfg.exists() {
                 write_atomic(&cfg, &serde_json::to_vec_pretty(&config).expect("config"))?;

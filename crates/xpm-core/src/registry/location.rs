@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 
 /// The schemes `--registry` accepts.
 pub const SCHEMES: &str = "`http://`, `https://`, `s3://BUCKET/PREFIX`, `oci://HOST/NAMESPACE`, \
-     `file://` or a directory path";
+     `hf://ORG/REPO`, `file://` or a directory path";
 
 /// A registry location.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +24,16 @@ pub enum Location {
     /// `NAMESPACE/`, one tag per version (docs/registry-protocol.md §7.2). `namespace` is empty
     /// or `/`-separated OCI path components.
     Oci { host: String, namespace: String },
+    /// A repository on the Hugging Face Hub (`hf://[datasets/]ORG/REPO[@REVISION]`) holding
+    /// the directory layout, written one commit per publish (docs/registry-protocol.md §13.3).
+    Hub {
+        /// A dataset repository (`hf://datasets/…`) rather than a model repository.
+        dataset: bool,
+        /// `ORG/REPO`.
+        repo: String,
+        /// The branch written and read; `None` is `main`.
+        revision: Option<String>,
+    },
 }
 
 impl Location {
@@ -53,6 +63,7 @@ impl Location {
                 "file" => Ok(Location::Dir(PathBuf::from(&s["file://".len()..]))),
                 "s3" => parse_s3(&s["s3://".len()..]),
                 "oci" => parse_oci(&s["oci://".len()..]),
+                "hf" => parse_hub(&s["hf://".len()..]),
                 other => Err(bad(
                     format!("unsupported registry scheme `{other}://` in `{s}`"),
                     &format!("a registry is one of: {SCHEMES}"),
@@ -100,6 +111,17 @@ impl std::fmt::Display for Location {
             Location::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
             Location::Oci { host, namespace } if namespace.is_empty() => write!(f, "oci://{host}"),
             Location::Oci { host, namespace } => write!(f, "oci://{host}/{namespace}"),
+            Location::Hub {
+                dataset,
+                repo,
+                revision,
+            } => {
+                let kind = if *dataset { "datasets/" } else { "" };
+                match revision {
+                    Some(r) => write!(f, "hf://{kind}{repo}@{r}"),
+                    None => write!(f, "hf://{kind}{repo}"),
+                }
+            }
         }
     }
 }
@@ -253,6 +275,76 @@ fn parse_oci(rest: &str) -> Result<Location> {
     })
 }
 
+/// `hf://` + `rest`: `[datasets/]ORG/REPO[@REVISION]`, each name by the Hub's rules (letters,
+/// digits, `-`, `_`, `.`; no `--` or `..`; at most 96 characters), a revision of plain branch
+/// characters. Tokens come from `HF_TOKEN`, the token file or `--token`, never the location.
+fn parse_hub(rest: &str) -> Result<Location> {
+    const FORM: &str = "write it as hf://ORG/REPO, hf://datasets/ORG/REPO, or either with \
+                        @BRANCH; the token comes from HF_TOKEN, `hf auth login` or --token";
+    let whole = format!("hf://{rest}");
+    let bad = |why: &str| {
+        Error::input(
+            format!(
+                "`{}` is not a valid Hugging Face registry location: {why}",
+                shown(&whole)
+            ),
+            Some(FORM),
+        )
+    };
+    if rest.contains(['?', '#', ':']) {
+        return Err(bad("it has a query, fragment or credentials"));
+    }
+    let (path, revision) = match rest.split_once('@') {
+        Some((p, r)) => (p, Some(r)),
+        None => (rest, None),
+    };
+    let path = path.trim_end_matches('/');
+    let (dataset, repo) = match path.strip_prefix("datasets/") {
+        Some(r) => (true, r),
+        None => (false, path),
+    };
+    let parts: Vec<&str> = repo.split('/').collect();
+    if parts.len() != 2 {
+        return Err(bad("a repository is ORG/REPO"));
+    }
+    for p in &parts {
+        let ok = !p.is_empty()
+            && p.len() <= 96
+            && p.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            && !p.starts_with(['-', '.'])
+            && !p.ends_with(['-', '.'])
+            && !p.contains("--")
+            && !p.contains("..");
+        if !ok {
+            return Err(bad(
+                "ORG and REPO use letters, digits, `-`, `_` and `.` (at most 96), not at either \
+                 end, with no `--` or `..`",
+            ));
+        }
+    }
+    if let Some(r) = revision {
+        let ok = !r.is_empty()
+            && r.len() <= 200
+            && r.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'/'))
+            && !r.starts_with(['/', '.', '-'])
+            && !r.ends_with('/')
+            && !r.contains("..")
+            && !r.contains("//");
+        if !ok {
+            return Err(bad(
+                "a revision is a branch name of letters, digits, `-`, `_`, `.` and `/`",
+            ));
+        }
+    }
+    Ok(Location::Hub {
+        dataset,
+        repo: repo.to_string(),
+        revision: revision.filter(|r| *r != "main").map(str::to_string),
+    })
+}
+
 /// `s` with anything before an `@` in its authority masked, for messages.
 fn shown(s: &str) -> String {
     match s.split_once("://") {
@@ -344,6 +436,40 @@ mod tests {
             );
             assert_eq!(loc.to_string(), shown);
         }
+        for (s, dataset, repo, revision, shown) in [
+            (
+                "hf://acme/experts",
+                false,
+                "acme/experts",
+                None,
+                "hf://acme/experts",
+            ),
+            (
+                "hf://acme/experts@main",
+                false,
+                "acme/experts",
+                None,
+                "hf://acme/experts",
+            ),
+            (
+                "hf://datasets/acme/x.y_z-1@release/v2",
+                true,
+                "acme/x.y_z-1",
+                Some("release/v2"),
+                "hf://datasets/acme/x.y_z-1@release/v2",
+            ),
+        ] {
+            let loc = Location::parse(s).unwrap();
+            assert_eq!(
+                loc,
+                Location::Hub {
+                    dataset,
+                    repo: repo.into(),
+                    revision: revision.map(Into::into)
+                }
+            );
+            assert_eq!(loc.to_string(), shown);
+        }
         for (bad, want) in [
             ("htp://host/x", "unsupported registry scheme `htp://`"),
             ("ftp://host/x", "unsupported registry scheme `ftp://`"),
@@ -368,6 +494,16 @@ mod tests {
             ("oci://:5000/a", "the host"),
             ("oci://host:50x/a", "the port"),
             ("oci://ghcr.io/a?x=1", "query or fragment"),
+            ("hf://org", "ORG/REPO"),
+            ("hf://org/repo/extra", "ORG/REPO"),
+            ("hf://org/re po", "ORG and REPO use"),
+            ("hf://org/re--po", "ORG and REPO use"),
+            ("hf://../repo", "ORG and REPO use"),
+            ("hf://user:secret@org/repo", "credentials"),
+            ("hf://org/repo@", "a revision"),
+            ("hf://org/repo@a..b", "a revision"),
+            ("hf://org/repo@/x", "a revision"),
+            ("hf://org/repo?rev=1", "query"),
         ] {
             let e = Location::parse(bad).unwrap_err();
             assert!(e.to_string().contains(want), "{bad}: {e}");

@@ -1,12 +1,14 @@
-//! Registries: where experts are published and found. One trait, [`Registry`], with three
+//! Registries: where experts are published and found. One trait, [`Registry`], with five
 //! backends: a local directory ([`local::LocalRegistry`], `file://…`, the embedded default at
 //! `$XPM_HOME/registry`), the HTTP registry server ([`http::HttpRegistry`], the `registry/`
-//! crate, or any static HTTP front of a registry's files) and an S3-compatible bucket
+//! crate, or any static HTTP front of a registry's files), an S3-compatible bucket
 //! ([`s3::S3Registry`], `s3://BUCKET/PREFIX`, the directory layout written with conditional
 //! puts), and an OCI registry ([`oci::OciRegistry`], `oci://HOST/NAMESPACE`, experts as OCI
-//! artifacts). The wire and on-disk protocol is docs/registry-protocol.md.
+//! artifacts), and a Hugging Face Hub repository ([`hub::HubRegistry`], `hf://ORG/REPO`, the
+//! directory layout written one commit per publish). The wire and on-disk protocol is docs/registry-protocol.md.
 
 pub mod http;
+pub mod hub;
 pub mod index;
 pub mod local;
 pub mod location;
@@ -21,6 +23,7 @@ use crate::error::{Error, IoResultExt, Result};
 use crate::home::XpmHome;
 use crate::printer::Progress;
 
+pub use hub::HubRegistry;
 pub use index::{IndexLine, RegistryConfig, SearchHit, SearchResults};
 pub use local::LocalRegistry;
 pub use location::Location;
@@ -76,6 +79,9 @@ pub struct ClientOptions {
     pub offline: bool,
     /// Where waits (a held lock) and retries are reported.
     pub printer: crate::printer::Printer,
+    /// Where the Hugging Face Hub is, and its token (`HF_ENDPOINT`, `HF_TOKEN`, the token
+    /// file), for `hf://` registries.
+    pub hub: crate::hf::HubConfig,
 }
 
 /// The registry to use: `--registry`, else `$XPM_REGISTRY`, else `xpm.toml`'s `registry`, else
@@ -108,6 +114,17 @@ pub fn open(
             return Ok(Box::new(OciRegistry::connect(
                 &host, &namespace, home, opts,
             )?));
+        }
+        Location::Hub {
+            dataset,
+            repo,
+            revision,
+        } => {
+            let reg = HubRegistry::connect(dataset, &repo, revision.as_deref(), home, opts)?;
+            if !create {
+                reg.require_registry()?;
+            }
+            return Ok(Box::new(reg));
         }
         Location::Dir(path) if path.is_absolute() => path,
         Location::Dir(path) => std::env::current_dir().at("read", ".")?.join(path),

@@ -51,10 +51,10 @@ use crate::error::{Error, IoResultExt, Result};
 use crate::printer::{Printer, Progress};
 
 use super::index::{
-    INDEX_LINE_VERSION, IndexLine, RegistryConfig, SearchHit, SearchResults, blob_rel_path,
-    collect_search, index_rel_path, now_rfc3339, parse_index, parse_index_of, render_index,
+    Edit, IndexLine, RegistryConfig, SearchHit, SearchResults, blob_rel_path, collect_search,
+    edit_publish, edit_yank, exists, index_rel_path, now_rfc3339, parse_index, parse_index_of,
 };
-use super::local::{same_version, unknown_expert};
+use super::local::same_version;
 use super::{ClientOptions, MISSING_BLOB_HINT, Registry};
 
 /// Index writes tried before a publish or yank gives up because other writers keep winning.
@@ -95,14 +95,6 @@ pub struct S3Registry {
     probed: Mutex<bool>,
     multipart_threshold: u64,
     part_size: usize,
-}
-
-/// What an index edit decided.
-enum Edit {
-    /// Write these bytes; the operation's result is this line.
-    Write(Vec<u8>, IndexLine),
-    /// Nothing to write (already so); the result is this line.
-    Done(IndexLine),
 }
 
 impl S3Registry {
@@ -285,12 +277,7 @@ impl S3Registry {
         }
         drop(probed);
         if init {
-            let config = RegistryConfig {
-                dl: "blobs/sha256/{prefix}/{sha256}".into(),
-                api: None,
-                auth_required: false,
-                max_upload_size: None,
-            };
+            let config = RegistryConfig::directory_layout();
             let body = serde_json::to_vec_pretty(&config).expect("config");
             let key = self.key("config.json");
             let put = self.store.put_opts(
@@ -494,23 +481,7 @@ impl S3Registry {
         let src = self.url_of(&format!("index/{}", index_rel_path(&line.name)?));
         self.rt
             .block_on(self.update_index(&line.name, |cur, ambiguous| {
-                let lines = match cur {
-                    Some(b) => parse_index_of(b, &src, &line.name)?,
-                    None => Vec::new(),
-                };
-                if let Some(old) = lines.iter().find(|l| same_version(&l.vers, &line.vers)) {
-                    // Our own write, made by an attempt whose answer was lost.
-                    if ambiguous && old == line {
-                        return Ok(Edit::Done(old.clone()));
-                    }
-                    return Err(exists(line, old));
-                }
-                let mut out = cur.map(<[u8]>::to_vec).unwrap_or_default();
-                if !out.is_empty() && !out.ends_with(b"\n") {
-                    out.push(b'\n');
-                }
-                out.extend(render_index(std::slice::from_ref(line)));
-                Ok(Edit::Write(out, line.clone()))
+                edit_publish(cur, &src, line, ambiguous)
             }))
     }
 
@@ -785,42 +756,8 @@ impl S3Registry {
         self.require_online("yanking")?;
         self.prepare_write(false)?;
         let src = self.url_of(&format!("index/{}", index_rel_path(name)?));
-        self.rt.block_on(self.update_index(name, |cur, _| {
-            let Some(bytes) = cur else {
-                return Err(unknown_expert(name));
-            };
-            let lines = parse_index_of(bytes, &src, name)?;
-            let Some(old) = lines.iter().find(|l| &l.vers == version) else {
-                let known: Vec<String> = lines.iter().map(|l| l.vers.to_string()).collect();
-                return Err(Error::input(
-                    format!("{name}@{version} is not in the registry"),
-                    Some(&format!("published versions: {}", known.join(", "))),
-                ));
-            };
-            if old.yanked == yanked {
-                return Ok(Edit::Done(old.clone()));
-            }
-            let mut updated = old.clone();
-            updated.yanked = yanked;
-            let text = std::str::from_utf8(bytes).expect("parse_index checked UTF-8");
-            let mut out = Vec::with_capacity(bytes.len() + 8);
-            for raw in text.split_inclusive('\n') {
-                let body = raw.trim_end_matches(['\n', '\r']);
-                let is_it = serde_json::from_str::<IndexLine>(body)
-                    .is_ok_and(|l| l.v <= INDEX_LINE_VERSION && &l.vers == version);
-                if is_it {
-                    // Every other field (known or not) kept as it is.
-                    let mut v: serde_json::Value =
-                        serde_json::from_str(body).expect("parsed above");
-                    v["yanked"] = serde_json::Value::Bool(yanked);
-                    serde_json::to_writer(&mut out, &v).expect("JSON value serializes");
-                    out.push(b'\n');
-                } else {
-                    out.extend_from_slice(raw.as_bytes());
-                }
-            }
-            Ok(Edit::Write(out, updated))
-        }))
+        self.rt
+            .block_on(self.update_index(name, |cur, _| edit_yank(cur, &src, name, version, yanked)))
     }
 
     /// Every expert whose name or description contains all words of `query`, and the errors of
@@ -919,19 +856,6 @@ impl Registry for S3Registry {
     }
 }
 
-/// The "already exists" error (the same words as the local registry's).
-fn exists(line: &IndexLine, old: &IndexLine) -> Error {
-    Error::Conflict {
-        message: format!(
-            "{} already exists in the registry (published {}{}); versions are immutable",
-            line.id(),
-            old.pubtime,
-            if old.yanked { ", yanked" } else { "" }
-        ),
-        hint: Some("bump the version (e.g. with `--version`) and publish again".into()),
-    }
-}
-
 fn attrs(content_type: &'static str, cache_control: &'static str) -> Attributes {
     let mut a = Attributes::new();
     a.insert(Attribute::ContentType, content_type.into());
@@ -953,7 +877,7 @@ fn rel_of(key: &Key, prefix: &str) -> String {
 }
 
 /// A per-call seed for backoff jitter (publishers that collide must not retry in lockstep).
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -966,7 +890,7 @@ fn seed() -> u64 {
 
 /// Sleep before CAS attempt `attempt + 1`: 10 ms doubling to 640 ms, times a random factor in
 /// [0.5, 1.5).
-fn backoff(attempt: u32, rng: &mut u64) -> Duration {
+pub(crate) fn backoff(attempt: u32, rng: &mut u64) -> Duration {
     *rng = crate::rng::splitmix64(*rng);
     let base = 10u64 << attempt.min(6);
     let jitter = (*rng >> 11) as f64 / (1u64 << 53) as f64 + 0.5;
@@ -998,6 +922,7 @@ impl Read for StreamReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::index::render_index;
     use object_store::memory::InMemory;
 
     fn registry() -> (S3Registry, Arc<InMemory>) {
