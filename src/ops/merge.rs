@@ -171,6 +171,10 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         &label,
         &inputs_desc,
     );
+    // What was merged is what was hashed: no input was written to since.
+    for r in &set.readers {
+        r.check_unchanged()?;
+    }
     let manifest = writer.finish(manifest)?;
     if !densified.is_empty() {
         printer.warn(format!(
@@ -222,12 +226,14 @@ fn check_request(opts: &MergeOptions, printer: &Printer) -> Result<Vec<f64>> {
 }
 
 /// Every input's whole-file digest (recorded in provenance), checked against the recipe's pins.
+/// The readers then read frames without hashing them again (each input byte is hashed once);
+/// [`ArtifactReader::check_unchanged`] runs before the output is committed.
 fn input_digests(opts: &MergeOptions, readers: &[ArtifactReader]) -> Result<Vec<String>> {
     let digests: Vec<String> = {
         use rayon::prelude::*;
         readers
             .par_iter()
-            .map(ArtifactReader::verify_file_digest)
+            .map(ArtifactReader::verify_whole)
             .collect::<Result<_>>()?
     };
     if let Some(recipe) = &opts.recipe {

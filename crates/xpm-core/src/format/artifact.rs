@@ -175,8 +175,54 @@ fn encode_checked(t: &TensorData, level: i32) -> Result<EncodedTensor> {
     Ok(EncodedTensor { entry, parts })
 }
 
+/// Parts at least this large are sampled before compression (below it, compressing is cheap).
+const SAMPLE_FROM: usize = 256 << 10;
+/// Bytes taken from each of the start, middle and end of a part for the sample.
+const SAMPLE_CHUNK: usize = 16 << 10;
+/// A sample that zstd shrinks by less than this fraction is not worth compressing.
+const MIN_SAVING: f64 = 0.03;
+
+/// One zstd frame of `raw`: compressed at `level`, or, when a sample of the part shows that
+/// zstd would save under 3 % (random factors and values, typically), a frame of raw blocks:
+/// still a standard zstd frame that every decoder reads, written at memory speed instead of
+/// spending the compressor's time for nothing.
 fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>> {
-    crate::pool::compress(raw, level).map_err(|e| Error::compute("zstd compression", e))
+    let zstd_err = |e| Error::compute("zstd compression", e);
+    if raw.len() >= SAMPLE_FROM {
+        let mid = raw.len() / 2 - SAMPLE_CHUNK / 2;
+        let mut sample = Vec::with_capacity(3 * SAMPLE_CHUNK);
+        sample.extend_from_slice(&raw[..SAMPLE_CHUNK]);
+        sample.extend_from_slice(&raw[mid..mid + SAMPLE_CHUNK]);
+        sample.extend_from_slice(&raw[raw.len() - SAMPLE_CHUNK..]);
+        let packed = crate::pool::compress(&sample, level).map_err(zstd_err)?;
+        if packed.len() as f64 > sample.len() as f64 * (1.0 - MIN_SAVING) {
+            return Ok(raw_frame(raw));
+        }
+    }
+    crate::pool::compress(raw, level).map_err(zstd_err)
+}
+
+/// A zstd frame (RFC 8878 §3.1.1) holding `raw` in raw blocks: the magic number, a frame
+/// header declaring the content size (8 bytes, single segment, no checksum, no dictionary),
+/// then blocks of at most 128 KiB, each a 3-byte header (last-block bit, type 0 = raw, size)
+/// and the bytes themselves.
+pub fn raw_frame(raw: &[u8]) -> Vec<u8> {
+    const BLOCK: usize = 128 << 10;
+    let mut out = Vec::with_capacity(raw.len() + 13 + 3 * raw.len().div_ceil(BLOCK).max(1));
+    out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
+    out.push(0b1110_0000); // FCS_flag 3 (8 bytes), Single_Segment 1, no checksum, no dictionary
+    out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
+    let mut chunks = raw.chunks(BLOCK).peekable();
+    if chunks.peek().is_none() {
+        out.extend_from_slice(&[1, 0, 0]); // one empty last block
+    }
+    while let Some(c) = chunks.next() {
+        let last = u32::from(chunks.peek().is_none());
+        let header = last | ((c.len() as u32) << 3); // block type 0: raw
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(c);
+    }
+    out
 }
 
 /// Writes an artifact: push encoded tensors, then [`ArtifactWriter::finish`].
@@ -341,6 +387,26 @@ pub struct ArtifactReader {
     len: u64,
     manifest: Manifest,
     payload_start: u64,
+    /// Set by [`ArtifactReader::verify_whole`]: the whole file matched its digest, so frames
+    /// are read without hashing them again; the file's state when it was hashed.
+    whole: std::sync::OnceLock<FileStamp>,
+}
+
+/// What identifies a file's contents cheaply: a write in place changes its size or mtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    fn of(file: &File) -> std::io::Result<FileStamp> {
+        let m = file.metadata()?;
+        Ok(FileStamp {
+            len: m.len(),
+            modified: m.modified().ok(),
+        })
+    }
 }
 
 impl std::fmt::Debug for ArtifactReader {
@@ -457,6 +523,7 @@ impl ArtifactReader {
             len,
             manifest,
             payload_start: PRELUDE_LEN,
+            whole: std::sync::OnceLock::new(),
         };
         reader.check_safetensors_header(&payload)?;
         Ok(reader)
@@ -504,6 +571,40 @@ impl ArtifactReader {
             ));
         }
         Ok(digest::format_digest(&whole.finalize()))
+    }
+
+    /// [`ArtifactReader::verify_file_digest`], after which frames are read without hashing
+    /// them again: every byte is hashed once. For readers that decode every tensor anyway
+    /// (`merge`, `apply`, `serve`). The frame digests only say *which* frame holds damage
+    /// the whole-file digest catches; bytes are read twice, so whatever is made from them must
+    /// be committed only after [`ArtifactReader::check_unchanged`] passes (a write in place
+    /// between the two reads changes the file's size or mtime).
+    pub fn verify_whole(&self) -> Result<String> {
+        let stamp = FileStamp::of(&self.file).at("read", &self.path)?;
+        let digest = self.verify_file_digest()?;
+        let _ = self.whole.set(stamp);
+        Ok(digest)
+    }
+
+    /// After [`ArtifactReader::verify_whole`]: an error if the file was written to since it
+    /// was hashed (its size or mtime changed), so what was read from it may not be what was
+    /// verified. Without `verify_whole`, frames were checked one by one: always fine.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let Some(then) = self.whole.get() else {
+            return Ok(());
+        };
+        let now = FileStamp::of(&self.file).at("read", &self.path)?;
+        if &now != then {
+            return Err(Error::input(
+                format!(
+                    "`{}` changed while it was being read (its size or modification time \
+                     differs from when its digest was checked)",
+                    self.path.display()
+                ),
+                Some("run the command again once nothing else writes to the file"),
+            ));
+        }
+        Ok(())
     }
 
     /// After a digest mismatch, name the first frame whose own digest fails.
@@ -556,7 +657,7 @@ impl ArtifactReader {
         buf.resize(size as usize, 0);
         crate::fsutil::read_exact_at(&self.file, buf, self.payload_start + offset)
             .at("read", &self.path)?;
-        if digest::sha256(buf) != sha {
+        if self.whole.get().is_none() && digest::sha256(buf) != sha {
             return Err(Error::corrupt(
                 &self.path,
                 format!("{what}: frame sha256 mismatch (flipped bits in the payload?)"),
@@ -1006,6 +1107,82 @@ mod tests {
             r.verify_file_digest().unwrap(),
             crate::digest::sha256(&bytes)
         );
+    }
+
+    #[test]
+    fn incompressible_parts_are_stored_in_raw_zstd_frames_that_zstd_reads_back() {
+        let mut g = crate::rng::SplitMix64(7);
+        for n in [
+            0usize,
+            1,
+            5,
+            (128 << 10) - 1,
+            128 << 10,
+            (128 << 10) + 1,
+            300_000,
+        ] {
+            let raw: Vec<u8> = (0..n).map(|_| g.next_u64() as u8).collect();
+            let frame = raw_frame(&raw);
+            assert_eq!(
+                zstd::zstd_safe::get_frame_content_size(&frame).unwrap(),
+                Some(n as u64)
+            );
+            assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), raw, "{n}");
+        }
+        // Random bytes: stored raw (a little larger than the input); zeros: compressed.
+        let random: Vec<u8> = (0..1 << 20).map(|_| g.next_u64() as u8).collect();
+        let f = compress(&random, DEFAULT_LEVEL).unwrap();
+        assert_eq!(f, raw_frame(&random));
+        let zeros = vec![0u8; 1 << 20];
+        assert!(compress(&zeros, DEFAULT_LEVEL).unwrap().len() < 1000);
+        // Small parts are always compressed (the sample would cost as much).
+        let small: Vec<u8> = random[..1000].to_vec();
+        assert_eq!(
+            compress(&small, DEFAULT_LEVEL).unwrap(),
+            zstd::bulk::compress(&small, DEFAULT_LEVEL).unwrap()
+        );
+    }
+
+    #[test]
+    fn after_the_whole_file_is_verified_frames_read_unhashed_until_the_file_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.xpm");
+        let mut w = ArtifactWriter::create(&p, DEFAULT_LEVEL).unwrap();
+        w.push(encode_tensor(&tensor("a", &[1.0, -2.0, 3.0]), DEFAULT_LEVEL).unwrap())
+            .unwrap();
+        w.finish(manifest()).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+
+        // Without verify_whole there is nothing to compare against: always unchanged.
+        let plain = ArtifactReader::open(&p).unwrap();
+        plain.check_unchanged().unwrap();
+
+        let r = ArtifactReader::open(&p).unwrap();
+        assert_eq!(r.verify_whole().unwrap(), crate::digest::sha256(&bytes));
+        assert_eq!(r.read_tensor(0).unwrap(), tensor("a", &[1.0, -2.0, 3.0]));
+        r.check_unchanged().unwrap();
+
+        // A write in place after the digest was checked: a value frame's byte flipped (and
+        // the mtime moved). The frame is no longer hashed, so the reader cannot see it; the
+        // stamp check does, and a frame-checking reader still names the frame.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let frame = &r.manifest().tensors[0].stored[1];
+        let pos = (PRELUDE_LEN + frame.offset + frame.size / 2) as usize;
+        let mut changed = bytes.clone();
+        changed[pos] ^= 0x01;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all(&changed)
+            .unwrap();
+        let e = r.check_unchanged().unwrap_err().to_string();
+        assert!(e.contains("changed while it was being read"), "{e}");
+        let e = plain.read_tensor(0).unwrap_err().to_string();
+        assert!(e.contains("frame sha256 mismatch"), "{e}");
+        // And a fresh whole-file check refuses it outright.
+        let again = ArtifactReader::open(&p).unwrap();
+        assert!(again.verify_whole().is_err());
     }
 
     #[test]
