@@ -11,40 +11,41 @@
 //!    from the loopback server and from a directory registry, against a plain parallel
 //!    download of the same blobs; time per expert at each size (goal: linear, ≤ 1.3× plain).
 //!
+//! 4. With `--s3`: publish 50 experts of 1 MB and 20 of 20 MB into moto (a real S3 server on
+//!    127.0.0.1, `$XPM_MOTO` from scripts/moto-env.sh; skipped without it), then install them
+//!    with the release `xpm install` from `s3://` and from the bucket's plain HTTP URL, against
+//!    a plain parallel download of the same objects from moto (goal ≤ 1.3×, as over HTTP).
+//!
 //! Run: `cargo bench --bench install` (`-- --quick` for 10 × 4 MB; `-- --scale` for the curve
-//! only). Writes the table to `target/bench-registry.md` (`target/bench-install-scale.md`).
+//! only; `-- --s3` for the S3 table only, `-- --s3 --quick` for a small one). Writes the table
+//! to `target/bench-registry.md` (`target/bench-install-scale.md`, `target/bench-install-s3.md`).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use xpm::format::{
-    ArtifactWriter, BaseModel, Content, Dtype, ExpertKind, Manifest, TensorData, encode_tensor,
-};
 use xpm::home::XpmHome;
 use xpm::printer::Printer;
 use xpm::registry::index::render_index;
 use xpm::registry::{ClientOptions, IndexLine, LocalRegistry};
 use xpm::resolve::{Constraints, Requirement, resolve};
 
+#[path = "common/registry.rs"]
+mod bench_registry;
 mod common;
 
-/// The release build of the registry server, built on first use.
-static SERVER_BIN: std::sync::LazyLock<std::path::PathBuf> = std::sync::LazyLock::new(|| {
-    common::build_release(
-        "xpm-registry",
-        &format!("xpm-registry{}", std::env::consts::EXE_SUFFIX),
-    )
-});
+use bench_registry::{Moto, Server, manifest, write_expert};
 
 const JOBS: usize = 8;
 
 fn main() {
     if std::env::args().any(|a| a == "--scale") {
         return scale();
+    }
+    if std::env::args().any(|a| a == "--s3") {
+        return s3();
     }
     let quick = std::env::args().any(|a| a == "--quick");
     let (n, mb) = if quick { (10, 4) } else { (50, 20) };
@@ -209,42 +210,6 @@ fn populate(root: &Path, n: usize, bytes: usize) -> Vec<String> {
     populate_from(root, 0, n, bytes)
 }
 
-fn write_expert(path: &Path, name: &str, version: &str, bytes: usize, seed: u64) {
-    let nnz = bytes / 5;
-    let mut s = xpm::rng::SplitMix64(seed + 1);
-    let indices: Vec<u64> = (0..nnz as u64)
-        .map(|i| i * 20 + s.next_u64() % 20)
-        .collect();
-    let values: Vec<u8> = (0..nnz)
-        .flat_map(|_| ((s.next_u64() >> 40) as f32 / 16_777_216.0 - 0.5).to_le_bytes())
-        .collect();
-    let t = TensorData {
-        name: "encoder.layer.0.attention.self.query.weight".into(),
-        shape: vec![nnz as u64, 20],
-        dtype: Dtype::F32,
-        content: Content::Sparse {
-            indices,
-            values,
-            block_size: None,
-        },
-    };
-    let mut w = ArtifactWriter::create(path, 1).unwrap();
-    w.push(encode_tensor(&t, 1).unwrap()).unwrap();
-    w.finish(manifest(name, version, "bench-base")).unwrap();
-}
-
-fn manifest(name: &str, version: &str, base: &str) -> Manifest {
-    Manifest::new(
-        name,
-        version.parse().unwrap(),
-        BaseModel {
-            id: base.into(),
-            digest: xpm::digest::sha256(base.as_bytes()),
-        },
-        ExpertKind::Sparse,
-    )
-}
-
 /// `names × versions` index lines written as a directory registry (no blobs needed to
 /// resolve); every other version sits on a second base.
 fn big_index(root: &Path, names: usize, versions: usize) -> BTreeMap<String, Vec<IndexLine>> {
@@ -308,46 +273,6 @@ fn plain_download(urls: &[String], dir: &Path, hash: bool) {
             });
         }
     });
-}
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(root: &Path) -> Server {
-        let mut child = Command::new(&*SERVER_BIN)
-            .args([
-                "serve",
-                "--quiet",
-                "--no-auth",
-                "--addr",
-                "127.0.0.1:0",
-                "--root",
-            ])
-            .arg(root)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap()
-            .to_string();
-        Server { child, url }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `--scale`: install 50, 200 and 500 experts with the release binary.
@@ -448,4 +373,184 @@ fn populate_from(root: &Path, from: usize, to: usize, bytes: usize) -> Vec<Strin
             name
         })
         .collect()
+}
+
+/// `xpm install NAME@1 … --registry REGISTRY -j 8` by the release binary in an empty project
+/// and `$XPM_HOME` under `proj` (removed afterwards), with `env` applied; its wall time.
+fn timed_install(
+    registry: &str,
+    names: &[String],
+    proj: &Path,
+    env: &dyn Fn(&mut Command),
+) -> Duration {
+    std::fs::create_dir_all(proj).unwrap();
+    let mut c = Command::new(&*bench_registry::XPM_BIN);
+    c.args([
+        "install",
+        "-q",
+        "--registry",
+        registry,
+        "-j",
+        &JOBS.to_string(),
+    ])
+    .args(names.iter().map(|n| format!("{n}@1")))
+    .current_dir(proj)
+    .env("XPM_HOME", proj.join("home"))
+    .env("NO_COLOR", "1");
+    env(&mut c);
+    let t = Instant::now();
+    let o = c.output().unwrap();
+    let d = t.elapsed();
+    assert!(
+        o.status.success(),
+        "install from {registry}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::remove_dir_all(proj).unwrap();
+    d
+}
+
+/// `--s3`: install from moto (a real S3 server, `$XPM_MOTO`) through `s3://` and through the
+/// bucket's plain HTTP URL, against a plain parallel download of the same objects.
+fn s3() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let Some(moto) = Moto::start() else {
+        eprintln!(
+            "skipping: XPM_MOTO is not set (export XPM_MOTO=$(scripts/moto-env.sh | tail -n1))"
+        );
+        return;
+    };
+    let bin = &*bench_registry::XPM_BIN; // built before anything is timed
+    let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let sizes: &[(usize, usize)] = if quick {
+        &[(10, 1), (4, 8)]
+    } else {
+        &[(50, 1), (20, 20)]
+    };
+    let rounds = if quick { 2 } else { 3 };
+    let s3_env = |c: &mut Command| moto.env(c);
+    let http_env = |c: &mut Command| {
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("AWS_") {
+                c.env_remove(k);
+            }
+        }
+        c.env_remove("XPM_S3_ENDPOINT");
+    };
+    let mut report = format!(
+        "Install from moto (S3) on 127.0.0.1, release `xpm install -j {JOBS}` into an empty \
+         store, against a plain parallel download of the same blob objects ({JOBS} connections, \
+         unsigned GETs, no verification), median of {rounds} rounds:\n\n\
+         | experts | bytes | publish, {JOBS} at once | plain download | plain + sha256 | \
+         `xpm install`, `s3://` | ratio | extra per expert | `xpm install`, bucket HTTP URL | \
+         ratio | extra per expert |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    let mut notes = String::new();
+    for &(n, mb) in sizes {
+        let prefix = format!("reg-{n}x{mb}");
+        let dir = work.path().join(&prefix);
+        std::fs::create_dir_all(&dir).unwrap();
+        eprintln!("preparing {n} experts of {mb} MB …");
+        let (mut files, mut names, mut urls, mut total) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for i in 0..n {
+            let name = format!("bench-expert-{i:03}");
+            let path = dir.join(format!("{name}.xpm"));
+            write_expert(&path, &name, "1.0.0", mb << 20, i as u64);
+            let (hex, size) = bench_registry::file_sha(&path);
+            urls.push(format!(
+                "{}/blobs/sha256/{}/{hex}",
+                moto.http_url(&prefix),
+                &hex[..2]
+            ));
+            total += size;
+            files.push(path);
+            names.push(name);
+        }
+        let loc = moto.location(&prefix);
+        let http = moto.http_url(&prefix);
+        // The first publish creates the registry (config.json); the rest go 8 at a time.
+        let t = Instant::now();
+        bench_registry::publish_all(&files[..1], &loc, 1, &dir, &s3_env);
+        bench_registry::publish_all(&files[1..], &loc, JOBS, &dir, &s3_env);
+        let publish = t.elapsed();
+        plain_download(&urls, &work.path().join("warm"), false);
+        std::fs::remove_dir_all(work.path().join("warm")).unwrap();
+        let (mut plain, mut hashed) = (Vec::new(), Vec::new());
+        let (mut via_s3, mut via_http) = (Vec::new(), Vec::new());
+        for r in 0..rounds {
+            let d = work.path().join(format!("plain{r}"));
+            let t = Instant::now();
+            plain_download(&urls, &d, false);
+            plain.push(t.elapsed());
+            std::fs::remove_dir_all(&d).unwrap();
+            let t = Instant::now();
+            plain_download(&urls, &d, true);
+            hashed.push(t.elapsed());
+            std::fs::remove_dir_all(&d).unwrap();
+            let proj = work.path().join(format!("proj{r}"));
+            via_s3.push(timed_install(&loc, &names, &proj, &s3_env));
+            via_http.push(timed_install(&http, &names, &proj, &http_env));
+        }
+        let (p, ph) = (median(&mut plain), median(&mut hashed));
+        let (s, h) = (median(&mut via_s3), median(&mut via_http));
+        let extra = |d: Duration| (d.as_secs_f64() - p.as_secs_f64()) * 1e3 / n as f64;
+        writeln!(
+            report,
+            "| {n} | {:.0} MB | {:.2} s | {:.2} s | {:.2} s ({:.2}×) | {:.2} s | {:.2}× | {:.1} ms | {:.2} s | {:.2}× | {:.1} ms |",
+            total as f64 / 1e6,
+            publish.as_secs_f64(),
+            p.as_secs_f64(),
+            ph.as_secs_f64(),
+            ph.as_secs_f64() / p.as_secs_f64(),
+            s.as_secs_f64(),
+            s.as_secs_f64() / p.as_secs_f64(),
+            extra(s),
+            h.as_secs_f64(),
+            h.as_secs_f64() / p.as_secs_f64(),
+            extra(h),
+        )
+        .unwrap();
+        eprintln!("{report}");
+        if notes.is_empty() {
+            // moto's fixed cost per request: one small object (an index file), sequentially.
+            let client = reqwest::blocking::Client::new();
+            let key = xpm::registry::index::index_rel_path(&names[0]).unwrap();
+            let url = format!("{http}/index/{key}");
+            let mut t_get = Vec::new();
+            for _ in 0..50 {
+                let t = Instant::now();
+                let r = client.get(&url).send().unwrap();
+                assert!(r.status().is_success(), "{url}: {}", r.status());
+                std::hint::black_box(r.bytes().unwrap());
+                t_get.push(t.elapsed());
+            }
+            writeln!(
+                notes,
+                "\nOne GET of a small object (an index file) from moto, one after the other, \
+                 median of 50: {:.2} ms.",
+                median(&mut t_get).as_secs_f64() * 1e3
+            )
+            .unwrap();
+        }
+    }
+    // The floor of any child process: starting the release `xpm` and exiting.
+    let mut t_start = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let st = Command::new(bin).arg("--version").output().unwrap().status;
+        t_start.push(t.elapsed());
+        assert!(st.success());
+    }
+    writeln!(
+        notes,
+        "\nStarting the release `xpm` (`xpm --version`), median of 20: {:.1} ms.",
+        median(&mut t_start).as_secs_f64() * 1e3
+    )
+    .unwrap();
+    report.push_str(&notes);
+    println!("{report}");
+    let out = common::target_dir().join("bench-install-s3.md");
+    std::fs::write(&out, &report).unwrap();
+    eprintln!("wrote {}", out.display());
 }
