@@ -104,7 +104,7 @@ fn unsupported_format_version() {
         .args(["verify", "a.xpm"])
         .assert()
         .code(1)
-        .stderr(predicate::str::contains("uses xpm format 2.0"))
+        .stderr(predicate::str::contains("uses xpm format 2.1"))
         .stderr(predicate::str::contains("hint: upgrade xpm"));
 }
 
@@ -122,6 +122,74 @@ fn a_newer_minor_version_is_still_read() {
     )
     .unwrap();
     ctx.xpm().args(["verify", "a.xpm"]).assert().success();
+}
+
+/// `a.xpm` rewritten as format 1.0 (no prelude flag, the whole-file sha256 in the trailer), as
+/// xpm wrote every artifact before 1.1.
+fn as_format_1_0(ctx: &TestContext) {
+    let bytes = std::fs::read(ctx.path("a.xpm")).unwrap();
+    let (mut prelude, mut manifest, payload) = split_artifact(&bytes);
+    prelude[10] = 0;
+    prelude[12] = 0;
+    manifest["format_version"] = "1.0".into();
+    std::fs::write(
+        ctx.path("a.xpm"),
+        assemble_artifact(&prelude, &manifest, &payload),
+    )
+    .unwrap();
+}
+
+#[test]
+fn format_1_0_artifacts_are_still_read_and_verified() {
+    let ctx = with_artifact();
+    as_format_1_0(&ctx);
+    let bytes = std::fs::read(ctx.path("a.xpm")).unwrap();
+    ctx.xpm()
+        .args(["verify", "a.xpm"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(sha256_hex(&bytes)));
+    ctx.xpm()
+        .args(["unpack", "a.xpm", "-o", "out"])
+        .assert()
+        .success();
+    std::fs::remove_dir_all(ctx.path("out")).unwrap();
+    // Damage in a 1.0 payload is named by its frame; damage in its manifest's trailer digest
+    // by the whole-file digest.
+    let good = std::fs::read(ctx.path("a.xpm")).unwrap();
+    edit_bytes(&ctx.path("a.xpm"), |b| {
+        let pos = manifest_range(b).start / 2;
+        b[pos] ^= 0x10;
+    });
+    assert_rejected(&ctx, "frame sha256 mismatch");
+    let mut b = good;
+    let k = b.len() - 20;
+    b[k] ^= 1;
+    std::fs::write(ctx.path("a.xpm"), b).unwrap();
+    ctx.xpm()
+        .args(["verify", "a.xpm"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("does not match its trailer"));
+}
+
+#[test]
+fn the_prelude_flag_must_match_the_trailer_kind() {
+    // A 1.1 file without its flag, and a 1.0 file with it: refused as damaged, not misread.
+    let ctx = with_artifact();
+    edit_bytes(&ctx.path("a.xpm"), |b| b[12] = 0);
+    assert_rejected(&ctx, "flags 0x0 in the prelude, but format 1.1 defines 0x1");
+    let ctx = with_artifact();
+    as_format_1_0(&ctx);
+    edit_bytes(&ctx.path("a.xpm"), |b| b[12] = 1);
+    assert_rejected(&ctx, "flags 0x1 in the prelude, but format 1.0 defines 0x0");
+    // A damaged content digest is caught on open.
+    let ctx = with_artifact();
+    edit_bytes(&ctx.path("a.xpm"), |b| {
+        let k = b.len() - 20;
+        b[k] ^= 1;
+    });
+    assert_rejected(&ctx, "content digest does not match");
 }
 
 #[test]

@@ -226,14 +226,14 @@ fn check_request(opts: &MergeOptions, printer: &Printer) -> Result<Vec<f64>> {
 }
 
 /// Every input's whole-file digest (recorded in provenance), checked against the recipe's pins.
-/// The readers then read frames without hashing them again (each input byte is hashed once);
-/// [`ArtifactReader::check_unchanged`] runs before the output is committed.
+/// The check verifies every frame too, so the readers then read frames without hashing them
+/// again; [`ArtifactReader::check_unchanged`] runs before the output is committed.
 fn input_digests(opts: &MergeOptions, readers: &[ArtifactReader]) -> Result<Vec<String>> {
     let digests: Vec<String> = {
         use rayon::prelude::*;
         readers
             .par_iter()
-            .map(ArtifactReader::verify_whole)
+            .map(ArtifactReader::verify_file_digest)
             .collect::<Result<_>>()?
     };
     if let Some(recipe) = &opts.recipe {

@@ -211,7 +211,13 @@ pub fn assemble_artifact(prelude: &[u8], manifest: &serde_json::Value, payload: 
     out.extend_from_slice(&m);
     out.extend_from_slice(&(m.len() as u64).to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&m));
-    let d = Sha256::digest(&out);
+    // Format 1.1 and later: the content digest; 1.0: the sha256 of every byte before it.
+    let minor = u16::from_le_bytes([prelude[10], prelude[11]]);
+    let d: [u8; 32] = if minor >= 1 {
+        xpm::format::artifact::content_digest(prelude, &m)
+    } else {
+        Sha256::digest(&out).into()
+    };
     out.extend_from_slice(&d);
     out.extend_from_slice(b"XPM-END\n");
     out

@@ -277,13 +277,21 @@ pub fn import(dir: &Path, base: &Checkpoint) -> Result<Imported> {
     let file = Checkpoint::open(&weights)?;
     let (modules, whole) = group_tensors(&file, &weights, &peft_type)?;
     check_layers(&cfg, modules.keys().map(String::as_str))?;
-    let out = convert(dir, &cfg, base, &weights, &peft_type, &modules, &whole)?;
+    // The weights file's digest (for provenance) on another core while the tensors convert:
+    // both read the same pages, and the hash would otherwise be a serial pass of its own.
+    let (out, weights_digest) = std::thread::scope(|sc| {
+        let hashing = sc.spawn(|| crate::file_digest(&weights));
+        let out = convert(dir, &cfg, base, &weights, &peft_type, &modules, &whole);
+        let digest = hashing.join().expect("the hashing thread does not panic");
+        (out, digest)
+    });
+    let out = out?;
     let mut files = BTreeMap::new();
     files.insert(
         CONFIG_FILE.to_string(),
         crate::file_digest(&dir.join(CONFIG_FILE))?,
     );
-    files.insert(WEIGHTS_FILE.to_string(), crate::file_digest(&weights)?);
+    files.insert(WEIGHTS_FILE.to_string(), weights_digest?);
     let mut extra = BTreeMap::new();
     if let Some(t) = &cfg.task_type {
         extra.insert(

@@ -189,7 +189,13 @@ pub fn fix_digests(data: &[u8]) -> Option<Vec<u8>> {
     out.extend_from_slice(&manifest);
     out.extend_from_slice(&(manifest.len() as u64).to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&manifest));
-    let whole = Sha256::digest(&out);
+    // Format 1.1 and later: the content digest; 1.0: the sha256 of every byte before it.
+    let minor = data.get(10..12).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+    let whole: [u8; 32] = if minor >= 1 && data.len() >= 16 {
+        xpm_core::format::artifact::content_digest(&data[..16], &manifest)
+    } else {
+        Sha256::digest(&out).into()
+    };
     out.extend_from_slice(&whole);
     out.extend_from_slice(&xpm_core::format::artifact::END_MAGIC);
     (out != data).then_some(out)

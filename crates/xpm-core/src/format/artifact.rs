@@ -5,8 +5,14 @@
 //! payload   P B    zstd frames: one per tensor part, in manifest order, then the safetensors
 //!                  header; header + parts decompressed back to back form one safetensors file
 //! manifest  M B    JSON (uncompressed: it reads without touching the payload)
-//! trailer   80 B   manifest length, manifest sha256, sha256 of every byte before it, end magic
+//! trailer   80 B   manifest length, manifest sha256, content digest (1.1; 1.0: the sha256 of
+//!                  every byte before it), end magic
 //! ```
+//!
+//! The content digest (format 1.1) is the sha256 of the prelude, the manifest, its length and
+//! its sha256: the manifest names every frame's sha256, and the frames tile the payload, so it
+//! commits to every byte of the file while the writer hashes each payload byte once (for its
+//! frame digest) instead of twice.
 //!
 //! Like a Parquet footer, the manifest comes last so a writer streams every frame straight to
 //! disk once, in one pass, hashing as it goes; a reader finds the manifest from the fixed-size
@@ -30,7 +36,7 @@ use super::manifest::{
 };
 use super::mask::{self, MaskEncoding};
 use super::tensor::{Content, TensorData};
-use crate::digest::{self, HashingWriter};
+use crate::digest;
 use crate::error::{Error, IoResultExt, Result};
 
 /// First eight bytes of every artifact (PNG-style: catches text-mode and 7-bit transfers).
@@ -55,6 +61,23 @@ pub const MAX_FRAME_RATIO: u64 = 1 << 16;
 pub const HEADER_TENSORS_KEY: &str = "xpm.tensors";
 /// Default zstd level.
 pub const DEFAULT_LEVEL: i32 = 3;
+/// Prelude flag of format 1.1 and later: the trailer holds the content digest
+/// ([`content_digest`]). A 1.0 reader refuses a file with flags it does not know, so it says
+/// the file needs a newer xpm instead of calling it damaged.
+pub const FLAG_CONTENT_DIGEST: u32 = 1;
+
+/// The content digest of format 1.1: sha256 of the prelude, the manifest's bytes, their
+/// length (u64 LE) and their sha256, i.e. of the file with the payload left out. The manifest
+/// holds every frame's offset, size and sha256 and the frames tile the payload, so this
+/// commits to every byte; it is computed from what `open` reads anyway.
+pub fn content_digest(prelude: &[u8], manifest: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prelude);
+    h.update(manifest);
+    h.update((manifest.len() as u64).to_le_bytes());
+    h.update(Sha256::digest(manifest));
+    h.finalize().into()
+}
 
 /// One tensor, encoded and compressed, ready to be written.
 #[derive(Debug)]
@@ -234,7 +257,7 @@ pub fn raw_frame(raw: &[u8]) -> Vec<u8> {
 pub struct ArtifactWriter {
     dest: PathBuf,
     tmp: tempfile::NamedTempFile,
-    out: HashingWriter<BufWriter<File>>,
+    out: BufWriter<File>,
     payload_len: u64,
     tensors: Vec<(TensorEntry, Vec<WrittenPart>)>,
     names: HashSet<String>,
@@ -251,7 +274,7 @@ impl ArtifactWriter {
     /// Start an artifact that will be written to `dest` with zstd `level`.
     pub fn create(dest: &Path, level: i32) -> Result<Self> {
         let (tmp, file) = crate::fsutil::temp_file_beside(dest)?;
-        let mut out = HashingWriter::new(file);
+        let mut out = file;
         out.write_all(&prelude()).at("write", tmp.path())?;
         Ok(ArtifactWriter {
             dest: dest.to_path_buf(),
@@ -358,8 +381,12 @@ impl ArtifactWriter {
         self.out
             .write_all(&Sha256::digest(&manifest_json))
             .map_err(werr)?;
-        let (file_digest, mut inner) = self.out.finish();
-        inner.write_all(&file_digest).map_err(werr)?;
+        // Every payload byte was hashed once, for its frame's digest; the trailer's digest is
+        // computed from the prelude and the manifest that names those digests.
+        let mut inner = self.out;
+        inner
+            .write_all(&content_digest(&prelude(), &manifest_json))
+            .map_err(werr)?;
         inner.write_all(&END_MAGIC).map_err(werr)?;
         let file = inner.into_inner().map_err(|e| werr(e.into_error()))?;
         file.sync_all().map_err(werr)?;
@@ -375,7 +402,7 @@ fn prelude() -> Vec<u8> {
     p.extend_from_slice(&MAGIC);
     p.extend_from_slice(&FORMAT_MAJOR.to_le_bytes());
     p.extend_from_slice(&FORMAT_MINOR.to_le_bytes());
-    p.extend_from_slice(&0u32.to_le_bytes()); // flags: none defined in 1.x
+    p.extend_from_slice(&FLAG_CONTENT_DIGEST.to_le_bytes());
     debug_assert_eq!(p.len() as u64, PRELUDE_LEN);
     p
 }
@@ -387,7 +414,9 @@ pub struct ArtifactReader {
     len: u64,
     manifest: Manifest,
     payload_start: u64,
-    /// Set by [`ArtifactReader::verify_whole`]: the whole file matched its digest, so frames
+    /// Format 1.1 and later: the trailer holds the content digest, not the whole-file digest.
+    content_trailer: bool,
+    /// Set by [`ArtifactReader::verify_file_digest`]: every frame was just checked, so frames
     /// are read without hashing them again; the file's state when it was hashed.
     whole: std::sync::OnceLock<FileStamp>,
 }
@@ -450,16 +479,19 @@ impl ArtifactReader {
                 supported: FORMAT_MAJOR,
             });
         }
-        if flags != 0 && minor > FORMAT_MINOR {
+        // 1.0 defines no flag; 1.1 and later set FLAG_CONTENT_DIGEST. A flag this build does
+        // not know, in a minor it does not know, is a newer format; in one it knows, damage.
+        let known = if minor >= 1 { FLAG_CONTENT_DIGEST } else { 0 };
+        if flags & !known != 0 && minor > FORMAT_MINOR {
             return Err(Error::UnsupportedFormat {
                 path,
                 found: format!("{major}.{minor} (flags {flags:#x})"),
                 supported: FORMAT_MAJOR,
             });
         }
-        if flags != 0 {
+        if flags != known {
             return Err(corrupt(format!(
-                "unknown flags {flags:#x} in the prelude (format {major}.{minor} defines none)"
+                "flags {flags:#x} in the prelude, but format {major}.{minor} defines {known:#x}"
             )));
         }
         let mut trailer = [0u8; TRAILER_LEN as usize];
@@ -485,6 +517,14 @@ impl ArtifactReader {
         if Sha256::digest(&manifest_bytes)[..] != trailer[8..40] {
             return Err(corrupt(
                 "the manifest does not match its sha256 in the trailer (flipped bits?)".into(),
+            ));
+        }
+        let content_trailer = minor >= 1;
+        if content_trailer && content_digest(&pre, &manifest_bytes)[..] != trailer[40..72] {
+            return Err(corrupt(
+                "the trailer's content digest does not match the prelude and manifest (flipped \
+                 bits?)"
+                    .into(),
             ));
         }
         let manifest: Manifest = match serde_json::from_slice(&manifest_bytes) {
@@ -523,6 +563,7 @@ impl ArtifactReader {
             len,
             manifest,
             payload_start: PRELUDE_LEN,
+            content_trailer,
             whole: std::sync::OnceLock::new(),
         };
         reader.check_safetensors_header(&payload)?;
@@ -544,51 +585,91 @@ impl ArtifactReader {
         self.len
     }
 
-    /// Hash the whole file and compare with the trailer. Returns the file's `sha256:<hex>` (the
-    /// digest of the whole file, trailer included, as a registry would compute it).
+    /// Check every byte of the file and return its `sha256:<hex>` (the digest of the whole
+    /// file, trailer included, as a registry would compute it), in one sequential read that
+    /// hashes the file whole and every frame on its own (against the manifest); a 1.0 file's
+    /// whole-file digest is also compared with its trailer (a 1.1 trailer's content digest
+    /// was checked on open). The first damaged frame is named.
+    ///
+    /// Afterwards this reader reads frames without hashing them again (they were just
+    /// checked), so callers that decode every tensor hash each byte twice in all, not three
+    /// times. Bytes are read twice, so whatever is made from them must be committed only after
+    /// [`ArtifactReader::check_unchanged`] passes (a write in place between the two reads
+    /// changes the file's size or mtime).
     pub fn verify_file_digest(&self) -> Result<String> {
-        let body = self.len - DIGEST_TAIL_LEN;
-        let mut f = &self.file;
-        f.seek(SeekFrom::Start(0)).at("read", &self.path)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = body;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            f.read_exact(&mut buf[..n]).at("read", &self.path)?;
-            hasher.update(&buf[..n]);
-            left -= n as u64;
-        }
-        let mut trailer = [0u8; DIGEST_TAIL_LEN as usize];
-        f.read_exact(&mut trailer).at("read", &self.path)?;
-        let mut whole = hasher.clone();
-        whole.update(trailer);
-        if hasher.finalize()[..] != trailer[..32] {
-            let located = self.locate_damage();
-            return Err(Error::corrupt(
-                &self.path,
-                format!("the file's sha256 does not match its trailer{located}"),
+        let stamp = FileStamp::of(&self.file).at("read", &self.path)?;
+        // The frames in file order, with what to call each in an error.
+        let mut frames: Vec<(u64, u64, &str, String)> = Vec::new();
+        if let Some(p) = &self.manifest.payload {
+            frames.push((
+                p.header.offset,
+                p.header.size,
+                &p.header.sha256,
+                "safetensors header".into(),
             ));
         }
+        for t in &self.manifest.tensors {
+            for p in &t.stored {
+                frames.push((
+                    p.offset,
+                    p.size,
+                    &p.sha256,
+                    format!("tensor `{}` ({})", t.name, p.role.suffix()),
+                ));
+            }
+        }
+        frames.sort_by_key(|f| f.0);
+        let mut f = &self.file;
+        f.seek(SeekFrom::Start(0)).at("read", &self.path)?;
+        let mut whole = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut prelude = [0u8; PRELUDE_LEN as usize];
+        f.read_exact(&mut prelude).at("read", &self.path)?;
+        whole.update(prelude);
+        // Frames tile the payload (checked on open): hash each as it streams past.
+        for (_, size, sha, what) in &frames {
+            let mut frame = Sha256::new();
+            let mut left = *size;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                f.read_exact(&mut buf[..n]).at("read", &self.path)?;
+                whole.update(&buf[..n]);
+                frame.update(&buf[..n]);
+                left -= n as u64;
+            }
+            if digest::format_digest(&frame.finalize()) != **sha {
+                return Err(Error::corrupt(
+                    &self.path,
+                    format!("{what}: frame sha256 mismatch (flipped bits in the payload?)"),
+                ));
+            }
+        }
+        // The manifest and trailer (the manifest's digest was checked on open).
+        let mut rest = Vec::new();
+        f.read_to_end(&mut rest).at("read", &self.path)?;
+        if (rest.len() as u64) < DIGEST_TAIL_LEN {
+            return Err(Error::corrupt(
+                &self.path,
+                "the file shrank while it was read",
+            ));
+        }
+        let (body, tail) = rest.split_at(rest.len() - DIGEST_TAIL_LEN as usize);
+        whole.update(body);
+        if !self.content_trailer && whole.clone().finalize()[..] != tail[..32] {
+            return Err(Error::corrupt(
+                &self.path,
+                "the file's sha256 does not match its trailer (the damage is outside the \
+                 payload frames: prelude, manifest or trailer)",
+            ));
+        }
+        whole.update(tail);
+        let _ = self.whole.set(stamp);
         Ok(digest::format_digest(&whole.finalize()))
     }
 
-    /// [`ArtifactReader::verify_file_digest`], after which frames are read without hashing
-    /// them again: every byte is hashed once. For readers that decode every tensor anyway
-    /// (`merge`, `apply`, `serve`). The frame digests only say *which* frame holds damage
-    /// the whole-file digest catches; bytes are read twice, so whatever is made from them must
-    /// be committed only after [`ArtifactReader::check_unchanged`] passes (a write in place
-    /// between the two reads changes the file's size or mtime).
-    pub fn verify_whole(&self) -> Result<String> {
-        let stamp = FileStamp::of(&self.file).at("read", &self.path)?;
-        let digest = self.verify_file_digest()?;
-        let _ = self.whole.set(stamp);
-        Ok(digest)
-    }
-
-    /// After [`ArtifactReader::verify_whole`]: an error if the file was written to since it
-    /// was hashed (its size or mtime changed), so what was read from it may not be what was
-    /// verified. Without `verify_whole`, frames were checked one by one: always fine.
+    /// After [`ArtifactReader::verify_file_digest`]: an error if the file was written to
+    /// since it was checked (its size or mtime changed), so what was read from it may not be
+    /// what was verified. Without that check, frames were verified one by one: always fine.
     pub fn check_unchanged(&self) -> Result<()> {
         let Some(then) = self.whole.get() else {
             return Ok(());
@@ -605,36 +686,6 @@ impl ArtifactReader {
             ));
         }
         Ok(())
-    }
-
-    /// After a digest mismatch, name the first frame whose own digest fails.
-    fn locate_damage(&self) -> String {
-        let Some(payload) = &self.manifest.payload else {
-            return String::new();
-        };
-        if self
-            .frame_bytes(
-                payload.header.offset,
-                payload.header.size,
-                &payload.header.sha256,
-                "the safetensors header",
-            )
-            .is_err()
-        {
-            return " (the safetensors header frame is damaged)".into();
-        }
-        for t in &self.manifest.tensors {
-            for p in &t.stored {
-                if self.frame_bytes(p.offset, p.size, &p.sha256, "").is_err() {
-                    return format!(
-                        " (the `{}` part of tensor `{}` is damaged)",
-                        p.role.suffix(),
-                        t.name
-                    );
-                }
-            }
-        }
-        " (the damage is outside the payload frames: prelude, manifest or trailer)".into()
     }
 
     /// Read the compressed bytes of a frame and verify them against their sha256.
@@ -1153,12 +1204,15 @@ mod tests {
         w.finish(manifest()).unwrap();
         let bytes = std::fs::read(&p).unwrap();
 
-        // Without verify_whole there is nothing to compare against: always unchanged.
+        // Without verify_file_digest there is nothing to compare against: always unchanged.
         let plain = ArtifactReader::open(&p).unwrap();
         plain.check_unchanged().unwrap();
 
         let r = ArtifactReader::open(&p).unwrap();
-        assert_eq!(r.verify_whole().unwrap(), crate::digest::sha256(&bytes));
+        assert_eq!(
+            r.verify_file_digest().unwrap(),
+            crate::digest::sha256(&bytes)
+        );
         assert_eq!(r.read_tensor(0).unwrap(), tensor("a", &[1.0, -2.0, 3.0]));
         r.check_unchanged().unwrap();
 
@@ -1182,7 +1236,7 @@ mod tests {
         assert!(e.contains("frame sha256 mismatch"), "{e}");
         // And a fresh whole-file check refuses it outright.
         let again = ArtifactReader::open(&p).unwrap();
-        assert!(again.verify_whole().is_err());
+        assert!(again.verify_file_digest().is_err());
     }
 
     #[test]

@@ -18,8 +18,10 @@ use super::mask::MaskEncoding;
 
 /// The artifact format major version this build writes and reads.
 pub const FORMAT_MAJOR: u16 = 1;
-/// The artifact format minor version this build writes (readers accept any minor of their major).
-pub const FORMAT_MINOR: u16 = 0;
+/// The artifact format minor version this build writes (it reads 1.0 and 1.1). 1.1: the
+/// trailer holds the content digest instead of the whole-file digest (docs/format.md §2.4), so
+/// a writer hashes every byte once.
+pub const FORMAT_MINOR: u16 = 1;
 
 /// The manifest of one expert.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
