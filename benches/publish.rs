@@ -8,6 +8,8 @@
 //!   skipped without it),
 //! - Debian's `docker-registry` on 127.0.0.1 with htpasswd auth (`oci://`; skipped when it is
 //!   not installed),
+//! - the tests' local stand-in for the Hugging Face Hub (`hf://`, tests/hub_mock: commits and
+//!   LFS objects in memory; the real Hub cannot be reached from here),
 //!
 //! twice per backend: 32 distinct experts (8 × 4), then 32 versions of one expert (every
 //! publish rewrites the same index: the contended case). Each registry gets one publish
@@ -28,6 +30,8 @@ use xpm::registry::ClientOptions;
 #[path = "common/registry.rs"]
 mod bench_registry;
 mod common;
+#[path = "../tests/hub_mock/mod.rs"]
+mod hub_mock;
 
 use bench_registry::{Moto, Oci, Server, TOKEN, publish_all, write_expert};
 
@@ -161,6 +165,49 @@ fn main() {
             eprintln!("{m}");
             writeln!(skipped, "\n{m}.").unwrap();
         }
+    }
+
+    // --- Hugging Face Hub (the tests' local stand-in) -----------------------------------------
+    {
+        // The Hub itself cannot be reached from here: tests/hub_mock keeps commits and LFS
+        // objects in memory and answers a stale parent commit with 412, as the Hub does. The
+        // figures are xpm's side of the protocol (a commit per publish, re-read on 412), not
+        // the Hub's own latency.
+        let hub = hub_mock::HubMock::start("hf_bench_token");
+        hub.create_repo("models/acme/bench", false);
+        let hf_home = work.path().join("hf-home");
+        let env = |c: &mut Command| {
+            c.env("HF_ENDPOINT", &hub.url)
+                .env("HF_TOKEN", "hf_bench_token")
+                .env("HF_HOME", &hf_home)
+                .env_remove("XPM_TOKEN");
+        };
+        bench(
+            &mut report,
+            "Hugging Face Hub (`hf://`, local stand-in)",
+            "hf://acme/bench",
+            &format!("{}/acme/bench/resolve/main", hub.url),
+            work.path(),
+            &env,
+            &seed,
+            &distinct,
+            &crowd,
+            None,
+        );
+        let st = hub.state.lock().unwrap();
+        writeln!(
+            report,
+            "
+Hub stand-in: {} commits for {} publishes ({} answered 412 and retried).",
+            st.commits,
+            2 * n + 1,
+            st.log
+                .iter()
+                .filter(|l| l.starts_with("POST /api/models/acme/bench/commit/"))
+                .count()
+                .saturating_sub(st.commits)
+        )
+        .unwrap();
     }
 
     report.push_str(&skipped);
