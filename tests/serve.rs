@@ -422,9 +422,21 @@ fn classify_swaps_in_place_matches_eval_and_restores_the_base() {
         v["error"]["message"].as_str().unwrap().contains("timeout"),
         "{v}"
     );
-    // Queued behind the first (still running): abandoned before the worker reaches it.
-    let (s, _) = quick.post("/v1/classify", &json!({"expert": "alpha", "inputs": ["x"]}));
-    assert_eq!(s, 504);
+    // Requests queued behind running ones are abandoned before the worker reaches them. Four
+    // big requests at once keep the worker busy whatever this machine's speed (one alone could
+    // finish before the next request arrives), so the small one waits in the queue.
+    let small = json!({"expert": "alpha", "inputs": ["x"]});
+    let statuses: Vec<u16> = std::thread::scope(|sc| {
+        let bigs: Vec<_> = (0..4)
+            .map(|_| sc.spawn(|| quick.post("/v1/classify", &big).0))
+            .collect();
+        std::thread::sleep(Duration::from_millis(5));
+        let small_status = quick.post("/v1/classify", &small).0;
+        let mut all: Vec<u16> = bigs.into_iter().map(|h| h.join().unwrap()).collect();
+        all.push(small_status);
+        all
+    });
+    assert!(statuses.iter().all(|&s| s == 504), "{statuses:?}");
     let cancelled = (0..100)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(20));
@@ -436,7 +448,10 @@ fn classify_swaps_in_place_matches_eval_and_restores_the_base() {
                 .unwrap()
         })
         .find(|&n| n > 0);
-    assert_eq!(cancelled, Some(1), "the abandoned request was not run");
+    assert!(
+        cancelled.is_some(),
+        "no abandoned request was dropped unrun"
+    );
 }
 
 /// Read an SSE body's `data:` payloads.
