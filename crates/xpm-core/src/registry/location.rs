@@ -45,7 +45,7 @@ impl Location {
         if let Some((scheme, _)) = s.split_once("://") {
             return match scheme {
                 "http" | "https" => {
-                    let url = reqwest::Url::parse(s.trim_end_matches('/')).map_err(|e| {
+                    let mut url = reqwest::Url::parse(s.trim_end_matches('/')).map_err(|e| {
                         bad(
                             format!("`{s}` is not a valid registry URL: {e}"),
                             "write it as http://HOST:PORT or https://HOST/PATH",
@@ -58,6 +58,20 @@ impl Location {
                              token with `--token` or `$XPM_TOKEN` instead",
                         ));
                     }
+                    if url.query().is_some() || url.fragment().is_some() {
+                        return Err(bad(
+                            format!(
+                                "the registry URL `{}` has a query or fragment",
+                                redact(&url)
+                            ),
+                            "a registry is addressed by scheme, host, port and path only",
+                        ));
+                    }
+                    // Trailing slashes are not part of a registry's address, however written
+                    // (`\` counts as `/` in http URLs): the location prints and reparses as
+                    // itself, as the lockfile's `source` must.
+                    let path = url.path().trim_end_matches('/').to_string();
+                    url.set_path(&path);
                     Ok(Location::Http(url))
                 }
                 "file" => Ok(Location::Dir(PathBuf::from(&s["file://".len()..]))),
@@ -470,6 +484,11 @@ mod tests {
             );
             assert_eq!(loc.to_string(), shown);
         }
+        // Backslashes are slashes in http URLs; trailing ones are dropped either way.
+        for s in ["https://xn--tenje\\\\", "http://h:1/a//", "http://h/a\\"] {
+            let loc = Location::parse(s).unwrap();
+            assert_eq!(Location::parse(&loc.to_string()).unwrap(), loc, "{s}");
+        }
         for (bad, want) in [
             ("htp://host/x", "unsupported registry scheme `htp://`"),
             ("ftp://host/x", "unsupported registry scheme `ftp://`"),
@@ -504,6 +523,8 @@ mod tests {
             ("hf://org/repo@a..b", "a revision"),
             ("hf://org/repo@/x", "a revision"),
             ("hf://org/repo?rev=1", "query"),
+            ("https://reg.example/x?token=1", "query or fragment"),
+            ("https://reg.example/#/x", "query or fragment"),
         ] {
             let e = Location::parse(bad).unwrap_err();
             assert!(e.to_string().contains(want), "{bad}: {e}");
