@@ -99,11 +99,17 @@ fn write_expert(e: u64, tensors: usize, sparse_path: &Path, dense_path: Option<&
 
 /// Wall time (s) and peak RSS (MB) of `xpm merge …` (release binary, GNU time).
 fn run_merge(inputs: &[PathBuf], strategy: &str, out: &Path) -> (f64, f64) {
-    run_merge_with(
-        inputs,
-        &["--strategy", strategy, "--param", "density=0.2"],
-        out,
-    )
+    // `density` is `ties`'s parameter; the strategies refuse parameters they do not use.
+    let params: &[&str] = if strategy == "ties" {
+        &["--param", "density=0.2"]
+    } else {
+        &[]
+    };
+    let args: Vec<&str> = ["--strategy", strategy]
+        .into_iter()
+        .chain(params.iter().copied())
+        .collect();
+    run_merge_with(inputs, &args, out)
 }
 
 fn run_merge_with(inputs: &[PathBuf], args: &[&str], out: &Path) -> (f64, f64) {
