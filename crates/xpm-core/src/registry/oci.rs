@@ -30,7 +30,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest, OciManifest};
@@ -855,11 +854,22 @@ impl Registry for OciRegistry {
             .rt
             .block_on(self.client.pull_blob_stream(&r, line.cksum.as_str()))
         {
-            Ok(s) => Ok(Box::new(StreamReader {
-                rt: self.rt.clone(),
-                stream: s.stream,
-                buf: Bytes::new(),
-            })),
+            // oci-client checks the layer's digest at the end of the stream; its verdict is
+            // dropped here (the reader ends), because the store checks size and digest itself
+            // and reports a mismatch as a damaged artifact rather than a broken connection
+            // (which it would retry).
+            Ok(s) => Ok(Box::new(self.rt.reader(s.stream.scan((), |_, r| {
+                std::future::ready(match r {
+                    Err(e)
+                        if e.get_ref()
+                            .is_some_and(|i| i.is::<oci_client::errors::DigestError>()) =>
+                    {
+                        None
+                    }
+                    Err(e) => Some(Err(std::io::Error::other(crate::error::chain(&e)))),
+                    Ok(b) => Some(Ok(b)),
+                })
+            })))),
             Err(e) if is_not_found(&e) => Err(Error::registry(
                 &self.source,
                 format!(
@@ -979,37 +989,6 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
-}
-
-/// A blocking reader over a blob's byte stream. `oci-client` checks the digest at the end of
-/// the stream; its verdict is dropped here (the reader ends), because the store checks size and
-/// digest itself and reports a mismatch as a damaged artifact rather than a broken connection
-/// (which it would retry).
-struct StreamReader {
-    rt: Arc<Runtime>,
-    stream: BoxStream<'static, std::result::Result<Bytes, std::io::Error>>,
-    buf: Bytes,
-}
-
-impl Read for StreamReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.buf.is_empty() {
-            match self.rt.block_on(self.stream.next()) {
-                None => return Ok(0),
-                Some(Ok(b)) => self.buf = b,
-                Some(Err(e))
-                    if e.get_ref()
-                        .is_some_and(|i| i.is::<oci_client::errors::DigestError>()) =>
-                {
-                    return Ok(0);
-                }
-                Some(Err(e)) => return Err(std::io::Error::other(crate::error::chain(&e))),
-            }
-        }
-        let n = out.len().min(self.buf.len());
-        out[..n].copy_from_slice(&self.buf.split_to(n));
-        Ok(n)
-    }
 }
 
 #[cfg(test)]

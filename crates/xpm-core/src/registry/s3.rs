@@ -36,7 +36,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as Key;
@@ -450,11 +449,12 @@ impl S3Registry {
         {
             Ok(r) => Ok(Some((
                 r.meta.size,
-                Box::new(StreamReader {
-                    rt: self.rt.clone(),
-                    stream: r.into_stream(),
-                    buf: Bytes::new(),
-                }),
+                Box::new(
+                    self.rt
+                        .reader(r.into_stream().map(|c| {
+                            c.map_err(|e| std::io::Error::other(crate::error::chain(&e)))
+                        })),
+                ),
             ))),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.err(&what, e)),
@@ -897,32 +897,11 @@ pub(crate) fn backoff(attempt: u32, rng: &mut u64) -> Duration {
     Duration::from_micros((base as f64 * 1000.0 * jitter) as u64)
 }
 
-/// A blocking reader over an object's byte stream.
-struct StreamReader {
-    rt: Arc<Runtime>,
-    stream: BoxStream<'static, object_store::Result<Bytes>>,
-    buf: Bytes,
-}
-
-impl Read for StreamReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.buf.is_empty() {
-            match self.rt.block_on(self.stream.next()) {
-                None => return Ok(0),
-                Some(Ok(b)) => self.buf = b,
-                Some(Err(e)) => return Err(std::io::Error::other(crate::error::chain(&e))),
-            }
-        }
-        let n = out.len().min(self.buf.len());
-        out[..n].copy_from_slice(&self.buf.split_to(n));
-        Ok(n)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::registry::index::render_index;
+    use futures_util::stream::BoxStream;
     use object_store::memory::InMemory;
 
     fn registry() -> (S3Registry, Arc<InMemory>) {
