@@ -36,6 +36,22 @@ fn expert(ctx: &TestContext, name: &str, version: &str, seed: u64) -> String {
     file
 }
 
+/// `xpm publish FILE` to [`REG`] started in the background (stderr captured).
+fn spawn_publish(ctx: &TestContext, hub: &HubMock, file: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_xpm"))
+        .current_dir(ctx.path(""))
+        .env("XPM_HOME", ctx.path("home"))
+        .env("HF_ENDPOINT", &hub.url)
+        .env("HF_TOKEN", TOKEN)
+        .env("HF_HOME", ctx.path("hf-home"))
+        .env_remove("XPM_TOKEN")
+        .args(["publish", file, "--registry", REG])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn index_lines(hub: &HubMock, rel: &str) -> Vec<serde_json::Value> {
     match hub.file(REPO, rel) {
         None => vec![],
@@ -169,22 +185,7 @@ fn stale_parent_commits_are_retried_and_concurrent_publishers_lose_nothing() {
     let files: Vec<String> = (0..6)
         .map(|i| expert(&ctx, "sst2", &format!("1.1.{i}"), 10 + i))
         .collect();
-    let children: Vec<_> = files
-        .iter()
-        .map(|f| {
-            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_xpm"));
-            c.current_dir(ctx.path(""))
-                .env("XPM_HOME", ctx.path("home"))
-                .env("HF_ENDPOINT", &hub.url)
-                .env("HF_TOKEN", TOKEN)
-                .env("HF_HOME", ctx.path("hf-home"))
-                .env_remove("XPM_TOKEN")
-                .args(["publish", f, "--registry", REG])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped());
-            c.spawn().unwrap()
-        })
-        .collect();
+    let children: Vec<_> = files.iter().map(|f| spawn_publish(&ctx, &hub, f)).collect();
     for c in children {
         let out = c.wait_with_output().unwrap();
         assert!(
@@ -200,20 +201,7 @@ fn stale_parent_commits_are_retried_and_concurrent_publishers_lose_nothing() {
     // 2 publishers of one version: one wins, the other is told it exists.
     let a = expert(&ctx, "sst2", "3.0.0", 100);
     let b = expert(&ctx, "sst2", "3.0.0", 200);
-    let run = |f: &str| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_xpm"));
-        c.current_dir(ctx.path(""))
-            .env("XPM_HOME", ctx.path("home"))
-            .env("HF_ENDPOINT", &hub.url)
-            .env("HF_TOKEN", TOKEN)
-            .env("HF_HOME", ctx.path("hf-home"))
-            .env_remove("XPM_TOKEN")
-            .args(["publish", f, "--registry", REG])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        c.spawn().unwrap()
-    };
-    let (ca, cb) = (run(&a), run(&b));
+    let (ca, cb) = (spawn_publish(&ctx, &hub, &a), spawn_publish(&ctx, &hub, &b));
     let (oa, ob) = (
         ca.wait_with_output().unwrap(),
         cb.wait_with_output().unwrap(),

@@ -889,16 +889,12 @@ impl Registry for HubRegistry {
 
     fn search(&self, query: &str, limit: usize) -> Result<SearchResults> {
         self.require_online("searching")?;
-        let (mut hits, skipped) = self.search_skipping(query)?;
-        for e in skipped {
-            self.printer.warn(format!("skipped in search: {e}"));
-        }
-        let total = hits.len();
-        hits.truncate(limit);
-        Ok(SearchResults {
-            experts: hits,
-            total,
-        })
+        Ok(super::search_results(
+            &self.printer,
+            "a damaged index file",
+            self.search_skipping(query)?,
+            limit,
+        ))
     }
 }
 

@@ -58,6 +58,25 @@ pub const MISSING_BLOB_HINT: &str = "if xpm.lock was edited or comes from anothe
      delete it and run `xpm install`; otherwise the registry is damaged: ask its operator to \
      publish the version again";
 
+/// A search's results from every hit (`skipped`: the index files that could not be read,
+/// each reported as a warning naming `what` was skipped), cut to `limit`.
+pub(crate) fn search_results(
+    printer: &crate::printer::Printer,
+    what: &str,
+    (mut hits, skipped): (Vec<SearchHit>, Vec<Error>),
+    limit: usize,
+) -> SearchResults {
+    for e in skipped {
+        printer.warn(format!("skipping {what}: {e}"));
+    }
+    let total = hits.len();
+    hits.truncate(limit);
+    SearchResults {
+        experts: hits,
+        total,
+    }
+}
+
 /// The error of a backend that needs the network while `--offline` is set.
 pub(crate) fn require_online(offline: bool, source: &str, what: &str) -> Result<()> {
     if offline {

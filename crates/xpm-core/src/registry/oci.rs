@@ -917,16 +917,12 @@ impl Registry for OciRegistry {
 
     fn search(&self, query: &str, limit: usize) -> Result<SearchResults> {
         self.require_online("searching")?;
-        let (mut hits, skipped) = self.search_skipping(query)?;
-        for e in skipped {
-            self.printer.warn(format!("skipping an expert: {e}"));
-        }
-        let total = hits.len();
-        hits.truncate(limit);
-        Ok(SearchResults {
-            experts: hits,
-            total,
-        })
+        Ok(super::search_results(
+            &self.printer,
+            "an expert",
+            self.search_skipping(query)?,
+            limit,
+        ))
     }
 }
 

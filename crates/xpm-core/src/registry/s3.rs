@@ -842,17 +842,12 @@ impl Registry for S3Registry {
 
     fn search(&self, query: &str, limit: usize) -> Result<SearchResults> {
         self.require_online("searching")?;
-        let (mut hits, skipped) = self.search_skipping(query)?;
-        for e in skipped {
-            self.printer
-                .warn(format!("skipping a damaged index object: {e}"));
-        }
-        let total = hits.len();
-        hits.truncate(limit);
-        Ok(SearchResults {
-            experts: hits,
-            total,
-        })
+        Ok(super::search_results(
+            &self.printer,
+            "a damaged index object",
+            self.search_skipping(query)?,
+            limit,
+        ))
     }
 }
 
