@@ -289,7 +289,7 @@ impl HubRegistry {
             .headers()
             .get("x-error-message")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+            .map(|m| m.chars().take(300).collect::<String>());
         let body: Option<serde_json::Value> = resp.json().ok();
         let msg = body
             .as_ref()
@@ -825,13 +825,7 @@ impl HubRegistry {
             let entries: Vec<TreeEntry> = resp.json().map_err(|e| self.bad_answer(&what, e))?;
             for e in entries {
                 // Only plain index paths: a listing is input like any other.
-                let ok = e.kind == "file"
-                    && e.path.starts_with("index/")
-                    && e.path.len() < 256
-                    && e.path
-                        .split('/')
-                        .all(|s| !s.is_empty() && !s.starts_with('.') && s != "..");
-                if ok {
+                if e.kind == "file" && plain_index_path(&e.path) {
                     out.push(e.path);
                 }
             }
@@ -898,6 +892,23 @@ impl Registry for HubRegistry {
     }
 }
 
+/// Whether a path of the Hub's tree listing is one to read as an index file: under `index/`,
+/// made of expert-name segments (index.rs: ASCII letters, digits, `-`, `_`, `.` and a
+/// leading `@`), so nothing in it changes the meaning of the URL it goes into.
+fn plain_index_path(path: &str) -> bool {
+    path.starts_with("index/")
+        && path.len() < 256
+        && path.split('/').all(|s| {
+            !s.is_empty()
+                && !s.starts_with('.')
+                && s.bytes().enumerate().all(|(i, c)| {
+                    c.is_ascii_alphanumeric()
+                        || matches!(c, b'-' | b'_' | b'.')
+                        || (c == b'@' && i == 0)
+                })
+        })
+}
+
 /// A branch name in a URL path segment (`/` as `%2F`, as the Hub expects).
 fn encode_rev(rev: &str) -> String {
     rev.replace('/', "%2F")
@@ -941,5 +952,37 @@ impl<R: Read> Read for HashingReader<R> {
             .unwrap_or_else(|p| p.into_inner())
             .update(&buf[..n]);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_index_path;
+
+    #[test]
+    fn only_plain_index_paths_from_a_tree_listing_are_read() {
+        for ok in [
+            "index/ss/t2/sst2",
+            "index/@team/ne/ws/news",
+            "index/1/a",
+            "index/3/a/abc",
+        ] {
+            assert!(plain_index_path(ok), "{ok}");
+        }
+        for bad in [
+            "config.json",
+            "index/../config.json",
+            "index/.hidden/x",
+            "index//x",
+            "index/a?x=1",
+            "index/a#b",
+            "index/a%2Fb",
+            "index/a b",
+            "index/x@y",
+            "blobs/sha256/ab/cd",
+        ] {
+            assert!(!plain_index_path(bad), "{bad}");
+        }
+        assert!(!plain_index_path(&format!("index/{}", "a".repeat(300))));
     }
 }
