@@ -12,6 +12,8 @@ Modes (--mode, or --mode all to run each in turn in one process):
                 entries; forward uses W0 + M * dW (+ head)
   lora          hand-written LoRA r=8, alpha=16, dropout 0 on q/k/v/o (+ head)
   full          every encoder parameter + head
+  full-attn     the attention q/k/v/o weights + head: what xpm's `--method full`
+                trains (the same weights; biases and the rest frozen)
 
 Batches: the first steps*batch examples of --data (JSONL {"text","label"}),
 in file order, cycling; truncated to --max-seq-len, each batch padded to its
@@ -41,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-MODES = ["head", "masked-dense", "lora", "full"]
+MODES = ["head", "masked-dense", "lora", "full", "full-attn"]
 ATTN_SUFFIXES = ("attention.self.query", "attention.self.key",
                  "attention.self.value", "attention.output.dense")
 
@@ -113,6 +115,10 @@ def build(mode, args, num_classes):
         replace_attn_linears(enc, lambda m: MaskedDelta(m, args.keep_ratio))
     elif mode == "lora":
         replace_attn_linears(enc, lambda m: LoRALinear(m))
+    elif mode == "full-attn":
+        for name, mod in enc.named_modules():
+            if name.endswith(ATTN_SUFFIXES):
+                mod.weight.requires_grad_(True)
     model.train()
     return model.to(args.device)
 

@@ -230,10 +230,11 @@ fn main() {
     println!(
         "\nMiniLM-L6, batch {BATCH}, seq {SEQ}, {steps} steps after {WARMUP} warm-up, attention q/k/v/o adapted; median over {rounds} rounds\n"
     );
+    println!("CPU: {}\n", cpu_description());
     println!(
-        "| configuration | s/step | × LoRA | × PyTorch masked-dense | trainable params | optimizer state | peak RSS |"
+        "| configuration | s/step | × LoRA | × PyTorch masked-dense | × PyTorch, same method | trainable params | optimizer state | peak RSS |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let ratio_cell = |f: &dyn Fn(usize) -> Option<f64>| -> String {
         let v: Vec<f64> = (0..rounds).filter_map(f).collect();
         if v.is_empty() {
@@ -245,12 +246,20 @@ fn main() {
     for (i, c) in CONFIGS.iter().enumerate() {
         let s = median((0..rounds).map(|r| median_s(&xpm_rounds[r][i])).collect());
         let first = &xpm_rounds[0][i];
+        // PyTorch's step for the same method: sparse against masked-dense, LoRA against
+        // LoRA, full (q/k/v/o) against full training of the same weights.
+        let same = match c.method {
+            xpm::train::Method::Lora => "lora",
+            xpm::train::Method::Full => "full-attn",
+            _ => "masked-dense",
+        };
         println!(
-            "| xpm {} | {:.3} | {} | {} | {} | {:.2} MiB | {:.0} MiB |",
+            "| xpm {} | {:.3} | {} | {} | {} | {} | {:.2} MiB | {:.0} MiB |",
             c.label,
             s,
             ratio_cell(&|r| Some(median_s(&xpm_rounds[r][i]) / lora_s(r))),
             ratio_cell(&|r| torch_s(r, "masked-dense").map(|m| median_s(&xpm_rounds[r][i]) / m)),
+            ratio_cell(&|r| torch_s(r, same).map(|m| median_s(&xpm_rounds[r][i]) / m)),
             first["trainable"],
             first["state_bytes"].as_f64().unwrap() / 1048576.0,
             first["peak_rss_mb"].as_f64().unwrap()
@@ -261,7 +270,7 @@ fn main() {
             let mode = v["mode"].as_str().unwrap_or("");
             let s = median((0..rounds).filter_map(|r| torch_s(r, mode)).collect());
             println!(
-                "| PyTorch {} {} | {:.3} | {} | {} | {} | – | {:.0} MiB (cumulative) |",
+                "| PyTorch {} {} | {:.3} | {} | {} | – | {} | – | {:.0} MiB (cumulative) |",
                 v["torch_version"].as_str().unwrap_or(""),
                 mode,
                 s,
@@ -272,6 +281,41 @@ fn main() {
             );
         }
     }
+}
+
+/// The CPU's model name and the vector extensions that matter for the kernels (Linux's
+/// /proc/cpuinfo; "unknown" elsewhere).
+fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let flags = field("flags").unwrap_or_default();
+    let have: Vec<&str> = [
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512_vnni",
+        "avx512_bf16",
+        "amx_tile",
+        "amx_bf16",
+    ]
+    .into_iter()
+    .filter(|f| flags.split_whitespace().any(|x| x == *f))
+    .collect();
+    format!(
+        "{}, {} threads available; {}",
+        field("model name").unwrap_or_else(|| "unknown".into()),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        if have.is_empty() {
+            "no AVX2".to_string()
+        } else {
+            have.join(", ")
+        }
+    )
 }
 
 fn median_s(v: &serde_json::Value) -> f64 {
