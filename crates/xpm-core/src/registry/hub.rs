@@ -59,6 +59,10 @@ const SMALL_TIMEOUT: Duration = Duration::from_secs(60);
 const SEARCH_FETCHES: usize = 8;
 /// Bytes of a file sent to `preupload` for the Hub's text/binary decision.
 const SAMPLE_BYTES: usize = 512;
+/// Largest index file, `config.json` or tree-listing page xpm reads from the Hub: an index file
+/// holds one short line per version, so this is generous, and a hostile or broken server
+/// cannot make xpm allocate without bound.
+pub const MAX_SMALL_FILE: u64 = 64 << 20;
 
 const TOKEN_HINT: &str = "set HF_TOKEN (or run `hf auth login`, or pass --token) to a token \
     with access to the repository; publishing and yanking need a write token";
@@ -392,9 +396,25 @@ impl HubRegistry {
         if !resp.status().is_success() {
             return Err(self.refused(&what, resp));
         }
-        resp.bytes()
-            .map(|b| Some(b.to_vec()))
-            .map_err(|e| self.transport_error(&what, e))
+        self.read_small(&what, resp).map(Some)
+    }
+
+    /// A small answer's body (an index file, a listing page), refused past [`MAX_SMALL_FILE`].
+    fn read_small(&self, what: &str, resp: Response) -> Result<Vec<u8>> {
+        match read_capped(resp, MAX_SMALL_FILE) {
+            Ok(Some(b)) => Ok(b),
+            Ok(None) => Err(Error::registry(
+                &self.source,
+                format!("{what}: the Hub sent more than {MAX_SMALL_FILE} bytes"),
+                Some("the repository or the server at HF_ENDPOINT is not what xpm expects"),
+            )),
+            Err(e) => Err(Error::Registry {
+                url: self.source.clone(),
+                message: format!("{what}: {}", crate::error::chain(&e)),
+                hint: Some("check your network and HF_ENDPOINT".into()),
+                transient: true,
+            }),
+        }
     }
 
     /// Whether the repository has `path` at `rev` (a HEAD request).
@@ -665,28 +685,36 @@ impl HubRegistry {
         }
     }
 
-    /// The commit loop shared by publish and yank: read the head and the index file at it,
-    /// `edit`, commit with the head as parent; on a stale parent read again. `extra` adds the
-    /// other files of the commit (given the head).
+    /// The commit loop shared by publish and yank: read the head and the index file at it
+    /// (the first attempt may start from `read`, a pair the caller just read), `edit`, commit
+    /// with the head as parent; on a stale parent read again. `extra` adds the other files of
+    /// the commit.
     fn update_index(
         &self,
         name: &str,
         summary: &str,
+        mut read: Option<(String, Option<Vec<u8>>)>,
         mut edit: impl FnMut(Option<&[u8]>, bool) -> Result<Edit>,
-        mut extra: impl FnMut(&str) -> Result<(Vec<(String, Vec<u8>)>, Vec<(String, String, u64)>)>,
+        mut extra: impl FnMut() -> Result<(Vec<(String, Vec<u8>)>, Vec<(String, String, u64)>)>,
     ) -> Result<IndexLine> {
         let rel = format!("index/{}", index_rel_path(name)?);
         let mut ambiguous = false;
         let mut failures = 0u32;
         let mut rng = super::s3::seed();
         for attempt in 0..COMMIT_ATTEMPTS {
-            let head = self.head()?;
-            let cur = self.get_file(&head, &rel)?;
+            let (head, cur) = match read.take() {
+                Some(r) => r,
+                None => {
+                    let head = self.head()?;
+                    let cur = self.get_file(&head, &rel)?;
+                    (head, cur)
+                }
+            };
             let (bytes, line) = match edit(cur.as_deref(), ambiguous)? {
                 Edit::Done(l) => return Ok(l),
                 Edit::Write(b, l) => (b, l),
             };
-            let (mut files, lfs) = extra(&head)?;
+            let (mut files, lfs) = extra()?;
             files.push((rel.clone(), bytes));
             match self.commit(summary, &head, &files, &lfs) {
                 Ok(true) => return Ok(line),
@@ -728,7 +756,15 @@ impl HubRegistry {
         let src = format!("{}/{rel}", self.source);
         // Fail before uploading when the version is there already (the commit checks again).
         let head = self.head()?;
-        edit_publish(self.get_file(&head, &rel)?.as_deref(), &src, line, false)?;
+        let cur = self.get_file(&head, &rel)?;
+        edit_publish(cur.as_deref(), &src, line, false)?;
+        // The first publish writes config.json. Two first publishers racing both write it,
+        // with the same bytes, so checking once is enough.
+        let config = if self.has_file(&head, "config.json")? {
+            None
+        } else {
+            Some(serde_json::to_vec_pretty(&RegistryConfig::directory_layout()).expect("config"))
+        };
         let op = if self.has_file(&head, &blob)? {
             progress.inc(line.size);
             BlobOp::Present
@@ -753,14 +789,13 @@ impl HubRegistry {
         self.update_index(
             &line.name,
             &summary,
+            Some((head, cur)),
             |cur, ambiguous| edit_publish(cur, &src, line, ambiguous),
-            |head| {
+            || {
                 let mut files = Vec::new();
                 let mut lfs = Vec::new();
-                if self.get_file(head, "config.json")?.is_none() {
-                    let cfg = serde_json::to_vec_pretty(&RegistryConfig::directory_layout())
-                        .expect("config");
-                    files.push(("config.json".to_string(), cfg));
+                if let Some(cfg) = &config {
+                    files.push(("config.json".to_string(), cfg.clone()));
                 }
                 match op {
                     BlobOp::Present => {}
@@ -792,8 +827,9 @@ impl HubRegistry {
         self.update_index(
             name,
             &format!("xpm {verb} {name}@{version}"),
+            None,
             |cur, _| edit_yank(cur, &src, name, version, yanked),
-            |_| Ok((Vec::new(), Vec::new())),
+            || Ok((Vec::new(), Vec::new())),
         )
     }
 
@@ -822,7 +858,9 @@ impl HubRegistry {
                 return Err(self.refused(&what, resp));
             }
             let next = next_link(&resp);
-            let entries: Vec<TreeEntry> = resp.json().map_err(|e| self.bad_answer(&what, e))?;
+            let body = self.read_small(&what, resp)?;
+            let entries: Vec<TreeEntry> =
+                serde_json::from_slice(&body).map_err(|e| self.bad_answer(&what, e))?;
             for e in entries {
                 // Only plain index paths: a listing is input like any other.
                 if e.kind == "file" && plain_index_path(&e.path) {
@@ -909,6 +947,13 @@ fn plain_index_path(path: &str) -> bool {
         })
 }
 
+/// All of `r` if it holds at most `limit` bytes, else `None` (having read `limit + 1`).
+fn read_capped(r: impl Read, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let mut out = Vec::new();
+    r.take(limit + 1).read_to_end(&mut out)?;
+    Ok((out.len() as u64 <= limit).then_some(out))
+}
+
 /// A branch name in a URL path segment (`/` as `%2F`, as the Hub expects).
 fn encode_rev(rev: &str) -> String {
     rev.replace('/', "%2F")
@@ -957,7 +1002,14 @@ impl<R: Read> Read for HashingReader<R> {
 
 #[cfg(test)]
 mod tests {
-    use super::plain_index_path;
+    use super::{plain_index_path, read_capped};
+
+    #[test]
+    fn small_answers_are_read_up_to_their_cap_and_refused_past_it() {
+        assert_eq!(read_capped(&b"abc"[..], 3).unwrap(), Some(b"abc".to_vec()));
+        assert_eq!(read_capped(&b"abcd"[..], 3).unwrap(), None);
+        assert_eq!(read_capped(std::io::repeat(7), 1 << 10).unwrap(), None);
+    }
 
     #[test]
     fn only_plain_index_paths_from_a_tree_listing_are_read() {
