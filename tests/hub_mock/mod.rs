@@ -192,6 +192,34 @@ impl HubMock {
     }
 }
 
+impl Repo {
+    /// The commit a branch name or commit id names.
+    fn resolve(&self, rev: &str) -> Option<String> {
+        self.branches
+            .get(rev)
+            .cloned()
+            .or_else(|| self.commits.contains_key(rev).then(|| rev.to_string()))
+    }
+}
+
+/// `models/ORG/REPO` or `datasets/ORG/REPO` for a URL's `[datasets/]ORG/REPO`.
+fn repo_key(repo_path: &str) -> String {
+    match repo_path.strip_prefix("datasets/") {
+        Some(r) => format!("datasets/{r}"),
+        None => format!("models/{repo_path}"),
+    }
+}
+
+/// The repository `key` if it exists and the caller may see it; else the status the Hub
+/// answers with `RepoNotFound` (a private repository is "not found" to anyone without access).
+fn visible_repo<'a>(st: &'a State, key: &str, token_ok: bool) -> Result<&'a Repo, StatusCode> {
+    match st.repos.get(key) {
+        None => Err(StatusCode::NOT_FOUND),
+        Some(r) if r.private && !token_ok => Err(StatusCode::UNAUTHORIZED),
+        Some(r) => Ok(r),
+    }
+}
+
 fn json(status: StatusCode, v: serde_json::Value) -> Response {
     (
         status,
@@ -276,28 +304,14 @@ fn handle(
         let Some((key, verb, rest, _)) = api_parts(rest) else {
             return hub_error(StatusCode::NOT_FOUND, "", "not found");
         };
-        let Some(repo) = st.repos.get(&key) else {
-            return hub_error(
-                StatusCode::NOT_FOUND,
-                "RepoNotFound",
-                "Repository not found",
-            );
+        let repo = match visible_repo(&st, &key, token_ok) {
+            Ok(r) => r,
+            Err(code) => return hub_error(code, "RepoNotFound", "Repository not found"),
         };
-        if repo.private && !token_ok {
-            return hub_error(
-                StatusCode::UNAUTHORIZED,
-                "RepoNotFound",
-                "Repository not found",
-            );
-        }
         // The revision is the first segment of `rest`, percent-encoded.
         let (rev_enc, sub) = rest.split_once('/').unwrap_or((&rest, ""));
         let rev = percent_decode(rev_enc);
-        let head = repo
-            .branches
-            .get(&rev)
-            .cloned()
-            .or_else(|| repo.commits.contains_key(&rev).then(|| rev.clone()));
+        let head = repo.resolve(&rev);
         match (method.as_str(), verb.as_str()) {
             ("GET", "revision") => {
                 let Some(sha) = head else {
@@ -455,10 +469,7 @@ fn handle(
             .trim_start_matches('/')
             .trim_end_matches("/info/lfs/objects/batch")
             .trim_end_matches(".git");
-        let key = match repo_path.strip_prefix("datasets/") {
-            Some(r) => format!("datasets/{r}"),
-            None => format!("models/{repo_path}"),
-        };
+        let key = repo_key(repo_path);
         if !st.repos.contains_key(&key) {
             return hub_error(
                 StatusCode::NOT_FOUND,
@@ -519,32 +530,14 @@ fn handle(
             .trim_start_matches('/')
             .split_once("/resolve/")
             .unwrap();
-        let key = match repo_path.strip_prefix("datasets/") {
-            Some(r) => format!("datasets/{r}"),
-            None => format!("models/{repo_path}"),
+        let key = repo_key(repo_path);
+        let repo = match visible_repo(&st, &key, token_ok) {
+            Ok(r) => r,
+            Err(code) => return hub_error(code, "RepoNotFound", "Repository not found"),
         };
-        let Some(repo) = st.repos.get(&key) else {
-            return hub_error(
-                StatusCode::NOT_FOUND,
-                "RepoNotFound",
-                "Repository not found",
-            );
-        };
-        if repo.private && !token_ok {
-            return hub_error(
-                StatusCode::UNAUTHORIZED,
-                "RepoNotFound",
-                "Repository not found",
-            );
-        }
         let (rev_enc, file) = rest.split_once('/').unwrap_or((rest, ""));
         let rev = percent_decode(rev_enc);
-        let Some(sha) = repo
-            .branches
-            .get(&rev)
-            .cloned()
-            .or_else(|| repo.commits.contains_key(&rev).then(|| rev.clone()))
-        else {
+        let Some(sha) = repo.resolve(&rev) else {
             return hub_error(StatusCode::NOT_FOUND, "RevisionNotFound", "Invalid rev id");
         };
         let Some(f) = repo.commits[&sha].get(file) else {
