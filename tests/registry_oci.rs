@@ -7,11 +7,11 @@
 //! (.ci/run), where that is a failure (`apt-get install docker-registry`).
 
 mod common;
+#[path = "support/service.rs"]
+mod service;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::registry::*;
 use common::*;
@@ -54,51 +54,39 @@ impl Oci {
         let data = dir.path().join("data");
         let hash = bcrypt::hash(PASS, 4).unwrap();
         std::fs::write(dir.path().join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let config = format!(
-                "version: 0.1\n\
-                 log:\n  level: error\n  accesslog:\n    disabled: true\n\
-                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: false\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: xpm-test\n\
-                 auth:\n  htpasswd:\n    realm: xpm-test\n    path: {}\n",
-                data.display(),
-                dir.path().join("htpasswd").display()
-            );
-            let cfg = dir.path().join("config.yml");
-            std::fs::write(&cfg, config).unwrap();
-            let mut child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(&cfg)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("run docker-registry");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // port taken between bind and spawn: try another
-                }
-                if reqwest::blocking::get(format!("http://127.0.0.1:{port}/v2/"))
+        let (child, port) = service::start_on_free_port(
+            "docker-registry",
+            |port| {
+                let config = format!(
+                    "version: 0.1\n\
+                     log:\n  level: error\n  accesslog:\n    disabled: true\n\
+                     storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: false\n\
+                     http:\n  addr: 127.0.0.1:{port}\n  secret: xpm-test\n\
+                     auth:\n  htpasswd:\n    realm: xpm-test\n    path: {}\n",
+                    data.display(),
+                    dir.path().join("htpasswd").display()
+                );
+                let cfg = dir.path().join("config.yml");
+                std::fs::write(&cfg, config).unwrap();
+                Command::new("docker-registry")
+                    .arg("serve")
+                    .arg(&cfg)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("run docker-registry")
+            },
+            |port| {
+                reqwest::blocking::get(format!("http://127.0.0.1:{port}/v2/"))
                     .is_ok_and(|r| r.status() == reqwest::StatusCode::UNAUTHORIZED)
-                {
-                    return Some(Oci {
-                        child,
-                        port,
-                        data,
-                        _dir: dir,
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("docker-registry did not start");
+            },
+        );
+        Some(Oci {
+            child,
+            port,
+            data,
+            _dir: dir,
+        })
     }
 
     fn location(&self) -> String {

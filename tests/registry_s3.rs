@@ -7,12 +7,14 @@
 //! moto tests are skipped, unless `XPM_REQUIRE_PYTHON=1`, where that is a failure.
 
 mod common;
+#[path = "support/service.rs"]
+mod service;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::registry::*;
 use common::*;
@@ -41,42 +43,32 @@ impl Moto {
                 return None;
             }
         };
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut child = Command::new(&bin)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-            let endpoint = format!("http://127.0.0.1:{port}");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // port taken between bind and spawn: try another
-                }
-                if reqwest::blocking::get(format!("{endpoint}/moto-api/"))
+        let (child, port) = service::start_on_free_port(
+            "moto_server",
+            |port| {
+                Command::new(&bin)
+                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()))
+            },
+            |port| {
+                reqwest::blocking::get(format!("http://127.0.0.1:{port}/moto-api/"))
                     .is_ok_and(|r| r.status().is_success())
-                {
-                    let moto = Moto { child, endpoint };
-                    // moto checks no signatures: an unsigned PUT creates the bucket.
-                    let r = reqwest::blocking::Client::new()
-                        .put(format!("{}/{BUCKET}", moto.endpoint))
-                        .send()
-                        .unwrap();
-                    assert!(r.status().is_success(), "create bucket: {}", r.status());
-                    return Some(moto);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("moto_server did not start");
+            },
+        );
+        let moto = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        // moto checks no signatures: an unsigned PUT creates the bucket.
+        let r = reqwest::blocking::Client::new()
+            .put(format!("{}/{BUCKET}", moto.endpoint))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "create bucket: {}", r.status());
+        Some(moto)
     }
 
     /// Let anyone read the bucket's objects (a bucket policy), as a public bucket or a CDN

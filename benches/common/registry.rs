@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/support/service.rs"]
+mod service;
+
 use xpm::format::{
     ArtifactWriter, BaseModel, Content, Dtype, ExpertKind, Manifest, TensorData, encode_tensor,
 };
@@ -143,55 +146,49 @@ impl Moto {
     /// Start moto, or `None` when `$XPM_MOTO` is not set.
     pub fn start() -> Option<Moto> {
         let bin = PathBuf::from(std::env::var_os("XPM_MOTO")?);
-        for _ in 0..5 {
-            let port = free_port();
-            let mut child = Command::new(&bin)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-            let endpoint = format!("http://127.0.0.1:{port}");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // port taken between bind and spawn: try another
-                }
-                if reqwest::blocking::get(format!("{endpoint}/moto-api/"))
+        let (child, port) = service::start_on_free_port(
+            "moto_server",
+            |port| {
+                Command::new(&bin)
+                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()))
+            },
+            |port| {
+                reqwest::blocking::get(format!("http://127.0.0.1:{port}/moto-api/"))
                     .is_ok_and(|r| r.status().is_success())
-                {
-                    let moto = Moto { child, endpoint };
-                    let http = reqwest::blocking::Client::new();
-                    // moto checks no signatures: an unsigned PUT creates the bucket.
-                    let r = http
-                        .put(format!("{}/{BUCKET}", moto.endpoint))
-                        .send()
-                        .unwrap();
-                    assert!(r.status().is_success(), "create bucket: {}", r.status());
-                    // Anyone may read the objects: the bucket's plain HTTP front.
-                    let policy = serde_json::json!({
-                        "Version": "2012-10-17",
-                        "Statement": [{
-                            "Sid": "PublicRead", "Effect": "Allow", "Principal": "*",
-                            "Action": "s3:GetObject",
-                            "Resource": format!("arn:aws:s3:::{BUCKET}/*"),
-                        }],
-                    });
-                    let r = http
-                        .put(format!("{}/{BUCKET}?policy", moto.endpoint))
-                        .header("Content-Type", "application/json")
-                        .body(policy.to_string())
-                        .send()
-                        .unwrap();
-                    assert!(r.status().is_success(), "bucket policy: {}", r.status());
-                    return Some(moto);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("moto_server did not start");
+            },
+        );
+        let moto = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let http = reqwest::blocking::Client::new();
+        // moto checks no signatures: an unsigned PUT creates the bucket.
+        let r = http
+            .put(format!("{}/{BUCKET}", moto.endpoint))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "create bucket: {}", r.status());
+        // Anyone may read the objects: the bucket's plain HTTP front.
+        let policy = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Sid": "PublicRead", "Effect": "Allow", "Principal": "*",
+                "Action": "s3:GetObject",
+                "Resource": format!("arn:aws:s3:::{BUCKET}/*"),
+            }],
+        });
+        let r = http
+            .put(format!("{}/{BUCKET}?policy", moto.endpoint))
+            .header("Content-Type", "application/json")
+            .body(policy.to_string())
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "bucket policy: {}", r.status());
+        Some(moto)
     }
 
     /// The registry at `prefix` of the bucket, as `xpm` names it.
@@ -256,46 +253,38 @@ impl Oci {
         let data = dir.path().join("data");
         let hash = bcrypt::hash(OCI_PASS, 4).unwrap();
         std::fs::write(dir.path().join("htpasswd"), format!("{OCI_USER}:{hash}\n")).unwrap();
-        for _ in 0..5 {
-            let port = free_port();
-            let config = format!(
-                "version: 0.1\n\
-                 log:\n  level: error\n  accesslog:\n    disabled: true\n\
-                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: false\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: xpm-bench\n\
-                 auth:\n  htpasswd:\n    realm: xpm-bench\n    path: {}\n",
-                data.display(),
-                dir.path().join("htpasswd").display()
-            );
-            let cfg = dir.path().join("config.yml");
-            std::fs::write(&cfg, config).unwrap();
-            let mut child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(&cfg)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("run docker-registry");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // port taken between bind and spawn: try another
-                }
-                if reqwest::blocking::get(format!("http://127.0.0.1:{port}/v2/"))
+        let (child, port) = service::start_on_free_port(
+            "docker-registry",
+            |port| {
+                let config = format!(
+                    "version: 0.1\n\
+                     log:\n  level: error\n  accesslog:\n    disabled: true\n\
+                     storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: false\n\
+                     http:\n  addr: 127.0.0.1:{port}\n  secret: xpm-bench\n\
+                     auth:\n  htpasswd:\n    realm: xpm-bench\n    path: {}\n",
+                    data.display(),
+                    dir.path().join("htpasswd").display()
+                );
+                let cfg = dir.path().join("config.yml");
+                std::fs::write(&cfg, config).unwrap();
+                Command::new("docker-registry")
+                    .arg("serve")
+                    .arg(&cfg)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("run docker-registry")
+            },
+            |port| {
+                reqwest::blocking::get(format!("http://127.0.0.1:{port}/v2/"))
                     .is_ok_and(|r| r.status() == reqwest::StatusCode::UNAUTHORIZED)
-                {
-                    return Some(Oci {
-                        child,
-                        port,
-                        _dir: dir,
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("docker-registry did not start");
+            },
+        );
+        Some(Oci {
+            child,
+            port,
+            _dir: dir,
+        })
     }
 
     pub fn location(&self) -> String {
