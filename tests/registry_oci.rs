@@ -54,33 +54,7 @@ impl Oci {
         let data = dir.path().join("data");
         let hash = bcrypt::hash(PASS, 4).unwrap();
         std::fs::write(dir.path().join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
-        let (child, port) = service::start_on_free_port(
-            "docker-registry",
-            |port| {
-                let config = format!(
-                    "version: 0.1\n\
-                     log:\n  level: error\n  accesslog:\n    disabled: true\n\
-                     storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: false\n\
-                     http:\n  addr: 127.0.0.1:{port}\n  secret: xpm-test\n\
-                     auth:\n  htpasswd:\n    realm: xpm-test\n    path: {}\n",
-                    data.display(),
-                    dir.path().join("htpasswd").display()
-                );
-                let cfg = dir.path().join("config.yml");
-                std::fs::write(&cfg, config).unwrap();
-                Command::new("docker-registry")
-                    .arg("serve")
-                    .arg(&cfg)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("run docker-registry")
-            },
-            |port| {
-                reqwest::blocking::get(format!("http://127.0.0.1:{port}/v2/"))
-                    .is_ok_and(|r| r.status() == reqwest::StatusCode::UNAUTHORIZED)
-            },
-        );
+        let (child, port) = service::start_docker_registry(dir.path(), &data, "xpm-test");
         Some(Oci {
             child,
             port,

@@ -43,25 +43,8 @@ impl Moto {
                 return None;
             }
         };
-        let (child, port) = service::start_on_free_port(
-            "moto_server",
-            |port| {
-                Command::new(&bin)
-                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()))
-            },
-            |port| {
-                reqwest::blocking::get(format!("http://127.0.0.1:{port}/moto-api/"))
-                    .is_ok_and(|r| r.status().is_success())
-            },
-        );
-        let moto = Moto {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
+        let (child, endpoint) = service::start_moto(&bin);
+        let moto = Moto { child, endpoint };
         // moto checks no signatures: an unsigned PUT creates the bucket.
         let r = reqwest::blocking::Client::new()
             .put(format!("{}/{BUCKET}", moto.endpoint))

@@ -146,25 +146,8 @@ impl Moto {
     /// Start moto, or `None` when `$XPM_MOTO` is not set.
     pub fn start() -> Option<Moto> {
         let bin = PathBuf::from(std::env::var_os("XPM_MOTO")?);
-        let (child, port) = service::start_on_free_port(
-            "moto_server",
-            |port| {
-                Command::new(&bin)
-                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()))
-            },
-            |port| {
-                reqwest::blocking::get(format!("http://127.0.0.1:{port}/moto-api/"))
-                    .is_ok_and(|r| r.status().is_success())
-            },
-        );
-        let moto = Moto {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
+        let (child, endpoint) = service::start_moto(&bin);
+        let moto = Moto { child, endpoint };
         let http = reqwest::blocking::Client::new();
         // moto checks no signatures: an unsigned PUT creates the bucket.
         let r = http
@@ -253,33 +236,7 @@ impl Oci {
         let data = dir.path().join("data");
         let hash = bcrypt::hash(OCI_PASS, 4).unwrap();
         std::fs::write(dir.path().join("htpasswd"), format!("{OCI_USER}:{hash}\n")).unwrap();
-        let (child, port) = service::start_on_free_port(
-            "docker-registry",
-            |port| {
-                let config = format!(
-                    "version: 0.1\n\
-                     log:\n  level: error\n  accesslog:\n    disabled: true\n\
-                     storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: false\n\
-                     http:\n  addr: 127.0.0.1:{port}\n  secret: xpm-bench\n\
-                     auth:\n  htpasswd:\n    realm: xpm-bench\n    path: {}\n",
-                    data.display(),
-                    dir.path().join("htpasswd").display()
-                );
-                let cfg = dir.path().join("config.yml");
-                std::fs::write(&cfg, config).unwrap();
-                Command::new("docker-registry")
-                    .arg("serve")
-                    .arg(&cfg)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("run docker-registry")
-            },
-            |port| {
-                reqwest::blocking::get(format!("http://127.0.0.1:{port}/v2/"))
-                    .is_ok_and(|r| r.status() == reqwest::StatusCode::UNAUTHORIZED)
-            },
-        );
+        let (child, port) = service::start_docker_registry(dir.path(), &data, "xpm-bench");
         Some(Oci {
             child,
             port,
