@@ -5,6 +5,7 @@
 //! cargo bench --bench train                     # xpm only
 //! TORCH_PYTHON=/path/to/venv/bin/python cargo bench --bench train   # and PyTorch beside it
 //! cargo bench --bench train -- --rounds 5 --steps 8                  # more rounds / steps
+//! TORCH_PYTHON=… cargo bench --bench train -- --threads 1,2          # serial part, see below
 //! ```
 //!
 //! Each configuration runs in its own child process (so peak memory is its own): sparse 2 %
@@ -16,6 +17,10 @@
 //! run, and the table gives ratios against it. The whole set runs `--rounds` times (default 3)
 //! in turn, because this machine's speed drifts over minutes: ratios are formed within a round
 //! and the table shows the medians over rounds.
+//!
+//! `--threads A,B` measures every configuration (and PyTorch's modes) at A and at B threads
+//! instead, fits Amdahl's law to each, and predicts the step at 16 threads and xpm ÷ PyTorch
+//! there (`serial_fraction`).
 
 mod common;
 use common::median;
@@ -142,8 +147,12 @@ fn main() {
     })
     .unwrap();
     let exe = std::env::current_exe().unwrap();
-    let run_xpm = |i: usize| -> serde_json::Value {
-        let out = Command::new(&exe)
+    let run_xpm_on = |i: usize, threads: Option<usize>| -> serde_json::Value {
+        let mut cmd = Command::new(&exe);
+        if let Some(t) = threads {
+            cmd.env("RAYON_NUM_THREADS", t.to_string());
+        }
+        let out = cmd
             .args(["--steps", &steps.to_string()])
             .env("XPM_BENCH_CHILD", i.to_string())
             .env("XPM_BENCH_DATA", &data)
@@ -163,11 +172,12 @@ fn main() {
         .unwrap()
     };
     let torch_py = std::env::var("TORCH_PYTHON").ok();
-    let run_torch = |py: &str| -> Vec<serde_json::Value> {
+    let run_xpm = |i: usize| run_xpm_on(i, None);
+    let run_torch_on = |py: &str, threads: usize| -> Vec<serde_json::Value> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/torch_train.py");
         let out = Command::new(py)
             .arg(script)
-            .args(["--mode", "all", "--json", "--threads", "2"])
+            .args(["--mode", "all", "--json", "--threads", &threads.to_string()])
             .args([
                 "--steps",
                 &steps.to_string(),
@@ -199,6 +209,22 @@ fn main() {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     };
+    let run_torch = |py: &str| run_torch_on(py, 2);
+    let list: String = common::flag(&args, "--threads", String::new());
+    if !list.is_empty() {
+        let threads: Vec<usize> = list.split(',').map(|t| t.parse().unwrap()).collect();
+        assert!(
+            threads.len() == 2 && threads[0] < threads[1],
+            "--threads takes two counts, smaller first (e.g. 1,2)"
+        );
+        serial_fraction(&threads, rounds, &|i, t| run_xpm_on(i, Some(t)), &|t| {
+            torch_py
+                .as_deref()
+                .map(|py| run_torch_on(py, t))
+                .unwrap_or_default()
+        });
+        return;
+    }
     // The machine's speed drifts over minutes: every round runs each configuration (and
     // PyTorch) once, and the table takes the median over rounds. Ratios are formed within a
     // round, then their median is taken.
@@ -280,6 +306,82 @@ fn main() {
                 v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)
             );
         }
+    }
+}
+
+/// Step times at two thread counts a < b, and the serial part they imply: a step of t threads
+/// takes S + P / t (Amdahl), so P = (T(a) − T(b)) / (1/a − 1/b), S = T(a) − P / a, and
+/// T(16) = S + P / 16 is the prediction for 16 threads. PyTorch's same method gets the same fit
+/// in the same rounds, so the last column predicts xpm ÷ PyTorch at 16 threads.
+fn serial_fraction(
+    threads: &[usize],
+    rounds: usize,
+    run_xpm: &dyn Fn(usize, usize) -> serde_json::Value,
+    run_torch: &dyn Fn(usize) -> Vec<serde_json::Value>,
+) {
+    let (a, b) = (threads[0], threads[1]);
+    // times[config][thread index] over rounds; torch[mode][thread index] over rounds.
+    let mut xpm = vec![[Vec::new(), Vec::new()]; CONFIGS.len()];
+    let mut torch: std::collections::BTreeMap<String, [Vec<f64>; 2]> = Default::default();
+    for round in 0..rounds {
+        for (k, &t) in threads.iter().enumerate() {
+            for (i, times) in xpm.iter_mut().enumerate() {
+                times[k].push(median_s(&run_xpm(i, t)));
+            }
+            for v in run_torch(t) {
+                let mode = v["mode"].as_str().unwrap_or("").to_string();
+                torch.entry(mode).or_default()[k].push(median_s(&v));
+            }
+        }
+        eprintln!("round {} of {rounds} done", round + 1);
+    }
+    let fit = |ta: f64, tb: f64| {
+        let p = (ta - tb) / (1.0 / a as f64 - 1.0 / b as f64);
+        let s = ta - p / a as f64;
+        (s, p)
+    };
+    println!(
+        "
+Serial part, MiniLM-L6, batch {BATCH}, seq {SEQ}; medians over {rounds} rounds
+"
+    );
+    println!(
+        "CPU: {}
+",
+        cpu_description()
+    );
+    println!(
+        "| configuration | T({a}) s | T({b}) s | serial S s | S ÷ T(1) | predicted T(16) s | gain {b}→16 | PyTorch same method T({a}) / T({b}) / T(16) | × PyTorch at {b} | predicted × PyTorch at 16 |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|");
+    for (i, c) in CONFIGS.iter().enumerate() {
+        let (ta, tb) = (median(xpm[i][0].clone()), median(xpm[i][1].clone()));
+        let (s, p) = fit(ta, tb);
+        let t16 = s + p / 16.0;
+        let same = match c.method {
+            xpm::train::Method::Lora => "lora",
+            xpm::train::Method::Full => "full-attn",
+            _ => "masked-dense",
+        };
+        let theirs = torch.get(same).map(|t| {
+            let (pa, pb) = (median(t[0].clone()), median(t[1].clone()));
+            let (ps, pp) = fit(pa, pb);
+            (pa, pb, ps + pp / 16.0)
+        });
+        let (cell, now, at16) = match theirs {
+            Some((pa, pb, p16)) => (
+                format!("{pa:.3} / {pb:.3} / {p16:.3}"),
+                format!("{:.2}", tb / pb),
+                format!("**{:.2}**", t16 / p16),
+            ),
+            None => ("–".into(), "–".into(), "–".into()),
+        };
+        println!(
+            "| xpm {} | {ta:.3} | {tb:.3} | {s:.3} | {:.2} | {t16:.3} | {:.2}× | {cell} | {now} | {at16} |",
+            c.label,
+            s / (s + p),
+            tb / t16,
+        );
     }
 }
 

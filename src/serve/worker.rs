@@ -395,7 +395,7 @@ impl Worker {
                 dev,
             )
             .and_then(|b| {
-                let h = bert.forward(&b.ids, &b.mask, None)?;
+                let h = bert.infer(&b.ids, &b.mask)?;
                 let logits = head.forward(&mean_pool(&h, &b.mask)?)?;
                 let probs = softmax(&logits)?;
                 Ok((logits.to_vec2::<f32>()?, probs.to_vec2::<f32>()?))

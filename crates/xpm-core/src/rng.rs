@@ -23,6 +23,12 @@ impl SplitMix64 {
         r
     }
 
+    /// This stream as it will be after `n` more draws, without drawing them: the state only
+    /// advances by a constant, so blocks of one stream can be drawn in parallel.
+    pub fn advanced(&self, n: u64) -> SplitMix64 {
+        SplitMix64(self.0.wrapping_add(n.wrapping_mul(GOLDEN)))
+    }
+
     /// Uniform in [0, 1) with 24 bits of precision.
     pub fn uniform(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32

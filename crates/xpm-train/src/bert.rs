@@ -14,30 +14,30 @@ use super::fused::{attention, gelu, layer_norm};
 use super::nn::AdaptedLinear;
 use xpm_core::rng::SplitMix64;
 
-struct Norm {
-    w: Tensor,
-    b: Tensor,
+pub(crate) struct Norm {
+    pub(crate) w: Tensor,
+    pub(crate) b: Tensor,
 }
 
-struct Layer {
-    query: AdaptedLinear,
-    key: AdaptedLinear,
-    value: AdaptedLinear,
-    attn_out: AdaptedLinear,
-    attn_norm: Norm,
-    inter: AdaptedLinear,
-    out: AdaptedLinear,
-    out_norm: Norm,
+pub(crate) struct Layer {
+    pub(crate) query: AdaptedLinear,
+    pub(crate) key: AdaptedLinear,
+    pub(crate) value: AdaptedLinear,
+    pub(crate) attn_out: AdaptedLinear,
+    pub(crate) attn_norm: Norm,
+    pub(crate) inter: AdaptedLinear,
+    pub(crate) out: AdaptedLinear,
+    pub(crate) out_norm: Norm,
 }
 
 /// The encoder with its frozen weights and adapters.
 pub struct Bert {
     pub config: Config,
-    word: Tensor,
-    position: Tensor,
-    token_type: Tensor,
-    emb_norm: Norm,
-    layers: Vec<Layer>,
+    pub(crate) word: Tensor,
+    pub(crate) position: Tensor,
+    pub(crate) token_type: Tensor,
+    pub(crate) emb_norm: Norm,
+    pub(crate) layers: Vec<Layer>,
 }
 
 /// Take a tensor out of `w` by name.

@@ -18,6 +18,34 @@ pub(super) fn cpu_f32(t: &Tensor) -> bool {
 /// Rows per parallel task (enough work to amortise scheduling).
 const CHUNK: usize = 16 * 1024;
 
+/// `n` zeros, written by the rayon pool: a buffer reused from the allocator must be cleared,
+/// and one thread clearing megabytes is serial time in every step.
+pub(super) fn zeroed(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()
+        .par_chunks_mut(CHUNK)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: all `n` elements were initialised above.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// A copy of `src`, written by the rayon pool (see [`zeroed`]).
+pub(super) fn copied(src: &[f32]) -> Vec<f32> {
+    let mut v = Vec::with_capacity(src.len());
+    v.spare_capacity_mut()
+        .par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(d, s)| {
+            for (d, &s) in d.iter_mut().zip(s) {
+                d.write(s);
+            }
+        });
+    // SAFETY: all `src.len()` elements were initialised above.
+    unsafe { v.set_len(src.len()) };
+    v
+}
+
 pub(super) fn input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(d) = s else {
         candle_core::bail!("{op}: f32 input expected")
@@ -105,6 +133,20 @@ simd! {
         }
     }
 
+    /// `d = a + b`.
+    fn add_into(d: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
+            *d = a + b;
+        }
+    }
+
+    /// `d += a ⊙ b`.
+    fn add_product(d: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
+            *d += a * b;
+        }
+    }
+
     /// Layer norm of each row of `x` (rows of `w.len()`).
     fn layer_norm_rows(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
         let h = w.len();
@@ -165,17 +207,31 @@ struct Gelu;
 /// `g ⊙ gelu′(x)`, from (x, g).
 struct GeluBackward;
 
+/// GELU of every element of `x`, in parallel.
+pub(super) fn gelu_data(x: &[f32]) -> Vec<f32> {
+    let mut y = zeroed(x.len());
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| gelu_forward(y, x));
+    y
+}
+
+/// `g ⊙ gelu′(x)`, in parallel.
+pub(super) fn gelu_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
+    let mut d = zeroed(x.len());
+    d.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(d, (x, g))| gelu_backward(d, x, g));
+    d
+}
+
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
         "xpm-gelu"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = input(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| gelu_forward(y, x));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(gelu_data(x)), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let x = arg.contiguous()?;
@@ -200,11 +256,7 @@ impl CustomOp2 for GeluBackward {
         if x.len() != g.len() {
             candle_core::bail!("{}: input and gradient differ in size", self.name())
         }
-        let mut d = vec![0f32; x.len()];
-        d.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(d, (x, g))| gelu_backward(d, x, g));
-        Ok((CpuStorage::F32(d), xl.shape().clone()))
+        Ok((CpuStorage::F32(gelu_grad(x, g)), xl.shape().clone()))
     }
 }
 
@@ -218,7 +270,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Layer norm over the last dimension with frozen `w` and `b` (gradient to `x` only).
-struct LayerNorm {
+pub(super) struct LayerNorm {
     w: Vec<f32>,
     b: Vec<f32>,
     eps: f32,
@@ -230,8 +282,53 @@ struct LayerNormGrad<'a> {
 }
 
 impl LayerNorm {
-    fn rows(&self) -> usize {
-        self.w.len()
+    pub(super) fn new(w: &Tensor, b: &Tensor, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            w: w.to_vec1()?,
+            b: b.to_vec1()?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Elements per parallel task: whole rows.
+    fn per(&self) -> usize {
+        let h = self.w.len();
+        (CHUNK / h).max(1) * h
+    }
+
+    /// The layer norm of every row of `x`.
+    pub(super) fn fwd(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = zeroed(x.len());
+        let per = self.per();
+        y.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .for_each(|(y, x)| layer_norm_rows(y, x, &self.w, &self.b, self.eps));
+        y
+    }
+
+    /// A residual connection and the norm in one pass: `(a + x, LN(a + x))`.
+    pub(super) fn add_fwd(&self, a: &[f32], x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (mut sum, mut y) = (zeroed(x.len()), zeroed(x.len()));
+        let per = self.per();
+        sum.par_chunks_mut(per)
+            .zip(y.par_chunks_mut(per))
+            .zip(a.par_chunks(per).zip(x.par_chunks(per)))
+            .for_each(|((sum, y), (a, x))| {
+                add_into(sum, a, x);
+                layer_norm_rows(y, sum, &self.w, &self.b, self.eps)
+            });
+        (sum, y)
+    }
+
+    /// The input gradient for the norm's input `x` and output gradient `g`.
+    pub(super) fn grad(&self, x: &[f32], g: &[f32]) -> Vec<f32> {
+        let mut dx = zeroed(x.len());
+        let per = self.per();
+        dx.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .zip(g.par_chunks(per))
+            .for_each(|((dx, x), g)| layer_norm_grad_rows(dx, x, g, &self.w, self.eps));
+        dx
     }
 }
 
@@ -302,13 +399,7 @@ impl CustomOp1 for LayerNorm {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = input(s, l, self.name())?;
-        let h = self.rows();
-        let mut y = vec![0f32; x.len()];
-        let per = (CHUNK / h).max(1) * h;
-        y.par_chunks_mut(per)
-            .zip(x.par_chunks(per))
-            .for_each(|(y, x)| layer_norm_rows(y, x, &self.w, &self.b, self.eps));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(self.fwd(x)), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let op = LayerNormGrad { ln: self };
@@ -335,27 +426,14 @@ impl CustomOp2 for LayerNormGrad<'_> {
         if grad.len() != x.len() {
             candle_core::bail!("{}: input and gradient differ in size", self.name())
         }
-        let h = self.ln.rows();
-        let w = &self.ln.w;
-        let mut dx = vec![0f32; x.len()];
-        let per = (CHUNK / h).max(1) * h;
-        dx.par_chunks_mut(per)
-            .zip(x.par_chunks(per))
-            .zip(grad.par_chunks(per))
-            .for_each(|((dx, x), g)| layer_norm_grad_rows(dx, x, g, w, self.ln.eps));
-        Ok((CpuStorage::F32(dx), l.shape().clone()))
+        Ok((CpuStorage::F32(self.ln.grad(x, grad)), l.shape().clone()))
     }
 }
 
 /// Layer norm over the last dimension; `w` and `b` are frozen.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     if cpu_f32(x) {
-        let op = LayerNorm {
-            w: w.to_vec1()?,
-            b: b.to_vec1()?,
-            eps: eps as f32,
-        };
-        x.contiguous()?.apply_op1(op)
+        x.contiguous()?.apply_op1(LayerNorm::new(w, b, eps)?)
     } else {
         super::nn::layer_norm(x, w, b, eps)
     }
@@ -479,7 +557,7 @@ fn with_data<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
 /// context in the same layout. One op instead of head transposes, two batched matmuls, the
 /// softmax and the context transpose, each with its own backward; the probabilities are kept
 /// from the forward for the backward.
-struct Attention {
+pub(super) struct Attention {
     /// batch, sequence, hidden, heads
     dims: [usize; 4],
     mask: Vec<f32>,
@@ -489,39 +567,43 @@ struct Attention {
 }
 
 impl Attention {
+    /// The op for q, k, v of shape (b, s, h) with `heads` heads and an additive `mask`
+    /// (b, 1, 1 or s, s); `None` where the fused kernel does not apply.
+    pub(super) fn new(
+        (b, s, h): (usize, usize, usize),
+        mask: &Tensor,
+        heads: usize,
+        scale: f64,
+    ) -> Result<Option<Self>> {
+        let (mb, _, mq, mk) = mask.dims4()?;
+        if !(cpu_f32(mask) && mb == b && mk == s && (mq == 1 || mq == s) && h % heads == 0) {
+            return Ok(None);
+        }
+        Ok(Some(Attention {
+            dims: [b, s, h, heads],
+            mask: mask.flatten_all()?.to_vec1()?,
+            mask_rows: mq,
+            scale: scale as f32,
+            probs: std::sync::Mutex::new(Vec::new()),
+        }))
+    }
+
     fn mask_row(&self, bi: usize, qi: usize) -> &[f32] {
         let s = self.dims[1];
         let mrow = if self.mask_rows == 1 { 0 } else { qi };
         &self.mask[(bi * self.mask_rows + mrow) * s..][..s]
     }
-}
 
-impl candle_core::CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "xpm-attention"
-    }
-    fn cpu_fwd(
-        &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    /// The context and the attention probabilities (kept for the backward pass).
+    pub(super) fn fwd(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
         use super::linear::gemm_into;
         let [b, s, h, nh] = self.dims;
         let hd = h / nh;
-        let (q, k, v) = (
-            input(qs, ql, self.name())?,
-            input(ks, kl, self.name())?,
-            input(vs, vl, self.name())?,
-        );
         if [q.len(), k.len(), v.len()] != [b * s * h; 3] {
-            candle_core::bail!("{}: q, k and v must be {b} × {s} × {h}", self.name())
+            candle_core::bail!("xpm-attention: q, k and v must be {b} × {s} × {h}")
         }
-        let mut probs = vec![0f32; b * nh * s * s];
-        let mut ctx = vec![0f32; b * s * h];
+        let mut probs = zeroed(b * nh * s * s);
+        let mut ctx = zeroed(b * s * h);
         probs
             .par_chunks_mut(nh * s * s)
             .zip(ctx.par_chunks_mut(s * h))
@@ -558,6 +640,101 @@ impl candle_core::CustomOp3 for Attention {
                     );
                 }
             });
+        Ok((ctx, probs))
+    }
+
+    /// The gradients of q, k and v for the context's gradient `g`, given the forward's `probs`.
+    pub(super) fn grad(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        g: &[f32],
+        probs: &[f32],
+    ) -> Result<[Vec<f32>; 3]> {
+        use super::linear::gemm_into;
+        let [b, s, h, nh] = self.dims;
+        let hd = h / nh;
+        if probs.len() != b * nh * s * s || g.len() != b * s * h {
+            candle_core::bail!("xpm-attention: backward without a matching forward")
+        }
+        let (mut dq, mut dk, mut dv) = (zeroed(b * s * h), zeroed(b * s * h), zeroed(b * s * h));
+        dq.par_chunks_mut(s * h)
+            .zip(dk.par_chunks_mut(s * h))
+            .zip(dv.par_chunks_mut(s * h))
+            .enumerate()
+            .for_each(|(bi, ((dq, dk), dv))| {
+                let base = bi * s * h;
+                let mut ds = vec![0f32; s * s];
+                for hi in 0..nh {
+                    let at = base + hi * hd;
+                    let p = &probs[(bi * nh + hi) * s * s..][..s * s];
+                    let o = hi * hd;
+                    // dP = G Vᵀ; dV = Pᵀ G
+                    let (g, v) = (&g[at..], &v[at..]);
+                    gemm_into(&mut ds, s, (s, s, hd), false, g, (h, 1), v, (1, h), false);
+                    gemm_into(
+                        &mut dv[o..],
+                        h,
+                        (s, hd, s),
+                        false,
+                        p,
+                        (1, s),
+                        g,
+                        (h, 1),
+                        false,
+                    );
+                    // dS from dP, row by row
+                    for (d, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                        softmax_backward_row(d, p, self.scale);
+                    }
+                    // dQ = dS K; dK = dSᵀ Q
+                    let (k, q) = (&k[at..], &q[at..]);
+                    gemm_into(
+                        &mut dq[o..],
+                        h,
+                        (s, hd, s),
+                        false,
+                        &ds,
+                        (s, 1),
+                        k,
+                        (h, 1),
+                        false,
+                    );
+                    gemm_into(
+                        &mut dk[o..],
+                        h,
+                        (s, hd, s),
+                        false,
+                        &ds,
+                        (1, s),
+                        q,
+                        (h, 1),
+                        false,
+                    );
+                }
+            });
+        Ok([dq, dk, dv])
+    }
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "xpm-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [b, s, h, _] = self.dims;
+        let (ctx, probs) = self.fwd(
+            input(qs, ql, self.name())?,
+            input(ks, kl, self.name())?,
+            input(vs, vl, self.name())?,
+        )?;
         *self.probs.lock().expect("attention probabilities") = probs;
         Ok((CpuStorage::F32(ctx), Shape::from((b, s, h))))
     }
@@ -570,91 +747,14 @@ impl candle_core::CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use super::linear::gemm_into;
-        let [b, s, h, nh] = self.dims;
-        let hd = h / nh;
+        let [b, s, h, _] = self.dims;
         let name = self.name();
         let grad = grad.contiguous()?;
         let probs = self.probs.lock().expect("attention probabilities");
-        if probs.len() != b * nh * s * s {
-            candle_core::bail!("{name}: backward without a forward")
-        }
-        let (mut dq, mut dk, mut dv) = (
-            vec![0f32; b * s * h],
-            vec![0f32; b * s * h],
-            vec![0f32; b * s * h],
-        );
-        with_data(q, name, |q| {
+        let [dq, dk, dv] = with_data(q, name, |q| {
             with_data(k, name, |k| {
                 with_data(v, name, |v| {
-                    with_data(&grad, name, |g| {
-                        dq.par_chunks_mut(s * h)
-                            .zip(dk.par_chunks_mut(s * h))
-                            .zip(dv.par_chunks_mut(s * h))
-                            .enumerate()
-                            .for_each(|(bi, ((dq, dk), dv))| {
-                                let base = bi * s * h;
-                                let mut ds = vec![0f32; s * s];
-                                for hi in 0..nh {
-                                    let at = base + hi * hd;
-                                    let p = &probs[(bi * nh + hi) * s * s..][..s * s];
-                                    let o = hi * hd;
-                                    // dP = G Vᵀ; dV = Pᵀ G
-                                    let (g, v) = (&g[at..], &v[at..]);
-                                    gemm_into(
-                                        &mut ds,
-                                        s,
-                                        (s, s, hd),
-                                        false,
-                                        g,
-                                        (h, 1),
-                                        v,
-                                        (1, h),
-                                        false,
-                                    );
-                                    gemm_into(
-                                        &mut dv[o..],
-                                        h,
-                                        (s, hd, s),
-                                        false,
-                                        p,
-                                        (1, s),
-                                        g,
-                                        (h, 1),
-                                        false,
-                                    );
-                                    // dS from dP, row by row
-                                    for (d, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                                        softmax_backward_row(d, p, self.scale);
-                                    }
-                                    // dQ = dS K; dK = dSᵀ Q
-                                    let (k, q) = (&k[at..], &q[at..]);
-                                    gemm_into(
-                                        &mut dq[o..],
-                                        h,
-                                        (s, hd, s),
-                                        false,
-                                        &ds,
-                                        (s, 1),
-                                        k,
-                                        (h, 1),
-                                        false,
-                                    );
-                                    gemm_into(
-                                        &mut dk[o..],
-                                        h,
-                                        (s, hd, s),
-                                        false,
-                                        &ds,
-                                        (1, s),
-                                        q,
-                                        (h, 1),
-                                        false,
-                                    );
-                                }
-                            });
-                        Ok(())
-                    })
+                    with_data(&grad, name, |g| self.grad((q, k, v), g, &probs))
                 })
             })
         })?;
@@ -683,16 +783,9 @@ pub fn attention(
     scale: f64,
 ) -> Result<Tensor> {
     let (b, s, h) = q.dims3()?;
-    let (mb, _, mq, mk) = mask.dims4()?;
-    let fusable = cpu_f32(q) && mb == b && mk == s && (mq == 1 || mq == s) && h % heads == 0;
-    if fusable {
-        let op = Attention {
-            dims: [b, s, h, heads],
-            mask: mask.flatten_all()?.to_vec1()?,
-            mask_rows: mq,
-            scale: scale as f32,
-            probs: std::sync::Mutex::new(Vec::new()),
-        };
+    if cpu_f32(q)
+        && let Some(op) = Attention::new((b, s, h), mask, heads, scale)?
+    {
         return q
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);

@@ -18,6 +18,7 @@ pub mod model;
 pub mod nn;
 pub mod optim;
 mod prepare;
+pub mod tape;
 pub mod toy;
 mod trainer;
 
@@ -585,8 +586,7 @@ impl<'a> Run<'a> {
         let mut result = Ok(());
         for b in batches {
             let mut step = || -> candle_core::Result<()> {
-                let (loss, _) = self.net.loss(b, None)?;
-                let g = loss.backward()?;
+                let (_, g) = self.net.loss_and_grads(b, None, 1.0)?;
                 for (slot, p) in acc.iter_mut().zip(&probes) {
                     if let Some(g) = g.get(p.as_tensor()) {
                         *slot = Some(match slot.take() {
@@ -745,10 +745,11 @@ impl<'a> Run<'a> {
         let mut acc = Accum::new(self.params.len());
         let mut loss_sum = 0f64;
         for b in micro {
-            let (loss, _) = self.net.loss(b, Some(rng)).map_err(ce("forward"))?;
-            loss_sum += loss.to_scalar::<f32>().map_err(ce("forward"))? as f64;
-            let scaled = (loss / micro.len() as f64).map_err(ce("backward"))?;
-            let g = scaled.backward().map_err(ce("backward"))?;
+            let (loss, g) = self
+                .net
+                .loss_and_grads(b, Some(rng), 1.0 / micro.len() as f64)
+                .map_err(ce("training step"))?;
+            loss_sum += loss as f64;
             acc.add(&self.params, &g).map_err(ce("backward"))?;
         }
         let norm = optim::step(opt, &mut self.params, &acc, step).map_err(ce("step"))?;

@@ -18,7 +18,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{dot, input, simd};
+use super::fused::{copied, dot, input, simd, zeroed};
 
 /// `dst = [dst +] a · b` for an m × n result whose row i starts at `dst[i·dst_rs]`, with
 /// element (i, l) of `a` at `a[i·a_rs + l·a_cs]` and element (l, j) of `b` at
@@ -83,13 +83,14 @@ pub(super) fn gemm_into(
 }
 
 /// `x (rows × inner) · wᵀ + bias` for `w` (out × inner).
-fn forward(x: &[f32], w: &[f32], out: usize, bias: Option<&[f32]>) -> Vec<f32> {
+pub(super) fn forward(x: &[f32], w: &[f32], out: usize, bias: Option<&[f32]>) -> Vec<f32> {
     let inner = w.len() / out.max(1);
     let rows = x.len() / inner.max(1);
-    let mut y = match bias {
-        Some(b) => b.repeat(rows),
-        None => vec![0f32; rows * out],
-    };
+    let mut y = zeroed(rows * out);
+    if let Some(b) = bias {
+        y.par_chunks_mut(out.max(1) * 64)
+            .for_each(|c| c.chunks_mut(out.max(1)).for_each(|r| r.copy_from_slice(b)));
+    }
     gemm_into(
         &mut y,
         out,
@@ -104,28 +105,52 @@ fn forward(x: &[f32], w: &[f32], out: usize, bias: Option<&[f32]>) -> Vec<f32> {
     y
 }
 
-/// `g (rows × out) · w` for `w` (out × inner): the input's gradient.
-fn input_grad(g: &[f32], w: &[f32], out: usize) -> Vec<f32> {
+/// `dx [+]= g (rows × out) · w` for `w` (out × inner): the input's gradient.
+pub(super) fn input_grad_into(dx: &mut [f32], accumulate: bool, g: &[f32], w: &[f32], out: usize) {
     let inner = w.len() / out.max(1);
     let rows = g.len() / out.max(1);
-    let mut dx = vec![0f32; rows * inner];
     gemm_into(
-        &mut dx,
+        dx,
         inner,
         (rows, inner, out),
-        false,
+        accumulate,
         g,
         (out, 1),
         w,
         (inner, 1),
         true,
     );
+}
+
+/// `g (rows × out) · w` for `w` (out × inner): the input's gradient.
+fn input_grad(g: &[f32], w: &[f32], out: usize) -> Vec<f32> {
+    let inner = w.len() / out.max(1);
+    let mut dx = zeroed(g.len() / out.max(1) * inner);
+    input_grad_into(&mut dx, false, g, w, out);
     dx
 }
 
+/// `gᵀ (out × rows) · x (rows × inner)`: a dense weight's gradient.
+pub(super) fn weight_grad(g: &[f32], x: &[f32], out: usize, inner: usize) -> Vec<f32> {
+    let rows = g.len() / out.max(1);
+    let mut dw = zeroed(out * inner);
+    gemm_into(
+        &mut dw,
+        inner,
+        (out, inner, rows),
+        false,
+        g,
+        (1, out),
+        x,
+        (inner, 1),
+        true,
+    );
+    dw
+}
+
 /// `W0 + scatter(values)` at the sorted flat `indices`.
-fn effective(w0: &[f32], indices: &[u32], values: &[f32]) -> Vec<f32> {
-    let mut w = w0.to_vec();
+pub(super) fn effective(w0: &[f32], indices: &[u32], values: &[f32]) -> Vec<f32> {
+    let mut w = copied(w0);
     for (&i, &v) in indices.iter().zip(values) {
         w[i as usize] += v;
     }
@@ -135,7 +160,7 @@ fn effective(w0: &[f32], indices: &[u32], values: &[f32]) -> Vec<f32> {
 /// `src` (rows × cols, row-major) transposed, through 16 × 16 tiles held in registers.
 fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const T: usize = 16;
-    let mut dst = vec![0f32; src.len()];
+    let mut dst = zeroed(src.len());
     if rows == 0 {
         return dst;
     }
@@ -180,7 +205,13 @@ simd! {
 }
 
 /// dvalues[t] = Σ_rows g[row, o] · x[row, i] for indices[t] = o · inner + i.
-fn values_grad(g: &[f32], x: &[f32], out: usize, inner: usize, indices: &[u32]) -> Vec<f32> {
+pub(super) fn values_grad(
+    g: &[f32],
+    x: &[f32],
+    out: usize,
+    inner: usize,
+    indices: &[u32],
+) -> Vec<f32> {
     let rows = g.len() / out.max(1);
     let gt = transpose(g, rows, out);
     let xt = transpose(x, rows, inner);

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use tokenizers::{Tokenizer, TruncationParams};
 
@@ -300,6 +301,41 @@ impl Net {
         name.contains(".attention.") || name.contains(".self_attn.")
     }
 
+    /// The loss of one batch and the gradients of `scale · loss` for every trainable
+    /// variable. A BERT classifier on the CPU takes the hand-differentiated step
+    /// ([`super::tape`]) unless `XPM_CANDLE_AUTOGRAD` is set (a switch for comparing the two);
+    /// everything else goes through Candle's autograd.
+    pub fn loss_and_grads(
+        &self,
+        batch: &Batch,
+        rng: Option<&mut SplitMix64>,
+        scale: f64,
+    ) -> candle_core::Result<(f32, GradStore)> {
+        if let Net::Classifier { bert, head } = self
+            && super::tape::fits(bert)
+            && std::env::var_os("XPM_CANDLE_AUTOGRAD").is_none()
+        {
+            return bert.classifier_step(head, batch, rng, scale);
+        }
+        let (loss, _) = self.loss(batch, rng)?;
+        let value = loss.to_scalar::<f32>()?;
+        Ok((value, (loss * scale)?.backward()?))
+    }
+
+    /// [`Self::loss`] for evaluation: no dropout, and a BERT encoder runs without building a
+    /// graph ([`Bert::infer`]).
+    pub fn eval_loss(&self, batch: &Batch) -> candle_core::Result<(Tensor, Tensor)> {
+        match self {
+            Net::Classifier { bert, head } => {
+                let h = bert.infer(&batch.ids, &batch.mask)?;
+                let logits = head.forward(&mean_pool(&h, &batch.mask)?)?;
+                let loss = cross_entropy(&logits, &batch.targets, None)?;
+                Ok((loss, logits))
+            }
+            Net::CausalLm { .. } => self.loss(batch, None),
+        }
+    }
+
     /// Loss and logits (classification: b × classes; LM: b·(s−1) × vocab).
     pub fn loss(
         &self,
@@ -411,7 +447,7 @@ pub fn evaluate(
     let mut exact = 0usize;
     for idx in super::data::batches(data.len(), batch, None) {
         let b = make_batch(data, &idx, task, pad, dev).map_err(ce("batch"))?;
-        let (loss, logits) = net.loss(&b, None).map_err(ce("evaluate"))?;
+        let (loss, logits) = net.eval_loss(&b).map_err(ce("evaluate"))?;
         let loss = loss.to_scalar::<f32>().map_err(ce("evaluate"))? as f64;
         let preds: Vec<u32> = logits
             .argmax(1)

@@ -9,6 +9,7 @@
 //! values is a gather), LoRA factors, or a full trainable copy of the weight.
 
 use candle_core::{D, DType, Device, Result, Tensor, Var};
+use rayon::prelude::*;
 
 use xpm_core::rng::SplitMix64;
 
@@ -61,19 +62,27 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut SplitMix64) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let n = x.elem_count();
-    let scale = (1.0 / (1.0 - p)) as f32;
-    let keep: Vec<f32> = (0..n)
-        .map(|_| {
-            if (rng.uniform() as f64) < p {
-                0.0
-            } else {
-                scale
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(keep, x.shape(), x.device())?;
+    let mask = Tensor::from_vec(dropout_mask(x.elem_count(), p, rng), x.shape(), x.device())?;
     x.mul(&mask)
+}
+
+/// An inverted-dropout mask of `n` elements: 0 with probability `p`, else 1 / (1 − p). One
+/// draw from `rng` seeds a stream whose blocks are filled in parallel
+/// ([`SplitMix64::advanced`]); the mask does not depend on the number of threads.
+pub fn dropout_mask(n: usize, p: f64, rng: &mut SplitMix64) -> Vec<f32> {
+    const BLOCK: usize = 4096;
+    let stream = SplitMix64(rng.next_u64());
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mut mask = super::fused::zeroed(n);
+    mask.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(c, block)| {
+            let mut r = stream.advanced((c * BLOCK) as u64);
+            for m in block {
+                *m = if (r.uniform() as f64) < p { 0.0 } else { scale };
+            }
+        });
+    mask
 }
 
 /// `x @ w.T (+ b)` for `x` of any rank ≥ 2 (the last dimension is `in`).
