@@ -13,7 +13,8 @@
 //! round (this VM's write speed drifts by up to 3× within minutes).
 //!
 //! Run: `cargo bench --bench interop` (`-- --quick` for 64 modules, ~256 MiB);
-//! `XPM_BENCH_DIR=/dev/shm` puts the files in memory, out of reach of the disk's writeback.
+//! `XPM_BENCH_DIR=/dev/shm` puts the files in memory, out of reach of the disk's writeback;
+//! `XPM_BENCH_KEEP=1` keeps the fixture.
 //! Writes the table to `target/bench-interop.md`.
 
 use std::path::Path;
@@ -121,6 +122,32 @@ fn best_of(runs: usize, mut setup: impl FnMut(), mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// Peak RSS (MB) of the release `xpm import peft` command on the fixture, under GNU time.
+fn import_peak_rss_mb(root: &Path, adapter: &str) -> f64 {
+    let out = root.join("rss.xpm");
+    let o = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "%M"])
+        .arg(env!("CARGO_BIN_EXE_xpm"))
+        .args(["import", "peft", adapter, "--base"])
+        .arg(root.join("base"))
+        .args(["--name", "bench", "--version", "1.0.0", "-q", "--home"])
+        .arg(root.join("home"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = std::fs::remove_file(&out);
+    let kib: f64 = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kib / 1024.0
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let modules = if quick { 64 } else { 256 };
@@ -130,7 +157,12 @@ fn main() {
     let dir = std::env::var_os("XPM_BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into());
-    let tmp = tempfile::tempdir_in(dir).unwrap();
+    let mut tmp = tempfile::tempdir_in(dir).unwrap();
+    if std::env::var_os("XPM_BENCH_KEEP").is_some() {
+        // Keep the fixture (for profiling, or for measuring another build on it).
+        tmp.disable_cleanup(true);
+        eprintln!("keeping {}", tmp.path().display());
+    }
     let root = tmp.path();
     eprintln!("writing the fixture ({modules} modules)…");
     fixture(root, modules);
@@ -268,6 +300,10 @@ fn main() {
             t_plain / t
         );
     }
+    md += &format!(
+        "\nPeak RSS of the release `xpm import peft` on this adapter (one run, GNU time): {:.0} MB\n",
+        import_peak_rss_mb(root, &adapter_dir)
+    );
     print!("{md}");
     let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()

@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use xpm_interop::peft_export::{ExportOptions, ExportReport};
-use xpm_interop::{Imported, Source};
+use xpm_interop::{Imported, PendingKind, Source};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::format::manifest::{
     BaseModel, ExpertKind, FORMAT_MAJOR, FORMAT_MINOR, Manifest, Provenance, ProvenanceInput,
 };
-use crate::format::{ArtifactReader, ArtifactWriter, Content, encode_tensor};
+use crate::format::{ArtifactReader, ArtifactWriter, encode_tensor};
 use crate::home::XpmHome;
 use crate::printer::Printer;
 use crate::train::hub::HubConfig;
@@ -105,7 +105,7 @@ pub fn open_base(
 
 /// Write an imported expert as an artifact.
 pub fn write_imported(
-    imported: Imported,
+    mut imported: Imported,
     base: &Checkpoint,
     base_id: String,
     opts: &ImportOptions,
@@ -123,16 +123,12 @@ pub fn write_imported(
     }
     printer.status("Hashing", format!("base model `{}`", base.root().display()));
     let digest = base.digest(Some(&home.cache))?;
-    let kind = if imported
-        .tensors
-        .iter()
-        .any(|t| matches!(t.data.content, Content::Lora { .. }))
-    {
+    let kind = if imported.tensors.iter().any(|t| t.kind == PendingKind::Lora) {
         ExpertKind::Lora
     } else if imported
         .tensors
         .iter()
-        .any(|t| !t.new && matches!(t.data.content, Content::Sparse { .. }))
+        .any(|t| !t.new && t.kind == PendingKind::Sparse)
     {
         ExpertKind::Sparse
     } else {
@@ -142,10 +138,12 @@ pub fn write_imported(
     let n = imported.tensors.len();
     let mut writer = ArtifactWriter::create(&out, opts.level)?;
     let pb = printer.progress(n as u64, "Importing");
-    // Encode on every core (zstd dominates); the artifact keeps the import's order.
+    // Copy out of the source and encode on every core (zstd dominates); the artifact keeps
+    // the import's order, and only the tensors in flight are in memory.
     crate::parallel::map_ordered(
         &imported.tensors,
-        |t| {
+        |p| {
+            let t = p.materialize()?;
             t.data.validate()?;
             let e = encode_tensor(&t.data, opts.level)?;
             pb.inc(1);
@@ -158,10 +156,11 @@ pub fn write_imported(
         id: base_id,
         digest: digest.clone(),
     };
+    let source = imported.finish_source()?;
     let mut extra_prov = std::collections::BTreeMap::new();
     extra_prov.insert(
         "source".to_string(),
-        serde_json::to_value(&imported.source).expect("json"),
+        serde_json::to_value(&source).expect("json"),
     );
     let manifest = Manifest {
         format_version: format!("{FORMAT_MAJOR}.{FORMAT_MINOR}"),
@@ -208,7 +207,7 @@ pub fn write_imported(
         kind,
         out,
         base: base_model,
-        source: imported.source,
+        source,
         tensors: n,
         new_tensors,
         notes: imported.notes,

@@ -22,12 +22,13 @@ use xpm_core::format::TensorData;
 
 /// What an importer produced: the tensors of one expert, ready for the artifact writer, and
 /// what the manifest should record about their origin.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Imported {
     /// One entry per base tensor that the expert changes (or adds, with `new`), in the base
-    /// checkpoint's name order.
-    pub tensors: Vec<ImportedTensor>,
-    /// The source, for `provenance.source`.
+    /// checkpoint's name order. Names, shapes and kinds are checked; the values are copied out
+    /// of the source when the writer asks for them ([`Pending::materialize`]).
+    pub tensors: Vec<Pending>,
+    /// The source, for `provenance.source` (see [`Imported::finish_source`]).
     pub source: Source,
     /// The base model's Hub id as the source names it (`base_model_name_or_path`,
     /// mttl's `expert_model`), if any.
@@ -36,6 +37,44 @@ pub struct Imported {
     pub extra: BTreeMap<String, serde_json::Value>,
     /// Things the user should know that are not errors (e.g. a tied weight).
     pub notes: Vec<String>,
+    /// Digests of source files still being computed on threads of their own (a large weights
+    /// file is hashed while its tensors are converted and written).
+    pending_files: Vec<(
+        String,
+        std::thread::JoinHandle<xpm_core::error::Result<String>>,
+    )>,
+}
+
+impl Imported {
+    pub fn new(
+        tensors: Vec<Pending>,
+        source: Source,
+        base_hint: Option<String>,
+        extra: BTreeMap<String, serde_json::Value>,
+    ) -> Self {
+        Imported {
+            tensors,
+            source,
+            base_hint,
+            extra,
+            notes: Vec::new(),
+            pending_files: Vec::new(),
+        }
+    }
+
+    /// The source with every file digest, waiting for those still being computed.
+    pub fn finish_source(&mut self) -> xpm_core::error::Result<Source> {
+        for (name, hashing) in self.pending_files.drain(..) {
+            let digest = hashing.join().expect("the hashing thread does not panic")?;
+            self.source.files.insert(name, digest);
+        }
+        Ok(self.source.clone())
+    }
+
+    /// Every tensor's values, in order (for callers that want the whole expert in memory).
+    pub fn materialize_all(&self) -> xpm_core::error::Result<Vec<ImportedTensor>> {
+        self.tensors.iter().map(Pending::materialize).collect()
+    }
 }
 
 /// One imported tensor.
@@ -44,6 +83,75 @@ pub struct ImportedTensor {
     pub data: TensorData,
     /// The base has no tensor of this name: `data` is the whole tensor (a task head).
     pub new: bool,
+}
+
+/// What an imported tensor holds, known before its values are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingKind {
+    Lora,
+    Sparse,
+    Dense,
+}
+
+/// One tensor of an import: its name, kind and checks are settled when the source is read;
+/// its values are copied out of the source (and transposed or converted) by
+/// [`Pending::materialize`], on the writer's worker just before it is encoded. An import of a
+/// 1 GB adapter therefore holds a few tensors at a time rather than a second copy of the whole
+/// adapter.
+pub struct Pending {
+    pub name: String,
+    pub new: bool,
+    pub kind: PendingKind,
+    make: Box<dyn Fn() -> xpm_core::error::Result<ImportedTensor> + Send + Sync>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("name", &self.name)
+            .field("new", &self.new)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pending {
+    /// A tensor whose values are already in memory.
+    pub fn ready(t: ImportedTensor) -> Pending {
+        let kind = match t.data.content {
+            xpm_core::format::Content::Lora { .. } => PendingKind::Lora,
+            xpm_core::format::Content::Sparse { .. } => PendingKind::Sparse,
+            _ => PendingKind::Dense,
+        };
+        Pending {
+            name: t.data.name.clone(),
+            new: t.new,
+            kind,
+            make: Box::new(move || Ok(t.clone())),
+        }
+    }
+
+    /// A tensor whose values `make` produces on demand; `make` must give a tensor named `name`.
+    pub fn lazy(
+        name: String,
+        new: bool,
+        kind: PendingKind,
+        make: impl Fn() -> xpm_core::error::Result<ImportedTensor> + Send + Sync + 'static,
+    ) -> Pending {
+        Pending {
+            name,
+            new,
+            kind,
+            make: Box::new(make),
+        }
+    }
+
+    /// The tensor's values.
+    pub fn materialize(&self) -> xpm_core::error::Result<ImportedTensor> {
+        let t = (self.make)()?;
+        debug_assert_eq!(t.data.name, self.name);
+        Ok(t)
+    }
 }
 
 /// Where an imported expert came from (recorded as `provenance.source`).

@@ -31,7 +31,7 @@ use xpm_core::error::{Error, Result};
 use xpm_core::format::{Content, Dtype, TensorData};
 
 use crate::torch::{self, PyValue, TorchTensor};
-use crate::{Imported, ImportedTensor, Source};
+use crate::{Imported, ImportedTensor, Pending, Source};
 
 /// An expert's weights in a library.
 pub const CKPT_EXT: &str = "ckpt";
@@ -224,13 +224,14 @@ pub fn import(library: &Path, expert: &str, base: &Checkpoint) -> Result<Importe
     };
     let mut extra = BTreeMap::new();
     extra.insert("mttl".to_string(), meta.value.to_json());
-    Ok(Imported {
-        tensors: out,
+    let mut imported = Imported::new(
+        out.into_iter().map(Pending::ready).collect(),
         source,
-        base_hint: meta.model.clone(),
+        meta.model.clone(),
         extra,
-        notes,
-    })
+    );
+    imported.notes = notes;
+    Ok(imported)
 }
 
 /// An expert's tensors grouped by module: all sparse layers' parts or all LoRA factors.

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::{Deserializer, MapAccess, Visitor};
@@ -21,7 +22,7 @@ use xpm_core::error::{Error, Result};
 use xpm_core::format::{Content, Dtype, TensorData};
 
 use crate::bytes::transpose;
-use crate::{Imported, ImportedTensor, Source};
+use crate::{Imported, ImportedTensor, Pending, PendingKind, Source};
 
 /// The adapter's config file.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -270,28 +271,29 @@ impl Raw<'_> {
     }
 }
 
-/// Import the PEFT adapter in `dir` against `base`.
+/// Import the PEFT adapter in `dir` against `base`. Every name, shape and dtype is checked
+/// here; LoRA factors are copied out of the weights file only when the writer materialises
+/// them ([`Pending`]), and the weights file is hashed on a thread of its own meanwhile.
 pub fn import(dir: &Path, base: &Checkpoint) -> Result<Imported> {
     let cfg = AdapterConfig::read(dir)?;
     let (weights, peft_type) = weights_and_type(dir, &cfg)?;
-    let file = Checkpoint::open(&weights)?;
+    let file = Arc::new(Checkpoint::open(&weights)?);
     let (modules, whole) = group_tensors(&file, &weights, &peft_type)?;
     check_layers(&cfg, modules.keys().map(String::as_str))?;
-    // The weights file's digest (for provenance) on another core while the tensors convert:
-    // both read the same pages, and the hash would otherwise be a serial pass of its own.
-    let (out, weights_digest) = std::thread::scope(|sc| {
-        let hashing = sc.spawn(|| crate::file_digest(&weights));
-        let out = convert(dir, &cfg, base, &weights, &peft_type, &modules, &whole);
-        let digest = hashing.join().expect("the hashing thread does not panic");
-        (out, digest)
-    });
-    let out = out?;
+    // The weights file's digest (for provenance) on another core while the tensors convert
+    // and encode: both read the same pages, and the hash would otherwise be a serial pass.
+    let hashing = {
+        let weights = weights.clone();
+        std::thread::spawn(move || crate::file_digest(&weights))
+    };
+    let out = convert(
+        dir, &cfg, base, &weights, &peft_type, &file, &modules, &whole,
+    )?;
     let mut files = BTreeMap::new();
     files.insert(
         CONFIG_FILE.to_string(),
         crate::file_digest(&dir.join(CONFIG_FILE))?,
     );
-    files.insert(WEIGHTS_FILE.to_string(), weights_digest?);
     let mut extra = BTreeMap::new();
     if let Some(t) = &cfg.task_type {
         extra.insert(
@@ -299,18 +301,17 @@ pub fn import(dir: &Path, base: &Checkpoint) -> Result<Imported> {
             serde_json::Value::String(t.clone()),
         );
     }
-    Ok(Imported {
-        tensors: out,
-        source: Source {
-            format: format!("peft-{}", peft_type.to_ascii_lowercase()),
-            location: dir.display().to_string(),
-            revision: None,
-            files,
-        },
-        base_hint: cfg.base_model_name_or_path.clone(),
-        extra,
-        notes: Vec::new(),
-    })
+    let source = Source {
+        format: format!("peft-{}", peft_type.to_ascii_lowercase()),
+        location: dir.display().to_string(),
+        revision: None,
+        files,
+    };
+    let mut imported = Imported::new(out, source, cfg.base_model_name_or_path.clone(), extra);
+    imported
+        .pending_files
+        .push((WEIGHTS_FILE.to_string(), hashing));
+    Ok(imported)
 }
 
 /// The adapter's weights file (refusing a directory with only the legacy pickle) and its
@@ -414,37 +415,41 @@ fn group_tensors<'a>(file: &'a Checkpoint, weights: &Path, peft_type: &str) -> R
 
 /// The xpm tensors of the grouped adapter, sorted by name; two that map to the same base
 /// tensor are refused.
+#[allow(clippy::too_many_arguments)]
 fn convert(
     dir: &Path,
     cfg: &AdapterConfig,
     base: &Checkpoint,
     weights: &Path,
     peft_type: &str,
+    file: &Arc<Checkpoint>,
     modules: &BTreeMap<String, HashMap<Part, Raw>>,
     whole: &[Raw],
-) -> Result<Vec<ImportedTensor>> {
+) -> Result<Vec<Pending>> {
     let sidecar = read_sidecar(dir)?;
-    let mut out: Vec<ImportedTensor> = Vec::new();
+    let mut out: Vec<Pending> = Vec::new();
     for (module, parts) in modules {
         if peft_type == "SHIRA" {
             let nnz = sidecar
                 .as_ref()
                 .and_then(|s| s.get(module.as_str()).copied());
-            out.push(shira_tensor(base, weights, module, parts, nnz)?);
+            out.push(Pending::ready(shira_tensor(
+                base, weights, module, parts, nnz,
+            )?));
         } else {
-            out.extend(lora_tensors(cfg, base, weights, module, parts)?);
+            out.extend(lora_tensors(cfg, base, weights, file, module, parts)?);
         }
     }
     for raw in whole {
-        out.push(whole_tensor(base, weights, raw)?);
+        out.push(Pending::ready(whole_tensor(base, weights, raw)?));
     }
-    out.sort_by(|a, b| a.data.name.cmp(&b.data.name));
-    if let Some(w) = out.windows(2).find(|w| w[0].data.name == w[1].data.name) {
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(w) = out.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(Error::input(
             format!(
                 "two tensors of `{}` map to the base tensor `{}`",
                 weights.display(),
-                w[0].data.name
+                w[0].name
             ),
             Some("an adapter may hold one delta per base tensor"),
         ));
@@ -501,44 +506,70 @@ fn need<'a, 'b>(
     })
 }
 
-/// LoRA factors (and a `lora_bias` delta) of one module.
+/// LoRA factors (and a `lora_bias` delta) of one module. The factors are checked here and
+/// copied out of `file` (transposed where PEFT's orientation differs) on materialisation.
 fn lora_tensors(
     cfg: &AdapterConfig,
     base: &Checkpoint,
     weights: &Path,
+    file: &Arc<Checkpoint>,
     module: &str,
     parts: &HashMap<Part, Raw>,
-) -> Result<Vec<ImportedTensor>> {
+) -> Result<Vec<Pending>> {
     let embedding = parts.contains_key(&Part::EmbA) || parts.contains_key(&Part::EmbB);
     let (a, b, dtype) = lora_factors(weights, module, parts, embedding)?;
     let r = a.shape[0];
     let (scale, xpm_alpha) = lora_scale(cfg, weights, module, r)?;
     let target = lora_target(base, weights, module)?;
     let shape = base_shape(base, &target);
-    let (xa, xb) = xpm_factors((a, b), embedding, cfg.fan_in_fan_out, &shape, dtype.size())
-        .map_err(|what| {
+    let transposed =
+        transposed_factors((a, b), embedding, cfg.fan_in_fan_out, &shape).map_err(|what| {
             mismatch(
                 weights,
                 module,
                 format!("{what}, but the base tensor `{target}` is {shape:?}"),
             )
         })?;
-    let mut out = vec![ImportedTensor {
-        data: TensorData {
-            name: target.clone(),
-            shape,
-            dtype,
-            content: Content::Lora {
-                rank: r as u32,
-                alpha: xpm_alpha,
-                a: xa,
-                b: xb,
+    let (a_name, b_name) = (a.name.clone(), b.name.clone());
+    let (rows_a, cols_a, rows_b) = (
+        a.shape[0] as usize,
+        a.shape[1] as usize,
+        b.shape[0] as usize,
+    );
+    let es = dtype.size();
+    let file = Arc::clone(file);
+    let name = target.clone();
+    let factors = Pending::lazy(target.clone(), false, PendingKind::Lora, move || {
+        let bytes = |n: &str| file.bytes(n).expect("checked when the adapter was read");
+        let (a, b) = (bytes(&a_name), bytes(&b_name));
+        let (xa, xb) = if transposed {
+            (
+                transpose(b, rows_b, rows_a, es),
+                transpose(a, rows_a, cols_a, es),
+            )
+        } else {
+            (a.to_vec(), b.to_vec())
+        };
+        Ok(ImportedTensor {
+            data: TensorData {
+                name: name.clone(),
+                shape: shape.clone(),
+                dtype,
+                content: Content::Lora {
+                    rank: r as u32,
+                    alpha: xpm_alpha,
+                    a: xa,
+                    b: xb,
+                },
             },
-        },
-        new: false,
-    }];
+            new: false,
+        })
+    });
+    let mut out = vec![factors];
     if let Some(bias) = parts.get(&Part::LoraBias) {
-        out.push(lora_bias_tensor(base, weights, module, bias, scale)?);
+        out.push(Pending::ready(lora_bias_tensor(
+            base, weights, module, bias, scale,
+        )?));
     }
     Ok(out)
 }
@@ -636,22 +667,17 @@ fn lora_target(base: &Checkpoint, weights: &Path, module: &str) -> Result<String
     })
 }
 
-/// PEFT's factors in xpm's orientation, ΔW[shape] = (α/r)·B'·A' with A' `[r, shape[1]]` and
-/// B' `[shape[0], r]`: as they are, or transposed for embeddings and `fan_in_fan_out`. `es`
-/// is the element size. Errs with what the factors give when that is not `shape`.
-fn xpm_factors(
+/// Whether PEFT's factors must be transposed into xpm's orientation, ΔW[shape] = (α/r)·B'·A'
+/// with A' `[r, shape[1]]` and B' `[shape[0], r]`: as they are, or (true) A' = Bᵀ and B' = Aᵀ
+/// for embeddings and `fan_in_fan_out`. Errs with what the factors give when that is not
+/// `shape`.
+fn transposed_factors(
     (a, b): (&Raw, &Raw),
     embedding: bool,
     fan_in_fan_out: bool,
     shape: &[u64],
-    es: usize,
-) -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
-    let (rows_a, cols_a, rows_b) = (
-        a.shape[0] as usize,
-        a.shape[1] as usize,
-        b.shape[0] as usize,
-    );
-    Ok(if embedding {
+) -> std::result::Result<bool, String> {
+    if embedding {
         // ΔW [num, dim] = (B_e·A_e)ᵀ = A_eᵀ·B_eᵀ: A' = B_eᵀ [r, dim], B' = A_eᵀ [num, r].
         if shape != [a.shape[1], b.shape[0]] {
             return Err(format!(
@@ -659,21 +685,15 @@ fn xpm_factors(
                 a.shape[1], b.shape[0]
             ));
         }
-        (
-            transpose(b.bytes, rows_b, rows_a, es),
-            transpose(a.bytes, rows_a, cols_a, es),
-        )
+        Ok(true)
     } else if shape == [b.shape[0], a.shape[1]] && !(fan_in_fan_out && shape[0] == shape[1]) {
-        (a.bytes.to_vec(), b.bytes.to_vec())
+        Ok(false)
     } else if shape == [a.shape[1], b.shape[0]] {
         // fan_in_fan_out (Conv1D, weight [in, out]): ΔW = (B·A)ᵀ.
-        (
-            transpose(b.bytes, rows_b, rows_a, es),
-            transpose(a.bytes, rows_a, cols_a, es),
-        )
+        Ok(true)
     } else {
-        return Err(format!("B·A is [{}, {}]", b.shape[0], a.shape[1]));
-    })
+        Err(format!("B·A is [{}, {}]", b.shape[0], a.shape[1]))
+    }
 }
 
 /// `lora_bias`: the module's bias delta, `lora_B.bias · s`.

@@ -61,8 +61,12 @@ fuzz_target!(
         std::fs::write(dir.join("adapter_config.json"), config).expect("write");
         std::fs::write(dir.join("adapter_model.safetensors"), weights).expect("write");
         let base = base();
-        if let Ok(imported) = xpm_interop::peft::import(&dir, base) {
-            for t in &imported.tensors {
+        if let Ok(mut imported) = xpm_interop::peft::import(&dir, base) {
+            for p in &imported.tensors {
+                // Every tensor that passed the checks materialises, under its planned name.
+                let t = p.materialize().expect("a checked tensor materialises");
+                assert_eq!(t.data.name, p.name);
+                assert_eq!(t.new, p.new);
                 t.data.validate().expect("an imported tensor is consistent");
                 if !t.new {
                     let info = base.info(&t.data.name).expect("names a base tensor");
@@ -70,6 +74,9 @@ fuzz_target!(
                     assert_eq!(shape, t.data.shape, "{}", t.data.name);
                 }
             }
+            // The weights file's digest (hashed on a thread of its own) before the next input
+            // overwrites the file.
+            let _ = imported.finish_source();
         }
     }
 );
