@@ -122,22 +122,17 @@ fn best_of(runs: usize, mut setup: impl FnMut(), mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Peak RSS (MB) of the release `xpm import peft` command on the fixture, under GNU time.
-fn import_peak_rss_mb(root: &Path, adapter: &str) -> f64 {
-    let out = root.join("rss.xpm");
+/// Wall time (s) and peak RSS (MB) of the release `xpm` binary with `args`, under GNU time.
+fn cli(args: &[&std::ffi::OsStr]) -> (f64, f64) {
+    let t = Instant::now();
     let o = std::process::Command::new("/usr/bin/time")
         .args(["-f", "%M"])
         .arg(env!("CARGO_BIN_EXE_xpm"))
-        .args(["import", "peft", adapter, "--base"])
-        .arg(root.join("base"))
-        .args(["--name", "bench", "--version", "1.0.0", "-q", "--home"])
-        .arg(root.join("home"))
-        .arg("-o")
-        .arg(&out)
+        .args(args)
         .output()
         .unwrap();
+    let secs = t.elapsed().as_secs_f64();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let _ = std::fs::remove_file(&out);
     let kib: f64 = String::from_utf8_lossy(&o.stderr)
         .lines()
         .last()
@@ -145,7 +140,52 @@ fn import_peak_rss_mb(root: &Path, adapter: &str) -> f64 {
         .trim()
         .parse()
         .unwrap();
-    kib / 1024.0
+    (secs, kib / 1024.0)
+}
+
+/// `xpm import peft` and `xpm export` as commands on the fixture, `runs` times each
+/// (interleaved): the best wall time and the largest peak RSS of each.
+fn cli_import_export(root: &Path, adapter: &str, runs: usize) -> [(f64, f64); 2] {
+    let (out, exported) = (root.join("cli.xpm"), root.join("cli-exported"));
+    let (base, home) = (root.join("base"), root.join("home"));
+    let mut best = [(f64::INFINITY, 0f64); 2];
+    for _ in 0..runs {
+        let _ = std::fs::remove_file(&out);
+        let import = cli(&[
+            "import".as_ref(),
+            "peft".as_ref(),
+            adapter.as_ref(),
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--name".as_ref(),
+            "bench".as_ref(),
+            "--version".as_ref(),
+            "1.0.0".as_ref(),
+            "-q".as_ref(),
+            "--home".as_ref(),
+            home.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ]);
+        let _ = std::fs::remove_dir_all(&exported);
+        let export = cli(&[
+            "export".as_ref(),
+            out.as_os_str(),
+            "--base".as_ref(),
+            base.as_os_str(),
+            "-q".as_ref(),
+            "--home".as_ref(),
+            home.as_os_str(),
+            "-o".as_ref(),
+            exported.as_os_str(),
+        ]);
+        for (b, r) in best.iter_mut().zip([import, export]) {
+            *b = (b.0.min(r.0), b.1.max(r.1));
+        }
+    }
+    let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_dir_all(&exported);
+    best
 }
 
 fn main() {
@@ -300,9 +340,9 @@ fn main() {
             t_plain / t
         );
     }
+    let [(ti, mi), (te, me)] = cli_import_export(root, &adapter_dir, 3);
     md += &format!(
-        "\nPeak RSS of the release `xpm import peft` on this adapter (one run, GNU time): {:.0} MB\n",
-        import_peak_rss_mb(root, &adapter_dir)
+        "\nThe release commands on the same adapter (best wall time of 3 interleaved runs, largest peak RSS; GNU time): `xpm import peft` {ti:.2} s, {mi:.0} MB; `xpm export --format peft` {te:.2} s, {me:.0} MB\n"
     );
     print!("{md}");
     let out = Path::new(env!("CARGO_TARGET_TMPDIR"))

@@ -4,8 +4,8 @@
 //! blocks above 128 KiB with fresh `mmap`s (zeroed pages, a page fault per 4 KiB, `munmap` on
 //! free); mimalloc reuses them, once told not to return freed memory to the OS. On MiniLM this
 //! cut the step time by about a third (docs/benchmarks.md, "Training"). The `xpm` binary and
-//! the training benchmark install mimalloc as their global allocator; `xpm train` and `xpm eval`
-//! call [`configure`]. Every other command runs [`lean`]: memory goes back to the OS after
+//! the training benchmark install mimalloc as their global allocator; `xpm train`, `xpm eval`
+//! and `xpm import` call [`configure`]. Every other command runs [`lean`]: memory goes back to the OS after
 //! 10 ms and arenas are committed on demand. With mimalloc's defaults `xpm merge`'s peak RSS on the
 //! merge benchmark was about twice what it is with glibc's malloc (docs/benchmarks.md).
 

@@ -83,18 +83,41 @@ fn layer_of(module: &str, model_type: Option<&str>) -> Layer {
 }
 
 /// One output tensor of the adapter file.
-struct Out {
+struct Out<'t> {
     name: String,
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
-    bytes: Vec<u8>,
+    bytes: Bytes<'t>,
+}
+
+/// An output tensor's bytes: formed when the module is planned, or (a LoRA expert's factors,
+/// most of an adapter's bytes) copied out of the expert's tensor when the file writer reaches
+/// them, so that an export holds the expert once rather than twice.
+enum Bytes<'t> {
+    Ready(Vec<u8>),
+    Later(Box<dyn FnOnce() -> Vec<u8> + 't>),
+}
+
+impl From<Vec<u8>> for Bytes<'_> {
+    fn from(v: Vec<u8>) -> Self {
+        Bytes::Ready(v)
+    }
+}
+
+impl Bytes<'_> {
+    fn take(&mut self) -> Vec<u8> {
+        match std::mem::replace(self, Bytes::Ready(Vec::new())) {
+            Bytes::Ready(v) => v,
+            Bytes::Later(f) => f(),
+        }
+    }
 }
 
 /// A module's LoRA in PEFT's orientation: ΔW_peft = s·B·A (transposed back for Conv1D and
 /// embeddings by PEFT itself).
-struct PeftLora {
-    a: Vec<u8>,
-    b: Vec<u8>,
+struct PeftLora<'t> {
+    a: Bytes<'t>,
+    b: Bytes<'t>,
     a_shape: [usize; 2],
     b_shape: [usize; 2],
     rank: u64,
@@ -104,7 +127,7 @@ struct PeftLora {
 /// The exact factorisation of a matrix M `[p, q]` (row-major, `dtype`): A = rows of the
 /// identity for M's non-zero columns and B = those columns, or B = identity columns for its
 /// non-zero rows and A = those rows, whichever rank is smaller. `None` for a zero matrix.
-fn selection_lora(m: &[u8], p: usize, q: usize, dtype: Dtype) -> Option<PeftLora> {
+fn selection_lora(m: &[u8], p: usize, q: usize, dtype: Dtype) -> Option<PeftLora<'static>> {
     let es = dtype.size();
     let v = dtype.to_f32(m);
     let cols: Vec<usize> = (0..q)
@@ -119,8 +142,8 @@ fn selection_lora(m: &[u8], p: usize, q: usize, dtype: Dtype) -> Option<PeftLora
     Some(if cols.len() <= rows.len() {
         let r = cols.len();
         PeftLora {
-            a: selection(q, &cols, dtype),
-            b: select_columns(m, p, q, &cols, es),
+            a: selection(q, &cols, dtype).into(),
+            b: select_columns(m, p, q, &cols, es).into(),
             a_shape: [r, q],
             b_shape: [p, r],
             rank: r as u64,
@@ -131,8 +154,8 @@ fn selection_lora(m: &[u8], p: usize, q: usize, dtype: Dtype) -> Option<PeftLora
         // B = identity columns for the rows: Bᵀ is a selection of the identity's rows.
         let bt = selection(p, &rows, dtype);
         PeftLora {
-            a: select_rows(m, q, &rows, es),
-            b: transpose(&bt, r, p, es),
+            a: select_rows(m, q, &rows, es).into(),
+            b: transpose(&bt, r, p, es).into(),
             a_shape: [r, q],
             b_shape: [p, r],
             rank: r as u64,
@@ -306,9 +329,9 @@ fn use_shira(manifest: &Manifest, plan: &Plan, peft_type: PeftType) -> Result<bo
 
 /// What the module writers produced.
 #[derive(Default)]
-struct Written {
+struct Written<'t> {
     /// The adapter file's tensors.
-    out: Vec<Out>,
+    out: Vec<Out<'t>>,
     /// Per adapter module: its PEFT path, rank and α.
     modules: Vec<(String, u64, f64)>,
     /// Modules written in an exact LoRA form of a sparse or dense delta.
@@ -380,13 +403,13 @@ fn write_shira(t: &TensorData, pm: String, shira_r: u64, w: &mut Written) -> Res
         name: format!("base_model.model.{pm}.shira_indices"),
         dtype: safetensors::Dtype::I64,
         shape: vec![2, n],
-        bytes: idx,
+        bytes: idx.into(),
     });
     w.out.push(Out {
         name: format!("base_model.model.{pm}.shira_weight"),
         dtype: st,
         shape: vec![n],
-        bytes: vals,
+        bytes: vals.into(),
     });
     w.shira_nnz.insert(pm.clone(), indices.len() as u64);
     w.modules.push((pm, shira_r, 0.0));
@@ -395,7 +418,7 @@ fn write_shira(t: &TensorData, pm: String, shira_r: u64, w: &mut Written) -> Res
 
 /// The delta `t` as LoRA factors in PEFT's orientation (M = B·A of shape `[p, q]`): a LoRA
 /// delta's own factors, else the exact selection form (`None` for an all-zero delta).
-fn peft_lora(t: &TensorData, layer: Layer) -> Option<PeftLora> {
+fn peft_lora(t: &TensorData, layer: Layer) -> Option<PeftLora<'_>> {
     let es = t.dtype.size();
     let (rows, cols) = (t.shape[0] as usize, t.shape[1] as usize);
     // PEFT's B·A is ΔW for Linear, ΔWᵀ for Conv1D and embeddings.
@@ -407,8 +430,8 @@ fn peft_lora(t: &TensorData, layer: Layer) -> Option<PeftLora> {
             Some(if flip {
                 // ΔWᵀ = s·A'ᵀ·B'ᵀ: PEFT B = A'ᵀ [cols, r], A = B'ᵀ [r, rows].
                 PeftLora {
-                    a: transpose(b, rows, r, es),
-                    b: transpose(a, r, cols, es),
+                    a: Bytes::Later(Box::new(move || transpose(b, rows, r, es))),
+                    b: Bytes::Later(Box::new(move || transpose(a, r, cols, es))),
                     a_shape: [r, rows],
                     b_shape: [cols, r],
                     rank: r as u64,
@@ -416,8 +439,8 @@ fn peft_lora(t: &TensorData, layer: Layer) -> Option<PeftLora> {
                 }
             } else {
                 PeftLora {
-                    a: a.clone(),
-                    b: b.clone(),
+                    a: Bytes::Later(Box::new(|| a.clone())),
+                    b: Bytes::Later(Box::new(|| b.clone())),
                     a_shape: [r, cols],
                     b_shape: [rows, r],
                     rank: r as u64,
@@ -439,7 +462,7 @@ fn peft_lora(t: &TensorData, layer: Layer) -> Option<PeftLora> {
 
 /// One LoRA module `module` (PEFT path `pm`) from the delta `t`; an all-zero sparse or dense
 /// delta writes nothing (but is still listed as a selection module).
-fn write_lora(t: &TensorData, module: &str, layer: Layer, pm: String, w: &mut Written) {
+fn write_lora<'t>(t: &'t TensorData, module: &str, layer: Layer, pm: String, w: &mut Written<'t>) {
     if !matches!(t.content, Content::Lora { .. }) {
         w.selection.push(pm.clone());
     }
@@ -545,7 +568,7 @@ fn write_whole_module(
                     name: full,
                     dtype: t.dtype.to_safetensors(),
                     shape: t.shape.iter().map(|&d| d as usize).collect(),
-                    bytes: dense_bytes(t),
+                    bytes: dense_bytes(t).into(),
                 });
             }
             (Some((t, false)), Some(info)) => {
@@ -557,7 +580,7 @@ fn write_whole_module(
                     name: full,
                     dtype: dt.to_safetensors(),
                     shape: info.shape.clone(),
-                    bytes: dt.from_f32(&sum),
+                    bytes: dt.from_f32(&sum).into(),
                 });
             }
             (None, Some(info)) => {
@@ -565,7 +588,7 @@ fn write_whole_module(
                     name: full,
                     dtype: info.dtype,
                     shape: info.shape.clone(),
-                    bytes: base.bytes(&name).expect("listed").to_vec(),
+                    bytes: base.bytes(&name).expect("listed").to_vec().into(),
                 });
             }
             (None, None) => unreachable!(),
@@ -627,7 +650,7 @@ fn write_lora_bias(
             name: format!("base_model.model.{prefix}{module}.lora_B.bias"),
             dtype: dt.to_safetensors(),
             shape: info.shape.clone(),
-            bytes: dt.from_f32(&vals),
+            bytes: dt.from_f32(&vals).into(),
         });
     }
     Ok(())
@@ -721,9 +744,7 @@ fn write_dir(
         .collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let weights = dir.join(WEIGHTS_FILE);
-    write_safetensors(&weights, &planned, Some(meta), |i| {
-        Ok(std::mem::take(&mut out[i].bytes))
-    })?;
+    write_safetensors(&weights, &planned, Some(meta), |i| Ok(out[i].bytes.take()))?;
     let bytes = std::fs::metadata(&weights).at("read", &weights)?.len();
     let cfg_path = dir.join(CONFIG_FILE);
     xpm_core::fsutil::write_atomic(
