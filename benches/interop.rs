@@ -17,6 +17,8 @@
 //! `XPM_BENCH_KEEP=1` keeps the fixture.
 //! Writes the table to `target/bench-interop.md`.
 
+mod common;
+
 use std::path::Path;
 use std::time::Instant;
 
@@ -124,23 +126,7 @@ fn best_of(runs: usize, mut setup: impl FnMut(), mut f: impl FnMut()) -> f64 {
 
 /// Wall time (s) and peak RSS (MB) of the release `xpm` binary with `args`, under GNU time.
 fn cli(args: &[&std::ffi::OsStr]) -> (f64, f64) {
-    let t = Instant::now();
-    let o = std::process::Command::new("/usr/bin/time")
-        .args(["-f", "%M"])
-        .arg(env!("CARGO_BIN_EXE_xpm"))
-        .args(args)
-        .output()
-        .unwrap();
-    let secs = t.elapsed().as_secs_f64();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let kib: f64 = String::from_utf8_lossy(&o.stderr)
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    (secs, kib / 1024.0)
+    common::timed_peak_rss(Path::new(env!("CARGO_BIN_EXE_xpm")), args)
 }
 
 /// `xpm import peft` and `xpm export` as commands on the fixture, `runs` times each

@@ -114,27 +114,11 @@ fn run_merge(inputs: &[PathBuf], strategy: &str, out: &Path) -> (f64, f64) {
 
 fn run_merge_with(inputs: &[PathBuf], args: &[&str], out: &Path) -> (f64, f64) {
     let _ = std::fs::remove_file(out);
-    let t = Instant::now();
-    let o = Command::new("/usr/bin/time")
-        .args(["-f", "%M"])
-        .arg(env!("CARGO_BIN_EXE_xpm"))
-        .arg("merge")
-        .args(inputs)
-        .args(args)
-        .args(["-q", "-o"])
-        .arg(out)
-        .output()
-        .unwrap();
-    let secs = t.elapsed().as_secs_f64();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let kib: f64 = String::from_utf8_lossy(&o.stderr)
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    (secs, kib / 1024.0)
+    let mut all: Vec<&std::ffi::OsStr> = vec!["merge".as_ref()];
+    all.extend(inputs.iter().map(|p| p.as_os_str()));
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    all.extend(["-q".as_ref(), "-o".as_ref(), out.as_os_str()]);
+    common::timed_peak_rss(Path::new(env!("CARGO_BIN_EXE_xpm")), &all)
 }
 
 /// Decode every input tensor and encode + write the output's tensors, no merge arithmetic:

@@ -45,3 +45,28 @@ pub fn build_release(package: &str, file: &str) -> std::path::PathBuf {
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
+
+/// Run `program` with `args` under GNU time: its wall time (s) and peak RSS (MB). Panics with
+/// its stderr when it fails.
+pub fn timed_peak_rss<S: AsRef<std::ffi::OsStr>>(
+    program: &std::path::Path,
+    args: &[S],
+) -> (f64, f64) {
+    let t = std::time::Instant::now();
+    let o = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "%M"])
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let kib: f64 = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (secs, kib / 1024.0)
+}
