@@ -103,9 +103,18 @@ impl ModelDir {
                 Some("xpm tokenises with the `tokenizers` library's tokenizer.json"),
             ));
         }
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
+        let mut tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
             Error::input(format!("cannot load `{}`: {e}", tok_path.display()), None)
         })?;
+        // xpm pads batches itself (to the longest text, with an attention mask) and checks
+        // lengths itself (training truncates to `--max-seq-len`, `xpm serve` refuses what is
+        // over the expert's limit). A file's own settings would pad every text with tokens
+        // the mask calls real, or truncate silently: sentence-transformers' MiniLM pads every
+        // text to 128 tokens.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::input(format!("`{}`: {e}", tok_path.display()), None))?;
         let checkpoint = Checkpoint::open(dir)?;
         Ok(ModelDir {
             dir: dir.to_path_buf(),

@@ -18,6 +18,8 @@ pub const WORDS: &[&str] = &[
 pub const CLASSES: [&str; 3] = ["alpha", "beta", "gamma"];
 
 /// A `tokenizers` WordLevel tokenizer over `words` (ids in order), splitting on whitespace.
+/// Like the files sentence-transformers publishes (MiniLM's pads every text to 128 tokens), it
+/// asks for fixed-length padding, which xpm must ignore: batches are padded by xpm, with a mask.
 pub fn tokenizer_json(words: &[&str]) -> String {
     let vocab: serde_json::Map<String, serde_json::Value> = words
         .iter()
@@ -25,7 +27,11 @@ pub fn tokenizer_json(words: &[&str]) -> String {
         .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
         .collect();
     serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "version": "1.0", "truncation": null, "added_tokens": [],
+        "padding": {
+            "strategy": {"Fixed": 24}, "direction": "Right", "pad_to_multiple_of": null,
+            "pad_id": 0, "pad_type_id": 0, "pad_token": words[0]
+        },
         "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
         "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
