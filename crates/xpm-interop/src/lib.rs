@@ -70,11 +70,6 @@ impl Imported {
         }
         Ok(self.source.clone())
     }
-
-    /// Every tensor's values, in order (for callers that want the whole expert in memory).
-    pub fn materialize_all(&self) -> xpm_core::error::Result<Vec<ImportedTensor>> {
-        self.tensors.iter().map(Pending::materialize).collect()
-    }
 }
 
 /// One imported tensor.
@@ -116,18 +111,28 @@ impl std::fmt::Debug for Pending {
 }
 
 impl Pending {
-    /// A tensor whose values are already in memory.
+    /// A tensor whose values are already in memory; they are handed over on the first
+    /// [`Pending::materialize`] (without a copy), so there must be no second.
     pub fn ready(t: ImportedTensor) -> Pending {
         let kind = match t.data.content {
             xpm_core::format::Content::Lora { .. } => PendingKind::Lora,
             xpm_core::format::Content::Sparse { .. } => PendingKind::Sparse,
             _ => PendingKind::Dense,
         };
+        let (name, new) = (t.data.name.clone(), t.new);
+        let held = std::sync::Mutex::new(Some(t));
         Pending {
-            name: t.data.name.clone(),
-            new: t.new,
+            name,
+            new,
             kind,
-            make: Box::new(move || Ok(t.clone())),
+            make: Box::new(move || {
+                held.lock().expect("not poisoned").take().ok_or_else(|| {
+                    xpm_core::error::Error::compute(
+                        "import",
+                        "an imported tensor was materialised twice",
+                    )
+                })
+            }),
         }
     }
 

@@ -140,6 +140,13 @@ simd! {
         }
     }
 
+    /// `d = a ⊙ b`.
+    fn mul_into(d: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
+            *d = a * b;
+        }
+    }
+
     /// `d += a ⊙ b`.
     fn add_product(d: &mut [f32], a: &[f32], b: &[f32]) {
         for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
@@ -543,13 +550,48 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
-/// The data of a contiguous f32 CPU tensor, borrowed for `f`.
-fn with_data<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(s) => f(input(s, layout, op)?),
-        _ => candle_core::bail!("{op}: a CPU tensor expected"),
+/// The f32 data of a contiguous CPU tensor, borrowed (a read lock on its storage).
+pub(super) struct Data<'a> {
+    guard: candle_core::StorageRef<'a>,
+    range: std::ops::Range<usize>,
+}
+
+impl std::ops::Deref for Data<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &*self.guard {
+            candle_core::Storage::Cpu(CpuStorage::F32(d)) => &d[self.range.clone()],
+            _ => unreachable!("checked by `data`"),
+        }
     }
+}
+
+/// Borrow the data of `t`, which must be a contiguous f32 CPU tensor.
+pub(super) fn data(t: &Tensor) -> Result<Data<'_>> {
+    let (guard, layout) = t.storage_and_layout();
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("a contiguous tensor expected")
+    };
+    if !matches!(&*guard, candle_core::Storage::Cpu(CpuStorage::F32(_))) {
+        candle_core::bail!("an f32 CPU tensor expected")
+    }
+    Ok(Data { guard, range: a..b })
+}
+
+/// `a ⊙ b`, in parallel.
+pub(super) fn product(a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut d = zeroed(a.len());
+    d.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(d, (a, b))| mul_into(d, a, b));
+    d
+}
+
+/// `d += a ⊙ b`, in parallel.
+pub(super) fn add_product_into(d: &mut [f32], a: &[f32], b: &[f32]) {
+    d.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(d, (a, b))| add_product(d, a, b));
 }
 
 /// Multi-head attention `softmax(scale · Q Kᵀ + mask) V` for every (batch, head), on q, k, v
@@ -748,16 +790,9 @@ impl candle_core::CustomOp3 for Attention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [b, s, h, _] = self.dims;
-        let name = self.name();
         let grad = grad.contiguous()?;
         let probs = self.probs.lock().expect("attention probabilities");
-        let [dq, dk, dv] = with_data(q, name, |q| {
-            with_data(k, name, |k| {
-                with_data(v, name, |v| {
-                    with_data(&grad, name, |g| self.grad((q, k, v), g, &probs))
-                })
-            })
-        })?;
+        let [dq, dk, dv] = self.grad((&data(q)?, &data(k)?, &data(v)?), &data(&grad)?, &probs)?;
         let dev = q.device();
         let wrap = |t: &Tensor, d: Vec<f32>| -> Result<Option<Tensor>> {
             Ok(if t.track_op() {

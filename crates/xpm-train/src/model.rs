@@ -336,10 +336,7 @@ impl Net {
     pub fn eval_loss(&self, batch: &Batch) -> candle_core::Result<(Tensor, Tensor)> {
         match self {
             Net::Classifier { bert, head } => {
-                let h = bert.infer(&batch.ids, &batch.mask)?;
-                let logits = head.forward(&mean_pool(&h, &batch.mask)?)?;
-                let loss = cross_entropy(&logits, &batch.targets, None)?;
-                Ok((loss, logits))
+                classifier_loss(head, &bert.infer(&batch.ids, &batch.mask)?, batch)
             }
             Net::CausalLm { .. } => self.loss(batch, None),
         }
@@ -353,10 +350,7 @@ impl Net {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         match self {
             Net::Classifier { bert, head } => {
-                let h = bert.forward(&batch.ids, &batch.mask, rng)?;
-                let logits = head.forward(&mean_pool(&h, &batch.mask)?)?;
-                let loss = cross_entropy(&logits, &batch.targets, None)?;
-                Ok((loss, logits))
+                classifier_loss(head, &bert.forward(&batch.ids, &batch.mask, rng)?, batch)
             }
             Net::CausalLm { llama } => {
                 let logits = llama.forward(&batch.ids, &batch.mask, rng)?;
@@ -367,6 +361,18 @@ impl Net {
             }
         }
     }
+}
+
+/// The classification loss and logits of encoder states `hidden` (b × s × h): mean pooling
+/// over the batch's mask, the head, cross-entropy against the batch's labels.
+pub(crate) fn classifier_loss(
+    head: &Head,
+    hidden: &Tensor,
+    batch: &Batch,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let logits = head.forward(&mean_pool(hidden, &batch.mask)?)?;
+    let loss = cross_entropy(&logits, &batch.targets, None)?;
+    Ok((loss, logits))
 }
 
 /// Build the network from a model directory. `head`: existing head weights (evaluation), else

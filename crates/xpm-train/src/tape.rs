@@ -18,42 +18,16 @@
 //! same loss and gradients for every adapter kind.
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, Device, Result, Storage, StorageRef, Tensor, Var};
+use candle_core::{Device, Result, Tensor, Var};
 use candle_transformers::models::bert::HiddenAct;
-use rayon::prelude::*;
 
-use super::bert::{Bert, Layer, mean_pool};
-use super::fused::{Attention, LayerNorm, cpu_f32, gelu_data, gelu_grad, zeroed};
+use super::bert::{Bert, Layer};
+use super::fused::{
+    Attention, LayerNorm, add_product_into, cpu_f32, data, gelu_data, gelu_grad, product, zeroed,
+};
 use super::linear::{effective, forward, gemm_into, input_grad_into, values_grad, weight_grad};
-use super::nn::{AdaptedLinear, Adapter, Head, cross_entropy, dropout_mask};
+use super::nn::{AdaptedLinear, Adapter, Head, dropout_mask};
 use xpm_core::rng::SplitMix64;
-
-/// The f32 data of a contiguous CPU tensor, borrowed.
-struct Data<'a> {
-    guard: StorageRef<'a>,
-    range: std::ops::Range<usize>,
-}
-
-impl std::ops::Deref for Data<'_> {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        match &*self.guard {
-            Storage::Cpu(CpuStorage::F32(d)) => &d[self.range.clone()],
-            _ => unreachable!("checked by `data`"),
-        }
-    }
-}
-
-fn data(t: &Tensor) -> Result<Data<'_>> {
-    let (guard, layout) = t.storage_and_layout();
-    let Some((a, b)) = layout.contiguous_offsets() else {
-        candle_core::bail!("tape: a contiguous tensor expected")
-    };
-    if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
-        candle_core::bail!("tape: an f32 CPU tensor expected")
-    }
-    Ok(Data { guard, range: a..b })
-}
 
 /// Whether the hand-differentiated step applies to `bert`: every weight and adapter tensor is
 /// f32 on the CPU, and the activation is BERT's erf GELU.
@@ -79,8 +53,8 @@ pub fn fits(bert: &Bert) -> bool {
 enum Saved {
     /// Frozen, full and probe layers.
     Plain,
-    /// The effective weight `W0 + scatter(values)`.
-    Sparse { w: Vec<f32> },
+    /// The effective weight `W0 + scatter(values)`, and the kept flat indices.
+    Sparse { w: Vec<f32>, idx: Vec<u32> },
     /// LoRA: the dropout mask and the dropped input (when dropout is on), and
     /// `t = scale · x̃ · Aᵀ` (rows × r).
     Lora {
@@ -116,8 +90,9 @@ fn linear_fwd(
             (forward(x, &data(w.as_tensor())?, out, bias), Saved::Plain)
         }
         Adapter::Sparse { indices, values } => {
-            let w = effective(&w0, &indices.to_vec1::<u32>()?, &data(values.as_tensor())?);
-            (forward(x, &w, out, bias), Saved::Sparse { w })
+            let idx = indices.to_vec1::<u32>()?;
+            let w = effective(&w0, &idx, &data(values.as_tensor())?);
+            (forward(x, &w, out, bias), Saved::Sparse { w, idx })
         }
         Adapter::Lora {
             a,
@@ -131,14 +106,7 @@ fn linear_fwd(
             let dropped = match rng {
                 Some(rng) if *dropout > 0.0 => {
                     let mask = dropout_mask(x.len(), *dropout, rng);
-                    let mut xd = zeroed(x.len());
-                    xd.par_chunks_mut(CHUNK)
-                        .zip(x.par_chunks(CHUNK).zip(mask.par_chunks(CHUNK)))
-                        .for_each(|(d, (x, m))| {
-                            d.iter_mut()
-                                .zip(x.iter().zip(m))
-                                .for_each(|(d, (x, m))| *d = x * m)
-                        });
+                    let xd = product(x, &mask);
                     Some((mask, xd))
                 }
                 _ => None,
@@ -175,9 +143,6 @@ fn linear_fwd(
         }
     })
 }
-
-/// Element-wise work per rayon task.
-const CHUNK: usize = 16 * 1024;
 
 fn grad_tensor(v: Vec<f32>, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(v, like.shape(), &Device::Cpu)
@@ -222,9 +187,8 @@ fn linear_bwd(
             grads.insert(w.as_tensor(), grad_tensor(dw, w.as_tensor())?);
             input(&data(w.as_tensor())?, &none)
         }
-        (Adapter::Sparse { indices, values }, Saved::Sparse { w }) => {
-            let idx = indices.to_vec1::<u32>()?;
-            let dv = values_grad(g, x, out, inner, &idx);
+        (Adapter::Sparse { values, .. }, Saved::Sparse { w, idx }) => {
+            let dv = values_grad(g, x, out, inner, idx);
             grads.insert(values.as_tensor(), grad_tensor(dv, values.as_tensor())?);
             input(w, &none)
         }
@@ -298,13 +262,7 @@ fn linear_bwd(
                         (inner, 1),
                         true,
                     );
-                    d.par_chunks_mut(CHUNK)
-                        .zip(u.par_chunks(CHUNK).zip(mask.par_chunks(CHUNK)))
-                        .for_each(|(d, (u, m))| {
-                            d.iter_mut()
-                                .zip(u.iter().zip(m))
-                                .for_each(|(d, (u, m))| *d += u * m)
-                        });
+                    add_product_into(d, &u, mask);
                 }
             };
             input(&w0, &lora)
@@ -446,7 +404,7 @@ impl Bert {
 
     /// The classification loss for one batch and the gradients of every trainable variable
     /// (the adapters' and the head's) of `scale · loss`, as [`Self::forward`], the pooling,
-    /// the head and [`cross_entropy`] give them through Candle's autograd. `rng` enables LoRA's
+    /// the head and the cross-entropy give them through Candle's autograd. `rng` enables LoRA's
     /// dropout. Check [`fits`] first.
     pub fn classifier_step(
         &self,
@@ -467,8 +425,7 @@ impl Bert {
             x = next;
         }
         let hidden = Var::from_vec(x, (b, s, h), &Device::Cpu)?;
-        let logits = head.forward(&mean_pool(hidden.as_tensor(), &batch.mask)?)?;
-        let loss = cross_entropy(&logits, &batch.targets, None)?;
+        let (loss, _) = super::model::classifier_loss(head, hidden.as_tensor(), batch)?;
         let value = loss.to_scalar::<f32>()?;
         let mut grads = (loss * scale)?.backward()?;
         let Some(g) = grads.remove(hidden.as_tensor()) else {
