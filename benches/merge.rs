@@ -5,7 +5,8 @@
 //! - sparse-native (the experts as they are) against the same merge on densified inputs (the
 //!   same deltas stored as dense experts, which the engine merges with full support);
 //! - against an I/O floor: decoding every input tensor and encoding + writing the output, with
-//!   no merge arithmetic, in-process and parallel like `xpm merge`;
+//!   no merge arithmetic, in-process and parallel like `xpm merge` (and with its allocator settings,
+//!   `xpm::alloc::lean`);
 //! - peak RSS of each run (GNU time);
 //! - with `TORCH_PYTHON=…/python` (a Python with torch and safetensors): against PyTorch merging
 //!   the same experts densified, with mergekit's formulas (`benches/torch_merge.py`), and the
@@ -18,6 +19,10 @@
 mod common;
 use common::median;
 
+// The I/O floor runs in this process: with the allocator and settings of `xpm merge` itself.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -27,6 +32,7 @@ use xpm::format::{
     ArtifactReader, ArtifactWriter, BaseModel, Content, Dtype, ExpertKind, Manifest, TensorData,
     encode_tensor,
 };
+use xpm::merge::input::load_input_at;
 use xpm::rng::SplitMix64;
 
 const SIDE: u64 = 1024;
@@ -122,44 +128,39 @@ fn run_merge_with(inputs: &[PathBuf], args: &[&str], out: &Path) -> (f64, f64) {
 }
 
 /// Decode every input tensor and encode + write the output's tensors, no merge arithmetic:
-/// what any merge must at least do. Parallel across tensors like `xpm merge`.
+/// what any merge must at least do. Both halves as `xpm merge` does them: the inputs decoded
+/// into the engine's pooled buffers (every frame hashed against the manifest), in parallel
+/// across tensors; the merged tensors (decoded beforehand, not timed) encoded in parallel and
+/// written in order. The floor is the sum of the two.
 fn io_floor(inputs: &[PathBuf], merged: &Path, out: &Path) -> f64 {
-    let t = Instant::now();
     let readers: Vec<ArtifactReader> = inputs
         .iter()
         .map(|p| ArtifactReader::open(p).unwrap())
         .collect();
     let n = readers[0].manifest().tensors.len();
+    let t = Instant::now();
     (0..n).into_par_iter().for_each(|i| {
         for r in &readers {
-            std::hint::black_box(r.read_tensor(i).unwrap());
+            std::hint::black_box(load_input_at(r, i).unwrap()).recycle();
         }
     });
+    let decode = t.elapsed().as_secs_f64();
     let m = ArtifactReader::open(merged).unwrap();
-    let encoded: Vec<_> = (0..n)
+    let tensors: Vec<TensorData> = (0..n)
         .into_par_iter()
-        .map(|i| {
-            encode_tensor(
-                &m.read_tensor(i).unwrap(),
-                xpm::format::artifact::DEFAULT_LEVEL,
-            )
-            .unwrap()
-        })
+        .map(|i| m.read_tensor(i).unwrap())
         .collect();
-    let mut w = ArtifactWriter::create(out, xpm::format::artifact::DEFAULT_LEVEL).unwrap();
-    for e in encoded {
-        w.push(e).unwrap();
-    }
+    let t = Instant::now();
+    let level = xpm::format::artifact::DEFAULT_LEVEL;
+    let mut w = ArtifactWriter::create(out, level).unwrap();
+    xpm::parallel::map_ordered(&tensors, |td| encode_tensor(td, level), |e| w.push(e)).unwrap();
     let mut man = m.manifest().clone();
     man.tensors.clear();
     man.payload = None;
     w.finish(man).unwrap();
-    // Decoding the merged output is not part of the floor: subtract it.
-    let t_dec = Instant::now();
-    (0..n).into_par_iter().for_each(|i| {
-        std::hint::black_box(m.read_tensor(i).unwrap());
-    });
-    t.elapsed().as_secs_f64() - t_dec.elapsed().as_secs_f64()
+    let encode = t.elapsed().as_secs_f64();
+    eprintln!("floor: decode {decode:.2} s, encode + write {encode:.2} s");
+    decode + encode
 }
 
 /// `xpm unpack` (not timed) every expert, then `benches/torch_merge.py` per strategy.
@@ -240,6 +241,7 @@ fn torch_baseline(
 }
 
 fn main() {
+    xpm::alloc::lean();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let rounds: usize = common::flag(&args, "--rounds", 3).max(1);

@@ -325,12 +325,14 @@ strategy = "mean"
     assert_eq!(m["version"], "2.0.0");
     let recipe = &m["provenance"]["recipe"];
     assert_eq!(recipe["experts"][0]["expert"], "e1@=1.0.0");
+    // Pinned by content digest (format 1.1), not by the whole-file sha256 (not computed).
     assert!(
-        recipe["experts"][1]["sha256"]
+        recipe["experts"][1]["content_digest"]
             .as_str()
             .unwrap()
             .starts_with("sha256:")
     );
+    assert!(recipe["experts"][1].get("sha256").is_none(), "{recipe}");
     assert_eq!(recipe["overrides"][0]["strategy"], "sparse-mean");
     // First match wins: enc.0.q.weight took sparse-mean (keeps the union), enc.1.q.weight mean
     // (union too), enc.0.k.weight sparse-mean, the rest ties (fewer entries).
@@ -388,8 +390,71 @@ strategy = "mean"
         .args(["merge", "--recipe", "bad.toml", "-o", "bad.xpm"])
         .assert()
         .failure()
-        .stderr(predicate::str::contains("the recipe pins"));
+        .stderr(predicate::str::contains(
+            "the recipe pins `e1@=1.0.0` to sha256",
+        ));
     assert!(!ctx.path("bad.xpm").exists());
+    // So is a content digest that does not match, and a pin that is not a digest at all.
+    let mut v: serde_json::Value = recipe.clone();
+    v["experts"][1]["content_digest"] = format!("sha256:{}", "1".repeat(64)).into();
+    std::fs::write(
+        ctx.path("bad.toml"),
+        toml_edit::ser::to_string_pretty(&v).unwrap(),
+    )
+    .unwrap();
+    ctx.xpm()
+        .args(["merge", "--recipe", "bad.toml", "-o", "bad.xpm"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "the recipe pins `e2@=1.0.0` to content digest sha256:111",
+        ));
+    v["experts"][1]["content_digest"] = "sha256:../../etc".into();
+    std::fs::write(
+        ctx.path("bad.toml"),
+        toml_edit::ser::to_string_pretty(&v).unwrap(),
+    )
+    .unwrap();
+    ctx.xpm()
+        .args(["merge", "--recipe", "bad.toml", "-o", "bad.xpm"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("is not a sha256 digest"));
+    assert!(!ctx.path("bad.xpm").exists());
+    // A recipe that pins the whole-file sha256 (what `xpm verify` prints) gets it checked,
+    // and the merge records it beside the content digest.
+    let verified: serde_json::Value = serde_json::from_slice(
+        &ctx.xpm()
+            .args(["verify", "e1.xpm", "--json"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let mut v: serde_json::Value = recipe.clone();
+    v["experts"][0]["sha256"] = verified["sha256"].clone();
+    std::fs::write(
+        ctx.path("sha.toml"),
+        toml_edit::ser::to_string_pretty(&v).unwrap(),
+    )
+    .unwrap();
+    ctx.xpm()
+        .args(["merge", "--recipe", "sha.toml", "-o", "sha.xpm"])
+        .assert()
+        .success();
+    let sha: serde_json::Value = serde_json::from_slice(
+        &ctx.xpm()
+            .args(["inspect", "sha.xpm", "--json"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let inputs = &sha["manifest"]["provenance"]["inputs"];
+    assert_eq!(inputs[0]["digest"], verified["sha256"]);
+    assert_eq!(inputs[0]["content_digest"], verified["content_digest"]);
+    assert!(inputs[1].get("digest").is_none(), "{inputs}");
+    assert_eq!(strip("sha.xpm"), strip("r.xpm"));
     // Invalid recipes: unknown key, bad strategy in an override, recipe + experts.
     std::fs::write(
         ctx.path("x.toml"),

@@ -155,11 +155,13 @@ pub fn extract(opts: &ExtractOptions, home: &XpmHome, printer: &Printer) -> Resu
                     role: "base".into(),
                     name: opts.base.display().to_string(),
                     digest: Some(base_digest),
+                    content_digest: None,
                 },
                 ProvenanceInput {
                     role: "tuned".into(),
                     name: opts.tuned.display().to_string(),
                     digest: Some(tuned_digest),
+                    content_digest: None,
                 },
             ],
             ..Provenance::default()

@@ -25,6 +25,10 @@ pub struct InspectReport {
     pub file: String,
     /// File size in bytes.
     pub file_size: u64,
+    /// Format 1.1 and later: the content digest (docs/format.md §2.4), checked on open; a
+    /// merged expert's provenance names its inputs by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_digest: Option<String>,
     /// The artifact's manifest, verbatim.
     pub manifest: Manifest,
     pub tensors: Vec<InspectTensor>,
@@ -121,6 +125,7 @@ pub fn inspect(artifact: &Path) -> Result<InspectReport> {
         schema_version: INSPECT_SCHEMA_VERSION,
         file: artifact.display().to_string(),
         file_size: reader.file_len(),
+        content_digest: reader.content_digest(),
         manifest: m,
         tensors,
         totals,
@@ -157,6 +162,9 @@ pub fn render(r: &InspectReport) -> String {
         let _ = writeln!(s, "  {d}");
     }
     let _ = writeln!(s, "  base     {}  {}", m.base.id, m.base.digest);
+    if let Some(c) = &r.content_digest {
+        let _ = writeln!(s, "  content  {c}");
+    }
     if let Some(l) = &m.license {
         let _ = writeln!(s, "  license  {l}");
     }

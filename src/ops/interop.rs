@@ -180,6 +180,7 @@ pub fn write_imported(
                 role: "base".into(),
                 name: base.root().display().to_string(),
                 digest: Some(digest),
+                content_digest: None,
             }],
             extra: extra_prov,
         }),

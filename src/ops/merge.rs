@@ -225,33 +225,92 @@ fn check_request(opts: &MergeOptions, printer: &Printer) -> Result<Vec<f64>> {
     Ok(weights)
 }
 
-/// Every input's whole-file digest (recorded in provenance), checked against the recipe's pins.
-/// The check verifies every frame too, so the readers then read frames without hashing them
-/// again; [`ArtifactReader::check_unchanged`] runs before the output is committed.
-fn input_digests(opts: &MergeOptions, readers: &[ArtifactReader]) -> Result<Vec<String>> {
-    let digests: Vec<String> = {
+/// How the merged expert's provenance names one input.
+#[derive(Debug, Clone, PartialEq)]
+struct InputDigest {
+    /// The whole file's sha256 (the artifact digest): computed only where needed, because it
+    /// costs a pass over the file besides the merge's own reads.
+    artifact: Option<String>,
+    /// The content digest of a format 1.1 input (checked on open, no pass over the payload).
+    content: Option<String>,
+}
+
+impl InputDigest {
+    /// What tells two inputs apart: the content digest, else the artifact digest (a 1.0 file
+    /// and a 1.1 file are never the same bytes).
+    fn key(&self) -> &str {
+        self.content
+            .as_deref()
+            .or(self.artifact.as_deref())
+            .expect("an input has a content or an artifact digest")
+    }
+}
+
+/// How provenance names every input, checked against the recipe's pins.
+///
+/// A format 1.1 input is named by its content digest, which its reader checked on open; the
+/// merge then checks every frame against the manifest as it reads it, so each input byte is
+/// read once and hashed once. The whole-file digest is computed only for a format 1.0 input
+/// (whose trailer holds it) or where the recipe pins `sha256`. Those files are hashed whole
+/// and per frame in one read, and their readers then read frames without hashing them again;
+/// [`ArtifactReader::check_unchanged`] runs before the output is committed.
+fn input_digests(opts: &MergeOptions, readers: &[ArtifactReader]) -> Result<Vec<InputDigest>> {
+    let pins: Vec<Option<&RecipeExpert>> = match &opts.recipe {
+        Some(recipe) => recipe.experts.iter().map(Some).collect(),
+        None => vec![None; readers.len()],
+    };
+    let refuse = |e: &RecipeExpert, r: &ArtifactReader, what: &str, want: &str, got: &str| {
+        Error::input(
+            format!(
+                "the recipe pins `{}` to {what} {want}, but `{}` has {got}",
+                e.expert,
+                r.path().display()
+            ),
+            Some(&format!(
+                "install the exact artifact the recipe names, or remove its `{}` to accept another",
+                if what == "sha256" {
+                    "sha256"
+                } else {
+                    "content_digest"
+                }
+            )),
+        )
+    };
+    // The content pins first: they cost nothing.
+    for (r, pin) in readers.iter().zip(&pins) {
+        if let Some(e) = pin
+            && let Some(want) = &e.content_digest
+        {
+            let got = r.content_digest();
+            if got.as_ref() != Some(want) {
+                let got = got.unwrap_or_else(|| "no content digest (format 1.0)".into());
+                return Err(refuse(e, r, "content digest", want, &got));
+            }
+        }
+    }
+    let digests: Vec<InputDigest> = {
         use rayon::prelude::*;
         readers
             .par_iter()
-            .map(ArtifactReader::verify_file_digest)
+            .zip(&pins)
+            .map(|(r, pin)| {
+                let content = r.content_digest();
+                let pinned = pin.is_some_and(|e| e.sha256.is_some());
+                let artifact = if content.is_none() || pinned {
+                    Some(r.verify_file_digest()?)
+                } else {
+                    None
+                };
+                Ok(InputDigest { artifact, content })
+            })
             .collect::<Result<_>>()?
     };
-    if let Some(recipe) = &opts.recipe {
-        for ((e, r), got) in recipe.experts.iter().zip(readers).zip(&digests) {
-            if let Some(want) = &e.sha256
-                && got != want
-            {
-                return Err(Error::input(
-                    format!(
-                        "the recipe pins `{}` to {want}, but `{}` is {got}",
-                        e.expert,
-                        r.path().display()
-                    ),
-                    Some(
-                        "install the exact artifact the recipe names, or remove its `sha256` to accept another",
-                    ),
-                ));
-            }
+    for ((r, pin), got) in readers.iter().zip(&pins).zip(&digests) {
+        if let Some(e) = pin
+            && let (Some(want), Some(got)) = (&e.sha256, &got.artifact)
+            && got != want
+        {
+            return Err(refuse(e, r, "sha256", want, got));
         }
     }
     Ok(digests)
@@ -341,7 +400,7 @@ fn merged_manifest(
     opts: &MergeOptions,
     set: &ExpertSet,
     weights: &[f64],
-    digests: &[String],
+    digests: &[InputDigest],
     densified: &[String],
     kinds: &std::collections::HashSet<ExpertKind>,
     label: &str,
@@ -361,7 +420,8 @@ fn merged_manifest(
         inputs.push(ProvenanceInput {
             role: "expert".into(),
             name: format!("{}@{}", m.name, m.version),
-            digest: Some(d.clone()),
+            digest: d.artifact.clone(),
+            content_digest: d.content.clone(),
         });
     }
     let mut extra = BTreeMap::new();
@@ -377,6 +437,7 @@ fn merged_manifest(
             let (name, version) = input.name.split_once('@').expect("name@version");
             e.expert = format!("{name}@={version}");
             e.sha256 = input.digest.clone();
+            e.content_digest = input.content_digest.clone();
         }
         if let MergeMethod::Plugin { plugin, .. } = &opts.method {
             pinned.plugin_sha256 = Some(plugin.sha256.clone());
@@ -511,6 +572,7 @@ fn recipe_from_flags(f: &MergeFlags) -> Result<Recipe> {
                 expert: e.clone(),
                 weight: f.weights.get(i).copied().unwrap_or(1.0),
                 sha256: None,
+                content_digest: None,
             })
             .collect(),
         overrides: f
@@ -711,7 +773,7 @@ fn degenerate_checks(
     opts: &MergeOptions,
     weights: Vec<f64>,
     names: &[String],
-    digests: &[String],
+    digests: &[InputDigest],
     inputs_desc: &[String],
     printer: &Printer,
 ) -> Result<Vec<f64>> {
@@ -761,7 +823,7 @@ fn degenerate_checks(
         ));
     }
     for (j, d) in digests.iter().enumerate() {
-        if let Some(i) = digests[..j].iter().position(|x| x == d) {
+        if let Some(i) = digests[..j].iter().position(|x| x.key() == d.key()) {
             printer.warn(format!(
                 "expert {} and expert {} are the same artifact ({}); it counts twice",
                 i + 1,
@@ -972,7 +1034,12 @@ mod tests {
             builtin(strategy),
             PathBuf::from("m.xpm"),
         );
-        let digests: Vec<String> = (0..n).map(|i| format!("sha256:{i}")).collect();
+        let digests: Vec<InputDigest> = (0..n)
+            .map(|i| InputDigest {
+                artifact: None,
+                content: Some(format!("sha256:{i}")),
+            })
+            .collect();
         let desc: Vec<String> = (0..n).map(|i| format!("e{i}@1.0.0")).collect();
         let names = vec!["w".to_string()];
         degenerate_checks(&o, weights, &names, &digests, &desc, &Printer::silent())
@@ -1022,6 +1089,7 @@ mod tests {
                     expert: format!("e{i}.xpm"),
                     weight: *w,
                     sha256: None,
+                    content_digest: None,
                 })
                 .collect(),
             overrides: Vec::new(),

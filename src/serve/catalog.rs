@@ -287,6 +287,7 @@ impl Catalog {
                     expert: e.path.display().to_string(),
                     weight: spec.weights.get(i).copied().unwrap_or(1.0),
                     sha256: Some(e.digest.clone()),
+                    content_digest: None,
                 })
                 .collect(),
             overrides: Vec::new(),

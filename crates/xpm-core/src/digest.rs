@@ -38,6 +38,13 @@ pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::
     }
 }
 
+/// Serde: an optional `sha256:` digest field, checked as [`deserialize`] checks one.
+pub fn deserialize_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    struct Checked(#[serde(deserialize_with = "deserialize")] String);
+    Ok(<Option<Checked> as serde::Deserialize>::deserialize(d)?.map(|c| c.0))
+}
+
 /// `s` in backticks for an error message, escaped and cut to 80 characters (the value may come
 /// from a hostile file).
 pub fn quoted(s: &str) -> String {

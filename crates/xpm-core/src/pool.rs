@@ -10,6 +10,13 @@
 //! are bounded (buffer size, count and bytes) and belong to their thread, so they go away with
 //! it.
 //!
+//! Larger buffers (a merged tensor's output: 3–8 MiB each of indices, values and their bytes
+//! on the merge benchmark) are kept too, but at most one per element type and thread: freed,
+//! each went back to the OS and the next tensor's first writes faulted in and zeroed whole
+//! 2 MiB pages, and every purge interrupted the other cores to flush their TLBs (about a fifth
+//! of the merge's CPU time; docs/benchmarks.md). One buffer per type bounds what an idle
+//! thread holds, and a loop of tensors of one size needs no more.
+//!
 //! zstd contexts (tables of several hundred KiB, allocated by the C library on every one-shot
 //! call) are kept per thread the same way.
 
@@ -18,10 +25,13 @@ use std::thread::LocalKey;
 
 /// Buffers smaller than this are not worth keeping (the allocator serves them quickly).
 const MIN_BYTES: usize = 32 << 10;
-/// Larger buffers are left to the allocator. On the merge benchmark's densified inputs
-/// (4 MiB per expert and tensor), keeping them raised peak RSS by a third for 5–8 % less
-/// time; the sparse inputs' buffers (0.2–0.4 MiB) are what pays off (docs/benchmarks.md).
+/// Larger buffers go to the one-per-type slot ([`LARGE_BYTES`]), not to the free lists: on
+/// the merge benchmark's densified inputs (4 MiB per expert and tensor), keeping every one
+/// raised peak RSS by a third for 5–8 % less time; the sparse inputs' buffers (0.2–0.4 MiB)
+/// are what pays off (docs/benchmarks.md).
 const MAX_BUFFER: usize = 1 << 20;
+/// The most a thread's large slots hold, all types together; a larger buffer is freed.
+const LARGE_BYTES: usize = 24 << 20;
 /// At most this many buffers per element type and thread …
 const MAX_BUFFERS: usize = 48;
 /// … and this many bytes per thread, all types together.
@@ -31,25 +41,57 @@ const MAX_BYTES: usize = 24 << 20;
 pub trait Recycle: Copy + 'static {
     #[doc(hidden)]
     fn free_list() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>>;
+    #[doc(hidden)]
+    fn large_slot() -> &'static LocalKey<RefCell<Option<Vec<Self>>>>;
 }
 
 macro_rules! recycle {
-    ($($t:ty => $list:ident),*) => {$(
+    ($($t:ty => $list:ident, $large:ident),*) => {$(
         thread_local! {
             static $list: RefCell<Vec<Vec<$t>>> = const { RefCell::new(Vec::new()) };
+            static $large: RefCell<Option<Vec<$t>>> = const { RefCell::new(None) };
         }
         impl Recycle for $t {
             fn free_list() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>> {
                 &$list
             }
+            fn large_slot() -> &'static LocalKey<RefCell<Option<Vec<Self>>>> {
+                &$large
+            }
         }
     )*};
 }
-recycle!(u8 => FREE_U8, u64 => FREE_U64, f32 => FREE_F32);
+recycle!(u8 => FREE_U8, LARGE_U8, u64 => FREE_U64, LARGE_U64, f32 => FREE_F32, LARGE_F32);
 
 thread_local! {
     /// Bytes on this thread's free lists, all types together.
     static HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Bytes in this thread's large slots, all types together.
+    static HELD_LARGE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// This thread's large buffer of type `T` if it holds at least `cap` elements; a smaller one is
+/// freed (it would have to be reallocated anyway).
+fn take_large<T: Recycle>(cap: usize) -> Option<Vec<T>> {
+    let v = T::large_slot().take()?;
+    HELD_LARGE.set(HELD_LARGE.get() - v.capacity() * size_of::<T>());
+    (v.capacity() >= cap).then_some(v)
+}
+
+/// Keep `v` (empty, over [`MAX_BUFFER`]) in this thread's large slot for `T`, in place of the
+/// one there, if the slots stay within [`LARGE_BYTES`].
+fn give_large<T: Recycle>(v: Vec<T>) {
+    let size = v.capacity() * size_of::<T>();
+    let old = T::large_slot()
+        .take()
+        .map_or(0, |o| o.capacity() * size_of::<T>());
+    let held = HELD_LARGE.get() - old;
+    if held + size <= LARGE_BYTES {
+        HELD_LARGE.set(held + size);
+        T::large_slot().set(Some(v));
+    } else {
+        HELD_LARGE.set(held);
+    }
 }
 
 /// An empty vector with room for `cap` elements: the smallest buffer on this thread's free
@@ -58,6 +100,9 @@ pub fn take<T: Recycle>(cap: usize) -> Vec<T> {
     let cap = size_class(cap);
     if cap * size_of::<T>() < MIN_BYTES {
         return Vec::with_capacity(cap);
+    }
+    if cap * size_of::<T>() > MAX_BUFFER {
+        return take_large(cap).unwrap_or_else(|| Vec::with_capacity(cap));
     }
     let found = T::free_list().with_borrow_mut(|list| {
         let fits = (0..list.len())
@@ -104,7 +149,10 @@ pub fn give<T: Recycle>(mut v: Vec<T>) {
     }
     v.clear();
     let size = bytes(&v);
-    if size > MAX_BUFFER || HELD.get() + size > MAX_BYTES {
+    if size > MAX_BUFFER {
+        return give_large(v);
+    }
+    if HELD.get() + size > MAX_BYTES {
         return;
     }
     T::free_list().with_borrow_mut(|list| {
@@ -201,6 +249,28 @@ mod tests {
             assert_eq!(FREE_U8.with_borrow(Vec::len), MAX_BUFFERS);
             give(Vec::<f32>::with_capacity(MAX_BUFFER / 4 + 1));
             assert_eq!(FREE_F32.with_borrow(Vec::len), 0, "over MAX_BUFFER");
+        });
+        on_a_thread(|| {
+            // Over MAX_BUFFER: one per type, the last one given, within LARGE_BYTES.
+            let a = Vec::<f32>::with_capacity(2 << 20);
+            let b = Vec::<f32>::with_capacity(3 << 20);
+            let b_ptr = b.as_ptr();
+            give(a);
+            give(b);
+            assert_eq!(HELD_LARGE.get(), 12 << 20);
+            give(Vec::<u64>::with_capacity(2 << 20));
+            // 16 MiB more would exceed LARGE_BYTES: freed.
+            assert_eq!(HELD_LARGE.get(), 12 << 20);
+            assert!(LARGE_U64.with_borrow(Option::is_none));
+            let c = take::<f32>(2 << 20);
+            assert_eq!(c.as_ptr(), b_ptr, "the slot's buffer, as it fits");
+            assert_eq!(HELD_LARGE.get(), 0);
+            give(c);
+            // Too small for the request: freed, and a new one comes.
+            let d = take::<f32>(4 << 20);
+            assert!(d.capacity() >= 4 << 20);
+            assert!(LARGE_F32.with_borrow(Option::is_none));
+            assert_eq!(HELD_LARGE.get(), 0);
         });
         on_a_thread(|| {
             // MAX_BYTES across all types.

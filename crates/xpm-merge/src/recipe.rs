@@ -104,10 +104,25 @@ pub struct RecipeExpert {
     /// Its weight (default 1).
     #[serde(default = "one_f64")]
     pub weight: f64,
-    /// `sha256:` of the artifact; filled in when a merge embeds its recipe, and checked when a
-    /// recipe that has it is run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `sha256:` of the artifact (the whole file, as registries and lockfiles record it);
+    /// checked when a recipe that has it is run, which costs a pass over the file. A merge
+    /// fills it in when it embeds its recipe only where it hashed the whole file anyway (a
+    /// format 1.0 input, or a pin it checked).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "xpm_core::digest::deserialize_opt"
+    )]
     pub sha256: Option<String>,
+    /// The artifact's content digest (format 1.1 and later; `xpm inspect` prints it), which
+    /// names its bytes as surely as `sha256` and is checked without a pass over the file. A
+    /// merge fills it in for every 1.1 input when it embeds its recipe.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "xpm_core::digest::deserialize_opt"
+    )]
+    pub content_digest: Option<String>,
 }
 
 /// Different settings for the tensors whose names match a glob.

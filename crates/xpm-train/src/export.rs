@@ -168,11 +168,13 @@ fn manifest(opts: &TrainOptions, input: &Prepared, fit: &Fit<'_>) -> Manifest {
                 role: "base".into(),
                 name: input.base_id.clone(),
                 digest: Some(input.base_digest.clone()),
+                content_digest: None,
             },
             ProvenanceInput {
                 role: "data".into(),
                 name: opts.data.display().to_string(),
                 digest: Some(input.train_data.digest.clone()),
+                content_digest: None,
             },
         ],
         ..Provenance::default()

@@ -138,6 +138,7 @@ fn write_artifact(
                 role: "base".into(),
                 name: "fuzz/base".into(),
                 digest: Some(xpm_core::digest::sha256(b"fuzz base")),
+                content_digest: None,
             }],
             extra: BTreeMap::new(),
         });

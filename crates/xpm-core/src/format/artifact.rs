@@ -414,8 +414,9 @@ pub struct ArtifactReader {
     len: u64,
     manifest: Manifest,
     payload_start: u64,
-    /// Format 1.1 and later: the trailer holds the content digest, not the whole-file digest.
-    content_trailer: bool,
+    /// Format 1.1 and later: the content digest (§2.4 of docs/format.md), checked on open; the
+    /// trailer holds it instead of 1.0's whole-file digest.
+    content: Option<[u8; 32]>,
     /// Set by [`ArtifactReader::verify_file_digest`]: every frame was just checked, so frames
     /// are read without hashing them again; the file's state when it was hashed.
     whole: std::sync::OnceLock<FileStamp>,
@@ -519,14 +520,19 @@ impl ArtifactReader {
                 "the manifest does not match its sha256 in the trailer (flipped bits?)".into(),
             ));
         }
-        let content_trailer = minor >= 1;
-        if content_trailer && content_digest(&pre, &manifest_bytes)[..] != trailer[40..72] {
-            return Err(corrupt(
-                "the trailer's content digest does not match the prelude and manifest (flipped \
-                 bits?)"
-                    .into(),
-            ));
-        }
+        let content = if minor >= 1 {
+            let c = content_digest(&pre, &manifest_bytes);
+            if c[..] != trailer[40..72] {
+                return Err(corrupt(
+                    "the trailer's content digest does not match the prelude and manifest \
+                     (flipped bits?)"
+                        .into(),
+                ));
+            }
+            Some(c)
+        } else {
+            None
+        };
         let manifest: Manifest = match serde_json::from_slice(&manifest_bytes) {
             Ok(m) => m,
             Err(e) if minor > FORMAT_MINOR => {
@@ -563,7 +569,7 @@ impl ArtifactReader {
             len,
             manifest,
             payload_start: PRELUDE_LEN,
-            content_trailer,
+            content,
             whole: std::sync::OnceLock::new(),
         };
         reader.check_safetensors_header(&payload)?;
@@ -578,6 +584,14 @@ impl ArtifactReader {
     /// The manifest (with storage details).
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// Format 1.1 and later: the content digest, `sha256:<hex>` (docs/format.md §2.4), checked
+    /// when the file was opened. It names the file's bytes as surely as the whole-file digest
+    /// once every frame read is checked against the manifest (which is how this reader reads
+    /// them), and costs no pass over the payload. `None` for a format 1.0 file.
+    pub fn content_digest(&self) -> Option<String> {
+        self.content.map(|c| digest::format_digest(&c))
     }
 
     /// The file's length in bytes.
@@ -655,7 +669,7 @@ impl ArtifactReader {
         }
         let (body, tail) = rest.split_at(rest.len() - DIGEST_TAIL_LEN as usize);
         whole.update(body);
-        if !self.content_trailer && whole.clone().finalize()[..] != tail[..32] {
+        if self.content.is_none() && whole.clone().finalize()[..] != tail[..32] {
             return Err(Error::corrupt(
                 &self.path,
                 "the file's sha256 does not match its trailer (the damage is outside the \

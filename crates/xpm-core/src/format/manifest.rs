@@ -323,9 +323,20 @@ pub struct ProvenanceInput {
     pub role: String,
     /// A name, `name@version` or a file name.
     pub name: String,
-    /// `sha256:<hex>` of the input.
+    /// `sha256:<hex>` of the input (for an artifact: of the whole file, as registries and
+    /// lockfiles record it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// For an artifact of format 1.1 or later: its content digest (docs/format.md §2.4), which
+    /// `xpm inspect` prints. A merge records this one, which it gets without a pass over the
+    /// input, unless it hashed the whole file anyway (a format 1.0 input, or a recipe that
+    /// pins `sha256`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::digest::deserialize_opt"
+    )]
+    pub content_digest: Option<String>,
 }
 
 impl Manifest {

@@ -19,6 +19,9 @@ pub struct VerifyReport {
     pub version: String,
     /// `sha256:<hex>` of the whole file (what registries and lockfiles record).
     pub sha256: String,
+    /// Format 1.1 and later: the content digest (what a merge's provenance names it by).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_digest: Option<String>,
     pub tensors: usize,
     /// Stored entries: nnz for sparse, numel for dense, rank·(in+out) for LoRA.
     pub nnz: u64,
@@ -47,6 +50,7 @@ pub fn verify(artifact: &Path, printer: &Printer) -> Result<VerifyReport> {
         name: m.name,
         version: m.version.to_string(),
         sha256,
+        content_digest: reader.content_digest(),
         tensors: m.tensors.len(),
         nnz,
     })
