@@ -14,7 +14,8 @@
 //!
 //! Run: `cargo bench --bench merge` (`-- --quick` for 4 experts × 16 tensors, `-- --rounds N`
 //! for N rounds of the sparse, densified and floor runs, default 3). Writes the table
-//! to `target/bench-merge.md`. `XPM_BENCH_KEEP=1` keeps the generated experts (for profiling).
+//! to `target/bench-merge.md`. `XPM_BENCH_KEEP=1` keeps the generated experts (for profiling);
+//! `XPM_BENCH_DIR=/dev/shm` writes them and every output there instead of under `target/`.
 
 mod common;
 use common::median;
@@ -128,39 +129,41 @@ fn run_merge_with(inputs: &[PathBuf], args: &[&str], out: &Path) -> (f64, f64) {
 }
 
 /// Decode every input tensor and encode + write the output's tensors, no merge arithmetic:
-/// what any merge must at least do. Both halves as `xpm merge` does them: the inputs decoded
-/// into the engine's pooled buffers (every frame hashed against the manifest), in parallel
-/// across tensors; the merged tensors (decoded beforehand, not timed) encoded in parallel and
-/// written in order. The floor is the sum of the two.
+/// what any merge must at least do, the way `xpm merge` does it. Per tensor, in parallel
+/// across tensors: every input's part decoded into the engine's pooled buffers (every frame
+/// hashed against the manifest), then the merged tensor (decoded beforehand, not timed)
+/// encoded; the writer writes in order as results arrive, overlapping the work.
 fn io_floor(inputs: &[PathBuf], merged: &Path, out: &Path) -> f64 {
     let readers: Vec<ArtifactReader> = inputs
         .iter()
         .map(|p| ArtifactReader::open(p).unwrap())
         .collect();
-    let n = readers[0].manifest().tensors.len();
-    let t = Instant::now();
-    (0..n).into_par_iter().for_each(|i| {
-        for r in &readers {
-            std::hint::black_box(load_input_at(r, i).unwrap()).recycle();
-        }
-    });
-    let decode = t.elapsed().as_secs_f64();
     let m = ArtifactReader::open(merged).unwrap();
+    let n = m.manifest().tensors.len();
     let tensors: Vec<TensorData> = (0..n)
         .into_par_iter()
         .map(|i| m.read_tensor(i).unwrap())
         .collect();
-    let t = Instant::now();
     let level = xpm::format::artifact::DEFAULT_LEVEL;
+    let t = Instant::now();
     let mut w = ArtifactWriter::create(out, level).unwrap();
-    xpm::parallel::map_ordered(&tensors, |td| encode_tensor(td, level), |e| w.push(e)).unwrap();
+    let order: Vec<usize> = (0..n).collect();
+    xpm::parallel::map_ordered(
+        &order,
+        |&i| {
+            for r in &readers {
+                std::hint::black_box(load_input_at(r, i)?).recycle();
+            }
+            encode_tensor(&tensors[i], level)
+        },
+        |e| w.push(e),
+    )
+    .unwrap();
     let mut man = m.manifest().clone();
     man.tensors.clear();
     man.payload = None;
     w.finish(man).unwrap();
-    let encode = t.elapsed().as_secs_f64();
-    eprintln!("floor: decode {decode:.2} s, encode + write {encode:.2} s");
-    decode + encode
+    t.elapsed().as_secs_f64()
 }
 
 /// `xpm unpack` (not timed) every expert, then `benches/torch_merge.py` per strategy.
@@ -248,7 +251,12 @@ fn main() {
     let (experts, tensors) = if quick { (4u64, 16usize) } else { (20, 64) };
     // Cargo names the directory but does not create it for benches after a `cargo clean`.
     std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mut dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // `XPM_BENCH_DIR` puts the experts and outputs elsewhere, e.g. on a tmpfs (`/dev/shm`) to
+    // take the disk's write-back out of the figures.
+    let base = std::env::var_os("XPM_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    let mut dir = tempfile::tempdir_in(base).unwrap();
     if std::env::var_os("XPM_BENCH_KEEP").is_some() {
         // Keep the experts and outputs (for profiling `xpm merge` on them).
         dir.disable_cleanup(true);

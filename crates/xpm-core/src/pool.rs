@@ -1,21 +1,21 @@
 //! Per-thread reuse of buffers and zstd contexts in streaming loops.
 //!
 //! `xpm merge` decodes every expert's part of one tensor, merges, encodes, and moves on to the
-//! next tensor: per tensor and thread, some 20 buffers of about the same sizes each time. Freed,
-//! that memory goes back to the OS after 10 ms ([`crate::alloc::lean`]), so every tensor used to
-//! fault in and zero fresh pages. Here the engine gives an expert's index and value buffers back
-//! when a tensor is done, and the decoders take them again for the next one. The cost is memory:
-//! a worker holds its last tensor's buffers while it encodes the output (on the merge benchmark,
-//! about 12 % more peak RSS for about 15 % less CPU time; docs/benchmarks.md). The free lists
-//! are bounded (buffer size, count and bytes) and belong to their thread, so they go away with
-//! it.
+//! next tensor: per tensor and thread, some 20 buffers of about the same sizes each time. When
+//! freed memory went back to the OS after 10 ms, every tensor faulted in and zeroed fresh
+//! pages. Here the engine gives an expert's index and value buffers back when a tensor is done,
+//! and the decoders take them again for the next one. The free lists are bounded (buffer size,
+//! count and bytes) and belong to their thread, so they go away with it.
 //!
 //! Larger buffers (a merged tensor's output: 3–8 MiB each of indices, values and their bytes
-//! on the merge benchmark) are kept too, but at most one per element type and thread: freed,
-//! each went back to the OS and the next tensor's first writes faulted in and zeroed whole
-//! 2 MiB pages, and every purge interrupted the other cores to flush their TLBs (about a fifth
-//! of the merge's CPU time; docs/benchmarks.md). One buffer per type bounds what an idle
-//! thread holds, and a loop of tensors of one size needs no more.
+//! on the merge benchmark) are kept too, but at most one per element type and thread. Now that
+//! the streaming commands keep freed memory for reuse ([`crate::alloc::lean`]), this is what
+//! bounds the merge's peak RSS: without the slots, the allocator's free spans of these sizes
+//! did not fit the next tensor's slightly different sizes, and the TIES merge on the merge
+//! benchmark peaked at 111–145 MB instead of 82–90 MB, at the same speed (docs/benchmarks.md).
+//! Before, when memory was returned, each of these buffers was faulted in and zeroed again for
+//! every tensor. One buffer per type bounds what an idle thread holds, and a loop of tensors of
+//! one size needs no more.
 //!
 //! zstd contexts (tables of several hundred KiB, allocated by the C library on every one-shot
 //! call) are kept per thread the same way.

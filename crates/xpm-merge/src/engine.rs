@@ -250,9 +250,42 @@ impl<'a> Kernel<'a> {
     }
 }
 
-/// Positions per block of [`combine_union`]: its sums and bitmaps (about 130 KiB) stay in the
+/// Positions per block of [`combine_union`]: its sums and bitmaps (about 330 KiB) stay in the
 /// core's L2 cache.
 const BLOCK: u64 = 8192;
+const B: usize = BLOCK as usize;
+
+/// [`combine_union`]'s per-position sums, vote and union bitmap for one block. All zero between
+/// blocks (the finish pass clears what the block touched), so a thread keeps one for every
+/// tensor it merges. Fixed sizes: offsets masked with `B − 1` need no bounds checks.
+struct Sums {
+    num: Box<[f64; 2 * B]>,
+    den: Box<[f64; 2 * B]>,
+    vote: Box<[f64; B]>,
+    union: Box<[u64; B / 64]>,
+}
+
+impl Sums {
+    fn new() -> Box<Sums> {
+        fn zeros<T: Copy + Default, const N: usize>() -> Box<[T; N]> {
+            vec![T::default(); N]
+                .into_boxed_slice()
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("N elements"))
+        }
+        Box::new(Sums {
+            num: zeros(),
+            den: zeros(),
+            vote: zeros(),
+            union: zeros(),
+        })
+    }
+}
+
+thread_local! {
+    /// This thread's [`Sums`], taken while a tensor is merged (a panic drops it, clean or not).
+    static SUMS: std::cell::Cell<Option<Box<Sums>>> = const { std::cell::Cell::new(None) };
+}
 
 /// Hand `f` every entry of one expert in `from..` below position `c1` (a contiguous run of
 /// its sorted indices) with its offset in the block that starts at `c0` and its value, after
@@ -263,9 +296,10 @@ fn sweep_expert(
     from: usize,
     c0: u64,
     c1: u64,
-    union: &mut [u64],
+    union: &mut [u64; B / 64],
     mut f: impl FnMut(usize, f64),
 ) -> usize {
+    // Offsets are below c1 − c0 ≤ B: the masks change nothing but drop the bounds checks.
     match &en.indices {
         Some(ix) => {
             // A linear walk, not a binary search for the run's end: the search's probes into
@@ -274,7 +308,7 @@ fn sweep_expert(
             while let Some(&i) = ix.get(at)
                 && i < c1
             {
-                let o = (i - c0) as usize;
+                let o = (i - c0) as usize & (B - 1);
                 union[o / 64] |= 1 << (o % 64);
                 f(o, en.values[at] as f64);
                 at += 1;
@@ -284,7 +318,7 @@ fn sweep_expert(
         None => {
             let to = en.values.len().min(c1 as usize).max(from);
             for (j, &v) in en.values[from..to].iter().enumerate() {
-                let o = from + j - c0 as usize;
+                let o = (from + j - c0 as usize) & (B - 1);
                 union[o / 64] |= 1 << (o % 64);
                 f(o, v as f64);
             }
@@ -310,14 +344,15 @@ fn sweep_expert(
 /// fixed 16 bytes per block position (40 for the TIES family), whatever the tensor's size.
 fn combine_union(entries: &[Entries], n: u64, weights: &[f64], k: &Kernel) -> (Vec<u64>, Vec<f32>) {
     let c = BLOCK.min(n.max(1));
-    let words = (c as usize).div_ceil(64);
+    let mut sums = SUMS.take().unwrap_or_else(Sums::new);
     // Lane 2·o + 0: values with a positive sign at position o; 2·o + 1: the others. Other
     // strategies use lane o only.
-    let lanes = if k.ties { 2 } else { 1 };
-    let mut num = vec![0f64; c as usize * lanes];
-    let mut den = vec![0f64; c as usize * lanes];
-    let mut vote = vec![0f64; if k.ties { c as usize } else { 0 }];
-    let mut union = vec![0u64; words];
+    let Sums {
+        num,
+        den,
+        vote,
+        union,
+    } = &mut *sums;
     let mut cursor = vec![0usize; entries.len()];
     // The union has at most as many positions as there are entries.
     let bound = (entries.iter().map(|e| e.values.len()).sum::<usize>()).min(n as usize);
@@ -344,19 +379,19 @@ fn combine_union(entries: &[Entries], n: u64, weights: &[f64], k: &Kernel) -> (V
                     Divisor::Weights => w,
                     Divisor::None => 0.0,
                 };
-                sweep_expert(en, cursor[e], c0, c1, &mut union, |o, v| {
+                sweep_expert(en, cursor[e], c0, c1, union, |o, v| {
                     vote[o] += k.vote(w, v);
                     // Agreement is judged on what voted: w·δ under the weighted rule
                     // (mergekit), δ otherwise (peft); a zero agrees with neither sign.
                     let signed = if weighted { w * v } else { v };
                     if signed != 0.0 {
-                        let l = 2 * o + if signed > 0.0 { 0 } else { 1 };
+                        let l = (2 * o + if signed > 0.0 { 0 } else { 1 }) & (2 * B - 1);
                         num[l] += w * v;
                         den[l] += d;
                     }
                 })
             } else {
-                sweep_expert(en, cursor[e], c0, c1, &mut union, |o, v| {
+                sweep_expert(en, cursor[e], c0, c1, union, |o, v| {
                     num[o] += w * v;
                     // `sparse-mean` divides by the weight of the experts whose mask holds the
                     // position (membership, not a non-zero value).
@@ -367,10 +402,10 @@ fn combine_union(entries: &[Entries], n: u64, weights: &[f64], k: &Kernel) -> (V
         for (wi, word) in union.iter_mut().enumerate() {
             let mut b = *word;
             while b != 0 {
-                let o = wi * 64 + b.trailing_zeros() as usize;
+                let o = (wi * 64 + b.trailing_zeros() as usize) & (B - 1);
                 let l = if k.ties {
                     // The elected sign: sgn⁺ of the vote (ties go to +1).
-                    let l = 2 * o + if vote[o] >= 0.0 { 0 } else { 1 };
+                    let l = (2 * o + if vote[o] >= 0.0 { 0 } else { 1 }) & (2 * B - 1);
                     vote[o] = 0.0;
                     (num[l ^ 1], den[l ^ 1]) = (0.0, 0.0);
                     l
@@ -388,6 +423,7 @@ fn combine_union(entries: &[Entries], n: u64, weights: &[f64], k: &Kernel) -> (V
         }
         c0 = c1;
     }
+    SUMS.set(Some(sums));
     (out_idx, out_val)
 }
 

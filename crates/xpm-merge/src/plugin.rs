@@ -432,10 +432,16 @@ impl Instance<'_> {
         let written = self.call_merge(&view, tensor, &mut s.out_vals, &mut s.keep)?;
         let n_kept = self.check_output(s, tensor, written)?;
         let (mut oi, mut ov) = (xpm_core::pool::take(n_kept), xpm_core::pool::take(n_kept));
-        for k in 0..len {
-            if s.keep[k] != 0 {
-                oi.push(s.support[k]);
-                ov.push(s.out_vals[k]);
+        if n_kept == len {
+            // Nothing dropped (every plugin without XPM_CAP_DROPS_ENTRIES): two copies.
+            oi.extend_from_slice(&s.support);
+            ov.extend_from_slice(&s.out_vals);
+        } else {
+            for k in 0..len {
+                if s.keep[k] != 0 {
+                    oi.push(s.support[k]);
+                    ov.push(s.out_vals[k]);
+                }
             }
         }
         Ok(Output::from_entries(n, dense, oi, ov))
@@ -491,7 +497,14 @@ impl Instance<'_> {
                 Some("nothing was written; report this to the plugin's author"),
             ));
         }
-        if let Some(k) = out_vals.iter().position(|v| !v.is_finite()) {
+        // One pass for the three checks below (they name the first offender each).
+        let (mut finite, mut flags, mut n_kept) = (true, true, 0usize);
+        for (v, &k) in out_vals.iter().zip(keep.iter()) {
+            finite &= v.is_finite();
+            flags &= k <= 1;
+            n_kept += usize::from(k != 0);
+        }
+        if !finite && let Some(k) = out_vals.iter().position(|v| !v.is_finite()) {
             return Err(plugin_error(
                 &p.path,
                 format!(
@@ -503,7 +516,7 @@ impl Instance<'_> {
                 ),
             ));
         }
-        if let Some(k) = keep.iter().position(|&k| k > 1) {
+        if !flags && let Some(k) = keep.iter().position(|&k| k > 1) {
             return Err(plugin_error(
                 &p.path,
                 format!(
@@ -513,7 +526,6 @@ impl Instance<'_> {
                 Some("nothing was written; report this to the plugin's author"),
             ));
         }
-        let n_kept = keep.iter().filter(|&&k| k != 0).count();
         if n_kept < len && p.capabilities & XPM_CAP_DROPS_ENTRIES == 0 {
             return Err(plugin_error(
                 &p.path,
