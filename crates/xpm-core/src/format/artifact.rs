@@ -204,22 +204,36 @@ const SAMPLE_FROM: usize = 256 << 10;
 const SAMPLE_CHUNK: usize = 16 << 10;
 /// A sample that zstd shrinks by less than this fraction is not worth compressing.
 const MIN_SAVING: f64 = 0.03;
+/// A level above 1 whose sample is not at least this fraction of the sample smaller than at
+/// level 1 is not worth its time: the part is compressed at level 1.
+const MIN_LEVEL_GAIN: f64 = 0.01;
 
 /// One zstd frame of `raw`: compressed at `level`, or, when a sample of the part shows that
 /// zstd would save under 3 % (random factors and values, typically), a frame of raw blocks:
 /// still a standard zstd frame that every decoder reads, written at memory speed instead of
-/// spending the compressor's time for nothing.
+/// spending the compressor's time for nothing. When the sample shows that `level` saves under
+/// 1 % more than level 1 (floating-point noise such as LoRA factors: their random mantissas
+/// leave zstd only the exponents), the part is compressed at level 1, about twice as fast.
 fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>> {
     let zstd_err = |e| Error::compute("zstd compression", e);
+    let mut level = level;
     if raw.len() >= SAMPLE_FROM {
         let mid = raw.len() / 2 - SAMPLE_CHUNK / 2;
         let mut sample = Vec::with_capacity(3 * SAMPLE_CHUNK);
         sample.extend_from_slice(&raw[..SAMPLE_CHUNK]);
         sample.extend_from_slice(&raw[mid..mid + SAMPLE_CHUNK]);
         sample.extend_from_slice(&raw[raw.len() - SAMPLE_CHUNK..]);
-        let packed = crate::pool::compress(&sample, level).map_err(zstd_err)?;
-        if packed.len() as f64 > sample.len() as f64 * (1.0 - MIN_SAVING) {
+        let packed = crate::pool::compress(&sample, level)
+            .map_err(zstd_err)?
+            .len();
+        if packed as f64 > sample.len() as f64 * (1.0 - MIN_SAVING) {
             return Ok(raw_frame(raw));
+        }
+        if level > 1 {
+            let fast = crate::pool::compress(&sample, 1).map_err(zstd_err)?.len();
+            if (fast as f64) < packed as f64 + sample.len() as f64 * MIN_LEVEL_GAIN {
+                level = 1;
+            }
         }
     }
     crate::pool::compress(raw, level).map_err(zstd_err)
@@ -1200,6 +1214,29 @@ mod tests {
         assert_eq!(f, raw_frame(&random));
         let zeros = vec![0u8; 1 << 20];
         assert!(compress(&zeros, DEFAULT_LEVEL).unwrap().len() < 1000);
+        // Float noise (zstd saves on the exponents only, as much at level 1 as at 3): level 1.
+        let noise: Vec<u8> = (0..1 << 18)
+            .flat_map(|_| ((g.uniform() * 2.0 - 1.0) * 0.01).to_le_bytes())
+            .collect();
+        let f = compress(&noise, DEFAULT_LEVEL).unwrap();
+        assert_eq!(f, zstd::bulk::compress(&noise, 1).unwrap());
+        assert!(
+            f.len() < noise.len() * 97 / 100,
+            "{} of {}",
+            f.len(),
+            noise.len()
+        );
+        // Text-like bytes, where level 3 finds more than level 1: the level asked for.
+        let words = [
+            "alpha ", "beta ", "gamma ", "delta ", "epsilon ", "zeta ", "eta ",
+        ];
+        let text: Vec<u8> = (0..200_000)
+            .flat_map(|_| words[(g.next_u64() % 7) as usize].bytes())
+            .collect();
+        assert_eq!(
+            compress(&text, DEFAULT_LEVEL).unwrap(),
+            zstd::bulk::compress(&text, DEFAULT_LEVEL).unwrap()
+        );
         // Small parts are always compressed (the sample would cost as much).
         let small: Vec<u8> = random[..1000].to_vec();
         assert_eq!(
