@@ -6,7 +6,7 @@
 //!   same deltas stored as dense experts, which the engine merges with full support);
 //! - against an I/O floor: decoding every input tensor and encoding + writing the output, with
 //!   no merge arithmetic, in-process and parallel like `xpm merge` (and with its allocator settings,
-//!   `xpm::alloc::lean`);
+//!   `xpm::alloc::reuse`);
 //! - peak RSS of each run (GNU time);
 //! - with `TORCH_PYTHON=…/python` (a Python with torch and safetensors): against PyTorch merging
 //!   the same experts densified, with mergekit's formulas (`benches/torch_merge.py`), and the
@@ -244,7 +244,7 @@ fn torch_baseline(
 }
 
 fn main() {
-    xpm::alloc::lean();
+    xpm::alloc::reuse();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let rounds: usize = common::flag(&args, "--rounds", 3).max(1);

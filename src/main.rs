@@ -2,7 +2,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    // `xpm train`, `eval` and `demo` switch to `alloc::configure` when they start.
+    // Some commands switch to `alloc::reuse` or `alloc::configure` when they start.
     xpm::alloc::lean();
     xpm::cli::main()
 }

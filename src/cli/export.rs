@@ -38,6 +38,8 @@ pub struct Args {
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
+    // Tensor after tensor of similar sizes: keep freed memory for the next (alloc.rs).
+    crate::alloc::reuse();
     let req = ExportRequest {
         expert: a.expert.clone(),
         out: a.out,

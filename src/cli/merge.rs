@@ -76,6 +76,8 @@ pub struct Args {
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
+    // Tensor after tensor of similar sizes: keep freed memory for the next (alloc.rs).
+    crate::alloc::reuse();
     let source = match a.recipe {
         Some(path) => RecipeSource::File { path, seed: a.seed },
         None => RecipeSource::Flags(MergeFlags {

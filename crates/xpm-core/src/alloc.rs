@@ -4,24 +4,32 @@
 //! blocks above 128 KiB with fresh `mmap`s (zeroed pages, a page fault per 4 KiB, `munmap` on
 //! free); mimalloc reuses them, once told not to return freed memory to the OS. On MiniLM this
 //! cut the step time by about a third (docs/benchmarks.md, "Training"). The `xpm` binary and
-//! the benchmarks install mimalloc as their global allocator; `xpm train`, `eval`, `demo`,
-//! `import` and `serve` call [`configure`], every other command runs [`lean`].
+//! the benchmarks install mimalloc as their global allocator, and every command picks one of
+//! three settings:
 //!
-//! Both keep freed memory for reuse (mimalloc's purge delay −1). The streaming commands
-//! (`merge`, `pack`, `extract`, …) used to return it after 10 ms, for a low peak RSS. But
-//! every return is an `madvise` that interrupts the other cores to flush their TLBs, and the
-//! next tensor faults the pages in and zeroes them again: on this project's 2-core VM, purging
-//! took more than half of `xpm merge`'s CPU time on densified inputs (12–14 s of system time
-//! in a 12 s merge) and about a third on sparse ones (docs/benchmarks.md, "Merge"). Longer
-//! delays (50 ms to 1 s) recovered only part of it.
+//! - [`lean`] (the default, set in `main`): freed memory goes back to the OS after 10 ms,
+//!   arenas are committed on demand, and transparent huge pages are off. With mimalloc's
+//!   defaults `xpm merge`'s peak RSS on the merge benchmark was about twice what it was with
+//!   glibc's malloc.
+//! - [`reuse`] (`xpm merge`, `xpm export`): the same, but freed memory is kept for reuse. Every
+//!   return of memory is an `madvise` that interrupts the other cores to flush their TLBs, and
+//!   the next tensor faults the pages in and zeroes them again: on this project's 2-core VM,
+//!   purging took more than half of `xpm merge`'s CPU time on densified inputs (12–14 s of
+//!   system time in a 12 s merge) and about a third on sparse ones; export's runs took 1.3 s,
+//!   or 6 s when the purges stalled (docs/benchmarks.md, "Merge"). Longer delays (50 ms to 1 s)
+//!   recovered only part of it. These commands stream tensors of similar sizes through the
+//!   buffers of [`crate::pool`], so what they keep is what the next tensor needs. `xpm pack` is
+//!   not one of them: its tensors are large and of mixed sizes, and keeping freed memory raised
+//!   its peak RSS on the format benchmark from 400 MB to 607 MB.
+//! - [`configure`] (`xpm train`, `eval`, `demo`, `import`, `serve`): freed memory kept, arenas
+//!   committed eagerly (mimalloc's default, 2), transparent huge pages allowed: training's
+//!   large matrices profit from them.
 //!
-//! What keeps their peak RSS low instead is that [`lean`] turns transparent huge pages off
-//! for the process (Linux; the common system setting is `always`). Those commands stream
-//! tensor after tensor through buffers of a few MiB: with huge pages, every buffer's first
-//! write faulted in and zeroed whole 2 MiB pages. Without them the TIES merge on the merge
-//! benchmark peaks at 80–96 MB with no purging, against 113–128 MB with huge pages and 10 ms
-//! purging. Arenas are committed on demand in [`lean`] and eagerly (mimalloc's default, 2) in
-//! [`configure`], which also leaves huge pages on: training's large matrices profit from them.
+//! Transparent huge pages are off in [`lean`] and [`reuse`] (Linux; the common system setting
+//! is `always`): those commands stream tensor after tensor through buffers of a few MiB, and
+//! with huge pages every buffer's first write faulted in and zeroed whole 2 MiB pages. The
+//! TIES merge on the merge benchmark peaks at 80–96 MB without them, against 113–128 MB with
+//! them.
 
 unsafe extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
@@ -42,9 +50,23 @@ fn set_options(options: [(&str, std::ffi::c_int, std::ffi::c_long); 2]) {
     }
 }
 
-/// For the streaming commands: keep freed memory for reuse, commit arenas lazily, no
-/// transparent huge pages (see the module's documentation).
+/// The default: return freed memory after 10 ms (mimalloc's default delay), commit arenas on
+/// demand, no transparent huge pages (see the module's documentation).
 pub fn lean() {
+    huge_pages(false);
+    set_options([
+        ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, 10),
+        (
+            "MIMALLOC_ARENA_EAGER_COMMIT",
+            MI_OPTION_ARENA_EAGER_COMMIT,
+            0,
+        ),
+    ]);
+}
+
+/// For `xpm merge` and `xpm export`: as [`lean`], but freed memory is kept for reuse (see the
+/// module's documentation).
+pub fn reuse() {
     huge_pages(false);
     set_options([
         ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, -1),
@@ -96,7 +118,7 @@ mod tests {
     extern crate mimalloc;
 
     #[test]
-    fn lean_turns_huge_pages_off_and_configure_on() {
+    fn lean_and_reuse_turn_huge_pages_off_and_configure_on() {
         std::thread::spawn(|| {
             // SAFETY: reads a flag of the calling process.
             let thp_disabled = || unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
@@ -104,6 +126,8 @@ mod tests {
             assert_eq!(thp_disabled(), 1);
             super::configure();
             assert_eq!(thp_disabled(), 0);
+            super::reuse();
+            assert_eq!(thp_disabled(), 1);
         })
         .join()
         .unwrap();

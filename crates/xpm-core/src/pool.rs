@@ -9,7 +9,7 @@
 //!
 //! Larger buffers (a merged tensor's output: 3–8 MiB each of indices, values and their bytes
 //! on the merge benchmark) are kept too, but at most one per element type and thread. Now that
-//! the streaming commands keep freed memory for reuse ([`crate::alloc::lean`]), this is what
+//! `xpm merge` keeps freed memory for reuse ([`crate::alloc::reuse`]), this is what
 //! bounds the merge's peak RSS: without the slots, the allocator's free spans of these sizes
 //! did not fit the next tensor's slightly different sizes, and the TIES merge on the merge
 //! benchmark peaked at 111–145 MB instead of 82–90 MB, at the same speed (docs/benchmarks.md).
