@@ -433,9 +433,11 @@ impl Instance<'_> {
         let n_kept = self.check_output(s, tensor, written)?;
         let (mut oi, mut ov) = (xpm_core::pool::take(n_kept), xpm_core::pool::take(n_kept));
         if n_kept == len {
-            // Nothing dropped (every plugin without XPM_CAP_DROPS_ENTRIES): two copies.
-            oi.extend_from_slice(&s.support);
-            ov.extend_from_slice(&s.out_vals);
+            // Nothing dropped (every plugin without XPM_CAP_DROPS_ENTRIES): the support and the
+            // values are the output. Swapped, not copied; the scratch keeps the empty buffers
+            // (from the pool) for the next tensor.
+            std::mem::swap(&mut oi, &mut s.support);
+            std::mem::swap(&mut ov, &mut s.out_vals);
         } else {
             for k in 0..len {
                 if s.keep[k] != 0 {
@@ -610,10 +612,7 @@ fn gather_entries(s: &mut Scratch, inputs: &[Input], dense: bool) {
                     // The support is every position: a position is its own slot.
                     slots.extend(indices.iter().map(|&i| i as u32));
                 } else {
-                    slots.extend(indices.iter().map(|&i| {
-                        let w = (i / 64) as usize;
-                        prefix[w] + (bits[w] & ((1u64 << (i % 64)) - 1)).count_ones()
-                    }));
+                    support_slots(indices, bits, prefix, slots);
                 }
                 values.extend_from_slice(sv);
             }
@@ -621,6 +620,32 @@ fn gather_entries(s: &mut Scratch, inputs: &[Input], dense: bool) {
         }
         starts.push(slots.len());
     }
+}
+
+/// Each of `indices`' slot in the support: the set bits of the union bitmap `bits` below it,
+/// from the per-word prefix counts `prefix`. With the CPU's `popcnt` where it has one (every
+/// x86-64 CPU since 2008, but not the x86-64 baseline the binary is built for, under which
+/// `count_ones` is a dozen instructions: 7 % of a plugin merge's time).
+fn support_slots(indices: &[u64], bits: &[u64], prefix: &[u32], slots: &mut Vec<u32>) {
+    #[inline(always)]
+    fn each(indices: &[u64], bits: &[u64], prefix: &[u32], slots: &mut Vec<u32>) {
+        slots.extend(indices.iter().map(|&i| {
+            let w = (i / 64) as usize;
+            prefix[w] + (bits[w] & ((1u64 << (i % 64)) - 1)).count_ones()
+        }));
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "popcnt")]
+        fn with_popcnt(indices: &[u64], bits: &[u64], prefix: &[u32], slots: &mut Vec<u32>) {
+            each(indices, bits, prefix, slots)
+        }
+        if std::arch::is_x86_feature_detected!("popcnt") {
+            // SAFETY: the CPU has `popcnt`, checked just above.
+            return unsafe { with_popcnt(indices, bits, prefix, slots) };
+        }
+    }
+    each(indices, bits, prefix, slots)
 }
 
 /// The ABI's view of one tensor's merge inputs, pointing into `s`, `shape`, `weights` and
