@@ -184,15 +184,67 @@ pub fn with_decompressor<R>(
 }
 
 /// Compress `raw` at `level` with this thread's zstd context: the same bytes as
-/// `zstd::bulk::compress`, without allocating a context per call.
+/// `zstd::bulk::compress`, without allocating a context per call, into a buffer from
+/// [`take_frame`].
 pub fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     COMPRESSOR.with_borrow_mut(|c| {
         let c = match c {
             Some((l, c)) if *l == level => c,
             _ => &mut c.insert((level, zstd::bulk::Compressor::new(level)?)).1,
         };
-        c.compress(raw)
+        let mut out = take_frame(zstd::zstd_safe::compress_bound(raw.len()));
+        c.compress_to_buffer(raw, &mut out)?;
+        Ok(out)
     })
+}
+
+/// Compressed frames, made on the workers and written, then dropped, by the writer's thread:
+/// a free list shared by all threads, unlike the per-thread ones. Freed across threads, these
+/// buffers (several MiB each for large tensors) were not reused, and every frame faulted in
+/// and zeroed fresh pages: 7 % of `xpm import peft`'s time on the interop benchmark.
+static FRAMES: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+/// At most this many frame buffers wait for reuse …
+const FRAME_BUFFERS: usize = 8;
+/// … holding at most this many bytes; larger buffers are freed.
+const FRAME_BYTES: usize = 64 << 20;
+
+/// An empty buffer with room for `cap` bytes for a compressed frame: the smallest waiting one
+/// that fits, else a new one.
+pub fn take_frame(cap: usize) -> Vec<u8> {
+    if cap >= MIN_BYTES {
+        let mut list = FRAMES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fits = (0..list.len())
+            .filter(|&i| list[i].capacity() >= cap)
+            .min_by_key(|&i| list[i].capacity());
+        if let Some(i) = fits {
+            return list.swap_remove(i);
+        }
+    }
+    Vec::with_capacity(cap)
+}
+
+/// A written frame's buffer, for a later [`take_frame`] on any thread (freed if small, or if
+/// the list is full: then the smallest waiting buffer makes room for a larger one).
+pub fn give_frame(mut v: Vec<u8>) {
+    let size = v.capacity();
+    if !(MIN_BYTES..=FRAME_BYTES / 2).contains(&size) {
+        return;
+    }
+    v.clear();
+    let mut list = FRAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let held: usize = list.iter().map(Vec::capacity).sum();
+    if list.len() < FRAME_BUFFERS && held + size <= FRAME_BYTES {
+        list.push(v);
+    } else if let Some(i) = (0..list.len()).min_by_key(|&i| list[i].capacity())
+        && list[i].capacity() < size
+        && held - list[i].capacity() + size <= FRAME_BYTES
+    {
+        list[i] = v;
+    }
 }
 
 #[cfg(test)]
@@ -282,6 +334,26 @@ mod tests {
             give(Vec::<u8>::with_capacity(MIN_BYTES));
             assert_eq!(FREE_U8.with_borrow(Vec::len), 0);
         });
+    }
+
+    #[test]
+    fn frame_buffers_are_shared_across_threads_and_bounded() {
+        // The list is process-wide: these buffers are larger than any other test's.
+        let v: Vec<u8> = Vec::with_capacity(FRAME_BYTES / 2 - 1);
+        let ptr = v.as_ptr();
+        std::thread::spawn(move || give_frame(v)).join().unwrap();
+        let again = take_frame(FRAME_BYTES / 2 - 10);
+        assert_eq!(again.as_ptr(), ptr, "given on one thread, taken on another");
+        assert!(again.is_empty());
+        give_frame(Vec::with_capacity(FRAME_BYTES / 2 + 1));
+        assert!(
+            FRAMES
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|b| b.capacity() <= FRAME_BYTES / 2),
+            "over the size bound: freed"
+        );
     }
 
     #[test]

@@ -223,14 +223,18 @@ fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>> {
         sample.extend_from_slice(&raw[..SAMPLE_CHUNK]);
         sample.extend_from_slice(&raw[mid..mid + SAMPLE_CHUNK]);
         sample.extend_from_slice(&raw[raw.len() - SAMPLE_CHUNK..]);
-        let packed = crate::pool::compress(&sample, level)
-            .map_err(zstd_err)?
-            .len();
+        // The sample's frames go back to the pool they came from.
+        let size = |f: Vec<u8>| {
+            let n = f.len();
+            crate::pool::give_frame(f);
+            n
+        };
+        let packed = size(crate::pool::compress(&sample, level).map_err(zstd_err)?);
         if packed as f64 > sample.len() as f64 * (1.0 - MIN_SAVING) {
             return Ok(raw_frame(raw));
         }
         if level > 1 {
-            let fast = crate::pool::compress(&sample, 1).map_err(zstd_err)?.len();
+            let fast = size(crate::pool::compress(&sample, 1).map_err(zstd_err)?);
             if (fast as f64) < packed as f64 + sample.len() as f64 * MIN_LEVEL_GAIN {
                 level = 1;
             }
@@ -245,7 +249,7 @@ fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>> {
 /// and the bytes themselves.
 pub fn raw_frame(raw: &[u8]) -> Vec<u8> {
     const BLOCK: usize = 128 << 10;
-    let mut out = Vec::with_capacity(raw.len() + 13 + 3 * raw.len().div_ceil(BLOCK).max(1));
+    let mut out = crate::pool::take_frame(raw.len() + 13 + 3 * raw.len().div_ceil(BLOCK).max(1));
     out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
     out.push(0b1110_0000); // FCS_flag 3 (8 bytes), Single_Segment 1, no checksum, no dictionary
     out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
@@ -312,18 +316,20 @@ impl ArtifactWriter {
         let mut written = Vec::with_capacity(t.parts.len());
         for p in t.parts {
             self.out.write_all(&p.frame).at("write", self.tmp.path())?;
+            let size = p.frame.len() as u64;
+            crate::pool::give_frame(p.frame);
             written.push(WrittenPart {
                 stored: StoredPart {
                     role: p.role,
                     offset: self.payload_len,
-                    size: p.frame.len() as u64,
+                    size,
                     raw_size: p.raw_size,
                     sha256: p.sha256,
                 },
                 st_dtype: p.st_dtype,
                 shape: p.shape,
             });
-            self.payload_len += p.frame.len() as u64;
+            self.payload_len += size;
         }
         self.tensors.push((t.entry, written));
         Ok(())
