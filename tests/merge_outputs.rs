@@ -378,78 +378,44 @@ strategy = "mean"
         .assert()
         .success();
     assert_eq!(strip("again.xpm"), strip("r.xpm"));
-    // A pinned digest that does not match is refused.
+    // Run the recipe `v` from `file`; its result, else its error.
+    let run_recipe = |v: &serde_json::Value, file: &str, out: &str| {
+        std::fs::write(ctx.path(file), toml_edit::ser::to_string_pretty(v).unwrap()).unwrap();
+        ctx.xpm()
+            .args(["merge", "--recipe", file, "-o", out])
+            .assert()
+    };
+    let json_of = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_slice(&ctx.xpm().args(args).output().unwrap().stdout).unwrap()
+    };
+    // A pinned digest that does not match is refused; so is a content digest that does not
+    // match, and a pin that is not a digest at all.
     let mut v: serde_json::Value = recipe.clone();
     v["experts"][0]["sha256"] = format!("sha256:{}", "0".repeat(64)).into();
-    std::fs::write(
-        ctx.path("bad.toml"),
-        toml_edit::ser::to_string_pretty(&v).unwrap(),
-    )
-    .unwrap();
-    ctx.xpm()
-        .args(["merge", "--recipe", "bad.toml", "-o", "bad.xpm"])
-        .assert()
+    run_recipe(&v, "bad.toml", "bad.xpm")
         .failure()
         .stderr(predicate::str::contains(
             "the recipe pins `e1@=1.0.0` to sha256",
         ));
-    assert!(!ctx.path("bad.xpm").exists());
-    // So is a content digest that does not match, and a pin that is not a digest at all.
     let mut v: serde_json::Value = recipe.clone();
     v["experts"][1]["content_digest"] = format!("sha256:{}", "1".repeat(64)).into();
-    std::fs::write(
-        ctx.path("bad.toml"),
-        toml_edit::ser::to_string_pretty(&v).unwrap(),
-    )
-    .unwrap();
-    ctx.xpm()
-        .args(["merge", "--recipe", "bad.toml", "-o", "bad.xpm"])
-        .assert()
+    run_recipe(&v, "bad.toml", "bad.xpm")
         .failure()
         .stderr(predicate::str::contains(
             "the recipe pins `e2@=1.0.0` to content digest sha256:111",
         ));
     v["experts"][1]["content_digest"] = "sha256:../../etc".into();
-    std::fs::write(
-        ctx.path("bad.toml"),
-        toml_edit::ser::to_string_pretty(&v).unwrap(),
-    )
-    .unwrap();
-    ctx.xpm()
-        .args(["merge", "--recipe", "bad.toml", "-o", "bad.xpm"])
-        .assert()
+    run_recipe(&v, "bad.toml", "bad.xpm")
         .failure()
         .stderr(predicate::str::contains("is not a sha256 digest"));
     assert!(!ctx.path("bad.xpm").exists());
     // A recipe that pins the whole-file sha256 (what `xpm verify` prints) gets it checked,
     // and the merge records it beside the content digest.
-    let verified: serde_json::Value = serde_json::from_slice(
-        &ctx.xpm()
-            .args(["verify", "e1.xpm", "--json"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let verified = json_of(&["verify", "e1.xpm", "--json"]);
     let mut v: serde_json::Value = recipe.clone();
     v["experts"][0]["sha256"] = verified["sha256"].clone();
-    std::fs::write(
-        ctx.path("sha.toml"),
-        toml_edit::ser::to_string_pretty(&v).unwrap(),
-    )
-    .unwrap();
-    ctx.xpm()
-        .args(["merge", "--recipe", "sha.toml", "-o", "sha.xpm"])
-        .assert()
-        .success();
-    let sha: serde_json::Value = serde_json::from_slice(
-        &ctx.xpm()
-            .args(["inspect", "sha.xpm", "--json"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    run_recipe(&v, "sha.toml", "sha.xpm").success();
+    let sha = json_of(&["inspect", "sha.xpm", "--json"]);
     let inputs = &sha["manifest"]["provenance"]["inputs"];
     assert_eq!(inputs[0]["digest"], verified["sha256"]);
     assert_eq!(inputs[0]["content_digest"], verified["content_digest"]);
