@@ -340,8 +340,9 @@ fn sweep_expert(
 /// adds the same values in the same order as [`Kernel::combine`] does, so the result is bit for
 /// bit the same (tested against the k-way walk).
 ///
-/// O(total entries + touched blocks × experts). Besides the entries and the output it needs a
-/// fixed 16 bytes per block position (40 for the TIES family), whatever the tensor's size.
+/// O(total entries + touched blocks × experts). Besides the entries and the output it needs
+/// 40 bytes per block position ([`Sums`], 330 KiB, kept per thread), whatever the tensor's
+/// size.
 fn combine_union(entries: &[Entries], n: u64, weights: &[f64], k: &Kernel) -> (Vec<u64>, Vec<f32>) {
     let c = BLOCK.min(n.max(1));
     let mut sums = SUMS.take().unwrap_or_else(Sums::new);
