@@ -76,8 +76,6 @@ pub struct Args {
 }
 
 pub fn exec(a: Args, ctx: &Context) -> anyhow::Result<()> {
-    // Tensor after tensor of similar sizes: keep freed memory for the next (alloc.rs).
-    crate::alloc::reuse();
     let source = match a.recipe {
         Some(path) => RecipeSource::File { path, seed: a.seed },
         None => RecipeSource::Flags(MergeFlags {

@@ -138,6 +138,16 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
     let weights = check_request(opts, printer)?;
     let label = opts.method.label();
     let set = ExpertSet::open(&opts.experts)?;
+    if set
+        .readers
+        .iter()
+        .all(|r| r.manifest().kind == ExpertKind::Sparse)
+    {
+        // Sparse tensors of similar sizes, one after another: keep freed memory for the next
+        // (a command's choice; training and serving keep theirs). Dense inputs keep returning
+        // it: their large buffers would raise the peak by half (alloc.rs).
+        crate::alloc::reuse_if_lean();
+    }
     for name in &set.names {
         if let Some((strategy, params)) = builtin_for(&opts.method, name) {
             params.check_tensor(strategy, name, set.info[name].0.iter().product())?;

@@ -11,16 +11,20 @@
 //!   arenas are committed on demand, and transparent huge pages are off. With mimalloc's
 //!   defaults `xpm merge`'s peak RSS on the merge benchmark was about twice what it was with
 //!   glibc's malloc.
-//! - [`reuse`] (`xpm merge`, `xpm export`): the same, but freed memory is kept for reuse. Every
+//! - [`reuse`] (`xpm merge` of sparse experts, `xpm export`): the same, but freed memory is
+//!   kept for reuse. Every
 //!   return of memory is an `madvise` that interrupts the other cores to flush their TLBs, and
 //!   the next tensor faults the pages in and zeroes them again: on this project's 2-core VM,
 //!   purging took more than half of `xpm merge`'s CPU time on densified inputs (12–14 s of
 //!   system time in a 12 s merge) and about a third on sparse ones; export's runs took 1.3 s,
 //!   or 6 s when the purges stalled (docs/benchmarks.md, "Merge"). Longer delays (50 ms to 1 s)
 //!   recovered only part of it. These commands stream tensors of similar sizes through the
-//!   buffers of [`crate::pool`], so what they keep is what the next tensor needs. `xpm pack` is
-//!   not one of them: its tensors are large and of mixed sizes, and keeping freed memory raised
-//!   its peak RSS on the format benchmark from 400 MB to 607 MB.
+//!   buffers of [`crate::pool`], so what they keep is what the next tensor needs. Large dense
+//!   tensors are another matter: keeping freed memory raised `xpm pack`'s peak RSS on the format
+//!   benchmark from 445 MB to 607 MB, and a `ties` merge of four dense experts of eight
+//!   4096 × 4096 tensors from 0.91–0.97 GB to 1.54–1.58 GB (for half the time). So `pack` stays
+//!   on [`lean`], and `merge` switches to [`reuse`] only when every input is a sparse expert
+//!   ([`reuse_if_lean`]).
 //! - [`configure`] (`xpm train`, `eval`, `demo`, `import`, `serve`): freed memory kept, arenas
 //!   committed eagerly (mimalloc's default, 2), transparent huge pages allowed: training's
 //!   large matrices profit from them.
@@ -50,9 +54,36 @@ fn set_options(options: [(&str, std::ffi::c_int, std::ffi::c_long); 2]) {
     }
 }
 
+/// Which of the settings below the process runs (0: none set).
+static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+const LEAN: u8 = 1;
+const REUSE: u8 = 2;
+const CONFIGURE: u8 = 3;
+
+/// [`reuse`] if the process runs [`lean`]; otherwise (training, serving) nothing changes. For
+/// library code that knows its work suits [`reuse`] (a merge of sparse experts) but must not
+/// override what the command chose.
+pub fn reuse_if_lean() {
+    if MODE.load(std::sync::atomic::Ordering::Relaxed) == LEAN {
+        reuse();
+    }
+}
+
+/// Whether the process keeps freed memory for reuse ([`reuse`] or [`configure`]). Caches of
+/// large buffers ([`crate::pool`]) hold them only then: under [`lean`] they would keep what
+/// the allocator is told to return (on the merge benchmark's densified inputs, 45 MB more
+/// peak RSS).
+pub fn keeps_freed_memory() -> bool {
+    matches!(
+        MODE.load(std::sync::atomic::Ordering::Relaxed),
+        REUSE | CONFIGURE
+    )
+}
+
 /// The default: return freed memory after 10 ms (mimalloc's default delay), commit arenas on
 /// demand, no transparent huge pages (see the module's documentation).
 pub fn lean() {
+    MODE.store(LEAN, std::sync::atomic::Ordering::Relaxed);
     huge_pages(false);
     set_options([
         ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, 10),
@@ -64,9 +95,10 @@ pub fn lean() {
     ]);
 }
 
-/// For `xpm merge` and `xpm export`: as [`lean`], but freed memory is kept for reuse (see the
-/// module's documentation).
+/// For `xpm merge` of sparse experts and `xpm export`: as [`lean`], but freed memory is kept
+/// (see the module's documentation).
 pub fn reuse() {
+    MODE.store(REUSE, std::sync::atomic::Ordering::Relaxed);
     huge_pages(false);
     set_options([
         ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, -1),
@@ -81,6 +113,7 @@ pub fn reuse() {
 /// For training, evaluation and serving: keep freed memory for reuse, with mimalloc's default
 /// arena commit (2: eager on overcommitting systems) and transparent huge pages allowed.
 pub fn configure() {
+    MODE.store(CONFIGURE, std::sync::atomic::Ordering::Relaxed);
     huge_pages(true);
     set_options([
         ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, -1),
@@ -126,7 +159,14 @@ mod tests {
             assert_eq!(thp_disabled(), 1);
             super::configure();
             assert_eq!(thp_disabled(), 0);
-            super::reuse();
+            super::reuse_if_lean();
+            assert_eq!(thp_disabled(), 0, "configure stays");
+            super::lean();
+            super::reuse_if_lean();
+            assert_eq!(
+                super::MODE.load(std::sync::atomic::Ordering::Relaxed),
+                super::REUSE
+            );
             assert_eq!(thp_disabled(), 1);
         })
         .join()

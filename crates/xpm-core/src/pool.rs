@@ -15,7 +15,9 @@
 //! benchmark peaked at 111–145 MB instead of 82–90 MB, at the same speed (docs/benchmarks.md).
 //! Before, when memory was returned, each of these buffers was faulted in and zeroed again for
 //! every tensor. One buffer per type bounds what an idle thread holds, and a loop of tensors of
-//! one size needs no more.
+//! one size needs no more. They are kept only while the process keeps freed memory
+//! ([`crate::alloc::keeps_freed_memory`]); under [`crate::alloc::lean`] they go back to the
+//! allocator like the rest.
 //!
 //! zstd contexts (tables of several hundred KiB, allocated by the C library on every one-shot
 //! call) are kept per thread the same way.
@@ -150,7 +152,10 @@ pub fn give<T: Recycle>(mut v: Vec<T>) {
     v.clear();
     let size = bytes(&v);
     if size > MAX_BUFFER {
-        return give_large(v);
+        if crate::alloc::keeps_freed_memory() {
+            give_large(v);
+        }
+        return;
     }
     if HELD.get() + size > MAX_BYTES {
         return;
@@ -190,7 +195,13 @@ pub fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     COMPRESSOR.with_borrow_mut(|c| {
         let c = match c {
             Some((l, c)) if *l == level => c,
-            _ => &mut c.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+            // Another level (the writer samples at two): the same context, its tables kept.
+            Some((l, c)) => {
+                c.set_compression_level(level)?;
+                *l = level;
+                c
+            }
+            None => &mut c.insert((level, zstd::bulk::Compressor::new(level)?)).1,
         };
         let mut out = take_frame(zstd::zstd_safe::compress_bound(raw.len()));
         c.compress_to_buffer(raw, &mut out)?;
@@ -229,7 +240,7 @@ pub fn take_frame(cap: usize) -> Vec<u8> {
 /// the list is full: then the smallest waiting buffer makes room for a larger one).
 pub fn give_frame(mut v: Vec<u8>) {
     let size = v.capacity();
-    if !(MIN_BYTES..=FRAME_BYTES / 2).contains(&size) {
+    if !(MIN_BYTES..=FRAME_BYTES / 2).contains(&size) || !crate::alloc::keeps_freed_memory() {
         return;
     }
     v.clear();
@@ -303,21 +314,22 @@ mod tests {
             assert_eq!(FREE_F32.with_borrow(Vec::len), 0, "over MAX_BUFFER");
         });
         on_a_thread(|| {
-            // Over MAX_BUFFER: one per type, the last one given, within LARGE_BYTES.
+            // Over MAX_BUFFER (what `give` passes on while the process keeps freed memory):
+            // one per type, the last one given, within LARGE_BYTES.
             let a = Vec::<f32>::with_capacity(2 << 20);
             let b = Vec::<f32>::with_capacity(3 << 20);
             let b_ptr = b.as_ptr();
-            give(a);
-            give(b);
+            give_large(a);
+            give_large(b);
             assert_eq!(HELD_LARGE.get(), 12 << 20);
-            give(Vec::<u64>::with_capacity(2 << 20));
+            give_large(Vec::<u64>::with_capacity(2 << 20));
             // 16 MiB more would exceed LARGE_BYTES: freed.
             assert_eq!(HELD_LARGE.get(), 12 << 20);
             assert!(LARGE_U64.with_borrow(Option::is_none));
             let c = take::<f32>(2 << 20);
             assert_eq!(c.as_ptr(), b_ptr, "the slot's buffer, as it fits");
             assert_eq!(HELD_LARGE.get(), 0);
-            give(c);
+            give_large(c);
             // Too small for the request: freed, and a new one comes.
             let d = take::<f32>(4 << 20);
             assert!(d.capacity() >= 4 << 20);
