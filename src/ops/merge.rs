@@ -236,7 +236,7 @@ fn check_request(opts: &MergeOptions, printer: &Printer) -> Result<Vec<f64>> {
 }
 
 /// How the merged expert's provenance names one input.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 struct InputDigest {
     /// The whole file's sha256 (the artifact digest): computed only where needed, because it
     /// costs a pass over the file besides the merge's own reads.
@@ -269,7 +269,13 @@ fn input_digests(opts: &MergeOptions, readers: &[ArtifactReader]) -> Result<Vec<
         Some(recipe) => recipe.experts.iter().map(Some).collect(),
         None => vec![None; readers.len()],
     };
-    let refuse = |e: &RecipeExpert, r: &ArtifactReader, what: &str, want: &str, got: &str| {
+    // `key`: the recipe's field; `what`: the digest in words.
+    let refuse = |e: &RecipeExpert,
+                  r: &ArtifactReader,
+                  key: &str,
+                  what: &str,
+                  want: &str,
+                  got: &str| {
         Error::input(
             format!(
                 "the recipe pins `{}` to {what} {want}, but `{}` has {got}",
@@ -277,12 +283,7 @@ fn input_digests(opts: &MergeOptions, readers: &[ArtifactReader]) -> Result<Vec<
                 r.path().display()
             ),
             Some(&format!(
-                "install the exact artifact the recipe names, or remove its `{}` to accept another",
-                if what == "sha256" {
-                    "sha256"
-                } else {
-                    "content_digest"
-                }
+                "install the exact artifact the recipe names, or remove its `{key}` to accept another"
             )),
         )
     };
@@ -294,7 +295,7 @@ fn input_digests(opts: &MergeOptions, readers: &[ArtifactReader]) -> Result<Vec<
             let got = r.content_digest();
             if got.as_ref() != Some(want) {
                 let got = got.unwrap_or_else(|| "no content digest (format 1.0)".into());
-                return Err(refuse(e, r, "content digest", want, &got));
+                return Err(refuse(e, r, "content_digest", "content digest", want, &got));
             }
         }
     }
@@ -320,7 +321,7 @@ fn input_digests(opts: &MergeOptions, readers: &[ArtifactReader]) -> Result<Vec<
             && let (Some(want), Some(got)) = (&e.sha256, &got.artifact)
             && got != want
         {
-            return Err(refuse(e, r, "sha256", want, got));
+            return Err(refuse(e, r, "sha256", "sha256", want, got));
         }
     }
     Ok(digests)

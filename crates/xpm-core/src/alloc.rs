@@ -83,44 +83,36 @@ pub fn keeps_freed_memory() -> bool {
 /// The default: return freed memory after 10 ms (mimalloc's default delay), commit arenas on
 /// demand, no transparent huge pages (see the module's documentation).
 pub fn lean() {
-    MODE.store(LEAN, std::sync::atomic::Ordering::Relaxed);
-    huge_pages(false);
-    set_options([
-        ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, 10),
-        (
-            "MIMALLOC_ARENA_EAGER_COMMIT",
-            MI_OPTION_ARENA_EAGER_COMMIT,
-            0,
-        ),
-    ]);
+    set(LEAN);
 }
 
 /// For `xpm merge` of sparse experts and `xpm export`: as [`lean`], but freed memory is kept
 /// (see the module's documentation).
 pub fn reuse() {
-    MODE.store(REUSE, std::sync::atomic::Ordering::Relaxed);
-    huge_pages(false);
-    set_options([
-        ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, -1),
-        (
-            "MIMALLOC_ARENA_EAGER_COMMIT",
-            MI_OPTION_ARENA_EAGER_COMMIT,
-            0,
-        ),
-    ]);
+    set(REUSE);
 }
 
 /// For training, evaluation and serving: keep freed memory for reuse, with mimalloc's default
 /// arena commit (2: eager on overcommitting systems) and transparent huge pages allowed.
 pub fn configure() {
-    MODE.store(CONFIGURE, std::sync::atomic::Ordering::Relaxed);
-    huge_pages(true);
+    set(CONFIGURE);
+}
+
+/// Switch the process to `mode`: its purge delay, arena commit and huge-page setting.
+fn set(mode: u8) {
+    let (purge_delay, eager_commit) = match mode {
+        LEAN => (10, 0),
+        REUSE => (-1, 0),
+        _ => (-1, 2),
+    };
+    MODE.store(mode, std::sync::atomic::Ordering::Relaxed);
+    huge_pages(mode == CONFIGURE);
     set_options([
-        ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, -1),
+        ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, purge_delay),
         (
             "MIMALLOC_ARENA_EAGER_COMMIT",
             MI_OPTION_ARENA_EAGER_COMMIT,
-            2,
+            eager_commit,
         ),
     ]);
 }

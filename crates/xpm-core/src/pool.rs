@@ -238,9 +238,17 @@ pub fn take_frame(cap: usize) -> Vec<u8> {
 
 /// A written frame's buffer, for a later [`take_frame`] on any thread (freed if small, or if
 /// the list is full: then the smallest waiting buffer makes room for a larger one).
-pub fn give_frame(mut v: Vec<u8>) {
+/// Only while the process keeps freed memory ([`crate::alloc::keeps_freed_memory`]).
+pub fn give_frame(v: Vec<u8>) {
+    if crate::alloc::keeps_freed_memory() {
+        keep_frame(v);
+    }
+}
+
+/// [`give_frame`]'s list, whatever the process's allocator setting.
+fn keep_frame(mut v: Vec<u8>) {
     let size = v.capacity();
-    if !(MIN_BYTES..=FRAME_BYTES / 2).contains(&size) || !crate::alloc::keeps_freed_memory() {
+    if !(MIN_BYTES..=FRAME_BYTES / 2).contains(&size) {
         return;
     }
     v.clear();
@@ -353,11 +361,11 @@ mod tests {
         // The list is process-wide: these buffers are larger than any other test's.
         let v: Vec<u8> = Vec::with_capacity(FRAME_BYTES / 2 - 1);
         let ptr = v.as_ptr();
-        std::thread::spawn(move || give_frame(v)).join().unwrap();
+        std::thread::spawn(move || keep_frame(v)).join().unwrap();
         let again = take_frame(FRAME_BYTES / 2 - 10);
         assert_eq!(again.as_ptr(), ptr, "given on one thread, taken on another");
         assert!(again.is_empty());
-        give_frame(Vec::with_capacity(FRAME_BYTES / 2 + 1));
+        keep_frame(Vec::with_capacity(FRAME_BYTES / 2 + 1));
         assert!(
             FRAMES
                 .lock()
