@@ -63,7 +63,12 @@ fn lora_config() -> serde_json::Value {
 }
 
 fn read_model(dir: &Path) -> std::collections::HashMap<String, Vec<f32>> {
-    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    read_st(&dir.join("model.safetensors"))
+}
+
+/// Every tensor of an f32 safetensors file.
+fn read_st(file: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
@@ -202,6 +207,104 @@ fn a_peft_lora_imports_applies_and_exports() {
             "is not the base of tiny-lora@1.0.0",
         ));
     assert!(!ctx.path("x").exists());
+}
+
+/// A LoRA on a sequence classifier's head: PEFT saves heads whole (`modules_to_save`), so the
+/// export writes base + s·B·A there, while the other module's factors are streamed out of the
+/// artifact as they are. Both come back through `xpm import` to the same applied weights.
+#[test]
+fn a_lora_head_is_exported_whole_and_the_other_factors_as_they_are() {
+    let ctx = TestContext::new();
+    let base = random_tensors(
+        &[
+            ("layer.0.q.weight", &[4, 6]),
+            ("classifier.weight", &[3, 4]),
+        ],
+        1,
+    );
+    write_st(
+        &ctx.path("base/model.safetensors"),
+        &base,
+        safetensors::Dtype::F32,
+    );
+    let src = ctx.path("adapter");
+    let adapter = random_tensors(
+        &[
+            ("base_model.model.layer.0.q.lora_A.weight", &[2, 6]),
+            ("base_model.model.layer.0.q.lora_B.weight", &[4, 2]),
+            ("base_model.model.classifier.lora_A.weight", &[2, 4]),
+            ("base_model.model.classifier.lora_B.weight", &[3, 2]),
+        ],
+        2,
+    );
+    write_st(
+        &src.join("adapter_model.safetensors"),
+        &adapter,
+        safetensors::Dtype::F32,
+    );
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q", "classifier"],
+        "base_model_name_or_path": "org/tiny", "task_type": "SEQ_CLS"
+    });
+    std::fs::write(src.join("adapter_config.json"), config.to_string()).unwrap();
+    let import = |from: &str, out: &str| {
+        ctx.xpm()
+            .args(["import", "peft", from, "--base", "base", "--name", "h"])
+            .args(["--version", "1.0.0", "-o", out])
+            .assert()
+            .success();
+    };
+    import("adapter", "h.xpm");
+    let out = ctx
+        .xpm()
+        .args([
+            "export", "h.xpm", "--base", "base", "-o", "exported", "--json",
+        ])
+        .assert()
+        .success();
+    let r: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert_eq!(
+        r["modules_to_save"],
+        serde_json::json!(["classifier"]),
+        "{r}"
+    );
+    let exported = read_st(&ctx.path("exported/adapter_model.safetensors"));
+    // The adapter module's factors, bit for bit.
+    assert_eq!(
+        exported["base_model.model.layer.0.q.lora_A.weight"],
+        adapter[0].2
+    );
+    assert_eq!(
+        exported["base_model.model.layer.0.q.lora_B.weight"],
+        adapter[1].2
+    );
+    // The head, whole: base + 2·B·A.
+    let (a, b) = (&adapter[2].2, &adapter[3].2);
+    let head = &exported["base_model.model.classifier.weight"];
+    for o in 0..3 {
+        for i in 0..4 {
+            let d: f32 = (0..2).map(|k| b[o * 2 + k] * a[k * 4 + i]).sum::<f32>() * 2.0;
+            let want = base[1].2[o * 4 + i] + d;
+            assert!((head[o * 4 + i] - want).abs() <= 1e-6, "head[{o},{i}]");
+        }
+    }
+    // Both apply to the same weights.
+    import("exported", "back.xpm");
+    for (e, dir) in [("h.xpm", "applied"), ("back.xpm", "applied2")] {
+        ctx.xpm()
+            .args(["apply", e, "--base", "base", "--out", dir])
+            .assert()
+            .success();
+    }
+    let (one, two) = (
+        read_model(&ctx.path("applied")),
+        read_model(&ctx.path("applied2")),
+    );
+    for name in ["layer.0.q.weight", "classifier.weight"] {
+        for (x, y) in one[name].iter().zip(&two[name]) {
+            assert!((x - y).abs() <= 1e-6, "{name}: {x} against {y}");
+        }
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `xpm import` and `xpm export`: experts from PEFT adapters and mttl libraries, and any expert
 //! out as a PEFT adapter directory (the formats: `xpm_interop`; docs/interop.md).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -12,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::format::manifest::{
     BaseModel, ExpertKind, FORMAT_MAJOR, FORMAT_MINOR, Manifest, Provenance, ProvenanceInput,
 };
-use crate::format::{ArtifactReader, ArtifactWriter, encode_tensor};
+use crate::format::{ArtifactReader, ArtifactWriter, Content, Delta, TensorData};
 use crate::home::XpmHome;
 use crate::printer::Printer;
 use crate::train::hub::HubConfig;
@@ -143,11 +144,9 @@ pub fn write_imported(
     crate::parallel::map_ordered(
         &imported.tensors,
         |p| {
-            let t = p.materialize()?;
-            t.data.validate()?;
-            let e = encode_tensor(&t.data, opts.level)?;
+            let e = p.encode(opts.level)?;
             pb.inc(1);
-            if t.new { e.mark_new() } else { Ok(e) }
+            Ok(e)
         },
         |e| writer.push(e),
     )?;
@@ -327,11 +326,36 @@ pub fn export_peft(
         ));
     }
     let (model_type, architectures) = model_config(&base_dir);
-    // Decode on every core (zstd and the frame digests dominate).
+    // LoRA factors that go to the adapter file as they are (most of a LoRA expert's bytes)
+    // are read while the file is written, a few at a time; the rest is decoded here, on every
+    // core (zstd and the frame digests dominate).
+    let streamed = xpm_interop::peft_export::adapter_tensors(&m, &architectures, &req.options);
     let indices: Vec<usize> = (0..m.tensors.len()).collect();
     let tensors = crate::parallel::collect_ordered(rayon::current_num_threads(), &indices, |&i| {
-        Ok((reader.read_tensor(i)?, m.tensors[i].new))
+        let t = &m.tensors[i];
+        let data = match t.delta {
+            Delta::Lora { rank, alpha } if streamed.contains(&t.name) => TensorData {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                dtype: t.dtype,
+                content: Content::Lora {
+                    rank,
+                    alpha,
+                    a: Vec::new(),
+                    b: Vec::new(),
+                },
+            },
+            _ => reader.read_tensor(i)?,
+        };
+        Ok((data, t.new))
     })?;
+    let index: HashMap<&str, usize> = m
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    let fetch = |name: &str, role| reader.read_values_part(index[name], role);
     printer.status(
         "Exporting",
         format!(
@@ -345,6 +369,7 @@ pub fn export_peft(
         xpm_interop::peft_export::export(
             &m,
             &tensors,
+            Some(&fetch),
             &base,
             model_type.as_deref(),
             &architectures,

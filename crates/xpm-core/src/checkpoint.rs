@@ -187,6 +187,15 @@ impl Checkpoint {
         self.shards[i].meta.info(name)
     }
 
+    /// `sha256:<hex>` of each of the checkpoint's files, from their mappings (no copies
+    /// through read buffers; the pages are the ones the tensors are read from).
+    pub fn file_digests(&self) -> Vec<(&Path, String)> {
+        self.shards
+            .iter()
+            .map(|s| (s.path.as_path(), crate::digest::sha256(&s.mmap)))
+            .collect()
+    }
+
     /// Raw little-endian bytes of a tensor.
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
         let &i = self.tensors.get(name)?;

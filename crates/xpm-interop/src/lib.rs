@@ -18,7 +18,7 @@ pub mod torch;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use xpm_core::format::TensorData;
+use xpm_core::format::{EncodedTensor, TensorData};
 
 /// What an importer produced: the tensors of one expert, ready for the artifact writer, and
 /// what the manifest should record about their origin.
@@ -98,7 +98,12 @@ pub struct Pending {
     pub new: bool,
     pub kind: PendingKind,
     make: Box<dyn Fn() -> xpm_core::error::Result<ImportedTensor> + Send + Sync>,
+    /// Encodes the tensor straight from the source's bytes, without materialising it (LoRA
+    /// factors that PEFT stores as xpm does, read from the mapped weights file).
+    encode: Option<Encoder>,
 }
+
+type Encoder = Box<dyn Fn(i32) -> xpm_core::error::Result<EncodedTensor> + Send + Sync>;
 
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -133,6 +138,7 @@ impl Pending {
                     )
                 })
             }),
+            encode: None,
         }
     }
 
@@ -148,6 +154,32 @@ impl Pending {
             new,
             kind,
             make: Box::new(make),
+            encode: None,
+        }
+    }
+
+    /// Let the writer encode this tensor with `encode` (at the zstd level it is given) instead
+    /// of materialising it first: for values that can be compressed where they lie.
+    /// `encode` must give the tensor that [`Pending::materialize`] gives, encoded.
+    pub fn with_encoder(
+        mut self,
+        encode: impl Fn(i32) -> xpm_core::error::Result<EncodedTensor> + Send + Sync + 'static,
+    ) -> Pending {
+        self.encode = Some(Box::new(encode));
+        self
+    }
+
+    /// The tensor, checked, encoded and compressed at zstd `level`, ready for the writer.
+    pub fn encode(&self, level: i32) -> xpm_core::error::Result<EncodedTensor> {
+        let encoded = match &self.encode {
+            Some(encode) => encode(level)?,
+            None => xpm_core::format::encode_tensor(&self.materialize()?.data, level)?,
+        };
+        debug_assert_eq!(encoded.entry().name, self.name);
+        if self.new {
+            encoded.mark_new()
+        } else {
+            Ok(encoded)
         }
     }
 

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use xpm_core::checkpoint::Checkpoint;
 use xpm_core::error::{Error, Result};
-use xpm_core::format::{Content, Dtype, TensorData};
+use xpm_core::format::{Content, ContentView, Dtype, TensorData, TensorView, encode_view};
 
 use crate::bytes::transpose;
 use crate::{Imported, ImportedTensor, Pending, PendingKind, Source};
@@ -273,7 +273,8 @@ impl Raw<'_> {
 
 /// Import the PEFT adapter in `dir` against `base`. Every name, shape and dtype is checked
 /// here; LoRA factors are copied out of the weights file only when the writer materialises
-/// them ([`Pending`]), and the weights file is hashed on a thread of its own meanwhile.
+/// them ([`Pending`]), and the weights file is hashed on a thread of its own meanwhile (from
+/// its mapping, which the factors are compressed from).
 pub fn import(dir: &Path, base: &Checkpoint) -> Result<Imported> {
     let cfg = AdapterConfig::read(dir)?;
     let (weights, peft_type) = weights_and_type(dir, &cfg)?;
@@ -283,8 +284,12 @@ pub fn import(dir: &Path, base: &Checkpoint) -> Result<Imported> {
     // The weights file's digest (for provenance) on another core while the tensors convert
     // and encode: both read the same pages, and the hash would otherwise be a serial pass.
     let hashing = {
-        let weights = weights.clone();
-        std::thread::spawn(move || crate::file_digest(&weights))
+        let file = Arc::clone(&file);
+        std::thread::spawn(move || {
+            let mut digests = file.file_digests();
+            debug_assert_eq!(digests.len(), 1, "one weights file");
+            Ok(digests.pop().expect("a checkpoint has a file").1)
+        })
     };
     let out = convert(
         dir, &cfg, base, &weights, &peft_type, &file, &modules, &whole,
@@ -537,34 +542,66 @@ fn lora_tensors(
         b.shape[0] as usize,
     );
     let es = dtype.size();
-    let file = Arc::clone(file);
-    let name = target.clone();
-    let factors = Pending::lazy(target.clone(), false, PendingKind::Lora, move || {
-        let bytes = |n: &str| file.bytes(n).expect("checked when the adapter was read");
-        let (a, b) = (bytes(&a_name), bytes(&b_name));
-        let (xa, xb) = if transposed {
-            (
-                transpose(b, rows_b, rows_a, es),
-                transpose(a, rows_a, cols_a, es),
-            )
-        } else {
-            (a.to_vec(), b.to_vec())
-        };
-        Ok(ImportedTensor {
-            data: TensorData {
-                name: name.clone(),
-                shape: shape.clone(),
-                dtype,
-                content: Content::Lora {
-                    rank: r as u32,
-                    alpha: xpm_alpha,
-                    a: xa,
-                    b: xb,
+    let (name, alpha) = (target.clone(), xpm_alpha);
+    let factors = Pending::lazy(target.clone(), false, PendingKind::Lora, {
+        let (file, name, shape, a_name, b_name) = (
+            Arc::clone(file),
+            name.clone(),
+            shape.clone(),
+            a_name.clone(),
+            b_name.clone(),
+        );
+        move || {
+            let bytes = |n: &str| file.bytes(n).expect("checked when the adapter was read");
+            let (a, b) = (bytes(&a_name), bytes(&b_name));
+            let (xa, xb) = if transposed {
+                (
+                    transpose(b, rows_b, rows_a, es),
+                    transpose(a, rows_a, cols_a, es),
+                )
+            } else {
+                (a.to_vec(), b.to_vec())
+            };
+            Ok(ImportedTensor {
+                data: TensorData {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    dtype,
+                    content: Content::Lora {
+                        rank: r as u32,
+                        alpha,
+                        a: xa,
+                        b: xb,
+                    },
                 },
-            },
-            new: false,
-        })
+                new: false,
+            })
+        }
     });
+    // Factors in xpm's orientation are compressed where they lie in the mapped file (no copy).
+    let factors = if transposed {
+        factors
+    } else {
+        let file = Arc::clone(file);
+        factors.with_encoder(move |level| {
+            let bytes = |n: &str| file.bytes(n).expect("checked when the adapter was read");
+            let content = ContentView::Lora {
+                rank: r as u32,
+                alpha,
+                a: bytes(&a_name),
+                b: bytes(&b_name),
+            };
+            encode_view(
+                TensorView {
+                    name: &name,
+                    shape: &shape,
+                    dtype,
+                    content,
+                },
+                level,
+            )
+        })
+    };
     let mut out = vec![factors];
     if let Some(bias) = parts.get(&Part::LoraBias) {
         out.push(Pending::ready(lora_bias_tensor(

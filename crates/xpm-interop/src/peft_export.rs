@@ -10,13 +10,15 @@
 //! - 1-D tensors and new tensors (heads) → `modules_to_save`, holding base + delta (the whole
 //!   module: every parameter the base has for it).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use serde_json::json;
 use xpm_core::checkpoint::Checkpoint;
 use xpm_core::error::{Error, IoResultExt, Result};
-use xpm_core::format::st::{PlannedTensor, write_safetensors};
+use xpm_core::format::manifest::PartRole;
+use xpm_core::format::st::{PlannedTensor, SafetensorsWriter};
 use xpm_core::format::{Content, Dtype, Manifest, TensorData};
 
 use crate::bytes::{select_columns, select_rows, selection, transpose};
@@ -90,13 +92,32 @@ struct Out<'t> {
     bytes: Bytes<'t>,
 }
 
-/// An output tensor's bytes: formed when the module is planned, or (a LoRA expert's factors,
-/// most of an adapter's bytes) copied out of the expert's tensor when the file writer reaches
-/// them, so that an export holds the expert once rather than twice.
+/// An output tensor's bytes: formed when the module is planned, or one of a LoRA expert's
+/// factors (most of an adapter's bytes), which is read, transposed where PEFT's orientation
+/// differs, and written when the file writer reaches it, so that an export holds a few factors
+/// at a time rather than the expert and the adapter.
 enum Bytes<'t> {
     Ready(Vec<u8>),
-    Later(Box<dyn FnOnce() -> Vec<u8> + 't>),
+    Factor {
+        of: Factor<'t>,
+        /// `[rows, cols]` of the factor as xpm stores it, to write it transposed.
+        transpose: Option<[usize; 2]>,
+        elem: usize,
+    },
 }
+
+/// Where a LoRA factor is.
+#[derive(Clone, Copy)]
+enum Factor<'t> {
+    /// In a decoded tensor.
+    Held(&'t [u8]),
+    /// Still in the artifact: part `role` of the tensor named so (read by [`Fetch`]).
+    Stored(&'t str, PartRole),
+}
+
+/// Reads part `role` of the expert's tensor named `name` (its values, checked finite): how
+/// [`export`] gets the factors of LoRA tensors passed to it undecoded.
+pub type Fetch<'a> = dyn Fn(&str, PartRole) -> Result<Vec<u8>> + Sync + 'a;
 
 impl From<Vec<u8>> for Bytes<'_> {
     fn from(v: Vec<u8>) -> Self {
@@ -105,11 +126,27 @@ impl From<Vec<u8>> for Bytes<'_> {
 }
 
 impl Bytes<'_> {
-    fn take(&mut self) -> Vec<u8> {
-        match std::mem::replace(self, Bytes::Ready(Vec::new())) {
-            Bytes::Ready(v) => v,
-            Bytes::Later(f) => f(),
-        }
+    /// The bytes to write: read from the artifact and transposed on the writer's workers.
+    fn resolve(&self, fetch: Option<&Fetch>) -> Result<Cow<'_, [u8]>> {
+        let (of, transpose_to, elem) = match self {
+            Bytes::Ready(v) => return Ok(Cow::Borrowed(v)),
+            Bytes::Factor {
+                of,
+                transpose,
+                elem,
+            } => (of, transpose, *elem),
+        };
+        let bytes = match *of {
+            Factor::Held(b) => Cow::Borrowed(b),
+            Factor::Stored(name, role) => {
+                let fetch = fetch.expect("undecoded LoRA tensors come with a reader");
+                Cow::Owned(fetch(name, role)?)
+            }
+        };
+        Ok(match transpose_to {
+            Some([rows, cols]) => Cow::Owned(transpose(&bytes, *rows, *cols, elem)),
+            None => bytes,
+        })
     }
 }
 
@@ -164,7 +201,7 @@ fn selection_lora(m: &[u8], p: usize, q: usize, dtype: Dtype) -> Option<PeftLora
     })
 }
 
-/// The dense delta of a sparse or dense tensor, as bytes of its dtype.
+/// The dense delta of a tensor, as bytes of its dtype.
 fn dense_bytes(t: &TensorData) -> Vec<u8> {
     let es = t.dtype.size();
     match &t.content {
@@ -179,7 +216,23 @@ fn dense_bytes(t: &TensorData) -> Vec<u8> {
             }
             out
         }
-        Content::Lora { .. } => unreachable!("LoRA tensors are exported as factors"),
+        // A LoRA delta saved whole (a head's): s·B·A, computed in f32.
+        Content::Lora { rank, alpha, a, b } => {
+            assert!(!a.is_empty(), "only adapter modules are passed undecoded");
+            let (r, rows, cols) = (*rank as usize, t.shape[0] as usize, t.shape[1] as usize);
+            let (a, b) = (t.dtype.to_f32(a), t.dtype.to_f32(b));
+            let s = (*alpha / *rank as f64) as f32;
+            let mut m = vec![0f32; rows * cols];
+            for (row, out) in m.chunks_exact_mut(cols).enumerate() {
+                for k in 0..r {
+                    let bk = s * b[row * r + k];
+                    for (o, &ak) in out.iter_mut().zip(&a[k * cols..(k + 1) * cols]) {
+                        *o += bk * ak;
+                    }
+                }
+            }
+            t.dtype.from_f32(&m)
+        }
     }
 }
 
@@ -250,17 +303,11 @@ fn classify<'t>(
     task_type: Option<&str>,
     peft_type: PeftType,
 ) -> Result<Plan<'t>> {
-    let heads: &[&str] = if task_type == Some("SEQ_CLS") {
-        &["classifier", "score"]
-    } else {
-        &[]
-    };
     let mut adapter: Vec<(&TensorData, String, Layer)> = Vec::new();
     let mut whole: BTreeMap<String, Vec<(&TensorData, bool)>> = BTreeMap::new();
     for (t, new) in tensors {
-        let (module, param) = module_of(&t.name);
-        let head = heads.contains(&module.rsplit('.').next().unwrap_or(""));
-        if !new && !head && t.shape.len() == 2 && param == "weight" {
+        let (module, _) = module_of(&t.name);
+        if is_adapter_module(&t.name, &t.shape, *new, task_type) {
             adapter.push((t, module.clone(), layer_of(&module, model_type)));
         } else if t.shape.len() > 2 {
             return Err(Error::input(
@@ -284,6 +331,38 @@ fn classify<'t>(
     };
     plan.shira = use_shira(manifest, &plan, peft_type)?;
     Ok(plan)
+}
+
+/// Whether the tensor `name` of `shape` (with its `new` flag) becomes an adapter module: a 2-D
+/// weight delta of a base tensor that is not a sequence classifier's head (PEFT saves those
+/// whole).
+fn is_adapter_module(name: &str, shape: &[u64], new: bool, task_type: Option<&str>) -> bool {
+    let heads: &[&str] = if task_type == Some("SEQ_CLS") {
+        &["classifier", "score"]
+    } else {
+        &[]
+    };
+    let (module, param) = module_of(name);
+    let head = heads.contains(&module.rsplit('.').next().unwrap_or(""));
+    !new && !head && shape.len() == 2 && param == "weight"
+}
+
+/// The names of the expert's tensors that [`export`] writes as adapter modules. A LoRA tensor
+/// among them may be passed to [`export`] undecoded (empty factors, with a [`Fetch`]): its
+/// factors are read when the adapter file is written.
+pub fn adapter_tensors(
+    manifest: &Manifest,
+    architectures: &[String],
+    opts: &ExportOptions,
+) -> BTreeSet<String> {
+    let has_head = manifest.tensors.iter().any(|t| t.new);
+    let task_type = task_type(manifest, has_head, architectures, opts);
+    manifest
+        .tensors
+        .iter()
+        .filter(|t| is_adapter_module(&t.name, &t.shape, t.new, task_type.as_deref()))
+        .map(|t| t.name.clone())
+        .collect()
 }
 
 /// Whether to write SHiRA: asked for (refused unless every adapter module is a sparse delta
@@ -426,12 +505,26 @@ fn peft_lora(t: &TensorData, layer: Layer) -> Option<PeftLora<'_>> {
     match &t.content {
         Content::Lora { rank, alpha, a, b } => {
             let r = *rank as usize;
+            // A tensor passed undecoded (empty factors) is read from the artifact.
+            let (a, b) = if a.is_empty() {
+                (
+                    Factor::Stored(&t.name, PartRole::LoraA),
+                    Factor::Stored(&t.name, PartRole::LoraB),
+                )
+            } else {
+                (Factor::Held(a), Factor::Held(b))
+            };
+            let factor = |of, transpose| Bytes::Factor {
+                of,
+                transpose,
+                elem: es,
+            };
             // xpm: ΔW = s·B'·A' with A' [r, cols], B' [rows, r].
             Some(if flip {
                 // ΔWᵀ = s·A'ᵀ·B'ᵀ: PEFT B = A'ᵀ [cols, r], A = B'ᵀ [r, rows].
                 PeftLora {
-                    a: Bytes::Later(Box::new(move || transpose(b, rows, r, es))),
-                    b: Bytes::Later(Box::new(move || transpose(a, r, cols, es))),
+                    a: factor(b, Some([rows, r])),
+                    b: factor(a, Some([r, cols])),
                     a_shape: [r, rows],
                     b_shape: [cols, r],
                     rank: r as u64,
@@ -439,8 +532,8 @@ fn peft_lora(t: &TensorData, layer: Layer) -> Option<PeftLora<'_>> {
                 }
             } else {
                 PeftLora {
-                    a: Bytes::Later(Box::new(|| a.clone())),
-                    b: Bytes::Later(Box::new(|| b.clone())),
+                    a: factor(a, None),
+                    b: factor(b, None),
                     a_shape: [r, cols],
                     b_shape: [rows, r],
                     rank: r as u64,
@@ -729,6 +822,7 @@ fn adapter_config(modules: &[(String, u64, f64)], f: &ConfigFacts) -> (serde_jso
 fn write_dir(
     dir: &Path,
     mut out: Vec<Out>,
+    fetch: Option<&Fetch>,
     config: &serde_json::Value,
     readme: &str,
     sidecar: &Sidecar,
@@ -744,7 +838,16 @@ fn write_dir(
         .collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let weights = dir.join(WEIGHTS_FILE);
-    write_safetensors(&weights, &planned, Some(meta), |i| Ok(out[i].bytes.take()))?;
+    // Factors are read, checked and transposed on every core, in file order, a few ahead of
+    // the writer.
+    let mut file = SafetensorsWriter::create(&weights, planned.clone(), Some(meta))?;
+    let order = file.order().to_vec();
+    xpm_core::parallel::map_ordered(
+        &order,
+        |&i| out[i].bytes.resolve(fetch),
+        |bytes| file.write_next(&bytes),
+    )?;
+    file.finish()?;
     let bytes = std::fs::metadata(&weights).at("read", &weights)?.len();
     let cfg_path = dir.join(CONFIG_FILE);
     xpm_core::fsutil::write_atomic(
@@ -761,10 +864,13 @@ fn write_dir(
 }
 
 /// Export `tensors` (the expert's, with their `new` flags) against `base` into `dir` (which
-/// the caller creates atomically). `model_type` is the base config's `model_type`.
+/// the caller creates atomically). `model_type` is the base config's `model_type`. LoRA
+/// tensors named by [`adapter_tensors`] may come with empty factors, which `fetch` reads.
+#[allow(clippy::too_many_arguments)]
 pub fn export(
     manifest: &Manifest,
     tensors: &[(TensorData, bool)],
+    fetch: Option<&Fetch>,
     base: &Checkpoint,
     model_type: Option<&str>,
     architectures: &[String],
@@ -830,7 +936,7 @@ pub fn export(
     };
     let readme = readme(manifest, &base_id, peft_type, task_type.as_deref());
     let target_modules: Vec<String> = w.modules.iter().map(|m| m.0.clone()).collect();
-    let (tensors, bytes) = write_dir(dir, w.out, &config, &readme, &sidecar)?;
+    let (tensors, bytes) = write_dir(dir, w.out, fetch, &config, &readme, &sidecar)?;
     Ok(ExportReport {
         peft_type: peft_type.into(),
         r,

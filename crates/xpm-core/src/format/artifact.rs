@@ -35,7 +35,7 @@ use super::manifest::{
     Delta, FORMAT_MAJOR, FORMAT_MINOR, Frame, Manifest, PartRole, Payload, StoredPart, TensorEntry,
 };
 use super::mask::{self, MaskEncoding};
-use super::tensor::{Content, TensorData};
+use super::tensor::{Content, ContentView, TensorData, TensorView};
 use crate::digest;
 use crate::error::{Error, IoResultExt, Result};
 
@@ -121,6 +121,12 @@ type RawPart<'a> = (PartRole, safetensors::Dtype, Vec<usize>, Cow<'a, [u8]>);
 /// Validate, encode (choosing the smallest mask encoding) and compress one tensor.
 /// Pure and thread-safe: callers run it in parallel across tensors.
 pub fn encode_tensor(t: &TensorData, level: i32) -> Result<EncodedTensor> {
+    encode_view(t.view(), level)
+}
+
+/// [`encode_tensor`] of a borrowed tensor (an importer's factors, straight out of a mapped
+/// source file).
+pub fn encode_view(t: TensorView<'_>, level: i32) -> Result<EncodedTensor> {
     t.validate()?;
     if let Some((part, i, v)) = t.first_non_finite() {
         return Err(Error::input(
@@ -138,16 +144,16 @@ pub fn encode_tensor(t: &TensorData, level: i32) -> Result<EncodedTensor> {
     encode_checked(t, level)
 }
 
-/// [`encode_tensor`] after its checks (tests use it to write what a writer must refuse).
-fn encode_checked(t: &TensorData, level: i32) -> Result<EncodedTensor> {
+/// [`encode_view`] after its checks (tests use it to write what a writer must refuse).
+fn encode_checked(t: TensorView<'_>, level: i32) -> Result<EncodedTensor> {
     let mut entry = t.entry();
     let vdt = t.dtype.to_safetensors();
     let to_usize = |s: &[u64]| s.iter().map(|&d| d as usize).collect::<Vec<_>>();
-    let raw_parts: Vec<RawPart> = match &t.content {
-        Content::Sparse {
+    let raw_parts: Vec<RawPart> = match t.content {
+        ContentView::Sparse {
             indices, values, ..
         } => {
-            let (enc, bytes) = mask::encode_best(indices, &t.shape);
+            let (enc, bytes) = mask::encode_best(indices, t.shape);
             if let Delta::Sparse { encoding, .. } = &mut entry.delta {
                 *encoding = Some(enc);
             }
@@ -166,18 +172,18 @@ fn encode_checked(t: &TensorData, level: i32) -> Result<EncodedTensor> {
                 ),
             ]
         }
-        Content::Lora { rank, a, b, .. } => {
-            let r = *rank as usize;
+        ContentView::Lora { rank, a, b, .. } => {
+            let r = rank as usize;
             let (out, inp) = (t.shape[0] as usize, t.shape[1] as usize);
             vec![
                 (PartRole::LoraA, vdt, vec![r, inp], Cow::Borrowed(a)),
                 (PartRole::LoraB, vdt, vec![out, r], Cow::Borrowed(b)),
             ]
         }
-        Content::Dense { delta } => vec![(
+        ContentView::Dense { delta } => vec![(
             PartRole::Delta,
             vdt,
-            to_usize(&t.shape),
+            to_usize(t.shape),
             Cow::Borrowed(delta),
         )],
     };
@@ -909,6 +915,27 @@ impl ArtifactReader {
         self.decompress_into(scratch, p.raw_size, &what, out)
     }
 
+    /// The values of part `role` of tensor `index` (a LoRA factor, sparse values, a dense
+    /// delta), checked finite as [`ArtifactReader::read_tensor`] checks them: for readers that
+    /// stream a tensor part by part.
+    pub fn read_values_part(&self, index: usize, role: PartRole) -> Result<Vec<u8>> {
+        let t = &self.manifest.tensors[index];
+        let bytes = self.read_part(index, role)?;
+        match t.dtype.first_non_finite(&bytes) {
+            Some((i, v)) => Err(self.non_finite(&t.name, role.suffix(), i, v)),
+            None => Ok(bytes),
+        }
+    }
+
+    /// The error for a stored non-finite value. The format requires finite values
+    /// (docs/format.md): merging or applying a NaN or ∞ would spread it.
+    fn non_finite(&self, name: &str, part: &str, i: usize, v: f32) -> Error {
+        Error::corrupt(
+            &self.path,
+            format!("tensor `{name}` holds {v} (entry {i} of its {part}); deltas must be finite"),
+        )
+    }
+
     /// Decode tensor `index` completely (mask decoded to indices, all sizes checked).
     pub fn read_tensor(&self, index: usize) -> Result<TensorData> {
         let t = &self.manifest.tensors[index];
@@ -948,15 +975,7 @@ impl ArtifactReader {
         data.validate()
             .map_err(|e| Error::corrupt(&self.path, e.to_string()))?;
         if let Some((part, i, v)) = data.first_non_finite() {
-            // The format requires finite values (docs/format.md): merging or applying a NaN
-            // or ∞ would spread it.
-            return Err(Error::corrupt(
-                &self.path,
-                format!(
-                    "tensor `{}` holds {v} (entry {i} of its {part}); deltas must be finite",
-                    data.name
-                ),
-            ));
+            return Err(self.non_finite(&data.name, part, i, v));
         }
         Ok(data)
     }
@@ -1314,17 +1333,24 @@ mod tests {
     }
 
     /// An artifact that holds a NaN (written by another tool, or an older xpm) is refused by
-    /// every read (`verify`, `merge`, `apply` and `eval` read through `read_tensor`).
+    /// every read (`verify`, `merge`, `apply` and `eval` read through `read_tensor`, `export`
+    /// through `read_values_part` too).
     #[test]
     fn a_stored_non_finite_value_is_refused_on_read() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("t.xpm");
         let mut w = ArtifactWriter::create(&p, DEFAULT_LEVEL).unwrap();
-        w.push(encode_checked(&tensor("n", &[1.0, f32::INFINITY]), DEFAULT_LEVEL).unwrap())
+        w.push(encode_checked(tensor("n", &[1.0, f32::INFINITY]).view(), DEFAULT_LEVEL).unwrap())
             .unwrap();
         w.finish(manifest()).unwrap();
         let r = ArtifactReader::open(&p).unwrap();
         let e = r.read_tensor(0).unwrap_err().to_string();
+        assert!(e.contains("holds inf (entry 1 of its values)"), "{e}");
+        // And by the part-by-part read of streaming readers (`xpm export`).
+        let e = r
+            .read_values_part(0, PartRole::Values)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("holds inf (entry 1 of its values)"), "{e}");
         let e = crate::format::verify::verify(&p, &crate::printer::Printer::silent()).unwrap_err();
         assert!(e.to_string().contains("deltas must be finite"), "{e}");

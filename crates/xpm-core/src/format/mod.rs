@@ -10,8 +10,8 @@ pub mod tensor;
 pub mod unpacked;
 pub mod verify;
 
-pub use artifact::{ArtifactReader, ArtifactWriter, EncodedTensor, encode_tensor};
+pub use artifact::{ArtifactReader, ArtifactWriter, EncodedTensor, encode_tensor, encode_view};
 pub use dtype::Dtype;
 pub use manifest::{BaseModel, Delta, ExpertKind, Manifest, TensorEntry};
 pub use mask::MaskEncoding;
-pub use tensor::{Content, TensorData};
+pub use tensor::{Content, ContentView, TensorData, TensorView};

@@ -53,6 +53,34 @@ impl Content {
 }
 
 impl TensorData {
+    /// A borrowed view of this tensor, for the checks and the encoder.
+    pub fn view(&self) -> TensorView<'_> {
+        let content = match &self.content {
+            Content::Sparse {
+                indices,
+                values,
+                block_size,
+            } => ContentView::Sparse {
+                indices,
+                values,
+                block_size: *block_size,
+            },
+            Content::Lora { rank, alpha, a, b } => ContentView::Lora {
+                rank: *rank,
+                alpha: *alpha,
+                a,
+                b,
+            },
+            Content::Dense { delta } => ContentView::Dense { delta },
+        };
+        TensorView {
+            name: &self.name,
+            shape: &self.shape,
+            dtype: self.dtype,
+            content,
+        }
+    }
+
     /// Number of elements of the dense delta.
     pub fn numel(&self) -> u64 {
         mask::numel(&self.shape)
@@ -60,8 +88,59 @@ impl TensorData {
 
     /// The manifest entry describing this tensor (without storage details).
     pub fn entry(&self) -> TensorEntry {
-        let delta = match &self.content {
-            Content::Sparse {
+        self.view().entry()
+    }
+
+    /// See [`TensorView::first_non_finite`].
+    pub fn first_non_finite(&self) -> Option<(&'static str, usize, f32)> {
+        self.view().first_non_finite()
+    }
+
+    /// See [`TensorView::validate`].
+    pub fn validate(&self) -> Result<()> {
+        self.view().validate()
+    }
+}
+
+/// A [`TensorData`] whose buffers are borrowed: what the encoder reads. An importer can hand
+/// the writer bytes straight out of a mapped source file this way, without a copy.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView<'a> {
+    pub name: &'a str,
+    pub shape: &'a [u64],
+    pub dtype: Dtype,
+    pub content: ContentView<'a>,
+}
+
+/// The borrowed form of [`Content`].
+#[derive(Debug, Clone, Copy)]
+pub enum ContentView<'a> {
+    Sparse {
+        indices: &'a [u64],
+        values: &'a [u8],
+        block_size: Option<u32>,
+    },
+    Lora {
+        rank: u32,
+        alpha: f64,
+        a: &'a [u8],
+        b: &'a [u8],
+    },
+    Dense {
+        delta: &'a [u8],
+    },
+}
+
+impl TensorView<'_> {
+    /// Number of elements of the dense delta.
+    pub fn numel(&self) -> u64 {
+        mask::numel(self.shape)
+    }
+
+    /// The manifest entry describing this tensor (without storage details).
+    pub fn entry(&self) -> TensorEntry {
+        let delta = match self.content {
+            ContentView::Sparse {
                 indices,
                 block_size,
                 ..
@@ -69,17 +148,14 @@ impl TensorData {
                 nnz: indices.len() as u64,
                 density: density(indices.len() as u64, self.numel()),
                 encoding: None,
-                block_size: *block_size,
+                block_size,
             },
-            Content::Lora { rank, alpha, .. } => Delta::Lora {
-                rank: *rank,
-                alpha: *alpha,
-            },
-            Content::Dense { .. } => Delta::Dense,
+            ContentView::Lora { rank, alpha, .. } => Delta::Lora { rank, alpha },
+            ContentView::Dense { .. } => Delta::Dense,
         };
         TensorEntry {
-            name: self.name.clone(),
-            shape: self.shape.clone(),
+            name: self.name.to_string(),
+            shape: self.shape.to_vec(),
             dtype: self.dtype,
             delta,
             stored: Vec::new(),
@@ -91,10 +167,10 @@ impl TensorData {
     /// `lora_b`), its position there and the value. xpm refuses to write such a tensor and to
     /// read one (a NaN or ∞ in a delta poisons every merge and every applied model).
     pub fn first_non_finite(&self) -> Option<(&'static str, usize, f32)> {
-        let parts: Vec<(&'static str, &[u8])> = match &self.content {
-            Content::Sparse { values, .. } => vec![("values", values)],
-            Content::Dense { delta } => vec![("delta", delta)],
-            Content::Lora { a, b, .. } => vec![("lora_a", a), ("lora_b", b)],
+        let parts: Vec<(&'static str, &[u8])> = match self.content {
+            ContentView::Sparse { values, .. } => vec![("values", values)],
+            ContentView::Dense { delta } => vec![("delta", delta)],
+            ContentView::Lora { a, b, .. } => vec![("lora_a", a), ("lora_b", b)],
         };
         parts.into_iter().find_map(|(part, bytes)| {
             self.dtype
@@ -114,7 +190,7 @@ impl TensorData {
         if self.name.is_empty() {
             return bad("empty tensor name".into(), "every tensor needs a name");
         }
-        let Some(n) = mask::checked_numel(&self.shape) else {
+        let Some(n) = mask::checked_numel(self.shape) else {
             return bad(
                 format!(
                     "shape {:?} has more than {} elements",
@@ -125,8 +201,8 @@ impl TensorData {
             );
         };
         let es = self.dtype.size() as u64;
-        match &self.content {
-            Content::Sparse {
+        match self.content {
+            ContentView::Sparse {
                 indices, values, ..
             } => {
                 if let Err(e) = mask::check_indices(indices, n) {
@@ -151,14 +227,14 @@ impl TensorData {
                     );
                 }
             }
-            Content::Lora { rank, a, b, .. } => {
+            ContentView::Lora { rank, a, b, .. } => {
                 let [out, inp] = self.shape[..] else {
                     return bad(
                         format!("LoRA needs a 2-D shape, got {:?}", self.shape),
                         "LoRA applies to matrices (out × in)",
                     );
                 };
-                let r = *rank as u64;
+                let r = rank as u64;
                 if r == 0 {
                     return bad("LoRA rank 0".into(), "rank must be at least 1");
                 }
@@ -174,7 +250,7 @@ impl TensorData {
                     );
                 }
             }
-            Content::Dense { delta } => {
+            ContentView::Dense { delta } => {
                 if delta.len() as u64 != n * es {
                     return bad(
                         format!(
