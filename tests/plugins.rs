@@ -250,6 +250,47 @@ fn a_dense_input_among_sparse_ones_gives_the_plugin_the_full_support() {
 }
 
 #[test]
+fn plugin_mean_equals_the_builtin_over_a_support_of_several_blocks() {
+    // plugin-mean accumulates 8192 support positions at a time, each expert walking on from
+    // where the last block stopped: a support of about 25 000 positions spans three blocks, and
+    // every position must still equal the built-in `mean` bit for bit.
+    let ctx = TestContext::new();
+    let base = random_tensors(&[("big.weight", &[200, 160])], 41);
+    write_st(
+        &ctx.path("base.safetensors"),
+        &base,
+        safetensors::Dtype::F32,
+    );
+    for (seed, n) in [(42, "e1"), (43, "e2"), (44, "e3")] {
+        write_st(
+            &ctx.path(&format!("{n}.safetensors")),
+            &perturb(&base, seed, 0.1),
+            safetensors::Dtype::F32,
+        );
+        extract(&ctx, n, n, &["--density", "0.4"]);
+    }
+    let inputs = ["e1.xpm", "e2.xpm", "e3.xpm"];
+    let merge = |strategy: &str, plugin: bool, out: &str| {
+        let mut cmd = ctx.xpm();
+        cmd.arg("merge").args(inputs).args(["--strategy", strategy]);
+        if plugin {
+            cmd.arg("--plugin").arg(rust_plugin("mean"));
+        }
+        cmd.args(["--weights", "1,2,0.5", "-o", out])
+            .assert()
+            .success();
+        dense(&ctx.path(out))
+    };
+    let (got, want) = (
+        merge("plugin-mean", true, "p.xpm"),
+        merge("mean", false, "b.xpm"),
+    );
+    let nonzero = want["big.weight"].iter().filter(|v| **v != 0.0).count();
+    assert!(nonzero > 2 * 8192, "the support spans blocks ({nonzero})");
+    assert_eq!(got["big.weight"], want["big.weight"]);
+}
+
+#[test]
 fn a_c_plugin_equals_the_builtin_it_implements() {
     let ctx = TestContext::new();
     experts(&ctx);
