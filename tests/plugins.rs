@@ -329,13 +329,25 @@ fn a_c_plugin_equals_the_builtin_it_implements() {
         .assert()
         .success();
     assert_eq!(dense(&ctx.path("c.xpm")), dense(&ctx.path("b.xpm")));
+    // The same plugin reading each expert's values where xpm holds them (ABI 1.1's
+    // XPM_CAP_EXPERT_VALUES: `entry_value` is then NULL, so any read of it would crash).
+    let per_expert = c_plugin(&ctx, "libc_ta_ev.so", &["-DXPM_EXPERT_VALUES"]);
+    ctx.xpm()
+        .args(["merge", "e1.xpm", "e2.xpm", "--weights", "1,0.5"])
+        .args(["--strategy", "c-task-arithmetic", "--param", "lambda=2"])
+        .arg("--plugin")
+        .arg(&per_expert)
+        .args(["-o", "ev.xpm"])
+        .assert()
+        .success();
+    assert_eq!(dense(&ctx.path("ev.xpm")), dense(&ctx.path("b.xpm")));
     ctx.xpm()
         .args(["plugin", "check"])
         .arg(&lib)
         .assert()
         .success()
         .stdout(predicate::str::contains(
-            "ok c-task-arithmetic 1.0.0 (ABI 1.0)",
+            "ok c-task-arithmetic 1.0.0 (ABI 1.1)",
         ));
 }
 
@@ -401,7 +413,7 @@ fn discovery_listing_and_builtin_clash() {
         .assert()
         .success()
         .stdout(
-            predicate::str::contains("median 1.0.0  ABI 1.0")
+            predicate::str::contains("median 1.0.0  ABI 1.1")
                 .and(predicate::str::contains("sha256:"))
                 .and(predicate::str::contains("clashes with a built-in")),
         );
@@ -532,7 +544,7 @@ fn faulty_plugins_are_reported_and_nothing_is_written() {
             c_plugin(&ctx, "libmajor.so", &["-DXPM_TEST_ABI_MAJOR=2"]),
             "c-task-arithmetic",
             vec![],
-            "built for plugin ABI 2.0",
+            "built for plugin ABI 2.1",
         ),
         (
             c_plugin(&ctx, "libnosym.so", &["-DXPM_TEST_NO_SYMBOL"]),

@@ -11,7 +11,7 @@ use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 
 use xpm_plugin_api::{
-    ENTRY_V1, XPM_CAP_DROPS_ENTRIES, XPM_CAP_KNOWN, XPM_CAP_REQUIRED_MASK,
+    ENTRY_V1, XPM_CAP_DROPS_ENTRIES, XPM_CAP_EXPERT_VALUES, XPM_CAP_KNOWN, XPM_CAP_REQUIRED_MASK,
     XPM_DESCRIPTOR_V1_0_SIZE, XPM_OK, XPM_PANIC, XPM_PLUGIN_ABI_MAJOR, XpmBuf, XpmCreateFn,
     XpmDestroyFn, XpmEntryV1, XpmFreeBufFn, XpmMergeFn, XpmOutputView, XpmParamsSchemaFn,
     XpmPluginDescriptorV1, XpmStr, XpmTensorView,
@@ -424,11 +424,23 @@ impl Instance<'_> {
                 None,
             ));
         }
-        gather_entries(s, inputs, dense);
+        // A plugin that reads each expert's values where they are (ABI 1.1) gets no copy.
+        let per_expert = self.plugin.capabilities & XPM_CAP_EXPERT_VALUES != 0;
+        gather_entries(s, inputs, dense, !per_expert);
+        let expert_values: Vec<*const f32> = inputs
+            .iter()
+            .map(|i| match i {
+                Input::Sparse { values, .. } | Input::Dense { values } => values.as_ptr(),
+                Input::Absent => [].as_ptr(),
+            })
+            .collect();
         let seeds: Vec<u64> = (0..ne as u64)
             .map(|e| Stream::new(seed, e, tensor).key())
             .collect();
-        let view = tensor_view(s, tensor, shape, dtype, weights, &seeds);
+        let mut view = tensor_view(s, tensor, shape, dtype, weights, &seeds, &expert_values);
+        if per_expert {
+            view.entry_value = std::ptr::null();
+        }
         let written = self.call_merge(&view, tensor, &mut s.out_vals, &mut s.keep)?;
         let n_kept = self.check_output(s, tensor, written)?;
         let (mut oi, mut ov) = (xpm_core::pool::take(n_kept), xpm_core::pool::take(n_kept));
@@ -580,8 +592,9 @@ fn union_support(s: &mut Scratch, inputs: &[Input], n: u64, dense: bool) {
 }
 
 /// Each expert's entries as (position in the support, value), concatenated into `s.slots` and
-/// `s.values`, with expert e's entries at `s.starts[e]..s.starts[e + 1]`.
-fn gather_entries(s: &mut Scratch, inputs: &[Input], dense: bool) {
+/// (with `copy_values`, for plugins of ABI 1.0) `s.values`, with expert e's entries at
+/// `s.starts[e]..s.starts[e + 1]`.
+fn gather_entries(s: &mut Scratch, inputs: &[Input], dense: bool, copy_values: bool) {
     let len = s.support.len();
     let (bits, prefix) = (&s.bits, &s.prefix);
     let (starts, slots, values) = (&mut s.starts, &mut s.slots, &mut s.values);
@@ -596,13 +609,17 @@ fn gather_entries(s: &mut Scratch, inputs: &[Input], dense: bool) {
         })
         .sum();
     slots.reserve(total);
-    values.reserve(total);
+    if copy_values {
+        values.reserve(total);
+    }
     starts.push(0usize);
     for input in inputs {
         match input {
             Input::Dense { values: d } => {
                 slots.extend(0..len as u32);
-                values.extend_from_slice(d);
+                if copy_values {
+                    values.extend_from_slice(d);
+                }
             }
             Input::Sparse {
                 indices,
@@ -614,7 +631,9 @@ fn gather_entries(s: &mut Scratch, inputs: &[Input], dense: bool) {
                 } else {
                     support_slots(indices, bits, prefix, slots);
                 }
-                values.extend_from_slice(sv);
+                if copy_values {
+                    values.extend_from_slice(sv);
+                }
             }
             Input::Absent => {}
         }
@@ -656,8 +675,8 @@ fn support_slots(indices: &[u64], bits: &[u64], prefix: &[u32], slots: &mut Vec<
     each(indices, bits, prefix, slots)
 }
 
-/// The ABI's view of one tensor's merge inputs, pointing into `s`, `shape`, `weights` and
-/// `seeds` (one per expert), which must outlive its use.
+/// The ABI's view of one tensor's merge inputs, pointing into `s`, `shape`, `weights`, `seeds`
+/// and `expert_values` (one per expert), which must outlive its use.
 fn tensor_view(
     s: &Scratch,
     tensor: &str,
@@ -665,6 +684,7 @@ fn tensor_view(
     dtype: Dtype,
     weights: &[f64],
     seeds: &[u64],
+    expert_values: &[*const f32],
 ) -> XpmTensorView {
     XpmTensorView {
         name: XpmStr {
@@ -686,6 +706,7 @@ fn tensor_view(
         entry_value: s.values.as_ptr(),
         weights: weights.as_ptr(),
         seeds: seeds.as_ptr(),
+        expert_values: expert_values.as_ptr(),
     }
 }
 

@@ -4,7 +4,9 @@
  *   cc -shared -fPIC -O2 -I plugins/xpm-plugin-api/include \
  *      plugins/examples/c/task_arithmetic.c -o libxpm_c_task_arithmetic.so
  *
- * Parameters: {"lambda": number} (default 1). */
+ * Parameters: {"lambda": number} (default 1). Add -DXPM_EXPERT_VALUES to read each expert's
+ * values where xpm holds them (ABI 1.1, XPM_CAP_EXPERT_VALUES: no copy; xpm 1.0 hosts refuse
+ * such a build). */
 #include <stdlib.h>
 #include <string.h>
 #include "xpm_plugin.h"
@@ -74,9 +76,18 @@ static int32_t merge(void *state, const XpmTensorView *t, XpmOutputView *out, Xp
     double *acc = calloc(n ? n : 1, sizeof *acc);
     if (!acc) { set_err(err, "out of memory"); return XPM_ERR; }
     /* Each expert's entries: positions into the support and values. */
-    for (size_t e = 0; e < t->n_experts; e++)
+    for (size_t e = 0; e < t->n_experts; e++) {
+#ifdef XPM_EXPERT_VALUES
+        /* ABI 1.1 (XPM_CAP_EXPERT_VALUES): the expert's values where the host holds them. */
+        const float *v = t->expert_values[e];
+        size_t first = t->entries_start[e];
+#else
+        const float *v = t->entry_value;
+        size_t first = 0;
+#endif
         for (size_t i = t->entries_start[e]; i < t->entries_start[e + 1]; i++)
-            acc[t->entry_slot[i]] += t->weights[e] * (double)t->entry_value[i];
+            acc[t->entry_slot[i]] += t->weights[e] * (double)v[i - first];
+    }
     for (size_t k = 0; k < n; k++) out->values[k] = (float)(s->lambda * acc[k]);
     free(acc);
 #ifdef XPM_TEST_SHORT_OUTPUT
@@ -113,6 +124,9 @@ const XpmPluginDescriptorV1 *xpm_merge_plugin_v1(void) {
     DESCRIPTOR.capabilities = XPM_CAP_DROPS_ENTRIES;
 #else
     DESCRIPTOR.capabilities = 0;
+#endif
+#ifdef XPM_EXPERT_VALUES
+    DESCRIPTOR.capabilities |= XPM_CAP_EXPERT_VALUES; /* ABI 1.1 hosts only: 1.0 refuses it. */
 #endif
 #ifdef XPM_TEST_REQUIRED_CAP
     DESCRIPTOR.capabilities |= 1ull << 40; /* Test build: a required capability no host knows. */

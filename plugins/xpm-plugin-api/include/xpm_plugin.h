@@ -20,7 +20,7 @@
 /**
  * ABI minor version: additions only (new capability bits, fields appended to the descriptor).
  */
-#define XPM_PLUGIN_ABI_MINOR 0
+#define XPM_PLUGIN_ABI_MINOR 1
 
 /**
  * Success.
@@ -56,9 +56,17 @@
 #define XPM_CAP_REQUIRED_MASK 18446744069414584320ull
 
 /**
+ * Capability (ABI 1.1, required): the plugin reads each expert's values through
+ * `XpmTensorView.expert_values`, and the host leaves `entry_value` NULL instead of copying every
+ * expert's values into one array. A 1.0 host does not know the bit and refuses the plugin, so a
+ * plugin that declares it never meets a view without `expert_values`.
+ */
+#define XPM_CAP_EXPERT_VALUES 4294967296ull
+
+/**
  * Every capability bit this version of the ABI defines.
  */
-#define XPM_CAP_KNOWN (XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM)
+#define XPM_CAP_KNOWN (XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM | XPM_CAP_EXPERT_VALUES)
 
 /**
  * Element type of the tensor the values came from (values always cross as f32).
@@ -122,7 +130,8 @@ typedef struct XpmTensorView {
    */
   const uint32_t *entry_slot;
   /**
-   * For each entry, the expert's delta there.
+   * For each entry, the expert's delta there. NULL for a plugin that declares
+   * `XPM_CAP_EXPERT_VALUES` (it reads `expert_values`).
    */
   const float *entry_value;
   /**
@@ -133,6 +142,13 @@ typedef struct XpmTensorView {
    * One seed per expert for this tensor, derived from the merge seed.
    */
   const uint64_t *seeds;
+  /**
+   * ABI 1.1: one pointer per expert (`n_experts`) to its values, the host's own arrays:
+   * expert e's `entries_start[e + 1] − entries_start[e]` values, in the order of its entries in
+   * `entry_slot` (never NULL, even for an expert without entries). Only a plugin that declares
+   * `XPM_CAP_EXPERT_VALUES` may read it: a 1.0 host's view ends before it.
+   */
+  const float *const *expert_values;
 } XpmTensorView;
 
 /**

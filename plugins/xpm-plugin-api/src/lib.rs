@@ -22,7 +22,7 @@ use core::ffi::c_void;
 /// ABI major version: a plugin with another major is refused.
 pub const XPM_PLUGIN_ABI_MAJOR: u32 = 1;
 /// ABI minor version: additions only (new capability bits, fields appended to the descriptor).
-pub const XPM_PLUGIN_ABI_MINOR: u32 = 0;
+pub const XPM_PLUGIN_ABI_MINOR: u32 = 1;
 
 /// The exported entry symbol for ABI major 1 (NUL-terminated for dlsym).
 pub const ENTRY_V1: &[u8] = b"xpm_merge_plugin_v1\0";
@@ -43,8 +43,13 @@ pub const XPM_CAP_RANDOM: u64 = 2;
 /// required: a host that does not know one refuses the plugin (a later minor version may define
 /// a behaviour the host must implement to merge correctly).
 pub const XPM_CAP_REQUIRED_MASK: u64 = 0xFFFF_FFFF_0000_0000;
+/// Capability (ABI 1.1, required): the plugin reads each expert's values through
+/// [`XpmTensorView::expert_values`], and the host leaves `entry_value` NULL instead of copying
+/// every expert's values into one array. A 1.0 host does not know the bit and refuses the
+/// plugin, so a plugin that declares it never meets a view without `expert_values`.
+pub const XPM_CAP_EXPERT_VALUES: u64 = 1 << 32;
 /// Every capability bit this version of the ABI defines.
-pub const XPM_CAP_KNOWN: u64 = XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM;
+pub const XPM_CAP_KNOWN: u64 = XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM | XPM_CAP_EXPERT_VALUES;
 
 /// Element type of the tensor the values came from (values always cross as f32).
 pub const XPM_DTYPE_F32: u32 = 0;
@@ -88,12 +93,18 @@ pub struct XpmTensorView {
     pub entries_start: *const usize,
     /// For each entry, its position in `support` (0 .. support_len), ascending per expert.
     pub entry_slot: *const u32,
-    /// For each entry, the expert's delta there.
+    /// For each entry, the expert's delta there. NULL for a plugin that declares
+    /// [`XPM_CAP_EXPERT_VALUES`] (it reads `expert_values`).
     pub entry_value: *const f32,
     /// One weight per expert.
     pub weights: *const f64,
     /// One seed per expert for this tensor, derived from the merge seed.
     pub seeds: *const u64,
+    /// ABI 1.1: one pointer per expert (`n_experts`) to its values, the host's own arrays:
+    /// expert e's `entries_start[e + 1] − entries_start[e]` values, in the order of its
+    /// entries in `entry_slot` (never NULL, even for an expert without entries). Only a plugin
+    /// that declares [`XPM_CAP_EXPERT_VALUES`] may read it: a 1.0 host's view ends before it.
+    pub expert_values: *const *const f32,
 }
 
 /// The host-allocated output of `merge` for one tensor.

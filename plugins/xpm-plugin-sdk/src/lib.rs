@@ -34,7 +34,8 @@ pub struct Tensor<'a> {
     pub seeds: &'a [u64],
     starts: &'a [usize],
     slots: &'a [u32],
-    values: &'a [f32],
+    /// Each expert's values, as the host holds them (ABI 1.1's `expert_values`: no copy).
+    values: Vec<&'a [f32]>,
 }
 
 impl<'a> Tensor<'a> {
@@ -45,8 +46,10 @@ impl<'a> Tensor<'a> {
     /// Expert `e`'s entries: positions in [`Tensor::support`] (ascending) and values. An entry
     /// is in the expert's mask exactly when it is listed.
     pub fn entries(&self, e: usize) -> (&'a [u32], &'a [f32]) {
-        let r = self.starts[e]..self.starts[e + 1];
-        (&self.slots[r.clone()], &self.values[r])
+        (
+            &self.slots[self.starts[e]..self.starts[e + 1]],
+            self.values[e],
+        )
     }
     /// Expert `e`'s values as a dense row over the support (0 outside its mask).
     pub fn dense_row(&self, e: usize) -> Vec<f32> {
@@ -218,11 +221,15 @@ pub mod __rt {
             // call (the only pointer this closure is given).
             let slice = |p: *const u8, len: usize| unsafe { std::slice::from_raw_parts(p, len) };
             // SAFETY: the ABI contract: `entries_start` has `n_experts + 1` entries, `shape`
-            // `ndim`, `support` `support_len`, `weights` and `seeds` `n_experts`, and the entry
-            // arrays `entries_start[n_experts]`, all readable for the duration of the call.
+            // `ndim`, `support` `support_len`, `weights`, `seeds` and `expert_values`
+            // `n_experts`, `entry_slot` `entries_start[n_experts]`, and expert i's values
+            // `entries_start[i + 1] − entries_start[i]`, all readable for the duration of the
+            // call. The descriptor declares XPM_CAP_EXPERT_VALUES, so the host is 1.1 or later
+            // (a 1.0 host refuses the plugin) and `expert_values` is set.
             let tensor = unsafe {
                 let starts = std::slice::from_raw_parts(t.entries_start, e + 1);
                 let total = starts[e];
+                let per_expert = std::slice::from_raw_parts(t.expert_values, e);
                 Tensor {
                     name: std::str::from_utf8(slice(t.name.ptr, t.name.len))
                         .map_err(|e| e.to_string())?,
@@ -233,7 +240,11 @@ pub mod __rt {
                     seeds: std::slice::from_raw_parts(t.seeds, e),
                     starts,
                     slots: std::slice::from_raw_parts(t.entry_slot, total),
-                    values: std::slice::from_raw_parts(t.entry_value, total),
+                    values: (0..e)
+                        .map(|i| {
+                            std::slice::from_raw_parts(per_expert[i], starts[i + 1] - starts[i])
+                        })
+                        .collect(),
                 }
             };
             // SAFETY: the ABI contract: the host's output arrays hold `capacity` writable
@@ -285,7 +296,9 @@ macro_rules! export {
                     abi_minor: $crate::api::XPM_PLUGIN_ABI_MINOR,
                     name: $crate::xpm_str(<$strategy as $crate::Strategy>::NAME),
                     version: $crate::xpm_str(<$strategy as $crate::Strategy>::VERSION),
-                    capabilities: <$strategy as $crate::Strategy>::CAPABILITIES,
+                    // The SDK reads each expert's values where the host holds them (ABI 1.1).
+                    capabilities: <$strategy as $crate::Strategy>::CAPABILITIES
+                        | $crate::api::XPM_CAP_EXPERT_VALUES,
                     params_schema: Some($crate::__rt::params_schema::<$strategy>),
                     create: Some($crate::__rt::create::<$strategy>),
                     merge: Some($crate::__rt::merge::<$strategy>),
