@@ -921,10 +921,16 @@ mod tests {
         let mut s = Scratch::default();
         union_support(&mut s, &inputs, 256, false);
         assert_eq!(s.support, vec![0, 3, 64, 130, 200]);
-        gather_entries(&mut s, &inputs, false);
+        gather_entries(&mut s, &inputs, false, true);
         assert_eq!(s.starts, vec![0, 3, 3, 6]);
         assert_eq!(s.slots, vec![1, 2, 3, 0, 1, 4]);
         assert_eq!(s.values, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        // For a plugin that reads each expert's values where they are (ABI 1.1), the same
+        // slots and no concatenated values.
+        gather_entries(&mut s, &inputs, false, false);
+        assert_eq!(s.starts, vec![0, 3, 3, 6]);
+        assert_eq!(s.slots, vec![1, 2, 3, 0, 1, 4]);
+        assert!(s.values.is_empty());
 
         // A dense input makes every position part of the support; positions are their slots.
         let inputs = vec![
@@ -938,7 +944,7 @@ mod tests {
         ];
         union_support(&mut s, &inputs, 3, true);
         assert_eq!(s.support, vec![0, 1, 2]);
-        gather_entries(&mut s, &inputs, true);
+        gather_entries(&mut s, &inputs, true, true);
         assert_eq!(s.starts, vec![0, 3, 4]);
         assert_eq!(s.slots, vec![0, 1, 2, 2]);
         assert_eq!(s.values, vec![1.0, 0.0, 2.0, 7.0]);
