@@ -1,9 +1,11 @@
-//! `.xpm` artifacts: `ArtifactReader::open`, `read_tensor` of every tensor, `verify_file_digest`,
-//! and `format::verify::verify`, on the raw input and on the input with its checksums fixed
+//! `.xpm` artifacts: `ArtifactReader::open`, `read_tensor` of every tensor, `read_values_part`
+//! of every values part (how `xpm export` streams LoRA factors), `verify_file_digest`, and
+//! `format::verify::verify`, on the raw input and on the input with its checksums fixed
 //! (`xpm_fuzz::fix_digests`), so mutations reach the parsing behind the sha256 checks.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use xpm_core::format::manifest::PartRole;
 use xpm_core::format::{ArtifactReader, Content, Delta};
 use xpm_core::format::verify::verify;
 use xpm_core::printer::Printer;
@@ -14,6 +16,14 @@ fn check(bytes: &[u8]) {
     if let Ok(r) = &opened {
         let m = r.manifest();
         for i in 0..m.tensors.len() {
+            // Part by part: what comes back has the manifest's size, in finite values.
+            let e = &m.tensors[i];
+            for p in e.stored.iter().filter(|p| p.role != PartRole::Mask) {
+                if let Ok(v) = r.read_values_part(i, p.role) {
+                    assert_eq!(v.len() as u64, p.raw_size);
+                    assert!(e.dtype.first_non_finite(&v).is_none());
+                }
+            }
             if let Ok(t) = r.read_tensor(i) {
                 // What the reader returns must agree with the manifest that described it.
                 let e = &m.tensors[i];
