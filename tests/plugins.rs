@@ -331,7 +331,11 @@ fn a_c_plugin_equals_the_builtin_it_implements() {
     assert_eq!(dense(&ctx.path("c.xpm")), dense(&ctx.path("b.xpm")));
     // The same plugin reading each expert's values where xpm holds them (ABI 1.1's
     // XPM_CAP_EXPERT_VALUES: `entry_value` is then NULL, so any read of it would crash).
-    let per_expert = c_plugin(&ctx, "libc_ta_ev.so", &["-DXPM_EXPERT_VALUES"]);
+    let per_expert = c_plugin(
+        &ctx,
+        "libc_ta_ev.so",
+        &["-DXPM_EXPERT_VALUES", "-DXPM_TEST_NO_COPY"],
+    );
     ctx.xpm()
         .args(["merge", "e1.xpm", "e2.xpm", "--weights", "1,0.5"])
         .args(["--strategy", "c-task-arithmetic", "--param", "lambda=2"])

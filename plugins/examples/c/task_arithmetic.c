@@ -70,6 +70,10 @@ static int32_t merge(void *state, const XpmTensorView *t, XpmOutputView *out, Xp
         if (out->keep[k] != 1 || out->values[k] != 0.0f) { set_err(err, "output not preset"); return XPM_ERR; }
     for (size_t k = 1; k < n; k += 2) out->keep[k] = 0;
 #endif
+#ifdef XPM_TEST_NO_COPY
+    /* Test build (with XPM_EXPERT_VALUES): the host must not have concatenated the values. */
+    if (t->entry_value != NULL) { set_err(err, "entry_value is set despite XPM_CAP_EXPERT_VALUES"); return XPM_ERR; }
+#endif
 #ifdef XPM_TEST_BAD_KEEP
     if (n) out->keep[0] = 2; /* Test build: a keep flag other than 0 or 1. */
 #endif

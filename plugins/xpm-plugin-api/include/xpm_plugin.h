@@ -1,4 +1,4 @@
-/* xpm merge plugin ABI 1.0. Generated from plugins/xpm-plugin-api/src/lib.rs by
+/* xpm merge plugin ABI 1.1. Generated from plugins/xpm-plugin-api/src/lib.rs by
  * cbindgen; do not edit (XPM_BLESS=1 cargo test -p xpm-plugin-api regenerates it). */
 
 #ifndef XPM_PLUGIN_H
@@ -57,16 +57,16 @@
 
 /**
  * Capability (ABI 1.1, required): the plugin reads each expert's values through
- * `XpmTensorView.expert_values`, and the host leaves `entry_value` NULL instead of copying every
- * expert's values into one array. A 1.0 host does not know the bit and refuses the plugin, so a
- * plugin that declares it never meets a view without `expert_values`.
+ * [`XpmTensorView::expert_values`], and the host leaves `entry_value` NULL instead of copying
+ * every expert's values into one array. A 1.0 host does not know the bit and refuses the
+ * plugin, so a plugin that declares it never meets a view without `expert_values`.
  */
-#define XPM_CAP_EXPERT_VALUES 4294967296ull
+#define XPM_CAP_EXPERT_VALUES 4294967296
 
 /**
  * Every capability bit this version of the ABI defines.
  */
-#define XPM_CAP_KNOWN (XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM | XPM_CAP_EXPERT_VALUES)
+#define XPM_CAP_KNOWN ((XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM) | XPM_CAP_EXPERT_VALUES)
 
 /**
  * Element type of the tensor the values came from (values always cross as f32).
@@ -131,7 +131,7 @@ typedef struct XpmTensorView {
   const uint32_t *entry_slot;
   /**
    * For each entry, the expert's delta there. NULL for a plugin that declares
-   * `XPM_CAP_EXPERT_VALUES` (it reads `expert_values`).
+   * [`XPM_CAP_EXPERT_VALUES`] (it reads `expert_values`).
    */
   const float *entry_value;
   /**
@@ -144,9 +144,9 @@ typedef struct XpmTensorView {
   const uint64_t *seeds;
   /**
    * ABI 1.1: one pointer per expert (`n_experts`) to its values, the host's own arrays:
-   * expert e's `entries_start[e + 1] − entries_start[e]` values, in the order of its entries in
-   * `entry_slot` (never NULL, even for an expert without entries). Only a plugin that declares
-   * `XPM_CAP_EXPERT_VALUES` may read it: a 1.0 host's view ends before it.
+   * expert e's `entries_start[e + 1] − entries_start[e]` values, in the order of its
+   * entries in `entry_slot` (never NULL, even for an expert without entries). Only a plugin
+   * that declares [`XPM_CAP_EXPERT_VALUES`] may read it: a 1.0 host's view ends before it.
    */
   const float *const *expert_values;
 } XpmTensorView;

@@ -47,7 +47,7 @@ pub const XPM_CAP_REQUIRED_MASK: u64 = 0xFFFF_FFFF_0000_0000;
 /// [`XpmTensorView::expert_values`], and the host leaves `entry_value` NULL instead of copying
 /// every expert's values into one array. A 1.0 host does not know the bit and refuses the
 /// plugin, so a plugin that declares it never meets a view without `expert_values`.
-pub const XPM_CAP_EXPERT_VALUES: u64 = 1 << 32;
+pub const XPM_CAP_EXPERT_VALUES: u64 = 0x1_0000_0000;
 /// Every capability bit this version of the ABI defines.
 pub const XPM_CAP_KNOWN: u64 = XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM | XPM_CAP_EXPERT_VALUES;
 

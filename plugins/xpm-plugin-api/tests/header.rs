@@ -10,7 +10,7 @@ fn c_header_matches_the_rust_types() {
         language: cbindgen::Language::C,
         include_guard: Some("XPM_PLUGIN_H".into()),
         header: Some(
-            "/* xpm merge plugin ABI 1.0. Generated from plugins/xpm-plugin-api/src/lib.rs by\n * cbindgen; do not edit (XPM_BLESS=1 cargo test -p xpm-plugin-api regenerates it). */"
+            "/* xpm merge plugin ABI 1.1. Generated from plugins/xpm-plugin-api/src/lib.rs by\n * cbindgen; do not edit (XPM_BLESS=1 cargo test -p xpm-plugin-api regenerates it). */"
                 .into(),
         ),
         no_includes: false,
