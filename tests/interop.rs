@@ -209,6 +209,46 @@ fn a_peft_lora_imports_applies_and_exports() {
     assert!(!ctx.path("x").exists());
 }
 
+/// `xpm export` reads a LoRA expert's factors while it writes the adapter: a damaged factor
+/// frame is found there (its sha256), the command fails naming the tensor, and no directory is
+/// left behind.
+#[test]
+fn export_of_a_damaged_factor_fails_and_writes_nothing() {
+    let ctx = TestContext::new();
+    write_base(&ctx);
+    let src = ctx.path("adapter");
+    std::fs::create_dir_all(&src).unwrap();
+    write_adapter(&src, lora_config());
+    ctx.xpm()
+        .args(["import", "peft", "adapter", "--base", "base", "--name", "t"])
+        .args(["--version", "1.0.0", "-o", "t.xpm"])
+        .assert()
+        .success();
+    let path = ctx.path("t.xpm");
+    let part = {
+        let r = xpm::format::ArtifactReader::open(&path).unwrap();
+        let t = r
+            .manifest()
+            .tensors
+            .iter()
+            .find(|t| t.name == "layer.0.q.weight")
+            .unwrap();
+        let p = &t.stored[1]; // lora_B
+        xpm::format::artifact::PRELUDE_LEN + p.offset + p.size / 2
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[part as usize] ^= 0x80;
+    std::fs::write(&path, bytes).unwrap();
+    ctx.xpm()
+        .args(["export", "t.xpm", "--base", "base", "-o", "exported"])
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains(
+            "tensor `layer.0.q.weight` (lora_B): frame sha256 mismatch",
+        ));
+    assert!(!ctx.path("exported").exists());
+}
+
 /// A LoRA on a sequence classifier's head: PEFT saves heads whole (`modules_to_save`), so the
 /// export writes base + s·B·A there, while the other module's factors are streamed out of the
 /// artifact as they are. Both come back through `xpm import` to the same applied weights.
