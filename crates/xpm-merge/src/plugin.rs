@@ -511,13 +511,20 @@ impl Instance<'_> {
                 Some("nothing was written; report this to the plugin's author"),
             ));
         }
-        // One pass for the three checks below (they name the first offender each).
-        let (mut finite, mut flags, mut n_kept) = (true, true, 0usize);
-        for (v, &k) in out_vals.iter().zip(keep.iter()) {
-            finite &= v.is_finite();
-            flags &= k <= 1;
-            n_kept += usize::from(k != 0);
+        // One pass for the three checks below (they name the first offender each), in integer
+        // accumulators the compiler vectorises (boolean ones it did not: a tenth of the host's
+        // plugin time).
+        let (mut non_finite, mut bad_flag, mut n_kept) = (0u32, 0u8, 0usize);
+        for (v, k) in out_vals.chunks(1 << 16).zip(keep.chunks(1 << 16)) {
+            let mut kept = 0u32;
+            for (v, &k) in v.iter().zip(k) {
+                non_finite |= u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+                bad_flag |= k & !1;
+                kept += u32::from(k);
+            }
+            n_kept += kept as usize;
         }
+        let (finite, flags) = (non_finite == 0, bad_flag == 0);
         if !finite && let Some(k) = out_vals.iter().position(|v| !v.is_finite()) {
             return Err(plugin_error(
                 &p.path,
@@ -581,14 +588,21 @@ fn union_support(s: &mut Scratch, inputs: &[Input], n: u64, dense: bool) {
         prefix.push(count);
         count += b.count_ones();
     }
+    // Written into the reserved room with a local count (a `push` per position checked the
+    // capacity and stored the length each time).
     support.reserve(count as usize);
+    let room = &mut support.spare_capacity_mut()[..count as usize];
+    let mut at = 0;
     for (w, &word) in bits.iter().enumerate() {
         let mut b = word;
         while b != 0 {
-            support.push(w as u64 * 64 + b.trailing_zeros() as u64);
+            room[at].write(w as u64 * 64 + b.trailing_zeros() as u64);
+            at += 1;
             b &= b - 1;
         }
     }
+    // SAFETY: the loop wrote one position per set bit, `count` of them, into the room.
+    unsafe { support.set_len(count as usize) };
 }
 
 /// Each expert's entries as (position in the support, value), concatenated into `s.slots` and
