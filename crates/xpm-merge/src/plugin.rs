@@ -11,10 +11,10 @@ use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 
 use xpm_plugin_api::{
-    ENTRY_V1, XPM_CAP_DROPS_ENTRIES, XPM_CAP_EXPERT_VALUES, XPM_CAP_KNOWN, XPM_CAP_REQUIRED_MASK,
-    XPM_DESCRIPTOR_V1_0_SIZE, XPM_OK, XPM_PANIC, XPM_PLUGIN_ABI_MAJOR, XpmBuf, XpmCreateFn,
-    XpmDestroyFn, XpmEntryV1, XpmFreeBufFn, XpmMergeFn, XpmOutputView, XpmParamsSchemaFn,
-    XpmPluginDescriptorV1, XpmStr, XpmTensorView,
+    ENTRY_V1, XPM_CAP_DROPS_ENTRIES, XPM_CAP_EXPERT_VALUES, XPM_CAP_KNOWN, XPM_CAP_NO_SLOTS,
+    XPM_CAP_REQUIRED_MASK, XPM_DESCRIPTOR_V1_0_SIZE, XPM_OK, XPM_PANIC, XPM_PLUGIN_ABI_MAJOR,
+    XpmBuf, XpmCreateFn, XpmDestroyFn, XpmEntryV1, XpmFreeBufFn, XpmMergeFn, XpmOutputView,
+    XpmParamsSchemaFn, XpmPluginDescriptorV1, XpmStr, XpmTensorView,
 };
 
 use crate::engine::{Input, Output, Stream};
@@ -424,9 +424,12 @@ impl Instance<'_> {
                 None,
             ));
         }
-        // A plugin that reads each expert's values where they are (ABI 1.1) gets no copy.
-        let per_expert = self.plugin.capabilities & XPM_CAP_EXPERT_VALUES != 0;
-        gather_entries(s, inputs, dense, !per_expert);
+        // A plugin that reads each expert's values where they are (ABI 1.1) gets no copy, and
+        // one that works on positions no slots.
+        let caps = self.plugin.capabilities;
+        let per_expert = caps & XPM_CAP_EXPERT_VALUES != 0;
+        let slots = !(per_expert && caps & XPM_CAP_NO_SLOTS != 0);
+        gather_entries(s, inputs, dense, !per_expert, slots);
         let expert_values: Vec<*const f32> = inputs
             .iter()
             .map(|i| match i {
@@ -434,12 +437,25 @@ impl Instance<'_> {
                 Input::Absent => [].as_ptr(),
             })
             .collect();
+        let expert_indices: Vec<*const u64> = inputs
+            .iter()
+            .map(|i| match i {
+                Input::Sparse { indices, .. } => indices.as_ptr(),
+                Input::Dense { .. } => std::ptr::null(),
+                Input::Absent => [].as_ptr(),
+            })
+            .collect();
         let seeds: Vec<u64> = (0..ne as u64)
             .map(|e| Stream::new(seed, e, tensor).key())
             .collect();
-        let mut view = tensor_view(s, tensor, shape, dtype, weights, &seeds, &expert_values);
+        let mut view = tensor_view(s, tensor, shape, dtype, weights, &seeds);
+        (view.expert_values, view.expert_indices) =
+            (expert_values.as_ptr(), expert_indices.as_ptr());
         if per_expert {
             view.entry_value = std::ptr::null();
+        }
+        if !slots {
+            view.entry_slot = std::ptr::null();
         }
         let written = self.call_merge(&view, tensor, &mut s.out_vals, &mut s.keep)?;
         let n_kept = self.check_output(s, tensor, written)?;
@@ -605,24 +621,26 @@ fn union_support(s: &mut Scratch, inputs: &[Input], n: u64, dense: bool) {
     unsafe { support.set_len(count as usize) };
 }
 
-/// Each expert's entries as (position in the support, value), concatenated into `s.slots` and
-/// (with `copy_values`, for plugins of ABI 1.0) `s.values`, with expert e's entries at
-/// `s.starts[e]..s.starts[e + 1]`.
-fn gather_entries(s: &mut Scratch, inputs: &[Input], dense: bool, copy_values: bool) {
+/// Each expert's entries as (position in the support, value), concatenated into `s.slots`
+/// (unless a plugin works on positions: `with_slots` false) and (with `copy_values`, for
+/// plugins of ABI 1.0) `s.values`, with expert e's entries at `s.starts[e]..s.starts[e + 1]`.
+fn gather_entries(
+    s: &mut Scratch,
+    inputs: &[Input],
+    dense: bool,
+    copy_values: bool,
+    with_slots: bool,
+) {
     let len = s.support.len();
     let (bits, prefix) = (&s.bits, &s.prefix);
     let (starts, slots, values) = (&mut s.starts, &mut s.slots, &mut s.values);
     starts.clear();
     slots.clear();
     values.clear();
-    let total: usize = inputs
-        .iter()
-        .map(|i| match i {
-            Input::Sparse { values, .. } | Input::Dense { values } => values.len(),
-            Input::Absent => 0,
-        })
-        .sum();
-    slots.reserve(total);
+    let total: usize = inputs.iter().map(input_len).sum();
+    if with_slots {
+        slots.reserve(total);
+    }
     if copy_values {
         values.reserve(total);
     }
@@ -630,7 +648,9 @@ fn gather_entries(s: &mut Scratch, inputs: &[Input], dense: bool, copy_values: b
     for input in inputs {
         match input {
             Input::Dense { values: d } => {
-                slots.extend(0..len as u32);
+                if with_slots {
+                    slots.extend(0..len as u32);
+                }
                 if copy_values {
                     values.extend_from_slice(d);
                 }
@@ -639,10 +659,10 @@ fn gather_entries(s: &mut Scratch, inputs: &[Input], dense: bool, copy_values: b
                 indices,
                 values: sv,
             } => {
-                if dense {
+                if with_slots && dense {
                     // The support is every position: a position is its own slot.
                     slots.extend(indices.iter().map(|&i| i as u32));
-                } else {
+                } else if with_slots {
                     support_slots(indices, bits, prefix, slots);
                 }
                 if copy_values {
@@ -651,7 +671,15 @@ fn gather_entries(s: &mut Scratch, inputs: &[Input], dense: bool, copy_values: b
             }
             Input::Absent => {}
         }
-        starts.push(slots.len());
+        starts.push(starts.last().expect("starts at 0") + input_len(input));
+    }
+}
+
+/// How many entries an expert lists: what it stores (every position when dense).
+fn input_len(input: &Input) -> usize {
+    match input {
+        Input::Sparse { values, .. } | Input::Dense { values } => values.len(),
+        Input::Absent => 0,
     }
 }
 
@@ -689,8 +717,9 @@ fn support_slots(indices: &[u64], bits: &[u64], prefix: &[u32], slots: &mut Vec<
     each(indices, bits, prefix, slots)
 }
 
-/// The ABI's view of one tensor's merge inputs, pointing into `s`, `shape`, `weights`, `seeds`
-/// and `expert_values` (one per expert), which must outlive its use.
+/// The ABI's view of one tensor's merge inputs, pointing into `s`, `shape`, `weights` and
+/// `seeds` (one per expert), which must outlive its use; the ABI 1.1 per-expert arrays are
+/// NULL here, for the caller to set.
 fn tensor_view(
     s: &Scratch,
     tensor: &str,
@@ -698,7 +727,6 @@ fn tensor_view(
     dtype: Dtype,
     weights: &[f64],
     seeds: &[u64],
-    expert_values: &[*const f32],
 ) -> XpmTensorView {
     XpmTensorView {
         name: XpmStr {
@@ -720,7 +748,8 @@ fn tensor_view(
         entry_value: s.values.as_ptr(),
         weights: weights.as_ptr(),
         seeds: seeds.as_ptr(),
-        expert_values: expert_values.as_ptr(),
+        expert_values: std::ptr::null(),
+        expert_indices: std::ptr::null(),
     }
 }
 
@@ -935,16 +964,20 @@ mod tests {
         let mut s = Scratch::default();
         union_support(&mut s, &inputs, 256, false);
         assert_eq!(s.support, vec![0, 3, 64, 130, 200]);
-        gather_entries(&mut s, &inputs, false, true);
+        gather_entries(&mut s, &inputs, false, true, true);
         assert_eq!(s.starts, vec![0, 3, 3, 6]);
         assert_eq!(s.slots, vec![1, 2, 3, 0, 1, 4]);
         assert_eq!(s.values, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         // For a plugin that reads each expert's values where they are (ABI 1.1), the same
         // slots and no concatenated values.
-        gather_entries(&mut s, &inputs, false, false);
+        gather_entries(&mut s, &inputs, false, false, true);
         assert_eq!(s.starts, vec![0, 3, 3, 6]);
         assert_eq!(s.slots, vec![1, 2, 3, 0, 1, 4]);
         assert!(s.values.is_empty());
+        // For one that works on positions (XPM_CAP_NO_SLOTS), the ranges alone.
+        gather_entries(&mut s, &inputs, false, false, false);
+        assert_eq!(s.starts, vec![0, 3, 3, 6]);
+        assert!(s.slots.is_empty() && s.values.is_empty());
 
         // A dense input makes every position part of the support; positions are their slots.
         let inputs = vec![
@@ -958,7 +991,7 @@ mod tests {
         ];
         union_support(&mut s, &inputs, 3, true);
         assert_eq!(s.support, vec![0, 1, 2]);
-        gather_entries(&mut s, &inputs, true, true);
+        gather_entries(&mut s, &inputs, true, true, true);
         assert_eq!(s.starts, vec![0, 3, 4]);
         assert_eq!(s.slots, vec![0, 1, 2, 2]);
         assert_eq!(s.values, vec![1.0, 0.0, 2.0, 7.0]);

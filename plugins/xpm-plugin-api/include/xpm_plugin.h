@@ -49,6 +49,14 @@
 #define XPM_CAP_RANDOM 2
 
 /**
+ * Capability (ABI 1.1, optional): the plugin never reads `entry_slot` (it works on the
+ * experts' positions, [`XpmTensorView::expert_indices`]); the host may leave `entry_slot`
+ * NULL and skip mapping every entry to its slot in the support. Meaningful only with
+ * [`XPM_CAP_EXPERT_VALUES`], which a 1.0 host refuses.
+ */
+#define XPM_CAP_NO_SLOTS 4
+
+/**
  * Capability bits 0–31 are optional: a host that does not know one ignores it. Bits 32–63 are
  * required: a host that does not know one refuses the plugin (a later minor version may define
  * a behaviour the host must implement to merge correctly).
@@ -56,9 +64,10 @@
 #define XPM_CAP_REQUIRED_MASK 18446744069414584320ull
 
 /**
- * Capability (ABI 1.1, required): the plugin reads each expert's values through
- * [`XpmTensorView::expert_values`], and the host leaves `entry_value` NULL instead of copying
- * every expert's values into one array. A 1.0 host does not know the bit and refuses the
+ * Capability (ABI 1.1, required): the plugin reads each expert's values (and may read its
+ * positions) through [`XpmTensorView::expert_values`] and [`XpmTensorView::expert_indices`],
+ * and the host leaves `entry_value` NULL instead of copying every expert's values into one
+ * array. A 1.0 host does not know the bit and refuses the
  * plugin, so a plugin that declares it never meets a view without `expert_values`.
  */
 #define XPM_CAP_EXPERT_VALUES 4294967296
@@ -66,7 +75,7 @@
 /**
  * Every capability bit this version of the ABI defines.
  */
-#define XPM_CAP_KNOWN ((XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM) | XPM_CAP_EXPERT_VALUES)
+#define XPM_CAP_KNOWN (((XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM) | XPM_CAP_NO_SLOTS) | XPM_CAP_EXPERT_VALUES)
 
 /**
  * Element type of the tensor the values came from (values always cross as f32).
@@ -127,6 +136,7 @@ typedef struct XpmTensorView {
   const size_t *entries_start;
   /**
    * For each entry, its position in `support` (0 .. support_len), ascending per expert.
+   * NULL for a plugin that declares [`XPM_CAP_NO_SLOTS`].
    */
   const uint32_t *entry_slot;
   /**
@@ -149,6 +159,13 @@ typedef struct XpmTensorView {
    * that declares [`XPM_CAP_EXPERT_VALUES`] may read it: a 1.0 host's view ends before it.
    */
   const float *const *expert_values;
+  /**
+   * ABI 1.1: one pointer per expert (`n_experts`) to its entries' flat indices in the
+   * tensor (row-major), ascending, the host's own arrays; NULL for an expert that stores
+   * the tensor densely, whose entries are then the positions 0, 1, …, count − 1. Read it
+   * only with [`XPM_CAP_EXPERT_VALUES`].
+   */
+  const uint64_t *const *expert_indices;
 } XpmTensorView;
 
 /**

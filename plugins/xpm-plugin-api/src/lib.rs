@@ -39,17 +39,24 @@ pub const XPM_PANIC: i32 = 2;
 pub const XPM_CAP_DROPS_ENTRIES: u64 = 1;
 /// Capability: the plugin uses the per-(expert, tensor) seeds.
 pub const XPM_CAP_RANDOM: u64 = 2;
+/// Capability (ABI 1.1, optional): the plugin never reads `entry_slot` (it works on the
+/// experts' positions, [`XpmTensorView::expert_indices`]); the host may leave `entry_slot`
+/// NULL and skip mapping every entry to its slot in the support. Meaningful only with
+/// [`XPM_CAP_EXPERT_VALUES`], which a 1.0 host refuses.
+pub const XPM_CAP_NO_SLOTS: u64 = 4;
 /// Capability bits 0–31 are optional: a host that does not know one ignores it. Bits 32–63 are
 /// required: a host that does not know one refuses the plugin (a later minor version may define
 /// a behaviour the host must implement to merge correctly).
 pub const XPM_CAP_REQUIRED_MASK: u64 = 0xFFFF_FFFF_0000_0000;
-/// Capability (ABI 1.1, required): the plugin reads each expert's values through
-/// [`XpmTensorView::expert_values`], and the host leaves `entry_value` NULL instead of copying
-/// every expert's values into one array. A 1.0 host does not know the bit and refuses the
+/// Capability (ABI 1.1, required): the plugin reads each expert's values (and may read its
+/// positions) through [`XpmTensorView::expert_values`] and [`XpmTensorView::expert_indices`],
+/// and the host leaves `entry_value` NULL instead of copying every expert's values into one
+/// array. A 1.0 host does not know the bit and refuses the
 /// plugin, so a plugin that declares it never meets a view without `expert_values`.
 pub const XPM_CAP_EXPERT_VALUES: u64 = 0x1_0000_0000;
 /// Every capability bit this version of the ABI defines.
-pub const XPM_CAP_KNOWN: u64 = XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM | XPM_CAP_EXPERT_VALUES;
+pub const XPM_CAP_KNOWN: u64 =
+    XPM_CAP_DROPS_ENTRIES | XPM_CAP_RANDOM | XPM_CAP_NO_SLOTS | XPM_CAP_EXPERT_VALUES;
 
 /// Element type of the tensor the values came from (values always cross as f32).
 pub const XPM_DTYPE_F32: u32 = 0;
@@ -92,6 +99,7 @@ pub struct XpmTensorView {
     /// work is proportional to the entries, not to experts × support.
     pub entries_start: *const usize,
     /// For each entry, its position in `support` (0 .. support_len), ascending per expert.
+    /// NULL for a plugin that declares [`XPM_CAP_NO_SLOTS`].
     pub entry_slot: *const u32,
     /// For each entry, the expert's delta there. NULL for a plugin that declares
     /// [`XPM_CAP_EXPERT_VALUES`] (it reads `expert_values`).
@@ -105,6 +113,11 @@ pub struct XpmTensorView {
     /// entries in `entry_slot` (never NULL, even for an expert without entries). Only a plugin
     /// that declares [`XPM_CAP_EXPERT_VALUES`] may read it: a 1.0 host's view ends before it.
     pub expert_values: *const *const f32,
+    /// ABI 1.1: one pointer per expert (`n_experts`) to its entries' flat indices in the
+    /// tensor (row-major), ascending, the host's own arrays; NULL for an expert that stores
+    /// the tensor densely, whose entries are then the positions 0, 1, …, count − 1. Read it
+    /// only with [`XPM_CAP_EXPERT_VALUES`].
+    pub expert_indices: *const *const u64,
 }
 
 /// The host-allocated output of `merge` for one tensor.

@@ -33,9 +33,13 @@ pub struct Tensor<'a> {
     /// One seed per expert for this tensor.
     pub seeds: &'a [u64],
     starts: &'a [usize],
+    /// Empty for a strategy that does not use slots ([`Strategy::USES_SLOTS`]).
     slots: &'a [u32],
-    /// Each expert's values, as the host holds them (ABI 1.1's `expert_values`: no copy).
+    uses_slots: bool,
+    /// Each expert's values and flat indices (`None`: stored densely, every position), as
+    /// the host holds them (ABI 1.1's `expert_values` and `expert_indices`: no copy).
     values: Vec<&'a [f32]>,
+    indices: Vec<Option<&'a [u64]>>,
 }
 
 impl<'a> Tensor<'a> {
@@ -45,11 +49,34 @@ impl<'a> Tensor<'a> {
     }
     /// Expert `e`'s entries: positions in [`Tensor::support`] (ascending) and values. An entry
     /// is in the expert's mask exactly when it is listed.
+    ///
+    /// Panics for a strategy that declares [`Strategy::USES_SLOTS`] `false` (the host then
+    /// computes no slots): use [`Tensor::positions`].
     pub fn entries(&self, e: usize) -> (&'a [u32], &'a [f32]) {
+        self.need_slots();
         (
             &self.slots[self.starts[e]..self.starts[e + 1]],
             self.values[e],
         )
+    }
+    fn need_slots(&self) {
+        assert!(
+            self.uses_slots,
+            "this strategy declares USES_SLOTS = false: use Tensor::positions"
+        );
+    }
+    /// Expert `e`'s entries as flat indices into the tensor (row-major, ascending) and values:
+    /// [`Positions::Indices`], or [`Positions::All`] for an expert that stores the tensor
+    /// densely (its entries are every position, in order). Works whether or not the strategy
+    /// uses slots; with [`Strategy::USES_SLOTS`] `false` the host skips mapping entries to
+    /// slots, and a strategy that walks positions in blocks (`plugins/examples/mean`) needs
+    /// none.
+    pub fn positions(&self, e: usize) -> (Positions<'a>, &'a [f32]) {
+        let values = self.values[e];
+        match self.indices[e] {
+            Some(ix) => (Positions::Indices(ix), values),
+            None => (Positions::All(values.len()), values),
+        }
     }
     /// Expert `e`'s values as a dense row over the support (0 outside its mask).
     pub fn dense_row(&self, e: usize) -> Vec<f32> {
@@ -63,6 +90,7 @@ impl<'a> Tensor<'a> {
     /// The entries grouped by support position: for each position, the (expert, value) pairs
     /// in expert order.
     pub fn by_position(&self) -> ByPosition {
+        self.need_slots();
         let n = self.support.len();
         let mut start = vec![0u32; n + 1];
         for &k in self.slots {
@@ -85,6 +113,15 @@ impl<'a> Tensor<'a> {
         }
         ByPosition { start, who, val }
     }
+}
+
+/// Where an expert's entries are (see [`Tensor::positions`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Positions<'a> {
+    /// Flat indices, ascending, one per entry.
+    Indices(&'a [u64]),
+    /// Every position 0, 1, …, n − 1 (the expert stores the tensor densely).
+    All(usize),
 }
 
 /// Entries grouped by support position (see [`Tensor::by_position`]).
@@ -121,6 +158,10 @@ pub trait Strategy: Sized + Send + 'static {
     const PARAMS_SCHEMA: &'static str = r#"{"type": "object", "additionalProperties": false}"#;
     /// `api::XPM_CAP_*` bits.
     const CAPABILITIES: u64 = 0;
+    /// Whether `merge` reads slots ([`Tensor::entries`], [`Tensor::by_position`],
+    /// [`Tensor::dense_row`]). `false` declares `XPM_CAP_NO_SLOTS`: the host skips mapping
+    /// every entry to its support slot, and the strategy works on [`Tensor::positions`].
+    const USES_SLOTS: bool = true;
     /// Build the strategy from its parameters (a JSON object).
     fn create(params: serde_json::Value) -> Result<Self, String>;
     /// Merge one tensor.
@@ -230,6 +271,8 @@ pub mod __rt {
                 let starts = std::slice::from_raw_parts(t.entries_start, e + 1);
                 let total = starts[e];
                 let per_expert = std::slice::from_raw_parts(t.expert_values, e);
+                let per_expert_ix = std::slice::from_raw_parts(t.expert_indices, e);
+                let count = |i: usize| starts[i + 1] - starts[i];
                 Tensor {
                     name: std::str::from_utf8(slice(t.name.ptr, t.name.len))
                         .map_err(|e| e.to_string())?,
@@ -239,10 +282,20 @@ pub mod __rt {
                     weights: std::slice::from_raw_parts(t.weights, e),
                     seeds: std::slice::from_raw_parts(t.seeds, e),
                     starts,
-                    slots: std::slice::from_raw_parts(t.entry_slot, total),
+                    // No slots when the strategy declared it uses none (entry_slot is NULL).
+                    uses_slots: S::USES_SLOTS,
+                    slots: if S::USES_SLOTS {
+                        std::slice::from_raw_parts(t.entry_slot, total)
+                    } else {
+                        &[]
+                    },
                     values: (0..e)
+                        .map(|i| std::slice::from_raw_parts(per_expert[i], count(i)))
+                        .collect(),
+                    indices: (0..e)
                         .map(|i| {
-                            std::slice::from_raw_parts(per_expert[i], starts[i + 1] - starts[i])
+                            let p = per_expert_ix[i];
+                            (!p.is_null()).then(|| std::slice::from_raw_parts(p, count(i)))
                         })
                         .collect(),
                 }
@@ -298,7 +351,12 @@ macro_rules! export {
                     version: $crate::xpm_str(<$strategy as $crate::Strategy>::VERSION),
                     // The SDK reads each expert's values where the host holds them (ABI 1.1).
                     capabilities: <$strategy as $crate::Strategy>::CAPABILITIES
-                        | $crate::api::XPM_CAP_EXPERT_VALUES,
+                        | $crate::api::XPM_CAP_EXPERT_VALUES
+                        | if <$strategy as $crate::Strategy>::USES_SLOTS {
+                            0
+                        } else {
+                            $crate::api::XPM_CAP_NO_SLOTS
+                        },
                     params_schema: Some($crate::__rt::params_schema::<$strategy>),
                     create: Some($crate::__rt::create::<$strategy>),
                     merge: Some($crate::__rt::merge::<$strategy>),
