@@ -375,6 +375,17 @@ fn a_hub_adapter_is_downloaded_verified_and_recorded() {
     let r: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
     assert_eq!(r["source"]["location"], "hf:org/tiny-lora");
     assert_eq!(r["source"]["revision"], "main");
+    // The weights' digest is the one the download was checked against (recorded, not hashed
+    // a second time): the file's sha256.
+    let want = {
+        use sha2::Digest;
+        let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)))
+    };
+    assert_eq!(
+        r["source"]["files"]["adapter_model.safetensors"],
+        serde_json::Value::String(want)
+    );
     ctx.xpm()
         .args(["apply", "t.xpm", "--base", "base", "--out", "applied"])
         .assert()

@@ -1,7 +1,7 @@
 //! `xpm import` and `xpm export`: experts from PEFT adapters and mttl libraries, and any expert
 //! out as a PEFT adapter directory (the formats: `xpm_interop`; docs/interop.md).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -223,10 +223,14 @@ pub fn import_peft(
     printer: &Printer,
 ) -> Result<ImportReport> {
     validate(opts)?;
-    let (dir, from_hub) = fetch_source(src, &xpm_interop::peft::HUB_FILES, hub, printer)?;
+    let SourceDir {
+        dir,
+        from_hub,
+        verified,
+    } = fetch_source(src, &xpm_interop::peft::HUB_FILES, hub, printer)?;
     let (base, _, base_id) = open_base(&opts.base, hub, printer)?;
     printer.status("Reading", format!("PEFT adapter `{}`", dir.display()));
-    let mut imported = xpm_interop::peft::import(&dir, &base)?;
+    let mut imported = xpm_interop::peft::import_with(&dir, &base, &verified)?;
     if let Some((repo, rev)) = from_hub {
         imported.source.location = format!("hf:{repo}");
         imported.source.revision = Some(rev);
@@ -236,14 +240,25 @@ pub fn import_peft(
     write_imported(imported, &base, base_id, opts, home, printer)
 }
 
+/// Where an import reads its source (see [`fetch_source`]).
+pub struct SourceDir {
+    pub dir: PathBuf,
+    /// For a Hub source: the repository and revision.
+    pub from_hub: Option<(String, String)>,
+    /// For a Hub source: the digests its download was checked against, by file name
+    /// (recorded as provenance without hashing the files again: for a 1 GB adapter, a second
+    /// sha256 pass over a gigabyte).
+    pub verified: BTreeMap<String, String>,
+}
+
 /// A local directory as it is, or the files of a Hub repository (downloaded, checked and
-/// cached like a base model); for Hub sources also the repository and revision.
+/// cached like a base model).
 pub fn fetch_source(
     src: &str,
     files: &[&str],
     hub: &HubConfig,
     printer: &Printer,
-) -> Result<(PathBuf, Option<(String, String)>)> {
+) -> Result<SourceDir> {
     match crate::train::hub::HubSpec::parse(src) {
         None => {
             let dir = PathBuf::from(src);
@@ -253,12 +268,20 @@ pub fn fetch_source(
                     Some("give the adapter's directory, or `hf:ORG/NAME[@REVISION]`"),
                 ));
             }
-            Ok((dir, None))
+            Ok(SourceDir {
+                dir,
+                from_hub: None,
+                verified: BTreeMap::new(),
+            })
         }
         Some(spec) => {
             let spec = spec?;
-            let dir = crate::train::hub::download_files(&spec, hub, files, printer)?;
-            Ok((dir, Some((spec.repo, spec.revision))))
+            let fetched = crate::train::hub::download_files(&spec, hub, files, printer)?;
+            Ok(SourceDir {
+                dir: fetched.dir,
+                from_hub: Some((spec.repo, spec.revision)),
+                verified: fetched.verified,
+            })
         }
     }
 }
@@ -435,13 +458,17 @@ pub fn import_mttl(
     validate(opts)?;
     let files = [format!("{expert}.ckpt"), format!("{expert}.meta")];
     let names: Vec<&str> = files.iter().map(String::as_str).collect();
-    let (dir, from_hub) = fetch_source(library, &names, hub, printer)?;
+    let SourceDir {
+        dir,
+        from_hub,
+        verified,
+    } = fetch_source(library, &names, hub, printer)?;
     let (base, _, base_id) = open_base(&opts.base, hub, printer)?;
     printer.status(
         "Reading",
         format!("mttl expert `{expert}` of `{}`", dir.display()),
     );
-    let mut imported = xpm_interop::mttl::import(&dir, expert, &base)?;
+    let mut imported = xpm_interop::mttl::import_with(&dir, expert, &base, &verified)?;
     if let Some((repo, rev)) = from_hub {
         imported.source.location = format!("hf:{repo}");
         imported.source.revision = Some(rev);

@@ -183,6 +183,17 @@ const KINDS_HINT: &str = "xpm imports mttl LoRA experts (<module>.lora_a, <modul
 
 /// Import expert `expert` of the mttl library `library` against `base`.
 pub fn import(library: &Path, expert: &str, base: &Checkpoint) -> Result<Imported> {
+    import_with(library, expert, base, &BTreeMap::new())
+}
+
+/// [`import`], recording `verified` digests (file name → `sha256:`, checked by the caller
+/// against the bytes, as a Hub download's are) instead of hashing those files again.
+pub fn import_with(
+    library: &Path,
+    expert: &str,
+    base: &Checkpoint,
+    verified: &BTreeMap<String, String>,
+) -> Result<Imported> {
     let (ckpt_path, meta_path) = files(library, expert)?;
     let meta = Meta::read(&meta_path)?;
     let state = torch::load_state_dict(&ckpt_path)?;
@@ -220,7 +231,7 @@ pub fn import(library: &Path, expert: &str, base: &Checkpoint) -> Result<Importe
         format: format.to_string(),
         location: library.display().to_string(),
         revision: None,
-        files: digests(&[&ckpt_path, &meta_path])?,
+        files: digests(&[&ckpt_path, &meta_path], verified)?,
     };
     let mut extra = BTreeMap::new();
     extra.insert("mttl".to_string(), meta.value.to_json());
@@ -347,15 +358,23 @@ fn sort_like_base(out: &mut [ImportedTensor], base: &Checkpoint) {
     });
 }
 
-/// The digests of the expert's files, by file name.
-fn digests(paths: &[&Path]) -> Result<BTreeMap<String, String>> {
+/// The digests of the expert's files, by file name: `verified` ones as given, the others
+/// hashed.
+fn digests(
+    paths: &[&Path],
+    verified: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>> {
     let mut files = BTreeMap::new();
     for p in paths {
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        files.insert(name, crate::file_digest(p)?);
+        let digest = match verified.get(&name) {
+            Some(d) => d.clone(),
+            None => crate::file_digest(p)?,
+        };
+        files.insert(name, digest);
     }
     Ok(files)
 }

@@ -276,6 +276,16 @@ impl Raw<'_> {
 /// them ([`Pending`]), and the weights file is hashed on a thread of its own meanwhile (from
 /// its mapping, which the factors are compressed from).
 pub fn import(dir: &Path, base: &Checkpoint) -> Result<Imported> {
+    import_with(dir, base, &BTreeMap::new())
+}
+
+/// [`import`], recording `verified` digests (file name → `sha256:`, checked by the caller
+/// against the bytes, as a Hub download's are) instead of hashing those files again.
+pub fn import_with(
+    dir: &Path,
+    base: &Checkpoint,
+    verified: &BTreeMap<String, String>,
+) -> Result<Imported> {
     let cfg = AdapterConfig::read(dir)?;
     let (weights, peft_type) = weights_and_type(dir, &cfg)?;
     let file = Arc::new(Checkpoint::open(&weights)?);
@@ -283,9 +293,13 @@ pub fn import(dir: &Path, base: &Checkpoint) -> Result<Imported> {
     check_layers(&cfg, modules.keys().map(String::as_str))?;
     // The weights file's digest (for provenance) on another core while the tensors convert
     // and encode: both read the same pages, and the hash would otherwise be a serial pass.
+    let known = verified.get(WEIGHTS_FILE).cloned();
     let hashing = {
         let file = Arc::clone(&file);
         std::thread::spawn(move || {
+            if let Some(d) = known {
+                return Ok(d);
+            }
             let mut digests = file.file_digests();
             debug_assert_eq!(digests.len(), 1, "one weights file");
             Ok(digests.pop().expect("a checkpoint has a file").1)

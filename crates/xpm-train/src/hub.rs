@@ -144,18 +144,23 @@ fn open_repo(spec: &HubSpec, hub: &HubConfig, printer: &Printer) -> Result<OpenR
 impl OpenRepo {
     /// Download (or find in the cache) `wanted`, checking each LFS file's sha256; the snapshot
     /// directory.
-    fn fetch(&self, spec: &HubSpec, wanted: &[String], printer: &Printer) -> Result<PathBuf> {
-        let mut dir = None;
+    /// The snapshot directory, and the `sha256:` digest of each file that was checked against
+    /// the Hub's (the LFS files, by name).
+    fn fetch(&self, spec: &HubSpec, wanted: &[String], printer: &Printer) -> Result<Fetched> {
+        let (mut dir, mut verified) = (None, std::collections::BTreeMap::new());
         for f in wanted {
             printer.status("Fetching", format!("{}/{f}", spec.repo));
             let path = self.repo.get(f).map_err(hub_error(
                 &self.endpoint,
                 format!("cannot download `{f}` of hf:{}", spec.repo),
             ))?;
-            verify_lfs(&path)?;
+            if let Some(digest) = verify_lfs(&path)? {
+                verified.insert(f.clone(), digest);
+            }
             dir = path.parent().map(Path::to_path_buf);
         }
-        dir.ok_or_else(|| Error::input("nothing to download", None))
+        let dir = dir.ok_or_else(|| Error::input("nothing to download", None))?;
+        Ok(Fetched { dir, verified })
     }
 }
 
@@ -195,18 +200,26 @@ pub fn download(spec: &HubSpec, hub: &HubConfig, printer: &Printer) -> Result<Pa
             Some("xpm loads safetensors only (no pickle); pick a repository that has them"),
         ));
     }
-    open.fetch(spec, &wanted, printer)
+    Ok(open.fetch(spec, &wanted, printer)?.dir)
+}
+
+/// Files fetched from the Hub: the snapshot directory, and the `sha256:` digest of each file
+/// that was checked against the digest the Hub announced (its LFS files), by file name; an
+/// importer records these as provenance instead of hashing the files a second time.
+#[derive(Debug)]
+pub struct Fetched {
+    pub dir: PathBuf,
+    pub verified: std::collections::BTreeMap<String, String>,
 }
 
 /// Download (or find in the cache) those of `files` that the repository has (an adapter's
-/// config and weights, say); returns the snapshot directory. Names are top-level file names:
-/// anything else is refused.
+/// config and weights, say). Names are top-level file names: anything else is refused.
 pub fn download_files(
     spec: &HubSpec,
     hub: &HubConfig,
     files: &[&str],
     printer: &Printer,
-) -> Result<PathBuf> {
+) -> Result<Fetched> {
     let open = open_repo(spec, hub, printer)?;
     let wanted: Vec<String> = files
         .iter()
@@ -230,14 +243,15 @@ pub fn download_files(
 }
 
 /// Weight files are stored under their ETag, which for LFS files is the sha256 of the
-/// content: check it (the download is not trusted until it matches).
-fn verify_lfs(pointer: &Path) -> Result<()> {
+/// content: check it (the download is not trusted until it matches). The checked digest, for
+/// an LFS file.
+fn verify_lfs(pointer: &Path) -> Result<Option<String>> {
     let blob = std::fs::canonicalize(pointer).at("read", pointer)?;
     let Some(etag) = blob.file_name().map(|f| f.to_string_lossy().to_string()) else {
-        return Ok(());
+        return Ok(None);
     };
     if etag.len() != 64 || !etag.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Ok(()); // a git blob id (small text file), not a content sha256
+        return Ok(None); // a git blob id (small text file), not a content sha256
     }
     let file = std::fs::File::open(&blob).at("open", &blob)?;
     let (digest, _) =
@@ -250,7 +264,7 @@ fn verify_lfs(pointer: &Path) -> Result<()> {
             format!("downloaded content has {digest}, but the hub announced sha256:{etag}"),
         ));
     }
-    Ok(())
+    Ok(Some(digest))
 }
 
 #[cfg(test)]
