@@ -62,16 +62,22 @@ fn c_plugin(ctx: &TestContext, out: &str, defines: &[&str]) -> PathBuf {
 
 /// Three sparse experts (`e1`…`e3`, density 0.4) of one random base, with overlapping masks.
 fn experts(ctx: &TestContext) {
-    let base = random_tensors(&[("a.weight", &[16, 24]), ("b.weight", &[8, 8])], 31);
+    experts_of(ctx, &[("a.weight", &[16, 24]), ("b.weight", &[8, 8])], 31);
+}
+
+/// A base of `specs` (random, from `seed`) and three experts `e1`–`e3` extracted from
+/// perturbations of it (seeds `seed + 1` to `seed + 3`) at density 0.4.
+fn experts_of(ctx: &TestContext, specs: &[(&str, &[usize])], seed: u64) {
+    let base = random_tensors(specs, seed);
     write_st(
         &ctx.path("base.safetensors"),
         &base,
         safetensors::Dtype::F32,
     );
-    for (seed, n) in [(32, "e1"), (33, "e2"), (34, "e3")] {
+    for (k, n) in ["e1", "e2", "e3"].into_iter().enumerate() {
         write_st(
             &ctx.path(&format!("{n}.safetensors")),
-            &perturb(&base, seed, 0.1),
+            &perturb(&base, seed + 1 + k as u64, 0.1),
             safetensors::Dtype::F32,
         );
         extract(ctx, n, n, &["--density", "0.4"]);
@@ -255,20 +261,7 @@ fn plugin_mean_equals_the_builtin_over_a_support_of_several_blocks() {
     // where the last block stopped: a support of about 25 000 positions spans three blocks, and
     // every position must still equal the built-in `mean` bit for bit.
     let ctx = TestContext::new();
-    let base = random_tensors(&[("big.weight", &[200, 160])], 41);
-    write_st(
-        &ctx.path("base.safetensors"),
-        &base,
-        safetensors::Dtype::F32,
-    );
-    for (seed, n) in [(42, "e1"), (43, "e2"), (44, "e3")] {
-        write_st(
-            &ctx.path(&format!("{n}.safetensors")),
-            &perturb(&base, seed, 0.1),
-            safetensors::Dtype::F32,
-        );
-        extract(&ctx, n, n, &["--density", "0.4"]);
-    }
+    experts_of(&ctx, &[("big.weight", &[200, 160])], 41);
     let inputs = ["e1.xpm", "e2.xpm", "e3.xpm"];
     let merge = |strategy: &str, plugin: bool, out: &str| {
         let mut cmd = ctx.xpm();

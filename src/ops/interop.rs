@@ -392,7 +392,7 @@ pub fn export_peft(
         xpm_interop::peft_export::export(
             &m,
             &tensors,
-            Some(&fetch),
+            &fetch,
             &base,
             model_type.as_deref(),
             &architectures,

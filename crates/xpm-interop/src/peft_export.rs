@@ -98,25 +98,18 @@ struct Out<'t> {
 /// at a time rather than the expert and the adapter.
 enum Bytes<'t> {
     Ready(Vec<u8>),
+    /// Part `role` of the expert's tensor named `tensor`, read by [`Fetch`].
     Factor {
-        of: Factor<'t>,
+        tensor: &'t str,
+        role: PartRole,
         /// `[rows, cols]` of the factor as xpm stores it, to write it transposed.
         transpose: Option<[usize; 2]>,
         elem: usize,
     },
 }
 
-/// Where a LoRA factor is.
-#[derive(Clone, Copy)]
-enum Factor<'t> {
-    /// In a decoded tensor.
-    Held(&'t [u8]),
-    /// Still in the artifact: part `role` of the tensor named so (read by [`Fetch`]).
-    Stored(&'t str, PartRole),
-}
-
 /// Reads part `role` of the expert's tensor named `name` (its values, checked finite): how
-/// [`export`] gets the factors of LoRA tensors passed to it undecoded.
+/// [`export`] gets the factors of the LoRA tensors it writes as adapter modules.
 pub type Fetch<'a> = dyn Fn(&str, PartRole) -> Result<Vec<u8>> + Sync + 'a;
 
 impl From<Vec<u8>> for Bytes<'_> {
@@ -127,26 +120,22 @@ impl From<Vec<u8>> for Bytes<'_> {
 
 impl Bytes<'_> {
     /// The bytes to write: read from the artifact and transposed on the writer's workers.
-    fn resolve(&self, fetch: Option<&Fetch>) -> Result<Cow<'_, [u8]>> {
-        let (of, transpose_to, elem) = match self {
-            Bytes::Ready(v) => return Ok(Cow::Borrowed(v)),
+    fn resolve(&self, fetch: &Fetch) -> Result<Cow<'_, [u8]>> {
+        match self {
+            Bytes::Ready(v) => Ok(Cow::Borrowed(v)),
             Bytes::Factor {
-                of,
-                transpose,
+                tensor,
+                role,
+                transpose: to,
                 elem,
-            } => (of, transpose, *elem),
-        };
-        let bytes = match *of {
-            Factor::Held(b) => Cow::Borrowed(b),
-            Factor::Stored(name, role) => {
-                let fetch = fetch.expect("undecoded LoRA tensors come with a reader");
-                Cow::Owned(fetch(name, role)?)
+            } => {
+                let bytes = fetch(tensor, *role)?;
+                Ok(Cow::Owned(match to {
+                    Some([rows, cols]) => transpose(&bytes, *rows, *cols, *elem),
+                    None => bytes,
+                }))
             }
-        };
-        Ok(match transpose_to {
-            Some([rows, cols]) => Cow::Owned(transpose(&bytes, *rows, *cols, elem)),
-            None => bytes,
-        })
+        }
     }
 }
 
@@ -503,19 +492,14 @@ fn peft_lora(t: &TensorData, layer: Layer) -> Option<PeftLora<'_>> {
     // PEFT's B·A is ΔW for Linear, ΔWᵀ for Conv1D and embeddings.
     let flip = layer != Layer::Linear;
     match &t.content {
-        Content::Lora { rank, alpha, a, b } => {
+        Content::Lora { rank, alpha, .. } => {
             let r = *rank as usize;
-            // A tensor passed undecoded (empty factors) is read from the artifact.
-            let (a, b) = if a.is_empty() {
-                (
-                    Factor::Stored(&t.name, PartRole::LoraA),
-                    Factor::Stored(&t.name, PartRole::LoraB),
-                )
-            } else {
-                (Factor::Held(a), Factor::Held(b))
-            };
-            let factor = |of, transpose| Bytes::Factor {
-                of,
+            // Read from the artifact when the writer reaches them (the tensor may come
+            // undecoded, with empty factors).
+            let (a, b) = (PartRole::LoraA, PartRole::LoraB);
+            let factor = |role, transpose| Bytes::Factor {
+                tensor: &t.name,
+                role,
                 transpose,
                 elem: es,
             };
@@ -822,7 +806,7 @@ fn adapter_config(modules: &[(String, u64, f64)], f: &ConfigFacts) -> (serde_jso
 fn write_dir(
     dir: &Path,
     mut out: Vec<Out>,
-    fetch: Option<&Fetch>,
+    fetch: &Fetch,
     config: &serde_json::Value,
     readme: &str,
     sidecar: &Sidecar,
@@ -865,12 +849,13 @@ fn write_dir(
 
 /// Export `tensors` (the expert's, with their `new` flags) against `base` into `dir` (which
 /// the caller creates atomically). `model_type` is the base config's `model_type`. LoRA
-/// tensors named by [`adapter_tensors`] may come with empty factors, which `fetch` reads.
+/// tensors named by [`adapter_tensors`] may come with empty factors: `fetch` reads every
+/// adapter module's factors.
 #[allow(clippy::too_many_arguments)]
 pub fn export(
     manifest: &Manifest,
     tensors: &[(TensorData, bool)],
-    fetch: Option<&Fetch>,
+    fetch: &Fetch,
     base: &Checkpoint,
     model_type: Option<&str>,
     architectures: &[String],

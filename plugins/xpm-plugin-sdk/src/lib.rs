@@ -262,11 +262,12 @@ pub mod __rt {
             // call (the only pointer this closure is given).
             let slice = |p: *const u8, len: usize| unsafe { std::slice::from_raw_parts(p, len) };
             // SAFETY: the ABI contract: `entries_start` has `n_experts + 1` entries, `shape`
-            // `ndim`, `support` `support_len`, `weights`, `seeds` and `expert_values`
-            // `n_experts`, `entry_slot` `entries_start[n_experts]`, and expert i's values
+            // `ndim`, `support` `support_len`, `weights`, `seeds`, `expert_values` and
+            // `expert_indices` `n_experts`, `entry_slot` (unless NULL under XPM_CAP_NO_SLOTS)
+            // `entries_start[n_experts]`, and expert i's values and non-NULL indices
             // `entries_start[i + 1] − entries_start[i]`, all readable for the duration of the
             // call. The descriptor declares XPM_CAP_EXPERT_VALUES, so the host is 1.1 or later
-            // (a 1.0 host refuses the plugin) and `expert_values` is set.
+            // (a 1.0 host refuses the plugin) and both per-expert arrays are set.
             let tensor = unsafe {
                 let starts = std::slice::from_raw_parts(t.entries_start, e + 1);
                 let total = starts[e];
