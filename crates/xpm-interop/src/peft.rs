@@ -305,14 +305,21 @@ pub fn import_with(
             Ok(digests.pop().expect("a checkpoint has a file").1)
         })
     };
-    let out = convert(
+    let converted = convert(
         dir, &cfg, base, &weights, &peft_type, &file, &modules, &whole,
-    )?;
+    )
+    .and_then(|out| Ok((out, crate::file_digest(&dir.join(CONFIG_FILE))?)));
+    let (out, config_digest) = match converted {
+        Ok(done) => done,
+        Err(e) => {
+            // No reader of the mapped file outlives a failed import (the file may be
+            // rewritten or truncated next, and a mapping read past its end is a SIGBUS).
+            let _ = hashing.join();
+            return Err(e);
+        }
+    };
     let mut files = BTreeMap::new();
-    files.insert(
-        CONFIG_FILE.to_string(),
-        crate::file_digest(&dir.join(CONFIG_FILE))?,
-    );
+    files.insert(CONFIG_FILE.to_string(), config_digest);
     let mut extra = BTreeMap::new();
     if let Some(t) = &cfg.task_type {
         extra.insert(

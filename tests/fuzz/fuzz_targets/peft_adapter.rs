@@ -6,7 +6,8 @@
 //! Input layout: the config's bytes, one 0x00 byte, then the safetensors file's bytes (an
 //! input without 0x00 is a config alone, with an empty weights file). Besides "no panic": every
 //! imported tensor passes `TensorData::validate` and names a base tensor unless it is new, and
-//! its shape is the base's.
+//! its shape is the base's; a LoRA tensor that the writer encodes straight from the mapped
+//! file (`Pending::encode`) encodes exactly as its materialised copy does, or both are refused.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -65,6 +66,12 @@ fuzz_target!(
             for p in &imported.tensors {
                 // Every tensor that passed the checks materialises, under its planned name.
                 let t = p.materialize().expect("a checked tensor materialises");
+                if p.kind == xpm_interop::PendingKind::Lora {
+                    // LoRA factors are made on demand, so the writer's path can run too.
+                    let direct = p.encode(1).map(|e| format!("{e:?}"));
+                    let copied = xpm_core::format::encode_tensor(&t.data, 1).map(|e| format!("{e:?}"));
+                    assert_eq!(direct.ok(), copied.ok(), "{}", p.name);
+                }
                 assert_eq!(t.data.name, p.name);
                 assert_eq!(t.new, p.new);
                 t.data.validate().expect("an imported tensor is consistent");
