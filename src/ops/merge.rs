@@ -10,7 +10,7 @@ use crate::error::{Error, IoResultExt, Result};
 use crate::format::manifest::{BaseModel, ExpertKind, Manifest, Provenance, ProvenanceInput};
 use crate::format::{ArtifactReader, ArtifactWriter, Content, Dtype, TensorData, encode_tensor};
 use crate::home::XpmHome;
-use crate::merge::engine::merge_tensor_owned;
+use crate::merge::engine::merge_tensor_loading;
 use crate::merge::input::{ExpertSet, load_input};
 use crate::merge::lora::{self, LoraFactors};
 use crate::merge::plugin::Plugin;
@@ -370,16 +370,12 @@ fn merge_tensors(
                 )
             } else {
                 let (strategy, params) = builtin.expect("a built-in method");
-                let mut inputs = Vec::with_capacity(readers.len());
-                for r in readers {
-                    let (input, dense) = load_input(r, name)?;
+                let out = merge_tensor_loading(name, &shape, weights, strategy, params, |e| {
+                    let (input, dense) = load_input(&readers[e], name)?;
                     dense_input |= dense;
-                    inputs.push(input);
-                }
-                output_content(
-                    merge_tensor_owned(name, &shape, inputs, weights, strategy, params),
-                    dtype,
-                )
+                    Ok::<_, crate::Error>(input)
+                })?;
+                output_content(out, dtype)
             };
             let t = TensorData {
                 name: name.clone(),

@@ -8,16 +8,17 @@
 //! count and bytes) and belong to their thread, so they go away with it.
 //!
 //! Larger buffers (a merged tensor's output: 3–8 MiB each of indices, values and their bytes
-//! on the merge benchmark) are kept too, but at most one per element type and thread. Now that
-//! `xpm merge` keeps freed memory for reuse ([`crate::alloc::reuse`]), this is what
-//! bounds the merge's peak RSS: without the slots, the allocator's free spans of these sizes
-//! did not fit the next tensor's slightly different sizes, and the TIES merge on the merge
-//! benchmark peaked at 111–145 MB instead of 82–90 MB, at the same speed (docs/benchmarks.md).
-//! Before, when memory was returned, each of these buffers was faulted in and zeroed again for
-//! every tensor. One buffer per type bounds what an idle thread holds, and a loop of tensors of
-//! one size needs no more. They are kept only while the process keeps freed memory
-//! ([`crate::alloc::keeps_freed_memory`]); under [`crate::alloc::lean`] they go back to the
-//! allocator like the rest.
+//! on the merge benchmark; a dense expert's delta, 4 MiB per expert and tensor there) go to
+//! separate per-thread lists bounded in bytes ([`LARGE_BYTES`]) and count ([`MAX_LARGE`]),
+//! under every allocator setting. While the process keeps freed memory
+//! ([`crate::alloc::reuse`]) these lists are what bounds the merge's peak RSS: without them,
+//! the allocator's free spans of these sizes did not fit the next tensor's slightly different
+//! sizes, and the TIES merge on the merge benchmark peaked at 111–145 MB instead of 82–90 MB.
+//! When it returns freed memory ([`crate::alloc::lean`], merges with dense inputs), each such
+//! buffer was faulted in 4 KiB at a time and zeroed again for every tensor and expert: a merge
+//! of the benchmark's densified experts spent 12 s of system time in an 11 s run
+//! (docs/benchmarks.md, "Merge", seventh session). What a thread keeps is what its previous
+//! tensor used, which is about what its next one needs.
 //!
 //! zstd contexts (tables of several hundred KiB, allocated by the C library on every one-shot
 //! call) are kept per thread the same way.
@@ -27,13 +28,13 @@ use std::thread::LocalKey;
 
 /// Buffers smaller than this are not worth keeping (the allocator serves them quickly).
 const MIN_BYTES: usize = 32 << 10;
-/// Larger buffers go to the one-per-type slot ([`LARGE_BYTES`]), not to the free lists: on
-/// the merge benchmark's densified inputs (4 MiB per expert and tensor), keeping every one
-/// raised peak RSS by a third for 5–8 % less time; the sparse inputs' buffers (0.2–0.4 MiB)
-/// are what pays off (docs/benchmarks.md).
+/// Larger buffers go to the large lists ([`LARGE_BYTES`]), not to the free lists.
 const MAX_BUFFER: usize = 1 << 20;
-/// The most a thread's large slots hold, all types together; a larger buffer is freed.
-const LARGE_BYTES: usize = 24 << 20;
+/// The most a thread's large buffers hold, all types together; beyond it they are freed. A
+/// merge of 20 dense experts of 1024 × 1024 f32 tensors needs 80 MiB of them per tensor.
+const LARGE_BYTES: usize = 128 << 20;
+/// At most this many large buffers per element type and thread.
+const MAX_LARGE: usize = 32;
 /// At most this many buffers per element type and thread …
 const MAX_BUFFERS: usize = 48;
 /// … and this many bytes per thread, all types together.
@@ -44,20 +45,20 @@ pub trait Recycle: Copy + 'static {
     #[doc(hidden)]
     fn free_list() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>>;
     #[doc(hidden)]
-    fn large_slot() -> &'static LocalKey<RefCell<Option<Vec<Self>>>>;
+    fn large_list() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>>;
 }
 
 macro_rules! recycle {
     ($($t:ty => $list:ident, $large:ident),*) => {$(
         thread_local! {
             static $list: RefCell<Vec<Vec<$t>>> = const { RefCell::new(Vec::new()) };
-            static $large: RefCell<Option<Vec<$t>>> = const { RefCell::new(None) };
+            static $large: RefCell<Vec<Vec<$t>>> = const { RefCell::new(Vec::new()) };
         }
         impl Recycle for $t {
             fn free_list() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>> {
                 &$list
             }
-            fn large_slot() -> &'static LocalKey<RefCell<Option<Vec<Self>>>> {
+            fn large_list() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>> {
                 &$large
             }
         }
@@ -68,32 +69,42 @@ recycle!(u8 => FREE_U8, LARGE_U8, u64 => FREE_U64, LARGE_U64, f32 => FREE_F32, L
 thread_local! {
     /// Bytes on this thread's free lists, all types together.
     static HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-    /// Bytes in this thread's large slots, all types together.
+    /// Bytes on this thread's large lists, all types together.
     static HELD_LARGE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// This thread's large buffer of type `T` if it holds at least `cap` elements; a smaller one is
-/// freed (it would have to be reallocated anyway).
+/// The smallest of this thread's large buffers of type `T` that holds `cap` elements; if none
+/// does, the largest is freed (it would have to be reallocated anyway) and `None` returned.
 fn take_large<T: Recycle>(cap: usize) -> Option<Vec<T>> {
-    let v = T::large_slot().take()?;
+    let (v, found) = T::large_list().with_borrow_mut(|list| {
+        let fits = (0..list.len())
+            .filter(|&i| list[i].capacity() >= cap)
+            .min_by_key(|&i| list[i].capacity());
+        match fits {
+            Some(i) => Some((list.swap_remove(i), true)),
+            None => {
+                let i = (0..list.len()).max_by_key(|&i| list[i].capacity())?;
+                Some((list.swap_remove(i), false))
+            }
+        }
+    })?;
     HELD_LARGE.set(HELD_LARGE.get() - v.capacity() * size_of::<T>());
-    (v.capacity() >= cap).then_some(v)
+    found.then_some(v)
 }
 
-/// Keep `v` (empty, over [`MAX_BUFFER`]) in this thread's large slot for `T`, in place of the
-/// one there, if the slots stay within [`LARGE_BYTES`].
+/// Keep `v` (empty, over [`MAX_BUFFER`]) on this thread's large list for `T` if the lists stay
+/// within [`LARGE_BYTES`] and [`MAX_LARGE`]; else free it.
 fn give_large<T: Recycle>(v: Vec<T>) {
     let size = v.capacity() * size_of::<T>();
-    let old = T::large_slot()
-        .take()
-        .map_or(0, |o| o.capacity() * size_of::<T>());
-    let held = HELD_LARGE.get() - old;
-    if held + size <= LARGE_BYTES {
-        HELD_LARGE.set(held + size);
-        T::large_slot().set(Some(v));
-    } else {
-        HELD_LARGE.set(held);
+    if HELD_LARGE.get() + size > LARGE_BYTES {
+        return;
     }
+    T::large_list().with_borrow_mut(|list| {
+        if list.len() < MAX_LARGE {
+            HELD_LARGE.set(HELD_LARGE.get() + size);
+            list.push(v);
+        }
+    });
 }
 
 /// An empty vector with room for `cap` elements: the smallest buffer on this thread's free
@@ -152,9 +163,7 @@ pub fn give<T: Recycle>(mut v: Vec<T>) {
     v.clear();
     let size = bytes(&v);
     if size > MAX_BUFFER {
-        if crate::alloc::keeps_freed_memory() {
-            give_large(v);
-        }
+        give_large(v);
         return;
     }
     if HELD.get() + size > MAX_BYTES {
@@ -238,15 +247,7 @@ pub fn take_frame(cap: usize) -> Vec<u8> {
 
 /// A written frame's buffer, for a later [`take_frame`] on any thread (freed if small, or if
 /// the list is full: then the smallest waiting buffer makes room for a larger one).
-/// Only while the process keeps freed memory ([`crate::alloc::keeps_freed_memory`]).
-pub fn give_frame(v: Vec<u8>) {
-    if crate::alloc::keeps_freed_memory() {
-        keep_frame(v);
-    }
-}
-
-/// [`give_frame`]'s list, whatever the process's allocator setting.
-fn keep_frame(mut v: Vec<u8>) {
+pub fn give_frame(mut v: Vec<u8>) {
     let size = v.capacity();
     if !(MIN_BYTES..=FRAME_BYTES / 2).contains(&size) {
         return;
@@ -322,27 +323,37 @@ mod tests {
             assert_eq!(FREE_F32.with_borrow(Vec::len), 0, "over MAX_BUFFER");
         });
         on_a_thread(|| {
-            // Over MAX_BUFFER (what `give` passes on while the process keeps freed memory):
-            // one per type, the last one given, within LARGE_BYTES.
+            // Over MAX_BUFFER: the large lists, the smallest that fits taken first, within
+            // LARGE_BYTES for all types together.
             let a = Vec::<f32>::with_capacity(2 << 20);
             let b = Vec::<f32>::with_capacity(3 << 20);
-            let b_ptr = b.as_ptr();
-            give_large(a);
-            give_large(b);
-            assert_eq!(HELD_LARGE.get(), 12 << 20);
-            give_large(Vec::<u64>::with_capacity(2 << 20));
-            // 16 MiB more would exceed LARGE_BYTES: freed.
-            assert_eq!(HELD_LARGE.get(), 12 << 20);
-            assert!(LARGE_U64.with_borrow(Option::is_none));
+            let (a_ptr, b_ptr) = (a.as_ptr(), b.as_ptr());
+            give(a);
+            give(b);
+            assert_eq!(HELD_LARGE.get(), 20 << 20);
+            give(Vec::<u64>::with_capacity(LARGE_BYTES / 8 - (2 << 20)));
+            assert_eq!(
+                HELD_LARGE.get(),
+                20 << 20,
+                "more would exceed LARGE_BYTES: freed"
+            );
+            assert!(LARGE_U64.with_borrow(Vec::is_empty));
             let c = take::<f32>(2 << 20);
-            assert_eq!(c.as_ptr(), b_ptr, "the slot's buffer, as it fits");
+            assert_eq!(c.as_ptr(), a_ptr, "the smallest that fits");
+            let d = take::<f32>(2 << 20);
+            assert_eq!(d.as_ptr(), b_ptr, "then the next");
             assert_eq!(HELD_LARGE.get(), 0);
-            give_large(c);
+            give(c);
             // Too small for the request: freed, and a new one comes.
-            let d = take::<f32>(4 << 20);
-            assert!(d.capacity() >= 4 << 20);
-            assert!(LARGE_F32.with_borrow(Option::is_none));
+            let e = take::<f32>(4 << 20);
+            assert!(e.capacity() >= 4 << 20);
+            assert!(LARGE_F32.with_borrow(Vec::is_empty));
             assert_eq!(HELD_LARGE.get(), 0);
+            // At most MAX_LARGE per type.
+            for _ in 0..MAX_LARGE + 3 {
+                give(Vec::<u8>::with_capacity(MAX_BUFFER + 1));
+            }
+            assert_eq!(LARGE_U8.with_borrow(Vec::len), MAX_LARGE);
         });
         on_a_thread(|| {
             // MAX_BYTES across all types.
@@ -361,11 +372,11 @@ mod tests {
         // The list is process-wide: these buffers are larger than any other test's.
         let v: Vec<u8> = Vec::with_capacity(FRAME_BYTES / 2 - 1);
         let ptr = v.as_ptr();
-        std::thread::spawn(move || keep_frame(v)).join().unwrap();
+        std::thread::spawn(move || give_frame(v)).join().unwrap();
         let again = take_frame(FRAME_BYTES / 2 - 10);
         assert_eq!(again.as_ptr(), ptr, "given on one thread, taken on another");
         assert!(again.is_empty());
-        keep_frame(Vec::with_capacity(FRAME_BYTES / 2 + 1));
+        give_frame(Vec::with_capacity(FRAME_BYTES / 2 + 1));
         assert!(
             FRAMES
                 .lock()

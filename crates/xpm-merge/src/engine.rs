@@ -50,7 +50,8 @@ impl Output {
     /// Merged entries as an output: dense (scattered into `n` zeros) when an input was dense.
     pub fn from_entries(n: u64, dense: bool, indices: Vec<u64>, values: Vec<f32>) -> Output {
         if dense {
-            let mut full = vec![0f32; n as usize];
+            let mut full = xpm_core::pool::take(n as usize);
+            full.resize(n as usize, 0f32);
             for (i, v) in indices.iter().zip(&values) {
                 full[*i as usize] = *v;
             }
@@ -108,17 +109,42 @@ pub fn merge_tensor_owned(
     strategy: Strategy,
     p: &MergeParams,
 ) -> Output {
+    let mut inputs = inputs.into_iter();
+    let merged = merge_tensor_loading(tensor, shape, weights, strategy, p, |_| {
+        Ok::<_, std::convert::Infallible>(inputs.next().unwrap_or(Input::Absent))
+    });
+    match merged {
+        Ok(out) => out,
+        Err(never) => match never {},
+    }
+}
+
+/// Merge one tensor whose inputs `load(e)` reads one expert at a time (`weights.len()` of
+/// them), in expert order; the first error stops the merge. Each input is sparsified as it
+/// arrives, so a strategy that trims (the TIES family, DARE, breadcrumbs, DELLA) never holds
+/// more than one expert's dense delta: on dense experts that is one tensor's worth of memory
+/// instead of one per expert, and the buffer that held it takes the next expert's.
+pub fn merge_tensor_loading<E>(
+    tensor: &str,
+    shape: &[u64],
+    weights: &[f64],
+    strategy: Strategy,
+    p: &MergeParams,
+    mut load: impl FnMut(usize) -> Result<Input, E>,
+) -> Result<Output, E> {
     let n: u64 = shape.iter().product();
-    let dense = inputs.iter().any(|i| matches!(i, Input::Dense { .. }));
-    let entries: Vec<Entries> = inputs
-        .into_iter()
-        .enumerate()
-        .map(|(e, input)| sparsify(strategy, p, tensor, e as u64, shape, n, input))
-        .collect();
+    let mut dense = false;
+    let mut entries: Vec<Entries> = Vec::with_capacity(weights.len());
+    for e in 0..weights.len() {
+        let input = load(e)?;
+        dense |= matches!(input, Input::Dense { .. });
+        entries.push(sparsify(strategy, p, tensor, e as u64, shape, n, input));
+    }
     let k = Kernel::new(strategy, p, weights.iter().sum());
     // Dense inputs take the same sweep, with every position present.
     let (out_idx, out_val) = combine_union(&entries, n, weights, &k);
-    Output::from_entries(n, dense, out_idx, out_val)
+    drop(entries);
+    Ok(Output::from_entries(n, dense, out_idx, out_val))
 }
 
 /// How a strategy combines the contributions at one position, in f64 and in expert order: an
@@ -522,14 +548,14 @@ fn sparsify(
         Strategy::MagnitudePrune | Strategy::Ties if k >= e.values.len() => e,
         Strategy::MagnitudePrune | Strategy::Ties => {
             let keep = top_k_abs(&e.values, k);
-            l1_rescale(p, &e, subset(&e, &keep, |_, v| v))
+            l1_rescale(p, &e, subset(&e, keep))
         }
         Strategy::DareLinear | Strategy::DareTies => {
             let rng = Stream::new(p.seed, expert, tensor);
             let keep: Vec<u64> = (0..e.values.len() as u64)
                 .filter(|&j| rng.uniform(e.index(j as usize)) < p.density)
                 .collect();
-            let kept = subset(&e, &keep, |_, v| v);
+            let kept = subset(&e, keep);
             rescale(p, &e, kept, |_| p.density)
         }
         Strategy::Breadcrumbs | Strategy::BreadcrumbsTies => {
@@ -552,23 +578,23 @@ fn sparsify(
                 .map(|&j| j as u64)
                 .collect();
             keep.sort_unstable();
-            l1_rescale(p, &e, subset(&e, &keep, |_, v| v))
+            l1_rescale(p, &e, subset(&e, keep))
         }
         Strategy::Della => della(p, tensor, expert, shape, n, &e),
         _ => e,
     }
 }
 
-/// Entries at positions `keep` (sorted offsets into `e`), mapped by `f(offset, value)`.
-fn subset(e: &Entries, keep: &[u64], f: impl Fn(usize, f32) -> f32) -> Entries {
-    let (mut indices, mut values) = (
-        xpm_core::pool::take(keep.len()),
-        xpm_core::pool::take(keep.len()),
-    );
-    indices.extend(keep.iter().map(|&j| e.index(j as usize)));
-    values.extend(keep.iter().map(|&j| f(j as usize, e.values[j as usize])));
+/// Entries at `keep` (sorted offsets into `e`). `keep` becomes the subset's indices in place
+/// (for a dense `e` offsets are positions already), so trimming allocates only the values.
+fn subset(e: &Entries, mut keep: Vec<u64>) -> Entries {
+    let mut values = xpm_core::pool::take(keep.len());
+    values.extend(keep.iter().map(|&j| e.values[j as usize]));
+    if let Some(ix) = &e.indices {
+        keep.iter_mut().for_each(|j| *j = ix[*j as usize]);
+    }
     Entries {
-        indices: Some(indices),
+        indices: Some(keep),
         values,
     }
 }
@@ -669,7 +695,7 @@ fn della(
         .filter(|&(j, prob)| prob > 0.0 && rng.uniform(e.index(j as usize)) < prob)
         .collect();
     let offsets: Vec<u64> = keep.iter().map(|&(j, _)| j).collect();
-    let kept = subset(e, &offsets, |_, v| v);
+    let kept = subset(e, offsets);
     let by_index: std::collections::HashMap<u64, f64> = keep
         .iter()
         .map(|&(j, prob)| (e.index(j as usize), prob))
@@ -736,10 +762,12 @@ mod tests {
             dense_one in proptest::bool::ANY,
             s in 0usize..11,
             rules in (0usize..3, 0usize..3),
+            shape in (0usize..3, proptest::bool::ANY),
         ) {
             let sign = [SignRule::Total, SignRule::Weighted, SignRule::Frequency][rules.0];
             let divisor = [Divisor::Count, Divisor::Weights, Divisor::None][rules.1];
-            let n = 200u64;
+            // A long tensor with entries at its start only; a weight that is zero or negative.
+            let n = if shape.1 { 20_000u64 } else { 200 };
             let mut entries: Vec<Entries> = masks
                 .iter()
                 .map(|m| Entries { indices: Some(m.keys().copied().collect()), values: m.values().copied().collect() })
@@ -747,7 +775,13 @@ mod tests {
             if dense_one {
                 entries[0] = Entries { indices: None, values: (0..n).map(|i| (i as f32 * 0.37).sin()).collect() };
             }
-            let weights: Vec<f64> = (0..entries.len()).map(|i| 0.5 + i as f64).collect();
+            let weights: Vec<f64> = (0..entries.len())
+                .map(|i| match (shape.0, i) {
+                    (1, 0) => 0.0,
+                    (2, 0) => -0.75,
+                    _ => 0.5 + i as f64,
+                })
+                .collect();
             let strategy = Strategy::ALL[s];
             let p = MergeParams { sign, divisor, ..MergeParams::default() };
             let k = Kernel::new(strategy, &p, weights.iter().sum());

@@ -133,10 +133,12 @@ pub fn load_input_at(r: &ArtifactReader, i: usize) -> Result<Input> {
     })
 }
 
-/// `bytes` as f32s, in a buffer from [`xpm_core::pool`] (the engine gives it back).
+/// `bytes` as f32s, in a buffer from [`xpm_core::pool`] (the engine gives it back); `bytes`
+/// goes back to the pool at once.
 fn to_f32_pooled(dtype: Dtype, bytes: Vec<u8>) -> Vec<f32> {
     let mut out = xpm_core::pool::take(bytes.len() / dtype.size());
     dtype.to_f32_into(&bytes, &mut out);
+    xpm_core::pool::give(bytes);
     out
 }
 

@@ -888,10 +888,18 @@ impl ArtifactReader {
     }
 
     /// Decompressed bytes of one part of tensor `index`.
+    /// Both buffers come from [`crate::pool`]: the compressed frame's goes back at once, the
+    /// result's when its owner recycles it.
     pub fn read_part(&self, index: usize, role: PartRole) -> Result<Vec<u8>> {
-        let (mut scratch, mut out) = (Vec::new(), Vec::new());
-        self.read_part_into(index, role, &mut scratch, &mut out)?;
-        Ok(out)
+        let (size, raw_size) = self.manifest.tensors[index]
+            .stored
+            .iter()
+            .find(|p| p.role == role)
+            .map_or((0, 0), |p| (p.size as usize, p.raw_size as usize));
+        let (mut scratch, mut out) = (crate::pool::take(size), crate::pool::take(raw_size));
+        let read = self.read_part_into(index, role, &mut scratch, &mut out);
+        crate::pool::give(scratch);
+        read.map(|()| out)
     }
 
     /// Like [`ArtifactReader::read_part`], reusing `scratch` for the compressed frame and
@@ -948,7 +956,9 @@ impl ArtifactReader {
             } => {
                 let encoding = encoding.unwrap_or(MaskEncoding::DeltaRice);
                 let mask_bytes = self.read_part(index, PartRole::Mask)?;
-                let indices = mask::decode(encoding, &mask_bytes, &t.shape, *nnz)
+                let indices = mask::decode(encoding, &mask_bytes, &t.shape, *nnz);
+                crate::pool::give(mask_bytes);
+                let indices = indices
                     .map_err(|e| Error::corrupt(&self.path, format!("tensor `{}`: {e}", t.name)))?;
                 Content::Sparse {
                     indices,
