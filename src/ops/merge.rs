@@ -148,6 +148,9 @@ pub fn merge(opts: &MergeOptions, printer: &Printer) -> Result<MergeSummary> {
         // it: their large buffers would raise the peak by half (alloc.rs).
         crate::alloc::reuse_if_lean();
     }
+    // Dense inputs too reuse their own buffers from tensor to tensor (each thread's previous
+    // tensor's, which its next needs), just not what the allocator frees.
+    crate::pool::keep_large_buffers();
     for name in &set.names {
         if let Some((strategy, params)) = builtin_for(&opts.method, name) {
             params.check_tensor(strategy, name, set.info[name].0.iter().product())?;

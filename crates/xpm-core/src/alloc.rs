@@ -25,8 +25,9 @@
 //!   4096 × 4096 tensors from 0.91–0.97 GB to 1.54–1.58 GB (for half the time). So `pack` stays
 //!   on [`lean`], and `merge` switches to [`reuse`] only when every input is a sparse expert
 //!   ([`reuse_if_lean`]). A merge of dense experts still reuses its own buffers under [`lean`]:
-//!   [`crate::pool`] keeps each thread's large buffers from one tensor to the next, whatever
-//!   the setting (the densified merge benchmark: 12 s of system time → under 1 s).
+//!   `merge` asks [`crate::pool`] to keep each thread's large buffers from one tensor to the
+//!   next ([`crate::pool::keep_large_buffers`]; the densified merge benchmark: 12 s of system
+//!   time → under 1 s). `pack` does not: kept, its 67 MB buffers raised its peak by 30 MB.
 //! - [`configure`] (`xpm train`, `eval`, `demo`, `import`, `serve`): freed memory kept, arenas
 //!   committed eagerly (mimalloc's default, 2), transparent huge pages allowed: training's
 //!   large matrices profit from them.
@@ -69,6 +70,16 @@ pub fn reuse_if_lean() {
     if MODE.load(std::sync::atomic::Ordering::Relaxed) == LEAN {
         reuse();
     }
+}
+
+/// Whether the process keeps freed memory for reuse ([`reuse`] or [`configure`]). The large
+/// buffers of [`crate::pool`] are kept then, and under [`lean`] only where the command asks
+/// ([`crate::pool::keep_large_buffers`]).
+pub fn keeps_freed_memory() -> bool {
+    matches!(
+        MODE.load(std::sync::atomic::Ordering::Relaxed),
+        REUSE | CONFIGURE
+    )
 }
 
 /// The default: return freed memory after 10 ms (mimalloc's default delay), commit arenas on

@@ -10,7 +10,8 @@
 //! Larger buffers (a merged tensor's output: 3–8 MiB each of indices, values and their bytes
 //! on the merge benchmark; a dense expert's delta, 4 MiB per expert and tensor there) go to
 //! separate per-thread lists bounded in bytes ([`LARGE_BYTES`]) and count ([`MAX_LARGE`]),
-//! under every allocator setting. While the process keeps freed memory
+//! while the process keeps freed memory or the command asked for them
+//! ([`keep_large_buffers`]: `xpm merge`). While the process keeps freed memory
 //! ([`crate::alloc::reuse`]) these lists are what bounds the merge's peak RSS: without them,
 //! the allocator's free spans of these sizes did not fit the next tensor's slightly different
 //! sizes, and the TIES merge on the merge benchmark peaked at 111–145 MB instead of 82–90 MB.
@@ -71,6 +72,23 @@ thread_local! {
     static HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Bytes on this thread's large lists, all types together.
     static HELD_LARGE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Set by [`keep_large_buffers`].
+static KEEP_LARGE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Keep large buffers (over [`MAX_BUFFER`]) and frame buffers for reuse even while the
+/// process returns freed memory ([`crate::alloc::lean`]): for commands that stream tensors of
+/// one size through them (`xpm merge`, whose dense inputs keep it on `lean`). Other commands
+/// get them only while the process keeps freed memory anyway: `xpm pack`, on `lean`, peaked
+/// 30 MB higher with them (docs/benchmarks.md, "Merge", seventh session).
+pub fn keep_large_buffers() {
+    KEEP_LARGE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether large and frame buffers are kept ([`keep_large_buffers`]).
+fn keeps_large() -> bool {
+    KEEP_LARGE.load(std::sync::atomic::Ordering::Relaxed) || crate::alloc::keeps_freed_memory()
 }
 
 /// The smallest of this thread's large buffers of type `T` that holds `cap` elements; if none
@@ -163,7 +181,9 @@ pub fn give<T: Recycle>(mut v: Vec<T>) {
     v.clear();
     let size = bytes(&v);
     if size > MAX_BUFFER {
-        give_large(v);
+        if keeps_large() {
+            give_large(v);
+        }
         return;
     }
     if HELD.get() + size > MAX_BYTES {
@@ -246,8 +266,16 @@ pub fn take_frame(cap: usize) -> Vec<u8> {
 }
 
 /// A written frame's buffer, for a later [`take_frame`] on any thread (freed if small, or if
-/// the list is full: then the smallest waiting buffer makes room for a larger one).
-pub fn give_frame(mut v: Vec<u8>) {
+/// the list is full: then the smallest waiting buffer makes room for a larger one). Only
+/// while large buffers are kept ([`keep_large_buffers`]).
+pub fn give_frame(v: Vec<u8>) {
+    if keeps_large() {
+        keep_frame(v);
+    }
+}
+
+/// [`give_frame`]'s list, whatever the setting.
+fn keep_frame(mut v: Vec<u8>) {
     let size = v.capacity();
     if !(MIN_BYTES..=FRAME_BYTES / 2).contains(&size) {
         return;
@@ -323,8 +351,9 @@ mod tests {
             assert_eq!(FREE_F32.with_borrow(Vec::len), 0, "over MAX_BUFFER");
         });
         on_a_thread(|| {
-            // Over MAX_BUFFER: the large lists, the smallest that fits taken first, within
-            // LARGE_BYTES for all types together.
+            // Over MAX_BUFFER: the large lists (once asked for), the smallest that fits taken
+            // first, within LARGE_BYTES for all types together.
+            keep_large_buffers();
             let a = Vec::<f32>::with_capacity(2 << 20);
             let b = Vec::<f32>::with_capacity(3 << 20);
             let (a_ptr, b_ptr) = (a.as_ptr(), b.as_ptr());
@@ -372,11 +401,11 @@ mod tests {
         // The list is process-wide: these buffers are larger than any other test's.
         let v: Vec<u8> = Vec::with_capacity(FRAME_BYTES / 2 - 1);
         let ptr = v.as_ptr();
-        std::thread::spawn(move || give_frame(v)).join().unwrap();
+        std::thread::spawn(move || keep_frame(v)).join().unwrap();
         let again = take_frame(FRAME_BYTES / 2 - 10);
         assert_eq!(again.as_ptr(), ptr, "given on one thread, taken on another");
         assert!(again.is_empty());
-        give_frame(Vec::with_capacity(FRAME_BYTES / 2 + 1));
+        keep_frame(Vec::with_capacity(FRAME_BYTES / 2 + 1));
         assert!(
             FRAMES
                 .lock()
