@@ -8,12 +8,15 @@
 //!   no merge arithmetic, in-process and parallel like `xpm merge` (and with its allocator settings,
 //!   `xpm::alloc::reuse`);
 //! - peak RSS of each run (GNU time);
+//! - the merge arithmetic alone per input entry, on one thread, against the plainest
+//!   `sparse-mean` and one read of every entry;
 //! - with `TORCH_PYTHON=…/python` (a Python with torch and safetensors): against PyTorch merging
 //!   the same experts densified, with mergekit's formulas (`benches/torch_merge.py`), and the
 //!   largest difference between its result and xpm's.
 //!
 //! Run: `cargo bench --bench merge` (`-- --quick` for 4 experts × 16 tensors, `-- --rounds N`
-//! for N rounds of the sparse, densified and floor runs, default 3). Writes the table
+//! for N rounds of the sparse, densified and floor runs, default 3, `-- --arithmetic` for the
+//! arithmetic section alone). Writes the table
 //! to `target/bench-merge.md`. `XPM_BENCH_KEEP=1` keeps the generated experts (for profiling);
 //! `XPM_BENCH_DIR=/dev/shm` writes them and every output there instead of under `target/`.
 
@@ -243,6 +246,119 @@ fn torch_baseline(
     out
 }
 
+/// The merge arithmetic alone, on one thread, against two references on the same decoded
+/// entries (the first `tensors` tensors of every expert): the engine's `sparse-mean` and `ties`
+/// (per input entry, output included), the plainest `sparse-mean` (f64 sums and counts over the
+/// whole tensor, then a pass for the output), and one read of every entry (an index and a
+/// value summed: the memory traffic any merge pays). Best of 3. For the issue's bound: how far
+/// the engine's per-entry cost is from what a merge cannot avoid.
+fn arithmetic(sparse: &[PathBuf], tensors: usize) -> String {
+    use xpm::merge::engine::{Input, Output, merge_tensor_owned};
+    use xpm::merge::{MergeParams, Strategy};
+    let readers: Vec<ArtifactReader> = sparse
+        .iter()
+        .map(|p| ArtifactReader::open(p).unwrap())
+        .collect();
+    let all: Vec<Vec<Input>> = (0..tensors)
+        .map(|t| {
+            readers
+                .iter()
+                .map(|r| load_input_at(r, t).unwrap())
+                .collect()
+        })
+        .collect();
+    let entries: usize = all
+        .iter()
+        .flatten()
+        .map(|i| match i {
+            Input::Sparse { values, .. } => values.len(),
+            _ => 0,
+        })
+        .sum();
+    let n = (SIDE * SIDE) as usize;
+    let w = vec![1.0f64; readers.len()];
+    let best = |f: &mut dyn FnMut() -> usize| {
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(f());
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    // The engine consumes its inputs: the copies' cost is measured and taken out.
+    let copy = best(&mut || all.iter().map(|ins| ins.clone().len()).sum());
+    let engine = |strategy: Strategy, p: MergeParams| {
+        best(&mut || {
+            all.iter()
+                .map(|ins| {
+                    match merge_tensor_owned("t", &[SIDE, SIDE], ins.clone(), &w, strategy, &p) {
+                        Output::Sparse { indices, .. } => indices.len(),
+                        Output::Dense { values } => values.len(),
+                    }
+                })
+                .sum()
+        }) - copy
+    };
+    let mean = engine(Strategy::SparseMean, MergeParams::default());
+    let ties = engine(
+        Strategy::Ties,
+        MergeParams {
+            density: 0.2,
+            ..MergeParams::default()
+        },
+    );
+    let (mut num, mut den) = (vec![0f64; n], vec![0f64; n]);
+    let (mut oi, mut ov): (Vec<u64>, Vec<f32>) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let plain = best(&mut || {
+        let mut outs = 0;
+        for ins in &all {
+            for input in ins {
+                if let Input::Sparse { indices, values } = input {
+                    for (&i, &v) in indices.iter().zip(values) {
+                        num[i as usize] += v as f64;
+                        den[i as usize] += 1.0;
+                    }
+                }
+            }
+            (oi.clear(), ov.clear());
+            for (j, (x, d)) in num.iter_mut().zip(den.iter_mut()).enumerate() {
+                if *d != 0.0 {
+                    oi.push(j as u64);
+                    ov.push((*x / *d) as f32);
+                    (*x, *d) = (0.0, 0.0);
+                }
+            }
+            outs += oi.len();
+        }
+        outs
+    });
+    let read = best(&mut || {
+        let (mut acc, mut xor) = (0f64, 0u64);
+        for input in all.iter().flatten() {
+            if let Input::Sparse { indices, values } = input {
+                for (&i, &v) in indices.iter().zip(values) {
+                    acc += v as f64;
+                    xor ^= i;
+                }
+            }
+        }
+        (acc as usize) ^ xor as usize
+    });
+    let ns = |t: f64| t * 1e9 / entries as f64;
+    format!(
+        "\n### Arithmetic per input entry\n\nOne thread, the first {tensors} tensors of every expert ({entries} entries), decoded beforehand; best of 3:\n\n| | time | per entry |\n|---|---:|---:|\n| engine `sparse-mean` (output included) | {:.1} ms | {:.2} ns |\n| engine `ties` | {:.1} ms | {:.2} ns |\n| plainest `sparse-mean` (whole-tensor f64 sums and counts, output pass) | {:.1} ms | {:.2} ns |\n| one read of every entry (index and value) | {:.1} ms | {:.2} ns |\n",
+        mean * 1e3,
+        ns(mean),
+        ties * 1e3,
+        ns(ties),
+        plain * 1e3,
+        ns(plain),
+        read * 1e3,
+        ns(read),
+    )
+}
+
 fn main() {
     xpm::alloc::reuse();
     let args: Vec<String> = std::env::args().collect();
@@ -274,6 +390,11 @@ fn main() {
             (s, d)
         })
         .unzip();
+    if args.iter().any(|a| a == "--arithmetic") {
+        // Only the arithmetic section.
+        println!("{}", arithmetic(&sparse, tensors.min(16)));
+        return;
+    }
     let size = |v: &[PathBuf]| {
         v.iter()
             .map(|p| std::fs::metadata(p).unwrap().len())
@@ -374,6 +495,7 @@ fn main() {
             .collect()
     };
     let same = frames(&dir.path().join("mean-b.xpm")) == frames(&dir.path().join("mean-p.xpm"));
+    report.push_str(&arithmetic(&sparse, tensors.min(16)));
     report.push_str(&format!(
         "\n### Plugins\n\n`mean` built in against `plugin-mean` (plugins/examples/mean, release cdylib), same inputs:\n\n\
          | | time | peak RSS | ratio |\n|---|---:|---:|---:|\n\
