@@ -321,7 +321,8 @@ fn arithmetic(sparse: &[PathBuf], tensors: usize) -> String {
                     }
                 }
             }
-            (oi.clear(), ov.clear());
+            oi.clear();
+            ov.clear();
             for (j, (x, d)) in num.iter_mut().zip(den.iter_mut()).enumerate() {
                 if *d != 0.0 {
                     oi.push(j as u64);
