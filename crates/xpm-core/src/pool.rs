@@ -65,7 +65,12 @@ macro_rules! recycle {
         }
     )*};
 }
-recycle!(u8 => FREE_U8, LARGE_U8, u64 => FREE_U64, LARGE_U64, f32 => FREE_F32, LARGE_F32);
+recycle!(
+    u8 => FREE_U8, LARGE_U8,
+    u64 => FREE_U64, LARGE_U64,
+    f32 => FREE_F32, LARGE_F32,
+    f64 => FREE_F64, LARGE_F64
+);
 
 thread_local! {
     /// Bytes on this thread's free lists, all types together.

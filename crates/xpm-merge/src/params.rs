@@ -79,6 +79,21 @@ impl Strategy {
         )
     }
 
+    /// Whether each expert's delta is sparsified on its own before the merge (top-k, DARE,
+    /// breadcrumbs, DELLA).
+    pub fn trims(self) -> bool {
+        matches!(
+            self,
+            Strategy::MagnitudePrune
+                | Strategy::Ties
+                | Strategy::DareLinear
+                | Strategy::DareTies
+                | Strategy::Breadcrumbs
+                | Strategy::BreadcrumbsTies
+                | Strategy::Della
+        )
+    }
+
     /// The TIES family: a sign is elected per position and only the agreeing values are merged.
     pub fn elects_sign(self) -> bool {
         matches!(
