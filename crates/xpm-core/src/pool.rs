@@ -96,74 +96,53 @@ fn keeps_large() -> bool {
     KEEP_LARGE.load(std::sync::atomic::Ordering::Relaxed) || crate::alloc::keeps_freed_memory()
 }
 
-/// The smallest of this thread's large buffers of type `T` that holds `cap` elements; if none
-/// does, the largest is freed (it would have to be reallocated anyway) and `None` returned.
-fn take_large<T: Recycle>(cap: usize) -> Option<Vec<T>> {
-    let (v, found) = T::large_list().with_borrow_mut(|list| {
+/// A per-thread list of buffers with the bytes it holds: the free lists (with [`HELD`]) and
+/// the large lists (with [`HELD_LARGE`]).
+type List<T> = &'static LocalKey<RefCell<Vec<Vec<T>>>>;
+type Held = &'static LocalKey<std::cell::Cell<usize>>;
+
+/// The smallest buffer on `list` that holds `cap` elements; if none does, the largest is freed
+/// (it would have to be reallocated anyway) and `None` returned.
+fn take_from<T>(list: List<T>, held: Held, cap: usize) -> Option<Vec<T>> {
+    let (v, fits) = list.with_borrow_mut(|list| {
         let fits = (0..list.len())
             .filter(|&i| list[i].capacity() >= cap)
             .min_by_key(|&i| list[i].capacity());
-        match fits {
-            Some(i) => Some((list.swap_remove(i), true)),
-            None => {
-                let i = (0..list.len()).max_by_key(|&i| list[i].capacity())?;
-                Some((list.swap_remove(i), false))
-            }
-        }
+        let i = fits.or_else(|| (0..list.len()).max_by_key(|&i| list[i].capacity()))?;
+        Some((list.swap_remove(i), fits.is_some()))
     })?;
-    HELD_LARGE.set(HELD_LARGE.get() - v.capacity() * size_of::<T>());
-    found.then_some(v)
+    held.set(held.get() - v.capacity() * size_of::<T>());
+    fits.then_some(v)
 }
 
-/// Keep `v` (empty, over [`MAX_BUFFER`]) on this thread's large list for `T` if the lists stay
-/// within [`LARGE_BYTES`] and [`MAX_LARGE`]; else free it.
-fn give_large<T: Recycle>(v: Vec<T>) {
+/// Keep `v` (empty) on `list` if it stays within `max_count` buffers and, with the others
+/// `held` counts, `max_bytes`; else free it.
+fn give_to<T>(list: List<T>, held: Held, max_count: usize, max_bytes: usize, v: Vec<T>) {
     let size = v.capacity() * size_of::<T>();
-    if HELD_LARGE.get() + size > LARGE_BYTES {
+    if held.get() + size > max_bytes {
         return;
     }
-    T::large_list().with_borrow_mut(|list| {
-        if list.len() < MAX_LARGE {
-            HELD_LARGE.set(HELD_LARGE.get() + size);
+    list.with_borrow_mut(|list| {
+        if list.len() < max_count {
+            held.set(held.get() + size);
             list.push(v);
         }
     });
 }
 
-/// An empty vector with room for `cap` elements: the smallest buffer on this thread's free
-/// list that fits, else the largest one grown to fit, else a new one.
+/// An empty vector with room for `cap` elements: the smallest buffer that fits on this
+/// thread's list for its size (free list or large list), else a new one.
 pub fn take<T: Recycle>(cap: usize) -> Vec<T> {
     let cap = size_class(cap);
     if cap * size_of::<T>() < MIN_BYTES {
         return Vec::with_capacity(cap);
     }
-    if cap * size_of::<T>() > MAX_BUFFER {
-        return take_large(cap).unwrap_or_else(|| Vec::with_capacity(cap));
-    }
-    let found = T::free_list().with_borrow_mut(|list| {
-        let fits = (0..list.len())
-            .filter(|&i| list[i].capacity() >= cap)
-            .min_by_key(|&i| list[i].capacity());
-        match fits {
-            Some(i) => Some(list.swap_remove(i)),
-            None => {
-                // Nothing fits: free the largest (it would have to be reallocated anyway).
-                let largest = (0..list.len()).max_by_key(|&i| list[i].capacity());
-                if let Some(i) = largest {
-                    let v = list.swap_remove(i);
-                    HELD.set(HELD.get() - v.capacity() * size_of::<T>());
-                }
-                None
-            }
-        }
-    });
-    match found {
-        Some(v) => {
-            HELD.set(HELD.get() - v.capacity() * size_of::<T>());
-            v
-        }
-        None => Vec::with_capacity(cap),
-    }
+    let found = if cap * size_of::<T>() > MAX_BUFFER {
+        take_from(T::large_list(), &HELD_LARGE, cap)
+    } else {
+        take_from(T::free_list(), &HELD, cap)
+    };
+    found.unwrap_or_else(|| Vec::with_capacity(cap))
 }
 
 /// `n` rounded up to one of 8 steps per power of two (at most 12.5 % more), so that the
@@ -179,27 +158,18 @@ fn size_class(n: usize) -> usize {
 /// Give `v` back for a later [`take`] on this thread (dropped if small, or if the list is
 /// full).
 pub fn give<T: Recycle>(mut v: Vec<T>) {
-    let bytes = |v: &Vec<T>| v.capacity() * size_of::<T>();
-    if bytes(&v) < MIN_BYTES {
+    let size = v.capacity() * size_of::<T>();
+    if size < MIN_BYTES {
         return;
     }
     v.clear();
-    let size = bytes(&v);
     if size > MAX_BUFFER {
         if keeps_large() {
-            give_large(v);
+            give_to(T::large_list(), &HELD_LARGE, MAX_LARGE, LARGE_BYTES, v);
         }
-        return;
+    } else {
+        give_to(T::free_list(), &HELD, MAX_BUFFERS, MAX_BYTES, v);
     }
-    if HELD.get() + size > MAX_BYTES {
-        return;
-    }
-    T::free_list().with_borrow_mut(|list| {
-        if list.len() < MAX_BUFFERS {
-            HELD.set(HELD.get() + size);
-            list.push(v);
-        }
-    });
 }
 
 thread_local! {
