@@ -9,7 +9,8 @@
 //!
 //! Larger buffers (a merged tensor's output: 3–8 MiB each of indices, values and their bytes
 //! on the merge benchmark; a dense expert's delta, 4 MiB per expert and tensor there) go to
-//! separate per-thread lists bounded in bytes ([`LARGE_BYTES`]) and count ([`MAX_LARGE`]),
+//! separate per-thread lists bounded in bytes ([`LARGE_BYTES`], or
+//! [`LARGE_BYTES_OTHERWISE`] outside `xpm merge`) and count ([`MAX_LARGE`]),
 //! while the process keeps freed memory or the command asked for them
 //! ([`keep_large_buffers`]: `xpm merge`). While the process keeps freed memory
 //! ([`crate::alloc::reuse`]) these lists are what bounds the merge's peak RSS: without them,
@@ -31,9 +32,13 @@ use std::thread::LocalKey;
 const MIN_BYTES: usize = 32 << 10;
 /// Larger buffers go to the large lists ([`LARGE_BYTES`]), not to the free lists.
 const MAX_BUFFER: usize = 1 << 20;
-/// The most a thread's large buffers hold, all types together; beyond it they are freed. A
-/// merge of 20 dense experts of 1024 × 1024 f32 tensors needs 80 MiB of them per tensor.
+/// The most a thread's large buffers hold, all types together, in a command that asked for
+/// them ([`keep_large_buffers`]); beyond it they are freed. A merge of 20 dense experts of
+/// 1024 × 1024 f32 tensors needs 80 MiB of them per tensor.
 const LARGE_BYTES: usize = 128 << 20;
+/// The same bound in the other processes that keep freed memory (training, serving, import,
+/// export): threads that live as long as a server does keep no more than this.
+const LARGE_BYTES_OTHERWISE: usize = 24 << 20;
 /// At most this many large buffers per element type and thread.
 const MAX_LARGE: usize = 32;
 /// At most this many buffers per element type and thread …
@@ -165,7 +170,12 @@ pub fn give<T: Recycle>(mut v: Vec<T>) {
     v.clear();
     if size > MAX_BUFFER {
         if keeps_large() {
-            give_to(T::large_list(), &HELD_LARGE, MAX_LARGE, LARGE_BYTES, v);
+            let bound = if KEEP_LARGE.load(std::sync::atomic::Ordering::Relaxed) {
+                LARGE_BYTES
+            } else {
+                LARGE_BYTES_OTHERWISE
+            };
+            give_to(T::large_list(), &HELD_LARGE, MAX_LARGE, bound, v);
         }
     } else {
         give_to(T::free_list(), &HELD, MAX_BUFFERS, MAX_BYTES, v);
