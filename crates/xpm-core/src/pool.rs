@@ -9,8 +9,8 @@
 //!
 //! Larger buffers (a merged tensor's output: 3–8 MiB each of indices, values and their bytes
 //! on the merge benchmark; a dense expert's delta, 4 MiB per expert and tensor there) go to
-//! separate per-thread lists bounded in bytes ([`LARGE_BYTES`], or
-//! [`LARGE_BYTES_OTHERWISE`] outside `xpm merge`) and count ([`MAX_LARGE`]),
+//! separate per-thread lists bounded in bytes (`LARGE_BYTES`, or `LARGE_BYTES_OTHERWISE`
+//! outside `xpm merge`) and count (`MAX_LARGE`),
 //! while the process keeps freed memory or the command asked for them
 //! ([`keep_large_buffers`]: `xpm merge`). While the process keeps freed memory
 //! ([`crate::alloc::reuse`]) these lists are what bounds the merge's peak RSS: without them,
@@ -87,7 +87,7 @@ thread_local! {
 /// Set by [`keep_large_buffers`].
 static KEEP_LARGE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Keep large buffers (over [`MAX_BUFFER`]) and frame buffers for reuse even while the
+/// Keep large buffers (over `MAX_BUFFER`) and frame buffers for reuse even while the
 /// process returns freed memory ([`crate::alloc::lean`]): for commands that stream tensors of
 /// one size through them (`xpm merge`, whose dense inputs keep it on `lean`). Other commands
 /// get them only while the process keeps freed memory anyway: `xpm pack`, on `lean`, peaked
