@@ -243,14 +243,20 @@ impl<'a> Kernel<'a> {
         }
     }
 
-    /// What `(w, δ)` adds to the sign vote: non-zero values vote, with δ (peft's `total`), w·δ
-    /// (mergekit's weighted rule) or sgn δ (`frequency`).
-    #[inline]
+    /// [`Kernel::vote_with`] under the merge's sign rule.
+    #[cfg(test)]
     fn vote(&self, w: f64, v: f64) -> f64 {
+        self.vote_with(self.p.sign, w, v)
+    }
+
+    /// What `(w, δ)` adds to the sign vote under `rule`: non-zero values vote, with δ (peft's
+    /// `total`), w·δ (mergekit's weighted rule) or sgn δ (`frequency`).
+    #[inline(always)]
+    fn vote_with(&self, rule: SignRule, w: f64, v: f64) -> f64 {
         if v == 0.0 {
             return 0.0;
         }
-        match self.p.sign {
+        match rule {
             SignRule::Total => v,
             SignRule::Weighted => w * v,
             SignRule::Frequency => v.signum(),
@@ -488,17 +494,28 @@ fn combine_union(entries: &[Entries], n: u64, weights: &[f64], k: &Kernel) -> (V
                     Divisor::Weights => w,
                     Divisor::None => 0.0,
                 };
-                sweep_expert(en, cursor[e], c0, c1, union, |o, v| {
-                    vote[o] += k.vote(w, v);
-                    // Agreement is judged on what voted: w·δ under the weighted rule
-                    // (mergekit), δ otherwise (peft); a zero agrees with neither sign.
-                    let signed = if weighted { w * v } else { v };
-                    if signed != 0.0 {
-                        let l = (2 * o + if signed > 0.0 { 0 } else { 1 }) & (2 * B - 1);
-                        num[l] += w * v;
-                        den[l] += d;
-                    }
-                })
+                // The sign rule is chosen once per expert, not per entry: each arm below is
+                // its own loop.
+                macro_rules! sweep_ties {
+                    ($rule:expr) => {
+                        sweep_expert(en, cursor[e], c0, c1, union, |o, v| {
+                            vote[o] += k.vote_with($rule, w, v);
+                            // Agreement is judged on what voted: w·δ under the weighted rule
+                            // (mergekit), δ otherwise (peft); a zero agrees with neither sign.
+                            let signed = if weighted { w * v } else { v };
+                            if signed != 0.0 {
+                                let l = (2 * o + if signed > 0.0 { 0 } else { 1 }) & (2 * B - 1);
+                                num[l] += w * v;
+                                den[l] += d;
+                            }
+                        })
+                    };
+                }
+                match k.p.sign {
+                    SignRule::Total => sweep_ties!(SignRule::Total),
+                    SignRule::Weighted => sweep_ties!(SignRule::Weighted),
+                    SignRule::Frequency => sweep_ties!(SignRule::Frequency),
+                }
             } else {
                 sweep_expert(en, cursor[e], c0, c1, union, |o, v| {
                     num[o] += w * v;
