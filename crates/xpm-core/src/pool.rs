@@ -96,9 +96,15 @@ pub fn keep_large_buffers() {
     KEEP_LARGE.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Whether large and frame buffers are kept ([`keep_large_buffers`]).
-fn keeps_large() -> bool {
-    KEEP_LARGE.load(std::sync::atomic::Ordering::Relaxed) || crate::alloc::keeps_freed_memory()
+/// How many bytes of large buffers a thread keeps: `LARGE_BYTES` where the command asked
+/// ([`keep_large_buffers`]), `LARGE_BYTES_OTHERWISE` where the process keeps freed memory
+/// anyway, else none (`None`: frame buffers are not kept either).
+fn large_bound() -> Option<usize> {
+    if KEEP_LARGE.load(std::sync::atomic::Ordering::Relaxed) {
+        Some(LARGE_BYTES)
+    } else {
+        crate::alloc::keeps_freed_memory().then_some(LARGE_BYTES_OTHERWISE)
+    }
 }
 
 /// A per-thread list of buffers with the bytes it holds: the free lists (with [`HELD`]) and
@@ -142,12 +148,30 @@ pub fn take<T: Recycle>(cap: usize) -> Vec<T> {
     if cap * size_of::<T>() < MIN_BYTES {
         return Vec::with_capacity(cap);
     }
-    let found = if cap * size_of::<T>() > MAX_BUFFER {
+    take_kept(cap).unwrap_or_else(|| Vec::with_capacity(cap))
+}
+
+/// [`take`] for a size read from a file: `None` instead of aborting the process when a new
+/// buffer of that size cannot be allocated (an artifact may declare terabytes).
+pub fn try_take<T: Recycle>(cap: usize) -> Option<Vec<T>> {
+    let cap = size_class(cap);
+    if cap.saturating_mul(size_of::<T>()) >= MIN_BYTES
+        && let Some(v) = take_kept(cap)
+    {
+        return Some(v);
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(cap).ok()?;
+    Some(v)
+}
+
+/// A kept buffer of this thread's for `cap` (a size class, at least [`MIN_BYTES`]), if one fits.
+fn take_kept<T: Recycle>(cap: usize) -> Option<Vec<T>> {
+    if cap.saturating_mul(size_of::<T>()) > MAX_BUFFER {
         take_from(T::large_list(), &HELD_LARGE, cap)
     } else {
         take_from(T::free_list(), &HELD, cap)
-    };
-    found.unwrap_or_else(|| Vec::with_capacity(cap))
+    }
 }
 
 /// `n` rounded up to one of 8 steps per power of two (at most 12.5 % more), so that the
@@ -157,7 +181,7 @@ fn size_class(n: usize) -> usize {
         return n;
     }
     let step = 1 << (usize::BITS - 1 - n.leading_zeros() - 3);
-    n.div_ceil(step) * step
+    n.div_ceil(step).saturating_mul(step)
 }
 
 /// Give `v` back for a later [`take`] on this thread (dropped if small, or if the list is
@@ -169,12 +193,7 @@ pub fn give<T: Recycle>(mut v: Vec<T>) {
     }
     v.clear();
     if size > MAX_BUFFER {
-        if keeps_large() {
-            let bound = if KEEP_LARGE.load(std::sync::atomic::Ordering::Relaxed) {
-                LARGE_BYTES
-            } else {
-                LARGE_BYTES_OTHERWISE
-            };
+        if let Some(bound) = large_bound() {
             give_to(T::large_list(), &HELD_LARGE, MAX_LARGE, bound, v);
         }
     } else {
@@ -254,7 +273,7 @@ pub fn take_frame(cap: usize) -> Vec<u8> {
 /// the list is full: then the smallest waiting buffer makes room for a larger one). Only
 /// while large buffers are kept ([`keep_large_buffers`]).
 pub fn give_frame(v: Vec<u8>) {
-    if keeps_large() {
+    if large_bound().is_some() {
         keep_frame(v);
     }
 }

@@ -783,7 +783,8 @@ impl ArtifactReader {
             _ => return Err(corrupt("the zstd frame does not declare its size".into())),
         }
         out.clear();
-        out.reserve(raw_size as usize);
+        out.try_reserve(raw_size as usize)
+            .map_err(|_| self.too_big(what, raw_size))?;
         crate::pool::with_decompressor(|d| d.decompress_to_buffer(frame, out))
             .map_err(|e| corrupt(format!("zstd: {e}")))?;
         if out.len() as u64 != raw_size {
@@ -887,17 +888,16 @@ impl ArtifactReader {
         Ok(())
     }
 
-    /// Decompressed bytes of one part of tensor `index`.
-    /// Both buffers come from [`crate::pool`]: the compressed frame's goes back at once, the
-    /// result's when its owner recycles it.
+    /// Decompressed bytes of one part of tensor `index`. Both buffers come from
+    /// [`crate::pool`]: the compressed frame's goes back at once, the result's when its owner
+    /// recycles it.
     pub fn read_part(&self, index: usize, role: PartRole) -> Result<Vec<u8>> {
-        let (size, raw_size) = self.manifest.tensors[index]
-            .stored
-            .iter()
-            .find(|p| p.role == role)
-            .map_or((0, 0), |p| (p.size as usize, p.raw_size as usize));
-        let (mut scratch, mut out) = (crate::pool::take(size), crate::pool::take(raw_size));
-        let read = self.read_part_into(index, role, &mut scratch, &mut out);
+        let (p, what) = self.stored_part(index, role)?;
+        // Sizes from the manifest (checked against the file at open, a frame's raw size at
+        // most MAX_FRAME_RATIO times its own): allocated without aborting on a huge one.
+        let take = |n: u64| crate::pool::try_take(n as usize).ok_or_else(|| self.too_big(&what, n));
+        let (mut scratch, mut out) = (take(p.size)?, take(p.raw_size)?);
+        let read = self.read_stored_into(p, &what, &mut scratch, &mut out);
         crate::pool::give(scratch);
         read.map(|()| out)
     }
@@ -911,6 +911,25 @@ impl ArtifactReader {
         scratch: &mut Vec<u8>,
         out: &mut Vec<u8>,
     ) -> Result<()> {
+        let (p, what) = self.stored_part(index, role)?;
+        self.read_stored_into(p, &what, scratch, out)
+    }
+
+    /// The error for a part whose declared size cannot be allocated (a hostile artifact may
+    /// declare terabytes in a small file): an error, where the allocation would abort.
+    fn too_big(&self, what: &str, bytes: u64) -> Error {
+        Error::io(
+            "read",
+            &self.path,
+            std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!("{what} declares {bytes} bytes, more than this machine can allocate"),
+            ),
+        )
+    }
+
+    /// Tensor `index`'s stored part `role`, and how errors name it.
+    fn stored_part(&self, index: usize, role: PartRole) -> Result<(&StoredPart, String)> {
         let t = &self.manifest.tensors[index];
         let p = t.stored.iter().find(|p| p.role == role).ok_or_else(|| {
             Error::corrupt(
@@ -918,9 +937,19 @@ impl ArtifactReader {
                 format!("tensor `{}` has no `{}` part", t.name, role.suffix()),
             )
         })?;
-        let what = format!("tensor `{}` ({})", t.name, role.suffix());
-        self.frame_bytes_into(p.offset, p.size, &p.sha256, &what, scratch)?;
-        self.decompress_into(scratch, p.raw_size, &what, out)
+        Ok((p, format!("tensor `{}` ({})", t.name, role.suffix())))
+    }
+
+    /// Read, check and decompress part `p`.
+    fn read_stored_into(
+        &self,
+        p: &StoredPart,
+        what: &str,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        self.frame_bytes_into(p.offset, p.size, &p.sha256, what, scratch)?;
+        self.decompress_into(scratch, p.raw_size, what, out)
     }
 
     /// The values of part `role` of tensor `index` (a LoRA factor, sparse values, a dense
@@ -1340,6 +1369,35 @@ mod tests {
         assert!(e.to_string().contains("holds NaN"), "{e}");
         drop(w);
         assert!(!p.exists(), "an unfinished writer leaves nothing");
+    }
+
+    /// A frame may declare any size in a few bytes of header: one that cannot be allocated is
+    /// an error naming the part, not an aborted process (the manifest's sizes are bounded
+    /// against the file at open, but a large file can still declare more than the machine has).
+    #[test]
+    fn a_size_that_cannot_be_allocated_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.xpm");
+        let mut w = ArtifactWriter::create(&p, DEFAULT_LEVEL).unwrap();
+        w.push(encode_tensor(&tensor("n", &[1.0, 2.0]), DEFAULT_LEVEL).unwrap())
+            .unwrap();
+        w.finish(manifest()).unwrap();
+        let r = ArtifactReader::open(&p).unwrap();
+        let huge: u64 = 1 << 62;
+        // A zstd frame header declaring `huge` bytes: magic, single segment with an 8-byte size.
+        let mut frame = 0xFD2F_B528u32.to_le_bytes().to_vec();
+        frame.push(0b1110_0000);
+        frame.extend_from_slice(&huge.to_le_bytes());
+        let e = r
+            .decompress_into(&frame, huge, "tensor `n` (values)", &mut Vec::new())
+            .unwrap_err();
+        let e = crate::error::chain(&e);
+        assert!(e.contains("cannot read"), "{e}");
+        assert!(
+            e.contains("tensor `n` (values) declares 4611686018427387904 bytes, more than"),
+            "{e}"
+        );
+        assert!(crate::pool::try_take::<u8>(huge as usize).is_none());
     }
 
     /// An artifact that holds a NaN (written by another tool, or an older xpm) is refused by
