@@ -48,9 +48,9 @@ pub fn top_k_signed(values: &[f32], k: usize) -> Vec<u64> {
 /// per weight of the largest tensor in `xpm extract`. On 2²⁰ values with warm buffers,
 /// keeping a fifth of uniform values: 1.9 ms (the pairs: 3.1–3.5 ms); a fiftieth: 1.8 ms
 /// (1.2 ms); a fifth of a delta that is 95 % zeros: 1.3 ms (3.6–4.0 ms); a fiftieth: 1.7 ms
-/// (1.5 ms). In the merge benchmark's densified `ties` merge: 11.6 s → 9.9 s with the radix passes alone, and
-/// 4.4–4.6 s → 3.3–3.4 s with the sample, once the buffers were reused (docs/benchmarks.md,
-/// "Merge", seventh session).
+/// (1.5 ms). In the merge benchmark's densified `ties` merge: 11.6 s → 9.9 s with the radix
+/// passes alone, and 4.4–4.6 s → 3.3–3.4 s with the sample, once the buffers were reused
+/// (docs/benchmarks.md, "Merge", seventh session).
 fn top_k_by_key(values: &[f32], k: usize, key: impl Fn(f32) -> u32) -> Vec<u64> {
     let n = values.len();
     let k = k.min(n);

@@ -121,9 +121,11 @@ pub fn merge_tensor_owned(
 
 /// Merge one tensor whose inputs `load(e)` reads one expert at a time (`weights.len()` of
 /// them), in expert order; the first error stops the merge. Each input is sparsified as it
-/// arrives, so a strategy that trims (the TIES family, DARE, breadcrumbs, DELLA) never holds
-/// more than one expert's dense delta: on dense experts that is one tensor's worth of memory
-/// instead of one per expert, and the buffer that held it takes the next expert's.
+/// arrives, so a strategy that trims (`magnitude-prune`, the TIES family, DARE, breadcrumbs,
+/// DELLA) never holds more than one expert's dense delta: on dense experts that is one
+/// tensor's worth of memory instead of one per expert, and the buffer that held it takes the
+/// next expert's. The other strategies sum a tensor whose first expert is dense as they read
+/// ([`sum_streaming`]).
 pub fn merge_tensor_loading<E>(
     tensor: &str,
     shape: &[u64],
