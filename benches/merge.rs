@@ -9,7 +9,9 @@
 //!   `xpm::alloc::reuse`);
 //! - peak RSS of each run (GNU time);
 //! - the merge arithmetic alone per input entry, on one thread, against the plainest
-//!   `sparse-mean` and one read of every entry;
+//!   `sparse-mean`, the bare scatter into blocked f64 sums that any merge keeping per-position
+//!   f64 sums must do (with and without TIES's sign vote), and one read of every entry; and
+//!   what the goals (`ties` ≤ 1.15×, `sparse-mean` ≤ 1.1× the floor) leave for it per entry;
 //! - with `TORCH_PYTHON=…/python` (a Python with torch and safetensors): against PyTorch merging
 //!   the same experts densified, with mergekit's formulas (`benches/torch_merge.py`), and the
 //!   largest difference between its result and xpm's.
@@ -334,6 +336,56 @@ fn arithmetic(sparse: &[PathBuf], tensors: usize) -> String {
         }
         outs
     });
+    // What any merge that keeps per-position f64 sums must do per entry: the engine's blocks,
+    // each entry added to a weighted sum and its weight to another, nothing else (no union,
+    // no output).
+    const BLK: u64 = 8192;
+    let (mut bn, mut bd, mut bv) = (
+        vec![0f64; 2 * BLK as usize],
+        vec![0f64; 2 * BLK as usize],
+        vec![0f64; BLK as usize],
+    );
+    // `vote`: also TIES's sign vote, the sums split by sign (the engine's lanes).
+    let mut sums_only = |vote: bool| {
+        best(&mut || {
+            let mut outs = 0usize;
+            for ins in &all {
+                let mut cur = vec![0usize; ins.len()];
+                for c0 in (0..n as u64).step_by(BLK as usize) {
+                    let c1 = c0 + BLK;
+                    for (input, at) in ins.iter().zip(cur.iter_mut()) {
+                        let Input::Sparse { indices, values } = input else {
+                            continue;
+                        };
+                        let w = 1.0f64;
+                        for (&i, &v) in indices[*at..].iter().zip(&values[*at..]) {
+                            if i >= c1 {
+                                break;
+                            }
+                            let o = (i - c0) as usize & (BLK as usize - 1);
+                            let v = v as f64;
+                            if vote {
+                                bv[o] += v;
+                                let l = (2 * o + usize::from(v < 0.0)) & (2 * BLK as usize - 1);
+                                bn[l] += w * v;
+                                bd[l] += w;
+                            } else {
+                                bn[o] += w * v;
+                                bd[o] += w;
+                            }
+                            *at += 1;
+                        }
+                    }
+                    outs += bd[outs & (BLK as usize - 1)] as usize + bv[0] as usize;
+                    bn.fill(0.0);
+                    bd.fill(0.0);
+                    bv.fill(0.0);
+                }
+            }
+            outs
+        })
+    };
+    let (sums, sums_vote) = (sums_only(false), sums_only(true));
     let read = best(&mut || {
         let (mut acc, mut xor) = (0f64, 0u64);
         for input in all.iter().flatten() {
@@ -348,13 +400,17 @@ fn arithmetic(sparse: &[PathBuf], tensors: usize) -> String {
     });
     let ns = |t: f64| t * 1e9 / entries as f64;
     format!(
-        "\n### Arithmetic per input entry\n\nOne thread, the first {tensors} tensors of every expert ({entries} entries), decoded beforehand; best of 3:\n\n| | time | per entry |\n|---|---:|---:|\n| engine `sparse-mean` (output included) | {:.1} ms | {:.2} ns |\n| engine `ties` | {:.1} ms | {:.2} ns |\n| plainest `sparse-mean` (whole-tensor f64 sums and counts, output pass) | {:.1} ms | {:.2} ns |\n| one read of every entry (index and value) | {:.1} ms | {:.2} ns |\n",
+        "\n### Arithmetic per input entry\n\nOne thread, the first {tensors} tensors of every expert ({entries} entries), decoded beforehand; best of 3:\n\n| | time | per entry |\n|---|---:|---:|\n| engine `sparse-mean` (output included) | {:.1} ms | {:.2} ns |\n| engine `ties` | {:.1} ms | {:.2} ns |\n| plainest `sparse-mean` (whole-tensor f64 sums and counts, output pass) | {:.1} ms | {:.2} ns |\n| blocked f64 sums only (no union, no output) | {:.1} ms | {:.2} ns |\n| the same with TIES's sign vote and sums split by sign | {:.1} ms | {:.2} ns |\n| one read of every entry (index and value) | {:.1} ms | {:.2} ns |\n",
         mean * 1e3,
         ns(mean),
         ties * 1e3,
         ns(ties),
         plain * 1e3,
         ns(plain),
+        sums * 1e3,
+        ns(sums),
+        sums_vote * 1e3,
+        ns(sums_vote),
         read * 1e3,
         ns(read),
     )
@@ -416,6 +472,7 @@ fn main() {
     // densified and the floor back to back, ratios are formed within a round, and the table
     // shows medians over rounds (and each round's ratio to the floor).
     let mut sparse_runs = Vec::new();
+    let mut floors = Vec::new();
     for strategy in ["ties", "sparse-mean"] {
         let out_s = dir.path().join(format!("m-{strategy}-s.xpm"));
         let out_d = dir.path().join(format!("m-{strategy}-d.xpm"));
@@ -444,6 +501,7 @@ fn main() {
             per_round.join(", "),
         ));
         sparse_runs.push((strategy, out_s, ts, ms));
+        floors.push(floor);
     }
     if let Ok(python) = std::env::var("TORCH_PYTHON") {
         report.push_str(&torch_baseline(&python, dir.path(), &sparse, &sparse_runs));
@@ -497,6 +555,24 @@ fn main() {
     };
     let same = frames(&dir.path().join("mean-b.xpm")) == frames(&dir.path().join("mean-p.xpm"));
     report.push_str(&arithmetic(&sparse, tensors.min(16)));
+    // What the goals leave for the arithmetic: at g × the floor, with both threads busy for
+    // the whole merge (the floor keeps them 97 % busy), (g − 1) × floor × 2 thread-seconds
+    // over every input entry of the merge.
+    let all_entries: u64 = sparse
+        .iter()
+        .flat_map(|p| ArtifactReader::open(p).unwrap().manifest().tensors.clone())
+        .map(|t| match t.delta {
+            xpm::format::manifest::Delta::Sparse { nnz, .. } => nnz,
+            _ => 0,
+        })
+        .sum();
+    let budget = |g: f64, floor: f64| (g - 1.0) * floor * 2.0 * 1e9 / all_entries as f64;
+    report.push_str(&format!(
+        "\nBudget for the arithmetic per input entry ({all_entries} in the merge, 2 threads): `ties` at \
+         1.15× its floor {:.2} ns, `sparse-mean` at 1.1× {:.2} ns.\n",
+        budget(1.15, floors[0]),
+        budget(1.1, floors[1]),
+    ));
     report.push_str(&format!(
         "\n### Plugins\n\n`mean` built in against `plugin-mean` (plugins/examples/mean, release cdylib), same inputs:\n\n\
          | | time | peak RSS | ratio |\n|---|---:|---:|---:|\n\

@@ -227,21 +227,56 @@ fn sum_streaming<E>(
 /// final formula. The block sweep keeps these sums in arrays, the reference walk (in tests) on
 /// the stack; both run the same operations in the same order, so they agree bit for bit (tested).
 struct Kernel<'a> {
-    strategy: Strategy,
     p: &'a MergeParams,
     total_w: f64,
     ties: bool,
     keeps_union: bool,
+    form: Form,
+}
+
+/// The strategies' final formulas, one per group of strategies that share one
+/// ([`Kernel::finish_as`]). The output pass is compiled once per form, so that choosing the
+/// formula is not a jump per output position.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Form {
+    /// `sparse-mean`: λ num / den, 0 where den is 0.
+    SparseMean,
+    /// `mean`: num / Σ w, 0 when Σ w is 0.
+    Mean,
+    /// The linear family: λ num, divided by Σ w under `normalize`.
+    Linear,
+    /// `cat` and `svd` on non-LoRA tensors: num.
+    Sum,
+    /// The TIES family: λ num over the divisor.
+    Ties,
+}
+
+impl Form {
+    fn of(strategy: Strategy) -> Form {
+        match strategy {
+            Strategy::SparseMean => Form::SparseMean,
+            Strategy::Mean => Form::Mean,
+            Strategy::Linear
+            | Strategy::TaskArithmetic
+            | Strategy::MagnitudePrune
+            | Strategy::DareLinear
+            | Strategy::Breadcrumbs => Form::Linear,
+            Strategy::Cat | Strategy::Svd => Form::Sum,
+            Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della => {
+                Form::Ties
+            }
+        }
+    }
 }
 
 impl<'a> Kernel<'a> {
     fn new(strategy: Strategy, p: &'a MergeParams, total_w: f64) -> Self {
         Kernel {
-            strategy,
             p,
             total_w,
             ties: strategy.elects_sign(),
             keeps_union: strategy.keeps_union(),
+            form: Form::of(strategy),
         }
     }
 
@@ -297,16 +332,24 @@ impl<'a> Kernel<'a> {
     /// The merged value from the sums.
     #[inline]
     fn finish(&self, num: f64, den: f64) -> f64 {
+        self.finish_as(self.form, num, den)
+    }
+
+    /// The merged value from the sums under `form`, which must be this kernel's: inlined with a
+    /// constant `form`, the choice of formula disappears from the caller's loop.
+    #[inline(always)]
+    fn finish_as(&self, form: Form, num: f64, den: f64) -> f64 {
+        debug_assert_eq!(form, self.form);
         let p = self.p;
-        match self.strategy {
-            Strategy::SparseMean => {
+        match form {
+            Form::SparseMean => {
                 if den == 0.0 {
                     0.0
                 } else {
                     p.lambda * num / den
                 }
             }
-            Strategy::Mean => {
+            Form::Mean => {
                 if self.total_w == 0.0 {
                     0.0
                 } else {
@@ -315,11 +358,7 @@ impl<'a> Kernel<'a> {
             }
             // The linear family: λ Σ w δ, divided by Σ w under `normalize` (mergekit's
             // `normalize`; a |Σ w| below 1e-8 divides by 1, as mergekit does).
-            Strategy::Linear
-            | Strategy::TaskArithmetic
-            | Strategy::MagnitudePrune
-            | Strategy::DareLinear
-            | Strategy::Breadcrumbs => {
+            Form::Linear => {
                 let s = p.lambda * num;
                 if p.normalize && self.total_w.abs() >= 1e-8 {
                     s / self.total_w
@@ -329,11 +368,9 @@ impl<'a> Kernel<'a> {
             }
             // LoRA-space merges reach the engine only for non-LoRA tensors of the set; on
             // densified deltas `cat` and full-rank `svd` are exactly Σ w ΔW.
-            Strategy::Cat | Strategy::Svd => num,
+            Form::Sum => num,
             // The mean of the agreeing values: λ Σ w δ over the count, the weights, or 1.
-            Strategy::Ties | Strategy::DareTies | Strategy::BreadcrumbsTies | Strategy::Della => {
-                p.lambda * num / ties_divisor(p.divisor, den)
-            }
+            Form::Ties => p.lambda * num / ties_divisor(p.divisor, den),
         }
     }
 
@@ -438,6 +475,58 @@ fn sweep_expert(
     }
 }
 
+/// Where [`combine_union`] writes the merged values: the output's reserved capacity, every
+/// union position at the next free slot `n`, which only a kept value then claims (no branch on
+/// whether a value is kept, zero or not, unpredictable, and no capacity check per value).
+struct Emit<'o> {
+    idx: &'o mut [std::mem::MaybeUninit<u64>],
+    val: &'o mut [std::mem::MaybeUninit<f32>],
+    n: usize,
+}
+
+impl Emit<'_> {
+    /// The output pass over one block that starts at `c0`: every position of the union, in
+    /// order, gets its merged value from the sums under `form` (`k`'s), and the block's sums,
+    /// vote and bitmap are cleared for the next.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &mut self,
+        k: &Kernel,
+        form: Form,
+        c0: u64,
+        union: &mut [u64; B / 64],
+        num: &mut [f64; 2 * B],
+        den: &mut [f64; 2 * B],
+        vote: &mut [f64; B],
+    ) {
+        for (wi, word) in union.iter_mut().enumerate() {
+            let mut b = *word;
+            while b != 0 {
+                let o = (wi * 64 + b.trailing_zeros() as usize) & (B - 1);
+                let l = if form == Form::Ties {
+                    // The elected sign: sgn⁺ of the vote (ties go to +1).
+                    let l = (2 * o + if vote[o] >= 0.0 { 0 } else { 1 }) & (2 * B - 1);
+                    vote[o] = 0.0;
+                    (num[l ^ 1], den[l ^ 1]) = (0.0, 0.0);
+                    l
+                } else {
+                    o
+                };
+                let v = k.finish_as(form, num[l], den[l]);
+                // n counts kept positions among those seen, fewer than the union's size,
+                // which is at most the reserved capacity.
+                self.idx[self.n].write(c0 + o as u64);
+                self.val[self.n].write(v as f32);
+                self.n += usize::from(k.keep(v));
+                (num[l], den[l]) = (0.0, 0.0);
+                b &= b - 1;
+            }
+            *word = 0;
+        }
+    }
+}
+
 /// Combine over the union of the entries' positions, in ascending order, one block of
 /// positions at a time. Within a block every expert's entries there (a contiguous run of its
 /// sorted indices) are added, in expert order, to per-position sums and the block's union
@@ -527,30 +616,20 @@ fn combine_union(entries: &[Entries], n: u64, weights: &[f64], k: &Kernel) -> (V
                 })
             };
         }
-        for (wi, word) in union.iter_mut().enumerate() {
-            let mut b = *word;
-            while b != 0 {
-                let o = (wi * 64 + b.trailing_zeros() as usize) & (B - 1);
-                let l = if k.ties {
-                    // The elected sign: sgn⁺ of the vote (ties go to +1).
-                    let l = (2 * o + if vote[o] >= 0.0 { 0 } else { 1 }) & (2 * B - 1);
-                    vote[o] = 0.0;
-                    (num[l ^ 1], den[l ^ 1]) = (0.0, 0.0);
-                    l
-                } else {
-                    o
-                };
-                let v = k.finish(num[l], den[l]);
-                // n_out counts kept positions among those seen, fewer than the union's size,
-                // which is at most the reserved `bound`.
-                idx_room[n_out].write(c0 + o as u64);
-                val_room[n_out].write(v as f32);
-                n_out += usize::from(k.keep(v));
-                (num[l], den[l]) = (0.0, 0.0);
-                b &= b - 1;
-            }
-            *word = 0;
+        let mut out = Emit {
+            idx: &mut *idx_room,
+            val: &mut *val_room,
+            n: n_out,
+        };
+        // One copy of the output pass per formula (see `Form`).
+        match k.form {
+            Form::SparseMean => out.block(k, Form::SparseMean, c0, union, num, den, vote),
+            Form::Mean => out.block(k, Form::Mean, c0, union, num, den, vote),
+            Form::Linear => out.block(k, Form::Linear, c0, union, num, den, vote),
+            Form::Sum => out.block(k, Form::Sum, c0, union, num, den, vote),
+            Form::Ties => out.block(k, Form::Ties, c0, union, num, den, vote),
         }
+        n_out = out.n;
         c0 = c1;
     }
     // SAFETY: the first n_out slots of both were written above (each kept position's slot
