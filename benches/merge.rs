@@ -550,7 +550,7 @@ fn main() {
             .manifest()
             .tensors
             .iter()
-            .map(|t| t.stored.iter().map(|p| p.sha256.clone()).collect())
+            .map(|t| t.stored.iter().map(|p| p.digest.to_string()).collect())
             .collect()
     };
     let same = frames(&dir.path().join("mean-b.xpm")) == frames(&dir.path().join("mean-p.xpm"));

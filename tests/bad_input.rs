@@ -42,6 +42,17 @@ fn assert_rejected(ctx: &TestContext, needle: &str) {
     assert_eq!(ctx.temp_leftovers(), Vec::<String>::new());
 }
 
+/// The tensors of `a.xpm`, as `xpm unpack` writes them.
+fn tensor_bytes(ctx: &TestContext) -> Vec<u8> {
+    ctx.xpm()
+        .args(["unpack", "a.xpm", "-o", "tb"])
+        .assert()
+        .success();
+    let b = std::fs::read(ctx.path("tb/tensors.safetensors")).unwrap();
+    std::fs::remove_dir_all(ctx.path("tb")).unwrap();
+    b
+}
+
 fn edit_bytes(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
     let mut b = std::fs::read(path).unwrap();
     f(&mut b);
@@ -79,7 +90,7 @@ fn flipped_bit_in_the_payload() {
     let bytes = std::fs::read(ctx.path("a.xpm")).unwrap();
     let pos = manifest_range(&bytes).start / 2; // inside the tensor frames
     edit_bytes(&ctx.path("a.xpm"), |b| b[pos] ^= 0x80);
-    assert_rejected(&ctx, "sha256");
+    assert_rejected(&ctx, "frame blake3 mismatch");
     ctx.xpm()
         .args(["verify", "a.xpm"])
         .assert()
@@ -104,7 +115,7 @@ fn unsupported_format_version() {
         .args(["verify", "a.xpm"])
         .assert()
         .code(1)
-        .stderr(predicate::str::contains("uses xpm format 2.1"))
+        .stderr(predicate::str::contains("uses xpm format 2.2"))
         .stderr(predicate::str::contains("hint: upgrade xpm"));
 }
 
@@ -124,14 +135,16 @@ fn a_newer_minor_version_is_still_read() {
     ctx.xpm().args(["verify", "a.xpm"]).assert().success();
 }
 
-/// `a.xpm` rewritten as format 1.0 (no prelude flag, the whole-file sha256 in the trailer), as
-/// xpm wrote every artifact before 1.1.
-fn as_format_1_0(ctx: &TestContext) {
+/// `a.xpm` rewritten as format 1.`minor` (0 or 1), as xpm wrote every artifact before 1.2:
+/// frames named by their SHA-256, and for 1.0 no prelude flag and the whole-file sha256 in the
+/// trailer.
+fn as_format_1(ctx: &TestContext, minor: u8) {
     let bytes = std::fs::read(ctx.path("a.xpm")).unwrap();
     let (mut prelude, mut manifest, payload) = split_artifact(&bytes);
-    prelude[10] = 0;
-    prelude[12] = 0;
-    manifest["format_version"] = "1.0".into();
+    prelude[10] = minor;
+    prelude[12] = u8::from(minor >= 1);
+    manifest["format_version"] = format!("1.{minor}").into();
+    sha256_frames(&mut manifest, &payload);
     std::fs::write(
         ctx.path("a.xpm"),
         assemble_artifact(&prelude, &manifest, &payload),
@@ -142,7 +155,7 @@ fn as_format_1_0(ctx: &TestContext) {
 #[test]
 fn format_1_0_artifacts_are_still_read_and_verified() {
     let ctx = with_artifact();
-    as_format_1_0(&ctx);
+    as_format_1(&ctx, 0);
     let bytes = std::fs::read(ctx.path("a.xpm")).unwrap();
     ctx.xpm()
         .args(["verify", "a.xpm"])
@@ -174,13 +187,86 @@ fn format_1_0_artifacts_are_still_read_and_verified() {
 }
 
 #[test]
+fn format_1_1_artifacts_are_still_read_and_verified() {
+    let ctx = with_artifact();
+    let want = tensor_bytes(&ctx);
+    as_format_1(&ctx, 1);
+    let bytes = std::fs::read(ctx.path("a.xpm")).unwrap();
+    ctx.xpm()
+        .args(["verify", "a.xpm"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(sha256_hex(&bytes)));
+    assert_eq!(
+        tensor_bytes(&ctx),
+        want,
+        "the same tensors from the 1.1 file"
+    );
+    // Its frames are checked by their SHA-256.
+    edit_bytes(&ctx.path("a.xpm"), |b| {
+        let pos = manifest_range(b).start / 2;
+        b[pos] ^= 0x10;
+    });
+    assert_rejected(&ctx, "frame sha256 mismatch");
+}
+
+#[test]
+fn a_frame_digest_of_the_other_formats_algorithm_is_refused() {
+    // A 1.2 file whose frames carry SHA-256 digests, and a 1.1 file with BLAKE3 ones: neither
+    // is what a writer of that version writes.
+    let ctx = with_artifact();
+    let good = std::fs::read(ctx.path("a.xpm")).unwrap();
+    rewrite_manifest(&ctx.path("a.xpm"), |m| {
+        let (_, _, payload) = split_artifact(&good);
+        sha256_frames(m, &payload);
+    });
+    assert_rejected(
+        &ctx,
+        "a sha256 frame digest, but format 1.2 names frames by blake3",
+    );
+    std::fs::write(ctx.path("a.xpm"), &good).unwrap();
+    let (mut prelude, mut manifest, payload) = split_artifact(&good);
+    prelude[10] = 1;
+    manifest["format_version"] = "1.1".into();
+    std::fs::write(
+        ctx.path("a.xpm"),
+        assemble_artifact(&prelude, &manifest, &payload),
+    )
+    .unwrap();
+    assert_rejected(
+        &ctx,
+        "a blake3 frame digest, but format 1.1 names frames by sha256",
+    );
+    // Two digests for one frame, or none.
+    std::fs::write(ctx.path("a.xpm"), &good).unwrap();
+    rewrite_manifest(&ctx.path("a.xpm"), |m| {
+        m["tensors"][0]["stored"][0]["sha256"] = format!("sha256:{}", "0".repeat(64)).into();
+    });
+    assert_rejected(&ctx, "a frame names two digests");
+    std::fs::write(ctx.path("a.xpm"), &good).unwrap();
+    rewrite_manifest(&ctx.path("a.xpm"), |m| {
+        m["tensors"][0]["stored"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("blake3");
+    });
+    assert_rejected(&ctx, "a frame names no digest");
+    // A malformed digest is named, escaped.
+    std::fs::write(ctx.path("a.xpm"), &good).unwrap();
+    rewrite_manifest(&ctx.path("a.xpm"), |m| {
+        m["payload"]["header"]["blake3"] = "blake3:../../etc\n".into();
+    });
+    assert_rejected(&ctx, "is not `blake3:` and 64 lowercase hex digits");
+}
+
+#[test]
 fn the_prelude_flag_must_match_the_trailer_kind() {
-    // A 1.1 file without its flag, and a 1.0 file with it: refused as damaged, not misread.
+    // A 1.2 file without its flag, and a 1.0 file with it: refused as damaged, not misread.
     let ctx = with_artifact();
     edit_bytes(&ctx.path("a.xpm"), |b| b[12] = 0);
-    assert_rejected(&ctx, "flags 0x0 in the prelude, but format 1.1 defines 0x1");
+    assert_rejected(&ctx, "flags 0x0 in the prelude, but format 1.2 defines 0x1");
     let ctx = with_artifact();
-    as_format_1_0(&ctx);
+    as_format_1(&ctx, 0);
     edit_bytes(&ctx.path("a.xpm"), |b| b[12] = 1);
     assert_rejected(&ctx, "flags 0x1 in the prelude, but format 1.0 defines 0x0");
     // A damaged content digest is caught on open.
@@ -215,9 +301,9 @@ fn manifest_nnz_disagrees_with_the_payload() {
 fn manifest_frame_digest_disagrees_with_the_payload() {
     let ctx = with_artifact();
     rewrite_manifest(&ctx.path("a.xpm"), |m| {
-        m["tensors"][2]["stored"][1]["sha256"] = format!("sha256:{}", "0".repeat(64)).into();
+        m["tensors"][2]["stored"][1]["blake3"] = format!("blake3:{}", "0".repeat(64)).into();
     });
-    assert_rejected(&ctx, "frame sha256 mismatch");
+    assert_rejected(&ctx, "frame blake3 mismatch");
 }
 
 #[test]
@@ -264,7 +350,8 @@ fn frame_declaring_a_different_size_than_the_manifest_is_refused() {
         frame.extend_from_slice(&((size - fake.len() - 8) as u32).to_le_bytes());
         frame.resize(size, 0);
         payload[off..off + size].copy_from_slice(&frame);
-        manifest["tensors"][0]["stored"][1]["sha256"] = sha256_hex(&frame).into();
+        manifest["tensors"][0]["stored"][1]["blake3"] =
+            xpm::digest::FrameDigest::of(&frame).to_string().into();
         std::fs::write(
             ctx.path("a.xpm"),
             assemble_artifact(&prelude, &manifest, &payload),

@@ -661,7 +661,7 @@ fn the_upgrade_hint_names_no_crates_io_package() {
     let out = ctx.xpm().args(["verify", "a.xpm"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("uses xpm format 2.1"), "{err}");
+    assert!(err.contains("uses xpm format 2.2"), "{err}");
     assert!(err.contains("cargo install --locked --path ."), "{err}");
     assert!(!err.contains("cargo install --locked xpm"), "{err}");
     assert!(!err.contains("cargo install xpm"), "{err}");

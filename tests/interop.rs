@@ -244,7 +244,7 @@ fn export_of_a_damaged_factor_fails_and_writes_nothing() {
         .assert()
         .code(1)
         .stderr(predicates::str::contains(
-            "tensor `layer.0.q.weight` (lora_B): frame sha256 mismatch",
+            "tensor `layer.0.q.weight` (lora_B): frame blake3 mismatch",
         ));
     assert!(!ctx.path("exported").exists());
 }

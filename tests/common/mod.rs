@@ -223,6 +223,31 @@ pub fn assemble_artifact(prelude: &[u8], manifest: &serde_json::Value, payload: 
     out
 }
 
+/// Name every frame of `manifest` by its SHA-256 instead of its BLAKE3 digest, as writers of
+/// formats 1.0 and 1.1 did (`payload` is the artifact's payload).
+pub fn sha256_frames(manifest: &mut serde_json::Value, payload: &[u8]) {
+    let mut fix = |frame: &mut serde_json::Value| {
+        let (off, size) = (
+            frame["offset"].as_u64().unwrap() as usize,
+            frame["size"].as_u64().unwrap() as usize,
+        );
+        let obj = frame.as_object_mut().unwrap();
+        assert!(obj.remove("blake3").is_some(), "a format 1.2 frame");
+        obj.insert(
+            "sha256".into(),
+            xpm::digest::sha256(&payload[off..off + size]).into(),
+        );
+    };
+    fix(&mut manifest["payload"]["header"]);
+    for t in manifest["tensors"].as_array_mut().unwrap() {
+        t["stored"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .for_each(&mut fix);
+    }
+}
+
 /// Rewrite the manifest of the artifact at `path` in place, fixing up all digests.
 pub fn rewrite_manifest(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let bytes = std::fs::read(path).unwrap();

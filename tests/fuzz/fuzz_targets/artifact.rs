@@ -6,8 +6,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use xpm_core::format::manifest::PartRole;
-use xpm_core::format::{ArtifactReader, Content, Delta};
 use xpm_core::format::verify::verify;
+use xpm_core::format::{ArtifactReader, Content, Delta};
 use xpm_core::printer::Printer;
 
 fn check(bytes: &[u8]) {

@@ -5,11 +5,11 @@
 
 use libfuzzer_sys::fuzz_target;
 use xpm_core::format::Manifest;
+use xpm_core::registry::Location;
 use xpm_core::registry::index::{
     IndexLine, RegistryConfig, blob_rel_path, index_rel_path, parse_index, render_index,
     search_hit, search_matches,
 };
-use xpm_core::registry::Location;
 use xpm_core::resolve::Requirement;
 
 /// Everything but `density` (f64 JSON parsing is not guaranteed to round-trip to the bit).

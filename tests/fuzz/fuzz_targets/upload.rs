@@ -37,7 +37,11 @@ fn upload(bytes: &[u8]) {
         .read_index(&line.name)
         .unwrap_or_else(|e| panic!("the registry cannot read the index it wrote: {e}"))
         .expect("the index exists after publish");
-    assert!(lines.iter().any(|l| l.vers == line.vers && l.cksum == line.cksum));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.vers == line.vers && l.cksum == line.cksum)
+    );
     let stored = std::fs::read(reg.blob_path(&line.cksum)).expect("the blob is stored");
     assert_eq!(stored, bytes);
 }

@@ -130,7 +130,7 @@ const PRELUDE: usize = 16;
 const TRAILER: usize = 80;
 
 /// Make the checksums of a (possibly mutated) artifact consistent again: every frame's
-/// `sha256` in the manifest (header and stored parts, wherever offset and size point inside
+/// digest in the manifest (`blake3`, or `sha256` where the frame names one) (header and stored parts, wherever offset and size point inside
 /// the payload), the manifest length and sha256 in the trailer, the whole-file sha256 and the
 /// end magic. Returns `None` when nothing had to change or the trailer cannot locate a
 /// manifest at all.
@@ -162,11 +162,17 @@ pub fn fix_digests(data: &[u8]) -> Option<Vec<u8>> {
             let Some(end) = off.checked_add(size).filter(|&e| e <= payload.len() as u64) else {
                 return;
             };
-            let want = xpm_core::digest::sha256(&payload[off as usize..end as usize]);
-            if frame.get("sha256").and_then(|s| s.as_str()) != Some(want.as_str())
+            let bytes = &payload[off as usize..end as usize];
+            let (key, want) = if frame.get("sha256").is_some() {
+                ("sha256", xpm_core::digest::sha256(bytes))
+            } else {
+                let d = xpm_core::digest::FrameDigest::of(bytes);
+                ("blake3", d.as_str().to_string())
+            };
+            if frame.get(key).and_then(|s| s.as_str()) != Some(want.as_str())
                 && let Some(obj) = frame.as_object_mut()
             {
-                obj.insert("sha256".into(), want.into());
+                obj.insert(key.into(), want.into());
                 changed = true;
             }
         };
@@ -190,7 +196,9 @@ pub fn fix_digests(data: &[u8]) -> Option<Vec<u8>> {
     out.extend_from_slice(&(manifest.len() as u64).to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&manifest));
     // Format 1.1 and later: the content digest; 1.0: the sha256 of every byte before it.
-    let minor = data.get(10..12).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+    let minor = data
+        .get(10..12)
+        .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
     let whole: [u8; 32] = if minor >= 1 && data.len() >= 16 {
         xpm_core::format::artifact::content_digest(&data[..16], &manifest)
     } else {

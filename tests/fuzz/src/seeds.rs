@@ -40,7 +40,13 @@ fn base() -> BaseModel {
     }
 }
 
-fn sparse(name: &str, shape: Vec<u64>, indices: Vec<u64>, dtype: Dtype, rng: &mut Rng) -> TensorData {
+fn sparse(
+    name: &str,
+    shape: Vec<u64>,
+    indices: Vec<u64>,
+    dtype: Dtype,
+    rng: &mut Rng,
+) -> TensorData {
     let values = dtype.from_f32(&rng.values(indices.len()));
     TensorData {
         name: name.into(),
@@ -162,7 +168,16 @@ fn artifacts(dir: &Path) -> xpm_core::Result<Vec<(String, Manifest)>> {
         "seed-sparse-rice",
         "sparse-rice",
         ExpertKind::Sparse,
-        vec![(sparse("enc.0.weight", vec![24, 40], strided(960, 3, 19), Dtype::F32, r), false)],
+        vec![(
+            sparse(
+                "enc.0.weight",
+                vec![24, 40],
+                strided(960, 3, 19),
+                Dtype::F32,
+                r,
+            ),
+            false,
+        )],
         false,
     )?;
     // bitmap: a 50 % mask, f16.
@@ -170,7 +185,16 @@ fn artifacts(dir: &Path) -> xpm_core::Result<Vec<(String, Manifest)>> {
         "seed-sparse-bitmap",
         "sparse-bitmap",
         ExpertKind::Sparse,
-        vec![(sparse("enc.1.weight", vec![16, 16], strided(256, 0, 2), Dtype::F16, r), false)],
+        vec![(
+            sparse(
+                "enc.1.weight",
+                vec![16, 16],
+                strided(256, 0, 2),
+                Dtype::F16,
+                r,
+            ),
+            false,
+        )],
         false,
     )?;
     // block16: two tiles of a 32 × 40 matrix (one clipped), bf16.
@@ -178,7 +202,16 @@ fn artifacts(dir: &Path) -> xpm_core::Result<Vec<(String, Manifest)>> {
         "seed-sparse-block16",
         "sparse-block16",
         ExpertKind::Sparse,
-        vec![(sparse("enc.2.weight", vec![32, 40], tiles(32, 40, &[1, 5]), Dtype::BF16, r), false)],
+        vec![(
+            sparse(
+                "enc.2.weight",
+                vec![32, 40],
+                tiles(32, 40, &[1, 5]),
+                Dtype::BF16,
+                r,
+            ),
+            false,
+        )],
         false,
     )?;
     // full: every element; and an empty mask.
@@ -187,8 +220,14 @@ fn artifacts(dir: &Path) -> xpm_core::Result<Vec<(String, Manifest)>> {
         "team/sparse-full",
         ExpertKind::Sparse,
         vec![
-            (sparse("enc.3.bias", vec![3, 5], (0..15).collect(), Dtype::F32, r), false),
-            (sparse("enc.3.weight", vec![7], Vec::new(), Dtype::F32, r), false),
+            (
+                sparse("enc.3.bias", vec![3, 5], (0..15).collect(), Dtype::F32, r),
+                false,
+            ),
+            (
+                sparse("enc.3.weight", vec![7], Vec::new(), Dtype::F32, r),
+                false,
+            ),
         ],
         false,
     )?;
@@ -221,8 +260,14 @@ fn artifacts(dir: &Path) -> xpm_core::Result<Vec<(String, Manifest)>> {
         "ns/mixed",
         ExpertKind::Sparse,
         vec![
-            (sparse("m.a", vec![20, 20], strided(400, 1, 37), Dtype::F32, r), false),
-            (sparse("m.b", vec![16, 32], tiles(16, 32, &[0]), Dtype::F16, r), false),
+            (
+                sparse("m.a", vec![20, 20], strided(400, 1, 37), Dtype::F32, r),
+                false,
+            ),
+            (
+                sparse("m.b", vec![16, 32], tiles(16, 32, &[0]), Dtype::F16, r),
+                false,
+            ),
             (dense("m.c", vec![4], Dtype::BF16, r), false),
             (lora("m.d", 3, 5, 2, Dtype::F32, r), false),
         ],
@@ -264,7 +309,11 @@ fn masks() -> Vec<(String, MaskCase)> {
             }
         }
     }
-    for (rows, cols, t) in [(32u64, 40u64, vec![1u64, 5]), (17, 16, vec![0, 1]), (16, 16, vec![0])] {
+    for (rows, cols, t) in [
+        (32u64, 40u64, vec![1u64, 5]),
+        (17, 16, vec![0, 1]),
+        (16, 16, vec![0]),
+    ] {
         let idx = tiles(rows, cols, &t);
         let bytes = mask::encode(MaskEncoding::Block16, &idx, &[rows, cols]).unwrap();
         out.push((
@@ -390,7 +439,8 @@ pub fn write_all(root: &Path) -> xpm_core::Result<usize> {
     let lines: Vec<IndexLine> = manifests
         .iter()
         .map(|(file, m)| {
-            let mut l = IndexLine::for_artifact(m, &xpm_core::digest::sha256(file.as_bytes()), 1234);
+            let mut l =
+                IndexLine::for_artifact(m, &xpm_core::digest::sha256(file.as_bytes()), 1234);
             l.pubtime = "2026-01-02T03:04:05Z".into();
             l
         })
@@ -407,11 +457,25 @@ pub fn write_all(root: &Path) -> xpm_core::Result<usize> {
         auth_required: true,
         max_upload_size: Some(1 << 30),
     };
-    write(&index, "seed-config", &serde_json::to_vec_pretty(&cfg).unwrap()).map_err(io)?;
-    let rich = &manifests.iter().find(|(f, _)| f == "seed-mixed-rich").unwrap().1;
+    write(
+        &index,
+        "seed-config",
+        &serde_json::to_vec_pretty(&cfg).unwrap(),
+    )
+    .map_err(io)?;
+    let rich = &manifests
+        .iter()
+        .find(|(f, _)| f == "seed-mixed-rich")
+        .unwrap()
+        .1;
     write(&index, "seed-manifest", &serde_json::to_vec(rich).unwrap()).map_err(io)?;
     write(&index, "seed-requirement", b"team/news@~2.0.1").map_err(io)?;
-    write(&index, "seed-location", b"https://registry.example:8417/xpm/").map_err(io)?;
+    write(
+        &index,
+        "seed-location",
+        b"https://registry.example:8417/xpm/",
+    )
+    .map_err(io)?;
     n += 6;
 
     // lockfile: written by the library itself.
@@ -450,15 +514,29 @@ pub fn write_all(root: &Path) -> xpm_core::Result<usize> {
 
     // project_toml.
     let pt = root.join("project_toml");
-    write(&pt, "seed-template", xpm_core::project::template(None, None).as_bytes()).map_err(io)?;
+    write(
+        &pt,
+        "seed-template",
+        xpm_core::project::template(None, None).as_bytes(),
+    )
+    .map_err(io)?;
     write(
         &pt,
         "seed-template-set",
-        xpm_core::project::template(Some("file:///srv/registry"), Some("sha256:2222222222222222222222222222222222222222222222222222222222222222")).as_bytes(),
+        xpm_core::project::template(
+            Some("file:///srv/registry"),
+            Some("sha256:2222222222222222222222222222222222222222222222222222222222222222"),
+        )
+        .as_bytes(),
     )
     .map_err(io)?;
     write(&pt, "seed-experts", LOCK_TOML.as_bytes()).map_err(io)?;
-    write(&pt, "seed-inline", b"experts = { a = \"1\", \"ns/b\" = \">=0.1, <2\" }\n").map_err(io)?;
+    write(
+        &pt,
+        "seed-inline",
+        b"experts = { a = \"1\", \"ns/b\" = \">=0.1, <2\" }\n",
+    )
+    .map_err(io)?;
     n += 4;
 
     // recipe.
@@ -480,10 +558,22 @@ pub fn write_crafted(root: &Path) -> xpm_core::Result<usize> {
     let mut rng = Rng(1);
     let tensors = (0..260)
         .map(|i| {
-            let t = sparse(&format!("t{i}"), vec![(1 << 56) - 1], Vec::new(), Dtype::F32, &mut rng);
+            let t = sparse(
+                &format!("t{i}"),
+                vec![(1 << 56) - 1],
+                Vec::new(),
+                Dtype::F32,
+                &mut rng,
+            );
             (t, false)
         })
         .collect();
-    write_artifact(&dir.join("many-huge-empty-sparse"), "many-huge", ExpertKind::Sparse, tensors, false)?;
+    write_artifact(
+        &dir.join("many-huge-empty-sparse"),
+        "many-huge",
+        ExpertKind::Sparse,
+        tensors,
+        false,
+    )?;
     Ok(1)
 }

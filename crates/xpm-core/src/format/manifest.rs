@@ -15,13 +15,17 @@ use serde::{Deserialize, Serialize};
 
 use super::dtype::Dtype;
 use super::mask::MaskEncoding;
+pub use crate::digest::FrameDigest;
 
 /// The artifact format major version this build writes and reads.
 pub const FORMAT_MAJOR: u16 = 1;
-/// The artifact format minor version this build writes (it reads 1.0 and 1.1). 1.1: the
+/// The artifact format minor version this build writes (it reads 1.0 to 1.2). 1.1: the
 /// trailer holds the content digest instead of the whole-file digest (docs/format.md §2.4), so
-/// a writer hashes every byte once.
-pub const FORMAT_MINOR: u16 = 1;
+/// a writer hashes every byte once. 1.2: frames are named by their BLAKE3 digest instead of
+/// their SHA-256 ([`FrameDigest`]).
+pub const FORMAT_MINOR: u16 = 2;
+/// The first minor whose frame digests are BLAKE3.
+pub const BLAKE3_FRAMES_FROM: u16 = 2;
 
 /// The manifest of one expert.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -213,8 +217,10 @@ pub struct StoredPart {
     pub size: u64,
     /// Decompressed length.
     pub raw_size: u64,
-    /// `sha256:<hex>` of the compressed frame.
-    pub sha256: String,
+    /// Digest of the compressed frame: `"sha256": "sha256:<hex>"` up to format 1.1,
+    /// `"blake3": "blake3:<hex>"` from 1.2.
+    #[serde(flatten)]
+    pub digest: FrameDigest,
 }
 
 /// Layout of the compressed payload.
@@ -236,7 +242,9 @@ pub struct Frame {
     pub offset: u64,
     pub size: u64,
     pub raw_size: u64,
-    pub sha256: String,
+    /// As [`StoredPart::digest`].
+    #[serde(flatten)]
+    pub digest: FrameDigest,
 }
 
 /// How trained entries were selected.
