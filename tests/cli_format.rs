@@ -500,3 +500,67 @@ fn demo_runs_the_main_job_end_to_end() {
         .stderr(predicate::str::contains("was not made by `xpm demo`"));
     assert!(ctx.path("mine/keep.txt").exists());
 }
+
+/// The Python reader of docs/format.md §2.5, run as the page shows it with the reference
+/// `blake3` and `zstandard` packages, reads and checks an artifact of this build (format 1.2:
+/// BLAKE3 frames) and one rewritten as format 1.1 (SHA-256 frames), and arrives at the artifact
+/// digest `xpm verify` prints.
+#[test]
+fn the_format_pages_python_reader_reads_every_minor() {
+    let Some(python) = common::python("blake3, zstandard") else {
+        return;
+    };
+    let page = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/format.md"),
+    )
+    .unwrap();
+    let from = page.find("### 2.5 Reading by hand").unwrap();
+    let start = from + page[from..].find("```python\n").unwrap() + "```python\n".len();
+    let end = start + page[start..].find("```").unwrap();
+    // The page's reader, then what it computed.
+    let script = format!(
+        "{}\nprint(artifact_digest, len(values), len(image))\n",
+        &page[start..end]
+    );
+    let ctx = TestContext::new();
+    let (base, tuned, _, _) = base_and_tuned(&ctx);
+    extract(&ctx, &base, &tuned, &["-o", "expert.xpm"]).success();
+    let run = |ctx: &TestContext| {
+        let out = std::process::Command::new(&python)
+            .args(["-c", &script])
+            .current_dir(ctx.path(""))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed = String::from_utf8(out.stdout).unwrap();
+        let verify = ctx.xpm().args(["verify", "expert.xpm"]).output().unwrap();
+        let verified = String::from_utf8_lossy(&verify.stdout).to_string();
+        let digest = printed.split_whitespace().next().unwrap().to_string();
+        assert!(verified.contains(&digest), "{printed} against {verified}");
+        printed
+    };
+    let bytes = std::fs::read(ctx.path("expert.xpm")).unwrap();
+    let (_, manifest, _) = split_artifact(&bytes);
+    assert_eq!(manifest["format_version"], "1.2");
+    assert!(manifest["payload"]["header"]["blake3"].is_string());
+    let new = run(&ctx);
+    // The same artifact as format 1.1.
+    let (mut prelude, mut manifest, payload) = split_artifact(&bytes);
+    prelude[10] = 1;
+    manifest["format_version"] = "1.1".into();
+    sha256_frames(&mut manifest, &payload);
+    std::fs::write(
+        ctx.path("expert.xpm"),
+        assemble_artifact(&prelude, &manifest, &payload),
+    )
+    .unwrap();
+    let old = run(&ctx);
+    // Same values and image sizes; another file, so another digest.
+    let tail = |s: &str| s.split_whitespace().skip(1).collect::<Vec<_>>().join(" ");
+    assert_eq!(tail(&new), tail(&old));
+    assert_ne!(new, old);
+}
