@@ -262,8 +262,8 @@ fn main() {
     );
     report.push_str("Input: the unpacked expert's `tensors.safetensors` (i64 indices + f32 values, or f32 dense deltas). \
 zstd alone streams that file through one zstd compressor (level 3, content checksum on, as the `zstd` tool does) into a file, \
-and back. Pack reads the file, validates, encodes masks, compresses, hashes every frame and the whole file, then writes and fsyncs the artifact; \
-unpack checks every frame's sha256, decompresses, decodes masks, then writes and fsyncs `tensors.safetensors`. \
+and back. Pack reads the file, validates, encodes masks, compresses, hashes every frame (BLAKE3, format 1.2), then writes and fsyncs the artifact; \
+unpack checks every frame's digest, decompresses, decodes masks, then writes and fsyncs `tensors.safetensors`. \
 Ratios are zstd time / xpm time (≥ 1 means xpm is faster); best of the runs.\n\n");
     report.push_str("| expert | input | zstd alone (compress) | pack, 1 thread | pack, all cores | artifact | zstd alone (decompress) | unpack |\n|---|---|---|---|---|---|---|---|\n");
     for (density, tensors) in &sparse_sets {
