@@ -11,7 +11,7 @@ use crate::printer::Printer;
 ///
 /// Every byte is checked before use without a separate pass over the file: the prelude and
 /// trailer fields structurally, the manifest against its sha256, and each frame against its own
-/// sha256 as it is read (frames are contiguous and cover the payload, so together these cover
+/// digest as it is read (frames are contiguous and cover the payload, so together these cover
 /// the whole file but the trailer's own file digest, which `xpm verify` checks).
 pub fn unpack(artifact: &Path, out: &Path, printer: &Printer) -> Result<()> {
     let reader = ArtifactReader::open(artifact)?;
