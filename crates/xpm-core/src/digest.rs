@@ -254,6 +254,58 @@ impl<W: Write> Write for HashingWriter<W> {
 
 #[cfg(test)]
 mod tests {
+    use super::FrameDigest;
+
+    #[test]
+    fn frame_digests_are_blake3_and_read_back_either_algorithm() {
+        // BLAKE3's published digest of the empty input.
+        let empty = FrameDigest::of(b"");
+        assert_eq!(
+            empty.as_str(),
+            "blake3:af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
+        assert!(empty.is_well_formed() && empty.matches(b"") && !empty.matches(b"x"));
+        let old = FrameDigest::Sha256(super::sha256(b"frame"));
+        assert!(old.is_well_formed() && old.matches(b"frame") && !old.matches(b"frames"));
+        // Fed in pieces, the same; a digest of the other algorithm never matches.
+        let mut h = old.hasher();
+        h.update(b"fra");
+        h.update(b"me");
+        assert!(h.matches(&old));
+        assert!(
+            !empty
+                .hasher()
+                .matches(&FrameDigest::Sha256(super::sha256(b"")))
+        );
+        // In JSON: one field named after the algorithm; both or neither refused.
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct F {
+            size: u64,
+            #[serde(flatten)]
+            d: FrameDigest,
+        }
+        let json = serde_json::to_string(&F {
+            size: 1,
+            d: empty.clone(),
+        })
+        .unwrap();
+        assert_eq!(
+            json,
+            format!(r#"{{"size":1,"blake3":"{}"}}"#, empty.as_str())
+        );
+        assert_eq!(serde_json::from_str::<F>(&json).unwrap().d, empty);
+        let both = format!(r#"{{"size":1,"blake3":"{}","sha256":"{}"}}"#, empty, old);
+        let e = serde_json::from_str::<F>(&both).err().unwrap().to_string();
+        assert!(e.contains("two digests"), "{e}");
+        let e = serde_json::from_str::<F>(r#"{"size":1}"#)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("no digest"), "{e}");
+        assert!(!FrameDigest::Blake3("blake3:../x".into()).is_well_formed());
+        assert!(!FrameDigest::Sha256(format!("blake3:{}", "0".repeat(64))).is_well_formed());
+    }
+
     #[derive(serde::Deserialize, Debug)]
     struct D {
         #[serde(deserialize_with = "super::deserialize")]
