@@ -279,6 +279,22 @@ fn uploads_are_validated_by_the_server() {
     bad[40] ^= 0xff;
     let r = put(bad.clone(), &sha256_hex(&bad));
     assert_eq!(r.status(), 400, "{:?}", r.text());
+    // An artifact of a newer format than the server reads (its manifest from a future minor
+    // that this build cannot parse): refused as such, with the way out.
+    let (mut prelude, mut manifest, payload) = split_artifact(&bytes);
+    prelude[10] = 9;
+    manifest["format_version"] = "1.9".into();
+    manifest["payload"]["header"]["blake3"] = serde_json::json!({"a": "future digest"});
+    let future = assemble_artifact(&prelude, &manifest, &payload);
+    let r = put(future.clone(), &sha256_hex(&future));
+    assert_eq!(r.status(), 400);
+    let text = r.text().unwrap();
+    assert!(text.contains("uses xpm format 1.9"), "{text}");
+    assert!(
+        text.contains("this registry reads formats 1.0 to 1.2"),
+        "{text}"
+    );
+    assert!(text.contains("upgrade xpm-registry"), "{text}");
     assert!(srv.blobs().is_empty());
     assert!(files_under(&srv.root.join("index")).is_empty());
     no_tmp_left(&srv.root);

@@ -106,14 +106,18 @@ impl ApiError {
                 format!("the upload is not a valid xpm artifact: {detail}"),
                 Some("check it with `xpm verify FILE` and re-create it with `xpm pack`"),
             ),
-            E::UnsupportedFormat {
-                found, supported, ..
-            } => ApiError::new(
+            E::UnsupportedFormat { found, .. } => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "the upload uses xpm format {found}; this registry accepts format {supported}.x"
+                    "the upload uses xpm format {found}; this registry reads formats 1.0 to \
+                     {}.{}",
+                    xpm_core::format::manifest::FORMAT_MAJOR,
+                    xpm_core::format::manifest::FORMAT_MINOR
                 ),
-                None,
+                Some(
+                    "the artifact is newer than this server reads: upgrade xpm-registry to the \
+                     publishing xpm's version",
+                ),
             ),
             E::Compute { what, source } => {
                 eprintln!("xpm-registry: internal error: {what}: {source}");
