@@ -6,7 +6,8 @@
 //! 2. Resolve 20 requirements against an index of 10 000 versions: in memory, from a local
 //!    directory registry, and over HTTP with a warm index cache (ETag revalidation).
 //!
-//! 3. With `--scale`: the cost curve of installing 50, 200 and 500 experts of 1 MB each, by
+//! 3. With `--scale`: the cost curve of installing 50, 200 and 500 experts of 1 MB each
+//!    (`--scale-mb M`: M MB each), by
 //!    the release `xpm install` run as a child process (time, and peak RSS from GNU time),
 //!    from the loopback server and from a directory registry, against a plain parallel
 //!    download of the same blobs; time per expert at each size (goal: linear, ≤ 1.3× plain).
@@ -278,7 +279,15 @@ fn plain_download(urls: &[String], dir: &Path, hash: bool) {
 /// `--scale`: install 50, 200 and 500 experts with the release binary.
 fn scale() {
     let bin = common::build_release("xpm-cli", &format!("xpm{}", std::env::consts::EXE_SUFFIX));
-    let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // `--scale-mb M`: experts of M MB instead of 1; `XPM_BENCH_DIR=/dev/shm` keeps the disk's
+    // write-back out of the figures (the 500-expert registry then takes 500 × M MB of memory,
+    // and a store or plain copy as much again).
+    let args: Vec<String> = std::env::args().collect();
+    let mb: usize = common::flag(&args, "--scale-mb", 1).max(1);
+    let base = std::env::var_os("XPM_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    let work = tempfile::tempdir_in(base).unwrap();
     let mut report = String::from(
         "| experts | bytes | plain download | `xpm install`, HTTP | ratio | per expert | peak RSS | `xpm install`, directory | per expert | peak RSS |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
@@ -286,9 +295,9 @@ fn scale() {
     let mut names = Vec::new();
     let mut have = 0;
     for n in [50usize, 200, 500] {
-        eprintln!("preparing {n} experts of 1 MB …");
+        eprintln!("preparing {n} experts of {mb} MB …");
         // Grow the same registry: the first `have` are already there.
-        let more = populate_from(&root, have, n, 1 << 20);
+        let more = populate_from(&root, have, n, mb << 20);
         names.extend(more);
         have = n;
         let server = Server::start(&root);
