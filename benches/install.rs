@@ -289,7 +289,7 @@ fn scale() {
         .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
     let work = tempfile::tempdir_in(base).unwrap();
     let mut report = String::from(
-        "| experts | bytes | plain download | `xpm install`, HTTP | ratio | per expert | peak RSS | `xpm install`, directory | per expert | peak RSS |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| experts | bytes | plain download | plain download + sha256 | `xpm install`, HTTP | ratio | per expert | peak RSS | `xpm install`, directory | per expert | peak RSS |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let root = work.path().join("srv");
     let mut names = Vec::new();
@@ -304,6 +304,7 @@ fn scale() {
         let (total, urls) = blob_urls(&root, &names, &server.url);
         plain_download(&urls, &work.path().join("warm"), false);
         let mut plain = Vec::new();
+        let mut hashed = Vec::new();
         let mut http = Vec::new();
         let mut dir = Vec::new();
         let (mut rss_http, mut rss_dir) = (0u64, 0u64);
@@ -312,6 +313,11 @@ fn scale() {
             let t = Instant::now();
             plain_download(&urls, &d, false);
             plain.push(t.elapsed());
+            std::fs::remove_dir_all(&d).unwrap();
+            // The verification floor: the same download, every byte hashed as it arrives.
+            let t = Instant::now();
+            plain_download(&urls, &d, true);
+            hashed.push(t.elapsed());
             std::fs::remove_dir_all(&d).unwrap();
             for (registry, times, rss) in [
                 (server.url.clone(), &mut http, &mut rss_http),
@@ -339,12 +345,19 @@ fn scale() {
             }
         }
         drop(server);
-        let (p, h, d) = (median(&mut plain), median(&mut http), median(&mut dir));
+        let (p, f, h, d) = (
+            median(&mut plain),
+            median(&mut hashed),
+            median(&mut http),
+            median(&mut dir),
+        );
         writeln!(
             report,
-            "| {n} | {:.0} MB | {:.2} s | {:.2} s | {:.2}× | {:.1} ms | {:.0} MB | {:.2} s | {:.1} ms | {:.0} MB |",
+            "| {n} | {:.0} MB | {:.2} s | {:.2} s ({:.2}×) | {:.2} s | {:.2}× | {:.1} ms | {:.0} MB | {:.2} s | {:.1} ms | {:.0} MB |",
             total as f64 / 1e6,
             p.as_secs_f64(),
+            f.as_secs_f64(),
+            f.as_secs_f64() / p.as_secs_f64(),
             h.as_secs_f64(),
             h.as_secs_f64() / p.as_secs_f64(),
             h.as_secs_f64() * 1e3 / n as f64,
