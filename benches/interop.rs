@@ -10,7 +10,9 @@
 //!    directory.
 //!
 //! Every operation runs once per round, interleaved, 5 rounds; the table takes each one's best
-//! round (this VM's write speed drifts by up to 3× within minutes).
+//! round (this VM's write speed drifts by up to 3× within minutes). In process, each operation
+//! runs under the allocator settings of its command (mimalloc, as the `xpm` binary: import's
+//! `xpm::alloc::configure`, export's `xpm::alloc::reuse`); the plain copy under import's.
 //!
 //! Run: `cargo bench --bench interop` (`-- --quick` for 64 modules, ~256 MiB);
 //! `XPM_BENCH_DIR=/dev/shm` puts the files in memory, out of reach of the disk's writeback;
@@ -21,6 +23,9 @@ mod common;
 
 use std::path::Path;
 use std::time::Instant;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use safetensors::tensor::TensorView;
 use xpm::home::XpmHome;
@@ -253,6 +258,7 @@ fn main() {
                 1,
                 || {
                     let _ = std::fs::remove_file(&plain);
+                    xpm::alloc::configure();
                 },
                 || plain_copy(&adapter, &plain),
             ),
@@ -260,6 +266,7 @@ fn main() {
                 1,
                 || {
                     let _ = std::fs::remove_file(root.join("imported0.xpm"));
+                    xpm::alloc::configure();
                 },
                 || {
                     import_peft(&adapter_dir, &opts(0), &home, &hub, &printer).unwrap();
@@ -269,6 +276,7 @@ fn main() {
                 1,
                 || {
                     let _ = std::fs::remove_file(root.join("imported1.xpm"));
+                    xpm::alloc::configure();
                 },
                 || {
                     import_peft(&adapter_dir, &fast(1), &home, &hub, &printer).unwrap();
@@ -278,6 +286,7 @@ fn main() {
                 1,
                 || {
                     let _ = std::fs::remove_dir_all(&out);
+                    xpm::alloc::reuse();
                 },
                 export,
             ),
