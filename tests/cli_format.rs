@@ -416,17 +416,13 @@ d = np.zeros(int(np.prod(e["shape"])), dtype=np.float32)
 d[idx] = val
 print(json.dumps(d.reshape(e["shape"]).tolist()))
 "#;
-    let out = std::process::Command::new(&python)
-        .args(["-c", script])
-        .arg(ctx.path("un"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_python_code(
+        &python,
+        script,
+        &[ctx.path("un").as_os_str()],
+        &ctx.path(""),
     );
-    let dense: Vec<Vec<f32>> = serde_json::from_slice(&out.stdout).unwrap();
+    let dense: Vec<Vec<f32>> = serde_json::from_str(&out).unwrap();
     let (b, t) = (&bt[0].2, &tt[0].2);
     assert_eq!(bt[0].0, "layer.0.attn.q.weight");
     let keep = reference_topk(b, t, 307);
@@ -526,17 +522,7 @@ fn the_format_pages_python_reader_reads_every_minor() {
     let (base, tuned, _, _) = base_and_tuned(&ctx);
     extract(&ctx, &base, &tuned, &["-o", "expert.xpm"]).success();
     let run = |ctx: &TestContext| {
-        let out = std::process::Command::new(&python)
-            .args(["-c", &script])
-            .current_dir(ctx.path(""))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let printed = String::from_utf8(out.stdout).unwrap();
+        let printed = run_python_code(&python, &script, &[], &ctx.path(""));
         let verify = ctx.xpm().args(["verify", "expert.xpm"]).output().unwrap();
         let verified = String::from_utf8_lossy(&verify.stdout).to_string();
         let digest = printed.split_whitespace().next().unwrap().to_string();

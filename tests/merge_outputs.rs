@@ -237,18 +237,13 @@ changed = [k for k in a if (a[k] != b[k]).any()]
 assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
 print(len(changed))
 "#;
-    let out = std::process::Command::new(&python)
-        .args(["-c", script])
-        .arg(ctx.path("base"))
-        .arg(ctx.path("model"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_python_code(
+        &python,
+        script,
+        &[ctx.path("base").as_os_str(), ctx.path("model").as_os_str()],
+        &ctx.path(""),
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4");
+    assert_eq!(out.trim(), "4");
 }
 
 #[test]

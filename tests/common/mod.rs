@@ -287,6 +287,23 @@ pub fn python(modules: &str) -> Option<PathBuf> {
     None
 }
 
+/// Run `python -c CODE ARGS…` in `dir` and return its stdout; panics with its stderr when it
+/// fails.
+pub fn run_python_code(python: &Path, code: &str, args: &[&std::ffi::OsStr], dir: &Path) -> String {
+    let out = std::process::Command::new(python)
+        .args(["-c", code])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Run `tests/python/SCRIPT --xpm <the binary under test>` with `python`, offline and quiet, and
 /// return its stdout; panics (with both outputs) when it fails.
 pub fn run_python_check(python: &Path, script: &str) -> String {
