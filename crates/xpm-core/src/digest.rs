@@ -21,8 +21,12 @@ pub fn format_digest(raw: &[u8]) -> String {
 
 /// Whether `s` is a well-formed `sha256:<hex>` string.
 pub fn is_digest(s: &str) -> bool {
-    s.strip_prefix(PREFIX)
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    s.strip_prefix(PREFIX).is_some_and(is_hex64)
+}
+
+/// 64 lowercase hex digits: the hex of a 256-bit digest, as every digest string writes it.
+fn is_hex64(h: &str) -> bool {
+    h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Serde: a `sha256:` digest field of a file someone else wrote (a lockfile, an index line, a
@@ -103,20 +107,20 @@ impl FrameDigest {
 
     /// Whether the value is well formed: the algorithm's prefix and 64 lowercase hex digits.
     pub fn is_well_formed(&self) -> bool {
-        let prefix = match self {
-            FrameDigest::Sha256(_) => PREFIX,
-            FrameDigest::Blake3(_) => BLAKE3_PREFIX,
-        };
-        self.as_str().strip_prefix(prefix).is_some_and(|h| {
-            h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        })
+        match self {
+            FrameDigest::Sha256(s) => is_digest(s),
+            FrameDigest::Blake3(s) => s.strip_prefix(BLAKE3_PREFIX).is_some_and(is_hex64),
+        }
     }
 
-    /// Whether `frame` has this digest.
+    /// Whether `frame` has this digest (every frame read: one-shot hashing, no hasher state).
     pub fn matches(&self, frame: &[u8]) -> bool {
-        let mut h = self.hasher();
-        h.update(frame);
-        h.matches(self)
+        match self {
+            FrameDigest::Sha256(w) => sha256(frame) == *w,
+            FrameDigest::Blake3(w) => {
+                w.strip_prefix(BLAKE3_PREFIX) == Some(blake3::hash(frame).to_hex().as_str())
+            }
+        }
     }
 
     /// A hasher of this digest's algorithm, for a frame read in pieces.

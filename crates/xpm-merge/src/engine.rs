@@ -229,7 +229,6 @@ fn sum_streaming<E>(
 struct Kernel<'a> {
     p: &'a MergeParams,
     total_w: f64,
-    ties: bool,
     keeps_union: bool,
     form: Form,
 }
@@ -274,10 +273,15 @@ impl<'a> Kernel<'a> {
         Kernel {
             p,
             total_w,
-            ties: strategy.elects_sign(),
             keeps_union: strategy.keeps_union(),
             form: Form::of(strategy),
         }
+    }
+
+    /// Whether the strategy elects a sign (the TIES family).
+    #[inline]
+    fn ties(&self) -> bool {
+        self.form == Form::Ties
     }
 
     /// [`Kernel::vote_with`] under the merge's sign rule.
@@ -305,7 +309,7 @@ impl<'a> Kernel<'a> {
     /// sums by sign instead ([`combine_union`]).
     #[cfg(test)]
     fn add(&self, num: &mut f64, den: &mut f64, positive: bool, w: f64, v: f64) {
-        if self.ties {
+        if self.ties() {
             // Agreement is judged on what voted: w·δ under the weighted rule (mergekit), δ
             // otherwise (peft).
             let signed = if self.p.sign == SignRule::Weighted {
@@ -378,7 +382,7 @@ impl<'a> Kernel<'a> {
     #[cfg(test)]
     fn combine(&self, here: &[(f64, f64)]) -> f64 {
         let positive =
-            !self.ties || here.iter().fold(0.0, |a, (w, v)| a + self.vote(*w, *v)) >= 0.0;
+            !self.ties() || here.iter().fold(0.0, |a, (w, v)| a + self.vote(*w, *v)) >= 0.0;
         let (mut num, mut den) = (0.0, 0.0);
         for &(w, v) in here {
             self.add(&mut num, &mut den, positive, w, v);
@@ -578,7 +582,7 @@ fn combine_union(entries: &[Entries], n: u64, weights: &[f64], k: &Kernel) -> (V
         let c1 = (c0 + c).min(n);
         for (e, en) in entries.iter().enumerate() {
             let w = weights[e];
-            cursor[e] = if k.ties {
+            cursor[e] = if k.ties() {
                 // What an agreeing value adds to the divisor.
                 let d = match k.p.divisor {
                     Divisor::Count => 1.0,
@@ -980,6 +984,17 @@ mod tests {
 
     fn close(a: &[f32], b: &[f32]) -> bool {
         a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+    }
+
+    /// The kernel knows the TIES family by its formula: the same strategies as elect a sign.
+    #[test]
+    fn the_ties_form_is_the_sign_electing_family() {
+        for s in Strategy::ALL
+            .into_iter()
+            .chain([Strategy::Cat, Strategy::Svd])
+        {
+            assert_eq!(Form::of(s) == Form::Ties, s.elects_sign(), "{s}");
+        }
     }
 
     #[test]

@@ -1028,12 +1028,12 @@ type FrameSpan = (u64, u64, u64, String);
 /// Structural checks of an artifact manifest against itself; the error is the detail.
 fn check_manifest(m: &Manifest, payload: &Payload, minor: u16) -> std::result::Result<(), String> {
     // Every frame digest well formed, of the algorithm the format's minor uses.
+    let want = if minor >= BLAKE3_FRAMES_FROM {
+        "blake3"
+    } else {
+        "sha256"
+    };
     let check_digest = |d: &FrameDigest, what: &dyn std::fmt::Display| {
-        let want = if minor >= BLAKE3_FRAMES_FROM {
-            "blake3"
-        } else {
-            "sha256"
-        };
         if d.algorithm() != want {
             return Err(format!(
                 "{what}: a {} frame digest, but format 1.{minor} names frames by {want}",
