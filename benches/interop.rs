@@ -10,14 +10,19 @@
 //!    directory.
 //!
 //! Every operation runs once per round, interleaved, 5 rounds; the table takes each one's best
-//! round (this VM's write speed drifts by up to 3× within minutes). In process, each operation
+//! round (this VM's write speed drifts by up to 3× within minutes), with the CPU seconds the
+//! process spent in it, and the time of import's one sequential part (the SHA-256 of the
+//! source, which provenance records), below which no import can go on any number of cores.
+//! `taskset -c 0-N` pins it to fewer cores (`scripts/interop-cores.sh` runs a range of core
+//! counts, here or, staged, on a machine with more cores). In process, each operation
 //! runs under the allocator settings of its command (mimalloc, as the `xpm` binary: import's
 //! `xpm::alloc::configure`, export's `xpm::alloc::reuse`); the plain copy under import's.
 //!
 //! Run: `cargo bench --bench interop` (`-- --quick` for 64 modules, ~256 MiB);
 //! `XPM_BENCH_DIR=/dev/shm` puts the files in memory, out of reach of the disk's writeback;
-//! `XPM_BENCH_KEEP=1` keeps the fixture.
-//! Writes the table to `target/bench-interop.md`.
+//! `XPM_BENCH_KEEP=1` keeps the fixture; `XPM_BENCH_XPM` names the `xpm` binary of the command
+//! rows (skipped without it or without GNU time). Writes the table to `target/bench-interop.md`
+//! (or `$XPM_BENCH_OUT`).
 
 mod common;
 
@@ -116,22 +121,24 @@ fn plain_copy(src: &Path, dst: &Path) {
     f.sync_all().unwrap();
 }
 
-/// The best of `runs` timings of `f`, each after an untimed `setup` (removing the previous
-/// run's outputs, so the disk holds one copy at a time).
-fn best_of(runs: usize, mut setup: impl FnMut(), mut f: impl FnMut()) -> f64 {
-    (0..runs)
-        .map(|_| {
-            setup();
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
+/// One timing of `f` after an untimed `setup` (removing the previous run's outputs, so the
+/// disk holds one copy at a time): wall seconds and the CPU seconds the process spent meanwhile.
+fn timed(setup: impl FnOnce(), f: impl FnOnce()) -> (f64, f64) {
+    setup();
+    let (t, cpu) = (Instant::now(), common::cpu_seconds());
+    f();
+    (t.elapsed().as_secs_f64(), common::cpu_seconds() - cpu)
 }
 
 /// Wall time (s) and peak RSS (MB) of the release `xpm` binary with `args`, under GNU time.
 fn cli(args: &[&std::ffi::OsStr]) -> (f64, f64) {
-    common::timed_peak_rss(Path::new(env!("CARGO_BIN_EXE_xpm")), args)
+    common::timed_peak_rss(&xpm_binary(), args)
+}
+
+/// The `xpm` binary the command rows run: `$XPM_BENCH_XPM` (for a machine that runs this bench
+/// without the build tree, scripts/interop-cores.sh), else the release build beside this bench.
+fn xpm_binary() -> std::path::PathBuf {
+    std::env::var_os("XPM_BENCH_XPM").map_or_else(|| env!("CARGO_BIN_EXE_xpm").into(), Into::into)
 }
 
 /// `xpm import peft` and `xpm export` as commands on the fixture, `runs` times each
@@ -250,20 +257,19 @@ fn main() {
         .unwrap();
     };
     let adapter_dir = root.join("adapter").display().to_string();
-    let mut times = [f64::INFINITY; 4];
+    // Per operation, the best round's wall and CPU seconds.
+    let mut best = [(f64::INFINITY, 0.0); 4];
     let mut fast_size = 0.0;
     for round in 0..runs {
         let t = [
-            best_of(
-                1,
+            timed(
                 || {
                     let _ = std::fs::remove_file(&plain);
                     xpm::alloc::configure();
                 },
                 || plain_copy(&adapter, &plain),
             ),
-            best_of(
-                1,
+            timed(
                 || {
                     let _ = std::fs::remove_file(root.join("imported0.xpm"));
                     xpm::alloc::configure();
@@ -272,8 +278,7 @@ fn main() {
                     import_peft(&adapter_dir, &opts(0), &home, &hub, &printer).unwrap();
                 },
             ),
-            best_of(
-                1,
+            timed(
                 || {
                     let _ = std::fs::remove_file(root.join("imported1.xpm"));
                     xpm::alloc::configure();
@@ -282,8 +287,7 @@ fn main() {
                     import_peft(&adapter_dir, &fast(1), &home, &hub, &printer).unwrap();
                 },
             ),
-            best_of(
-                1,
+            timed(
                 || {
                     let _ = std::fs::remove_dir_all(&out);
                     xpm::alloc::reuse();
@@ -294,17 +298,31 @@ fn main() {
         eprintln!(
             "round {}: plain {:.2} s, import {:.2} s, import --level 1 {:.2} s, export {:.2} s",
             round + 1,
-            t[0],
-            t[1],
-            t[2],
-            t[3]
+            t[0].0,
+            t[1].0,
+            t[2].0,
+            t[3].0
         );
-        for (best, t) in times.iter_mut().zip(t) {
-            *best = best.min(t);
+        for (b, t) in best.iter_mut().zip(t) {
+            if t.0 < b.0 {
+                *b = t;
+            }
         }
         fast_size = std::fs::metadata(root.join("imported1.xpm")).unwrap().len() as f64;
     }
-    let [t_plain, t_import, t_import_fast, t_export] = times;
+    // Import's sequential part: the SHA-256 of the source that provenance records (one stream,
+    // on one core however many there are): no import of this file can take less.
+    let sha = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            // As import does it: from the file's mapping (a fresh one each time).
+            let file = xpm::checkpoint::Checkpoint::open(&adapter).unwrap();
+            std::hint::black_box(file.file_digests());
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    let [plain_best, _, _, _] = best;
+    let t_plain = plain_best.0;
     let _ = std::fs::remove_file(&plain);
     let _ = std::fs::remove_file(root.join("imported0.xpm"));
     let _ = std::fs::remove_file(root.join("imported1.xpm"));
@@ -313,36 +331,51 @@ fn main() {
         .unwrap()
         .len() as f64;
     let mb = size / 1e6;
-    let rows: Vec<(String, f64)> = vec![
-        ("plain safetensors read + write".into(), t_plain),
-        ("xpm import peft".into(), t_import),
-        (
-            format!("xpm import peft --level 1 ({:.0} MB)", fast_size / 1e6),
-            t_import_fast,
-        ),
-        ("xpm export --format peft".into(), t_export),
+    let names = [
+        "plain safetensors read + write".to_string(),
+        "xpm import peft".into(),
+        format!("xpm import peft --level 1 ({:.0} MB)", fast_size / 1e6),
+        "xpm export --format peft".into(),
     ];
+    let cores = common::cores();
     let mut md = format!(
-        "{modules} LoRA modules (r = {RANK}, [{DIM}, {DIM}] f32), adapter {:.0} MB, artifact {:.0} MB; best of {runs}\n\n| operation | time | MB/s | vs plain |\n|---|---:|---:|---:|\n",
+        "{modules} LoRA modules (r = {RANK}, [{DIM}, {DIM}] f32), adapter {:.0} MB, artifact {:.0} MB; {cores} cores; best of {runs}\n\n| operation | time | MB/s | vs plain | CPU-s (cores busy) |\n|---|---:|---:|---:|---:|\n",
         mb,
         artifact / 1e6
     );
-    for (name, t) in &rows {
+    for (name, (t, cpu)) in names.iter().zip(best) {
         md += &format!(
-            "| {name} | {:.2} s | {:.0} | {:.2}× |\n",
-            t,
+            "| {name} | {t:.2} s | {:.0} | {:.2}× | {cpu:.2} ({:.2}) |\n",
             mb / t,
-            t_plain / t
+            t_plain / t,
+            cpu / t
         );
     }
-    let [(ti, mi), (te, me)] = cli_import_export(root, &adapter_dir, 3);
     md += &format!(
-        "\nThe release commands on the same adapter (best wall time of 3 interleaved runs, largest peak RSS; GNU time): `xpm import peft` {ti:.2} s, {mi:.0} MB; `xpm export --format peft` {te:.2} s, {me:.0} MB\n"
+        "| sha256 of the adapter (import's sequential part) | {sha:.2} s | {:.0} | {:.2}× at most | – |\n",
+        mb / sha,
+        t_plain / sha
     );
+    // The command rows need GNU time (absent on some machines the bench is carried to).
+    if Path::new("/usr/bin/time").exists() && xpm_binary().exists() {
+        let [(ti, mi), (te, me)] = cli_import_export(root, &adapter_dir, 3);
+        md += &format!(
+            "\nThe release commands on the same adapter (best wall time of 3 interleaved runs, largest peak RSS; GNU time): `xpm import peft` {ti:.2} s, {mi:.0} MB; `xpm export --format peft` {te:.2} s, {me:.0} MB\n"
+        );
+    }
     print!("{md}");
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .unwrap()
-        .join("bench-interop.md");
-    std::fs::write(&out, &md).unwrap();
+    // `$XPM_BENCH_OUT`, else target/bench-interop.md (where that folder exists: not on a
+    // machine that runs a copied bench binary).
+    let out = std::env::var_os("XPM_BENCH_OUT").map_or_else(
+        || {
+            Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .parent()
+                .unwrap()
+                .join("bench-interop.md")
+        },
+        Into::into,
+    );
+    if let Err(e) = std::fs::write(&out, &md) {
+        eprintln!("cannot write {}: {e}", out.display());
+    }
 }

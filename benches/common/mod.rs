@@ -70,3 +70,23 @@ pub fn timed_peak_rss<S: AsRef<std::ffi::OsStr>>(
         .unwrap();
     (secs, kib / 1024.0)
 }
+
+/// CPU seconds (user + system) this process has used so far, from `/proc/self/stat` (10 ms
+/// resolution); 0 where that file cannot be read.
+pub fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces) start after its `)`.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0
+}
+
+/// The CPUs this process may run on (its affinity mask, as `taskset` sets it).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
