@@ -7,9 +7,10 @@
 # On a machine without the build tree (the lent GPU machine: 16 cores, no Rust toolchain):
 # `scripts/interop-cores.sh --stage` here packs the stripped bench and `xpm` binaries into
 # .devcarry-interop/ (~15 MB, carried by the device tool), and there
-# `bash scripts/interop-cores.sh [N…]` finds and unpacks them.
-# Env: QUICK=1 (the bench's --quick: 64 modules), XPM_BENCH_DIR (default /dev/shm: the files in memory), OUT (default target/interop-cores,
-# or $OUT/interop-cores where the device tool sets OUT).
+# `bash scripts/interop-cores.sh [N…]` finds and unpacks them (where there is no cargo).
+# Env: QUICK=1 (the bench's --quick: 64 modules), XPM_BENCH_DIR (default /dev/shm: the files
+# in memory), OUT (the tables go to $OUT/interop-cores where it is set, as the device tool
+# does; else to target/interop-cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=.devcarry-interop
@@ -31,7 +32,7 @@ if [ "${1:-}" = "--stage" ]; then
   du -sh "$D"
   exit 0
 fi
-if [ -f "$D/interop.xz" ]; then
+if ! command -v cargo >/dev/null && [ -f "$D/interop.xz" ]; then
   T=$(mktemp -d)
   trap 'rm -rf "$T"' EXIT
   xz -dc "$D/interop.xz" >"$T/interop" && xz -dc "$D/xpm.xz" >"$T/xpm" && chmod +x "$T/interop" "$T/xpm"

@@ -1340,6 +1340,23 @@ mod tests {
             compress(&text, DEFAULT_LEVEL).unwrap(),
             zstd::bulk::compress(&text, DEFAULT_LEVEL).unwrap()
         );
+        // Float noise asked at level 19 too: level 1 (level 19 saves no more on it).
+        assert_eq!(
+            compress(&noise, 19).unwrap(),
+            zstd::bulk::compress(&noise, 1).unwrap()
+        );
+        // Sorted u32 indices: level 1 saves about 28 %, level 19 far more (it finds the small
+        // deltas' repeats): the level asked for.
+        let mut at = 0u32;
+        let indices: Vec<u8> = (0..100_000)
+            .flat_map(|_| {
+                at += (g.next_u64() % 40) as u32 + 1;
+                at.to_le_bytes()
+            })
+            .collect();
+        let l19 = compress(&indices, 19).unwrap();
+        assert_eq!(l19, zstd::bulk::compress(&indices, 19).unwrap());
+        assert!(l19.len() * 10 < zstd::bulk::compress(&indices, 1).unwrap().len() * 7);
         // Small parts are always compressed (the sample would cost as much).
         let small: Vec<u8> = random[..1000].to_vec();
         assert_eq!(
