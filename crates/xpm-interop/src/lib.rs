@@ -62,6 +62,11 @@ impl Imported {
         }
     }
 
+    /// Whether a source file is still being hashed on a thread of its own.
+    pub fn hashing(&self) -> bool {
+        self.pending_files.iter().any(|(_, h)| !h.is_finished())
+    }
+
     /// The source with every file digest, waiting for those still being computed.
     pub fn finish_source(&mut self) -> xpm_core::error::Result<Source> {
         for (name, hashing) in self.pending_files.drain(..) {
