@@ -5,6 +5,8 @@
 //! `XPM_BENCH_DIR=/dev/shm` to work in memory instead of under `target/tmp`). Prints a
 //! Markdown report (also written to `target/bench-format.md`); figures go to docs/benchmarks.md.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -215,12 +217,7 @@ fn main() {
     let side: u64 = if quick { 1024 } else { 4096 };
     let n_tensors = 4;
     let reps = if quick { 1 } else { 3 };
-    // `XPM_BENCH_DIR=/dev/shm` keeps the disk's write-back (which throttles writers by up to
-    // 10× on this VM) out of the figures, as in the other benches.
-    let work = std::env::var_os("XPM_BENCH_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf())
-        .join("bench-format");
+    let work = common::bench_dir().join("bench-format");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let mut rng = SplitMix64(42);

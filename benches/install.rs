@@ -279,15 +279,12 @@ fn plain_download(urls: &[String], dir: &Path, hash: bool) {
 /// `--scale`: install 50, 200 and 500 experts with the release binary.
 fn scale() {
     let bin = common::build_release("xpm-cli", &format!("xpm{}", std::env::consts::EXE_SUFFIX));
-    // `--scale-mb M`: experts of M MB instead of 1; `XPM_BENCH_DIR=/dev/shm` keeps the disk's
-    // write-back out of the figures (the 500-expert registry then takes 500 × M MB of memory,
-    // and a store or plain copy as much again).
+    // `--scale-mb M`: experts of M MB instead of 1 (under `XPM_BENCH_DIR=/dev/shm` the
+    // 500-expert registry then takes 500 × M MB of memory, and a store or plain copy as much
+    // again).
     let args: Vec<String> = std::env::args().collect();
     let mb: usize = common::flag(&args, "--scale-mb", 1).max(1);
-    let base = std::env::var_os("XPM_BENCH_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
-    let work = tempfile::tempdir_in(base).unwrap();
+    let work = tempfile::tempdir_in(common::bench_dir()).unwrap();
     let mut report = String::from(
         "| experts | bytes | plain download | plain download + sha256 | `xpm install`, HTTP | ratio | per expert | peak RSS | `xpm install`, directory | per expert | peak RSS |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );

@@ -190,12 +190,7 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let modules = if quick { 64 } else { 256 };
     let runs = 5;
-    // `XPM_BENCH_DIR=/dev/shm` keeps the disk's writeback (which throttles writers by up to
-    // 10× on this VM) out of the comparison.
-    let dir = std::env::var_os("XPM_BENCH_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into());
-    let mut tmp = tempfile::tempdir_in(dir).unwrap();
+    let mut tmp = tempfile::tempdir_in(common::bench_dir()).unwrap();
     if std::env::var_os("XPM_BENCH_KEEP").is_some() {
         // Keep the fixture (for profiling, or for measuring another build on it).
         tmp.disable_cleanup(true);

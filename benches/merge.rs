@@ -422,14 +422,7 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     let rounds: usize = common::flag(&args, "--rounds", 3).max(1);
     let (experts, tensors) = if quick { (4u64, 16usize) } else { (20, 64) };
-    // Cargo names the directory but does not create it for benches after a `cargo clean`.
-    std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    // `XPM_BENCH_DIR` puts the experts and outputs elsewhere, e.g. on a tmpfs (`/dev/shm`) to
-    // take the disk's write-back out of the figures.
-    let base = std::env::var_os("XPM_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
-    let mut dir = tempfile::tempdir_in(base).unwrap();
+    let mut dir = tempfile::tempdir_in(common::bench_dir()).unwrap();
     if std::env::var_os("XPM_BENCH_KEEP").is_some() {
         // Keep the experts and outputs (for profiling `xpm merge` on them).
         dir.disable_cleanup(true);

@@ -86,6 +86,20 @@ pub fn cpu_seconds() -> f64 {
     f.iter().sum::<f64>() / 100.0
 }
 
+/// Where a bench writes its files: `$XPM_BENCH_DIR` (`/dev/shm` keeps the disk's write-back,
+/// which throttles writers by up to 10× on this VM, out of the figures), else Cargo's
+/// `target/tmp` (which Cargo names but, after a `cargo clean`, does not create for benches).
+pub fn bench_dir() -> std::path::PathBuf {
+    std::env::var_os("XPM_BENCH_DIR").map_or_else(
+        || {
+            let d = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        },
+        Into::into,
+    )
+}
+
 /// The CPUs this process may run on (its affinity mask, as `taskset` sets it).
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

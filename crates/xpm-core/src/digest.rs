@@ -117,9 +117,7 @@ impl FrameDigest {
     pub fn matches(&self, frame: &[u8]) -> bool {
         match self {
             FrameDigest::Sha256(w) => sha256(frame) == *w,
-            FrameDigest::Blake3(w) => {
-                w.strip_prefix(BLAKE3_PREFIX) == Some(blake3::hash(frame).to_hex().as_str())
-            }
+            FrameDigest::Blake3(w) => is_blake3(w, blake3::hash(frame)),
         }
     }
 
@@ -167,6 +165,11 @@ impl std::fmt::Display for FrameDigest {
     }
 }
 
+/// Whether the `blake3:<hex>` string `want` names `hash`.
+fn is_blake3(want: &str, hash: blake3::Hash) -> bool {
+    want.strip_prefix(BLAKE3_PREFIX) == Some(hash.to_hex().as_str())
+}
+
 /// [`FrameDigest::hasher`]: SHA-256 or BLAKE3 over a frame fed in pieces.
 pub enum FrameHasher {
     Sha256(Sha256),
@@ -187,9 +190,7 @@ impl FrameHasher {
     pub fn matches(self, want: &FrameDigest) -> bool {
         match (self, want) {
             (FrameHasher::Sha256(h), FrameDigest::Sha256(w)) => format_digest(&h.finalize()) == *w,
-            (FrameHasher::Blake3(h), FrameDigest::Blake3(w)) => {
-                w.strip_prefix(BLAKE3_PREFIX) == Some(h.finalize().to_hex().as_str())
-            }
+            (FrameHasher::Blake3(h), FrameDigest::Blake3(w)) => is_blake3(w, h.finalize()),
             _ => false,
         }
     }

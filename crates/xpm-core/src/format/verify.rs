@@ -1,8 +1,8 @@
 //! `xpm verify F.xpm`: the full integrity check.
 //!
 //! Checks the prelude, the manifest digest and structure, the safetensors header, the whole-file
-//! sha256, every frame's digest (BLAKE3 from format 1.2) and declared size, and decodes every mask (sorted, in range,
-//! exactly `nnz` entries) and every value buffer.
+//! sha256, every frame's digest (BLAKE3 from format 1.2) and declared size, and decodes every
+//! mask (sorted, in range, exactly `nnz` entries) and every value buffer.
 
 use std::path::Path;
 
